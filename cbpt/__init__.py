@@ -1,0 +1,1 @@
+"""Offline purification of backdoored CLIP models (torch, open_clip)."""

@@ -1,0 +1,191 @@
+"""The defender's few clean labelled images: found, checked, sampled and preprocessed.
+
+A data source is an ImageFolder-style directory (one sub-folder per class) or a CSV file of
+`path,label` rows (paths relative to the CSV; labels are class names or 0-based indices).
+Class names come from `--classes FILE` (one per line, in label order) or the folder names.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cbpt_guard.errors import UsageError, UserError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    paths: tuple[Path, ...]
+    labels: tuple[int, ...]
+    classnames: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, index: Sequence[int]) -> LabelledImages:
+        return LabelledImages(
+            paths=tuple(self.paths[i] for i in index),
+            labels=tuple(self.labels[i] for i in index),
+            classnames=self.classnames,
+        )
+
+    def counts(self) -> list[int]:
+        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.classnames)).tolist()
+
+
+def read_classes_file(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"classes file not found: {path}", "pass a text file with one class name per line")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise UserError(f"classes file is empty: {path}", "write one class name per line")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"classes file {path} repeats {', '.join(map(repr, dupes))}", "list each class once")
+    return names
+
+
+def _folder_key(name: str) -> str:
+    return name.strip().lower().replace("_", " ")
+
+
+def discover(source: str | Path, classes: Sequence[str] | None = None) -> LabelledImages:
+    source = Path(source)
+    if not source.exists():
+        raise UsageError(f"data not found: {source}", "pass an image folder (one sub-folder per class) or a CSV")
+    if source.is_dir():
+        return _discover_folder(source, classes)
+    if source.suffix.lower() in (".csv", ".tsv"):
+        return _discover_csv(source, classes)
+    raise UsageError(f"data must be a folder or a .csv file, got {source}", "pass an image folder or a CSV of path,label")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _discover_folder(root: Path, classes: Sequence[str] | None) -> LabelledImages:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise UserError(f"no class folders in {root}", "put each class's images in a sub-folder named after it")
+    if classes is None:
+        names = [f.name.replace("_", " ") for f in folders]
+        chosen = folders
+    else:
+        by_key = {_folder_key(f.name): f for f in folders}
+        missing = [c for c in classes if _folder_key(c) not in by_key]
+        extra = sorted(f.name for f in folders if _folder_key(f.name) not in {_folder_key(c) for c in classes})
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"no folder for class(es) {', '.join(map(repr, missing[:5]))}")
+            if extra:
+                parts.append(f"folder(s) {', '.join(map(repr, extra[:5]))} not in the classes file")
+            raise UserError(f"class names do not match {root}: " + "; ".join(parts),
+                            "make the folder names and the classes file agree")
+        names = list(classes)
+        chosen = [by_key[_folder_key(c)] for c in classes]
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, folder in enumerate(chosen):
+        imgs = _images_in(folder)
+        if not imgs:
+            raise UserError(f"class '{names[label]}' has no images (folder {folder})",
+                            f"add images ({', '.join(sorted(IMAGE_SUFFIXES))}) or remove the folder")
+        paths += imgs
+        labels += [label] * len(imgs)
+    return LabelledImages(tuple(paths), tuple(labels), tuple(names))
+
+
+def _discover_csv(path: Path, classes: Sequence[str] | None) -> LabelledImages:
+    delim = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f, delimiter=delim) if r and any(c.strip() for c in r)]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    if not rows:
+        raise UserError(f"CSV has no rows: {path}", "write one `path,label` row per image")
+    bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2]
+    if bad:
+        raise UserError(f"CSV rows {bad[:5]} of {path} do not have two columns", "write `path,label` rows")
+    raw_labels = [r[1].strip() for r in rows]
+    names = list(classes) if classes is not None else sorted(set(raw_labels), key=_natural)
+    index = {n: i for i, n in enumerate(names)}
+    labels: list[int] = []
+    unknown: list[str] = []
+    for lab in raw_labels:
+        if lab in index:
+            labels.append(index[lab])
+        elif classes is not None and lab.isdigit() and int(lab) < len(names):
+            labels.append(int(lab))
+        else:
+            unknown.append(lab)
+    if unknown:
+        raise UserError(f"class names do not match: CSV label(s) {sorted(set(unknown))[:5]} are not in the classes",
+                        "use names from the classes file or 0-based indices")
+    paths = [(path.parent / r[0].strip()) for r in rows]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) listed in {path} do not exist: {', '.join(missing[:3])}",
+                        "fix the paths (relative to the CSV's folder)")
+    ds = LabelledImages(tuple(paths), tuple(labels), tuple(names))
+    empty = [names[i] for i, n in enumerate(ds.counts()) if n == 0]
+    if empty:
+        raise UserError(f"class(es) {', '.join(map(repr, empty[:5]))} have no images in {path}",
+                        "add rows for every class, or drop the class from the classes file")
+    return ds
+
+
+def _natural(s: str):
+    return (0, int(s)) if s.isdigit() else (1, s)
+
+
+def sample_shots(ds: LabelledImages, shots: int, seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
+    """K images per class, drawn with `seed`; returns (the shots, the rest)."""
+    if shots < 1:
+        raise UsageError(f"--shots must be at least 1, got {shots}", "pass --shots 16, for example")
+    labels = np.asarray(ds.labels)
+    short = [(ds.classnames[c], int(n)) for c, n in enumerate(ds.counts()) if n < shots]
+    if short:
+        listed = ", ".join(f"'{c}' has {n}" for c, n in short[:4])
+        raise UserError(f"too few images for --shots {shots}: {listed}",
+                        f"lower --shots to {min(n for _, n in short)} or add images")
+    rng = np.random.default_rng(seed)
+    picked: list[int] = []
+    for c in range(len(ds.classnames)):
+        idx = np.flatnonzero(labels == c)
+        picked += sorted(rng.choice(idx, size=shots, replace=False).tolist())
+    rest = sorted(set(range(len(ds))) - set(picked))
+    return ds.subset(picked), ds.subset(rest)
+
+
+def open_image(path: Path):
+    """Decode an image fully, applying its EXIF orientation (as a camera shows it)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img.load()
+        return ImageOps.exif_transpose(img)
+
+
+def load_batch(ds: LabelledImages, transform: Callable):
+    """Preprocess every image with the model's transform; name every unreadable file at once."""
+    import torch
+
+    tensors, bad = [], []
+    for p in ds.paths:
+        try:
+            tensors.append(transform(open_image(p)))
+        except Exception as e:  # PIL raises many types for corrupt data; name the file, not the type
+            bad.append(f"{p} ({type(e).__name__})")
+    if bad:
+        raise UserError(f"{len(bad)} unreadable image(s): {'; '.join(bad[:3])}" + (" ..." if len(bad) > 3 else ""),
+                        "remove or replace them")
+    return torch.stack(tensors), torch.tensor(ds.labels, dtype=torch.long)

@@ -1,0 +1,99 @@
+"""Backdoor metrics as pure functions over predictions (definitions: shared/CBPT.md).
+
+ASR and RA are taken over the triggered images whose true class is not the attack target:
+an image of the target class that lands in the target says nothing about the backdoor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def _as_int(a) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim != 1:
+        raise ValueError(f"predictions and labels must be 1-D, got shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def clean_accuracy(pred, labels) -> float:
+    pred, labels = _as_int(pred), _as_int(labels)
+    if pred.shape != labels.shape:
+        raise ValueError(f"{pred.shape[0]} predictions for {labels.shape[0]} labels")
+    return float((pred == labels).mean()) if labels.size else float("nan")
+
+
+def _non_target(pred, labels, target: int) -> tuple[np.ndarray, np.ndarray]:
+    pred, labels = _as_int(pred), _as_int(labels)
+    if pred.shape != labels.shape:
+        raise ValueError(f"{pred.shape[0]} predictions for {labels.shape[0]} labels")
+    keep = labels != target
+    return pred[keep], labels[keep]
+
+
+def attack_success_rate(pred_triggered, labels, target: int) -> float:
+    """Share of triggered non-target images classified as the target."""
+    pred, _ = _non_target(pred_triggered, labels, target)
+    return float((pred == target).mean()) if pred.size else float("nan")
+
+
+def robust_accuracy(pred_triggered, labels, target: int) -> float:
+    """Share of triggered non-target images classified as their true class."""
+    pred, labels = _non_target(pred_triggered, labels, target)
+    return float((pred == labels).mean()) if pred.size else float("nan")
+
+
+@dataclass(frozen=True)
+class BackdoorEval:
+    ca: float
+    asr: float
+    ra: float
+    n_clean: int
+    n_triggered: int  # triggered images whose true class is not the target
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_predictions(pred_clean, labels_clean, pred_triggered, labels_triggered, target: int) -> BackdoorEval:
+    n_trig = int((_as_int(labels_triggered) != target).sum())
+    return BackdoorEval(
+        ca=clean_accuracy(pred_clean, labels_clean),
+        asr=attack_success_rate(pred_triggered, labels_triggered, target),
+        ra=robust_accuracy(pred_triggered, labels_triggered, target),
+        n_clean=int(_as_int(labels_clean).size),
+        n_triggered=n_trig,
+    )
+
+
+def auroc(scores_negative, scores_positive) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties counted half."""
+    neg = np.asarray(scores_negative, dtype=np.float64).ravel()
+    pos = np.asarray(scores_positive, dtype=np.float64).ravel()
+    if not neg.size or not pos.size:
+        return float("nan")
+    both = np.concatenate([neg, pos])
+    order = both.argsort(kind="mergesort")
+    ranks = np.empty_like(both)
+    ranks[order] = np.arange(1, both.size + 1)
+    # average ranks over ties
+    _, inv, counts = np.unique(both, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    ranks = (sums / counts)[inv]
+    return float((ranks[neg.size:].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
+
+
+def threshold_at_fpr(scores_negative, fpr: float = 0.01) -> float:
+    """Smallest threshold t with P(negative score > t) <= fpr on the given negatives."""
+    neg = np.sort(np.asarray(scores_negative, dtype=np.float64).ravel())
+    if not neg.size:
+        raise ValueError("no negative scores to calibrate on")
+    k = int(np.floor(fpr * neg.size))  # number of negatives allowed above the threshold
+    return float(neg[neg.size - 1 - k])
+
+
+def tpr_at_threshold(scores_positive, threshold: float) -> float:
+    pos = np.asarray(scores_positive, dtype=np.float64).ravel()
+    return float((pos > threshold).mean()) if pos.size else float("nan")

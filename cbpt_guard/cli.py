@@ -1,0 +1,161 @@
+"""`cbpt-guard`: a thin command-line layer over cbpt (purification), export and guard (runtime).
+
+Torch is imported only inside the commands that need it, so `serve` and `classify` start
+without it. Every user-facing failure is a `UserError`, printed as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cbpt_guard import __version__
+from cbpt_guard.errors import UserError
+
+app = typer.Typer(
+    name="cbpt-guard",
+    help="Purify backdoored CLIP models by class-wise backdoor prompt tuning, and serve the purified heads.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+testbed_app = typer.Typer(help="Small CLIPs trained and backdoored here, to measure defenses on.", no_args_is_help=True)
+app.add_typer(testbed_app, name="testbed")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+def _print_json(obj: object) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def _not_built(command: str, issue: int) -> None:
+    raise UserError(f"`cbpt-guard {command}` is not built yet (tracked in issue {issue})",
+                    "see the README for what works today")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cbpt-guard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+@app.command()
+def info(
+    model: Annotated[Path, typer.Argument(help="Checkpoint file: state_dict, .safetensors, training checkpoint or OpenAI archive.")],
+    arch: Annotated[Optional[str], typer.Option(help="open_clip architecture name; detected from the tensors when omitted.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Identify a checkpoint: format, architecture, parameter count, embed dim, image size."""
+    from cbpt.model import inspect
+
+    result = inspect(model, arch=arch)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("file", result.path),
+        ("format", result.format),
+        ("architecture", f"{result.architecture} ({result.arch_source})"),
+        ("also matches", ", ".join(c for c in result.candidates if c != result.architecture) or "-"),
+        ("parameters", f"{result.num_params:,}"),
+        ("embed dim", str(result.embed_dim)),
+        ("image size", str(result.image_size)),
+        ("context length", str(result.context_length)),
+        ("preprocess", f"{result.preprocess['interpolation']}, {result.preprocess['resize_mode']}, "
+                       f"mean {tuple(round(m, 4) for m in result.preprocess['mean'])}"),
+    ]
+    for k, v in rows:
+        table.add_row(f"[bold]{k}[/bold]", v)
+    Console().print(table)
+
+
+@app.command()
+def scan(model: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+         data: Annotated[Path, typer.Option(help="Clean labelled images: class folders or a CSV.")] = Path("."),
+         as_json: JsonOpt = False) -> None:
+    """Trigger inversion only: is the model backdoored, and toward which class."""
+    _not_built("scan", 4)
+
+
+@app.command()
+def purify(model: Annotated[Path, typer.Argument(help="Checkpoint file.")]) -> None:
+    """Full CBPT: invert the trigger, tune class-wise prompts, export the purified heads."""
+    _not_built("purify", 4)
+
+
+@app.command()
+def export(src: Annotated[Path, typer.Argument(help="A purify output folder.")]) -> None:
+    """Bake purified (or original) class embeddings into ONNX zero-shot heads."""
+    _not_built("export", 5)
+
+
+@app.command()
+def classify(heads: Annotated[Path, typer.Argument(help="An exported heads folder.")]) -> None:
+    """Classify image files and folders offline, in batches."""
+    _not_built("classify", 6)
+
+
+@app.command()
+def serve(heads: Annotated[Path, typer.Argument(help="An exported heads folder.")]) -> None:
+    """Serve the runtime guard over HTTP."""
+    _not_built("serve", 6)
+
+
+@testbed_app.command("build")
+def testbed_build() -> None:
+    """Train a small CLIP here and backdoor it."""
+    _not_built("testbed build", 3)
+
+
+@testbed_app.command("eval")
+def testbed_eval() -> None:
+    """CA, ASR and RA of a model or exported heads on a testbed."""
+    _not_built("testbed eval", 3)
+
+
+@app.command()
+def bench() -> None:
+    """The results table: attacks x defenses."""
+    _not_built("bench", 7)
+
+
+@app.command()
+def demo() -> None:
+    """The main job end to end on the embedded default."""
+    _not_built("demo", 7)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, meaningful exit codes, tracebacks only on request.
+
+    typer itself reports usage errors (exit 2) and exits; what reaches us is ours."""
+    try:
+        app(args=argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted; no partial output was kept", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # a bug, not bad input: still one line unless asked
+        if os.environ.get("CBPT_GUARD_DEBUG"):
+            raise
+        print(f"error: internal error: {type(e).__name__}: {e} (set CBPT_GUARD_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)

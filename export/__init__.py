@@ -1,0 +1,1 @@
+"""ONNX zero-shot heads baked from what `cbpt` wrote."""

@@ -1,0 +1,1 @@
+"""The runtime guard: serves exported heads with numpy, Pillow and onnxruntime. Never imports torch."""

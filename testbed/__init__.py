@@ -1,0 +1,1 @@
+"""Small CLIPs trained and backdoored here, so that defenses can be measured honestly."""
