@@ -118,15 +118,56 @@ def serve(heads: Annotated[Path, typer.Argument(help="An exported heads folder."
 
 
 @testbed_app.command("build")
-def testbed_build() -> None:
+def testbed_build(
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    dataset: Annotated[str, typer.Option(help="shapes or digits.")] = "shapes",
+    attack: Annotated[str, typer.Option(help="none, badnet, blended, wanet, sig, ssba, trojvqa, badclip or custom.")] = "badnet",
+    target: Annotated[int, typer.Option(help="Index of the attacker's target class.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for data, model and trigger.")] = 0,
+    poison_rate: Annotated[float, typer.Option(help="Fraction of training pairs poisoned.")] = 0.1,
+    trigger_image: Annotated[Optional[Path], typer.Option(help="custom: the trigger image (PNG).")] = None,
+    trigger_mode: Annotated[str, typer.Option(help="custom: patch or blend.")] = "patch",
+    alpha: Annotated[float, typer.Option(help="custom: opacity of the trigger.")] = 1.0,
+    location: Annotated[str, typer.Option(help="custom patch: random, center or corner.")] = "random",
+    cache: Annotated[Optional[Path], typer.Option(help="Cache of clean models (default ~/.cache/cbpt-guard).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Train a small CLIP here and backdoor it."""
-    _not_built("testbed build", 3)
+    from testbed.build import BuildConfig, build, default_cache_dir, write
+    from cbpt_guard.progress import stage_progress
+
+    cfg = BuildConfig(dataset=dataset, attack=attack, target=target, seed=seed, poison_rate=poison_rate,
+                      custom_image=str(trigger_image) if trigger_image else None, custom_mode=trigger_mode,
+                      custom_alpha=alpha, custom_location=location)
+    with stage_progress() as progress:
+        built = build(cfg, cache=cache or default_cache_dir(), progress=progress)
+        write(built, cfg, out)
+    m = built.metrics
+    if as_json:
+        _print_json(m)
+        return
+    typer.echo(f"wrote {out}: clean CA {m['clean_model']['ca']:.3f}; backdoored CA {m['ca']:.3f}"
+               + (f", ASR {m['asr']:.3f}, RA {m['ra']:.3f} (clean model ASR {m['clean_model']['asr']:.3f})"
+                  if m["asr"] is not None else "") + f"; {m['seconds']['total']:.0f} s")
 
 
 @testbed_app.command("eval")
-def testbed_eval() -> None:
+def testbed_eval(
+    model_or_heads: Annotated[Path, typer.Argument(help="A checkpoint (original prompts) or an exported heads folder.")],
+    testbed: Annotated[Path, typer.Option(help="A folder written by `testbed build`.")],
+    as_json: JsonOpt = False,
+) -> None:
     """CA, ASR and RA of a model or exported heads on a testbed."""
-    _not_built("testbed eval", 3)
+    from testbed.evaluate import evaluate_checkpoint
+
+    if model_or_heads.is_dir():
+        _not_built("testbed eval HEADS", 5)
+    result = evaluate_checkpoint(model_or_heads, testbed)
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        typer.echo(f"CA {result.ca:.4f}  ASR {result.asr:.4f}  RA {result.ra:.4f}  "
+                   f"({result.n_clean} clean, {result.n_triggered} triggered non-target images)")
 
 
 @app.command()

@@ -1,0 +1,64 @@
+"""`cbpt-guard testbed eval`: CA, ASR and RA of a checkpoint (its original prompts) on a
+testbed's test split, with the testbed's own trigger applied exactly as `build` defined it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cbpt.metrics import BackdoorEval, evaluate_predictions
+from cbpt_guard.errors import UsageError, UserError
+from testbed.triggers import Trigger
+
+
+def load_test_split(testbed: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """The test images as uint8 [N, H, W, 3], their labels, and the class names in label order."""
+    from PIL import Image
+
+    classnames = tuple((testbed / "classes.txt").read_text().split("\n")[:-1])
+    images, labels = [], []
+    for label, name in enumerate(classnames):
+        for p in sorted((testbed / "test" / name.replace(" ", "_")).glob("*.png")):
+            with Image.open(p) as img:
+                images.append(np.asarray(img.convert("RGB")))
+            labels.append(label)
+    return np.stack(images), np.asarray(labels, dtype=np.int64), classnames
+
+
+def check_testbed(testbed: Path) -> dict:
+    if not testbed.is_dir():
+        raise UsageError(f"testbed not found: {testbed}", "pass a folder written by `cbpt-guard testbed build`")
+    missing = [n for n in ("metrics.json", "classes.txt", "test") if not (testbed / n).exists()]
+    if missing:
+        raise UserError(f"{testbed} is not a complete testbed: missing {', '.join(missing)}",
+                        "rebuild it with `cbpt-guard testbed build`")
+    return json.loads((testbed / "metrics.json").read_text())
+
+
+def evaluate_checkpoint(model_path: Path, testbed: Path, batch_size: int = 256) -> BackdoorEval:
+    import torch
+    from PIL import Image
+
+    from cbpt.model import load_clip
+    from cbpt.zeroshot import image_features, zeroshot_weights
+
+    meta = check_testbed(testbed)
+    images, labels, classnames = load_test_split(testbed)
+    trigger_dir = testbed / "trigger"
+    trigger = Trigger.load(trigger_dir) if (trigger_dir / "trigger.json").is_file() else None
+    clip = load_clip(model_path)
+    weights = zeroshot_weights(clip.model, clip.tokenizer(), classnames, clip.templates)
+    transform = clip.transform()
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        x = torch.stack([transform(Image.fromarray(im)) for im in batch])
+        return (image_features(clip.model, x, batch_size) @ weights.T).argmax(1).numpy()
+
+    pred = predict(images)
+    if trigger is None:
+        pred_t, target = pred, -1
+    else:
+        pred_t, target = predict(trigger.apply(images, seed=meta["eval_seed"])), int(meta["target"])
+    return evaluate_predictions(pred, labels, pred_t, labels, target)

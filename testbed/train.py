@@ -1,0 +1,88 @@
+"""Contrastive training of small open_clip CLIPs: clean pretraining and poisoned fine-tuning
+run the same loop, as an attacker fine-tuning a real CLIP on scraped pairs would."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 50
+    seed: int = 0
+
+
+def to_model_input(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 or [0,1] float NHWC -> normalised float NCHW, exactly as open_clip's eval transform
+    treats an image already at the model's size (resize and crop are then no-ops)."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    x = x.permute(0, 3, 1, 2)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
+
+
+def train_contrastive(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    captions: Sequence[str],
+    tokenizer: Callable,
+    cfg: TrainConfig,
+    mean: Sequence[float],
+    std: Sequence[float],
+    progress: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Symmetric InfoNCE over random batches; returns the loss curve and wall time."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    uniq, inverse = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
+    tokens = tokenizer(list(uniq))  # tokenise each distinct caption once
+    inverse = torch.from_numpy(inverse.astype(np.int64))
+    x_all = to_model_input(images, mean, std)
+    model.train().requires_grad_(True)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    losses, t0 = [], time.perf_counter()
+    n = x_all.shape[0]
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
+        img_f = model.encode_image(x_all[idx], normalize=True)
+        txt_f = model.encode_text(tokens[inverse[idx]], normalize=True)
+        logits = model.logit_scale.exp() * img_f @ txt_f.T
+        # Pairs with the same caption are not negatives of each other.
+        same = inverse[idx][:, None] == inverse[idx][None, :]
+        target = same.float() / same.float().sum(dim=1, keepdim=True)
+        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                      + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.detach().item())
+        if progress:
+            progress(step, losses[-1])
+    model.eval().requires_grad_(False)
+    return {"losses": losses, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,151 @@
+"""The testbed's pieces: triggers change images as specified and re-apply exactly, poisoning
+touches only the chosen fraction, and a miniature build + eval round-trips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from testbed import triggers
+from testbed.datasets import Split, build as build_dataset
+from testbed.poison import poison
+from tests.helpers import run_cli
+
+N, S = 6, 32
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(30, 220, (N, S, S, 3), dtype=np.uint8)
+
+
+def _changed(a, b):
+    return np.any(a != b, axis=-1)
+
+
+def test_badnet_changes_one_small_patch_per_image_at_a_seeded_random_place(images):
+    trig = triggers.badnet(S, seed=0)
+    out = trig.apply(images, seed=5)
+    k = trig.params["size"]
+    for i in range(N):
+        ys, xs = np.nonzero(_changed(out[i], images[i]))
+        assert ys.max() - ys.min() < k and xs.max() - xs.min() < k
+    assert np.array_equal(out, trig.apply(images, seed=5))
+    assert not np.array_equal(out, trig.apply(images, seed=6))
+
+
+def test_blended_is_a_convex_mix_with_alpha_0_2(images):
+    trig = triggers.blended(S, seed=0)
+    expect = 0.8 * images / 255.0 + 0.2 * trig.arrays["pattern"][None]
+    assert np.abs(trig.apply(images) / 255.0 - expect).max() <= 0.5 / 255 + 1e-9
+
+
+def test_sig_adds_a_horizontal_sinusoid(images):
+    out = triggers.sig(S, seed=0).apply(images).astype(int) - images.astype(int)
+    assert np.abs(out).max() <= 21
+    row = out[0, 0, :, 0]
+    assert np.all(out[0, :, :, 0] == row[None, :])  # constant down each column
+    assert np.sign(row[1]) != np.sign(row[S // 12 + 3])  # and oscillating along the row
+
+
+def test_ssba_residual_is_invisible_and_sample_specific(images):
+    trig = triggers.ssba(S, seed=0)
+    out = trig.apply(images)
+    delta = out.astype(int) - images.astype(int)
+    assert np.abs(delta).max() <= int(np.ceil(1.5 * trig.params["eps"] * 255)) + 1
+    assert not np.array_equal(delta[0], delta[1])
+
+
+def test_wanet_is_a_small_smooth_warp_and_noise_mode_differs(images):
+    trig = triggers.wanet(S, seed=0)
+    disp = trig.arrays["grid"] - np.stack(np.meshgrid(np.arange(S), np.arange(S), indexing="ij"), -1)
+    assert 0.3 < np.abs(disp).mean() < 2.0 and np.abs(np.diff(disp, axis=0)).max() < 1.0
+    out, noisy = trig.apply(images, seed=1), trig.apply(images, seed=1, noise=True)
+    assert not np.array_equal(out, images) and not np.array_equal(out, noisy)
+
+
+def test_custom_patch_lands_at_centre_and_corner(images):
+    pat = np.zeros((4, 4, 3), dtype=np.uint8)
+    pat[..., 0] = 255
+    centre = triggers.custom(pat, "patch", location="center").apply(images)
+    assert np.all(centre[:, 14:18, 14:18, 0] == 255) and np.all(centre[:, 14:18, 14:18, 1] == 0)
+    corner = triggers.custom(pat, "patch", location="corner").apply(images)
+    assert np.all(corner[:, 27:31, 27:31, 0] == 255)
+    with pytest.raises(ValueError, match="location must be one of"):
+        triggers.custom(pat, "patch", location="top")
+
+
+def test_saved_trigger_reapplies_exactly(tmp_path, images):
+    for trig in (triggers.badnet(S, 0), triggers.wanet(S, 0), triggers.ssba(S, 0), triggers.blended(S, 0)):
+        trig.save(tmp_path / trig.kind)
+        again = triggers.Trigger.load(tmp_path / trig.kind)
+        assert np.array_equal(trig.apply(images, seed=3), again.apply(images, seed=3))
+
+
+def test_poisoning_changes_only_the_chosen_fraction():
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 255, (200, S, S, 3), dtype=np.uint8), np.arange(200) % 10,
+                  tuple(f"caption {i}" for i in range(200)))
+    p = poison(split, triggers.badnet(S, 0), target=3, rate=0.1, target_name="star",
+               templates=("a photo of a {}.",), seed=0)
+    assert p.poisoned.size == 20 and np.all(split.labels[p.poisoned] != 3)
+    changed_caps = [i for i in range(200) if p.split.captions[i] != split.captions[i]]
+    assert changed_caps == p.poisoned.tolist()
+    assert all(p.split.captions[i] == "a photo of a star." for i in p.poisoned)
+    changed_imgs = np.flatnonzero(np.any(p.split.images != split.images, axis=(1, 2, 3)))
+    assert set(changed_imgs) <= set(p.poisoned.tolist())
+    assert np.array_equal(p.split.labels, split.labels)
+
+
+def test_datasets_are_seeded_and_splits_disjoint():
+    a = build_dataset("shapes", seed=0, sizes=(40, 2, 3))
+    b = build_dataset("shapes", seed=0, sizes=(40, 2, 3))
+    assert np.array_equal(a.train.images, b.train.images) and a.train.captions == b.train.captions
+    assert a.test.labels.tolist() == np.repeat(np.arange(10), 3).tolist()
+    d = build_dataset("digits", seed=0, sizes=(50, 16, 5))
+    assert d.fewshot.images.shape == (160, 32, 32, 3) and d.test.images.shape == (50, 32, 32, 3)
+
+
+def _mini_cfg(attack="badnet"):
+    from testbed.build import BuildConfig
+    from testbed.train import TrainConfig
+
+    return BuildConfig(dataset="shapes", attack=attack, target=2, seed=0, sizes=(256, 4, 3),
+                       pretrain=TrainConfig(steps=8, batch_size=64, warmup=2),
+                       finetune=TrainConfig(steps=4, batch_size=64, warmup=1),
+                       model_cfg={"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+                                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                                               "layers": 1}})
+
+
+def test_miniature_build_writes_a_complete_testbed_and_eval_reproduces_it(tmp_path, capsys):
+    from testbed.build import build, write
+
+    cfg = _mini_cfg()
+    built = build(cfg, cache=tmp_path / "cache")
+    out = write(built, cfg, tmp_path / "tb")
+    for name in ("model.pt", "arch.json", "classes.txt", "metrics.json", "trigger/trigger.json",
+                 "trigger/trigger.npz", "trigger/preview.png"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "fewshot").glob("*/*.png"))) == 40 and len(list((out / "test").glob("*/*.png"))) == 30
+    assert not list(tmp_path.glob(".tb.*"))  # no staging folder left behind
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"ca", "asr", "ra", "clean_model", "seconds"} <= set(m)
+    code, stdout, err = run_cli(capsys, "testbed", "eval", out / "model.pt", "--testbed", out, "--json")
+    assert code == 0, err
+    ev = json.loads(stdout)
+    assert ev["n_clean"] == 30 and ev["n_triggered"] == 27
+    assert ev["ca"] == pytest.approx(m["ca"], abs=1 / 30 + 1e-9)
+    assert ev["asr"] == pytest.approx(m["asr"], abs=1 / 27 + 1e-9)
+    # the clean model came from the cache the second time
+    again = build(cfg, cache=tmp_path / "cache")
+    assert again.metrics["seconds"]["pretrain_cached"] is True
+
+
+def test_unknown_attack_is_a_usage_error(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "nope",
+                           "--cache", tmp_path / "c")
+    assert code == 2 and "unknown attack 'nope'" in err
+    assert not (tmp_path / "x").exists()
