@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from cbpt_guard import __version__
-from cbpt_guard.errors import UserError
+from cbpt_guard.errors import UsageError, UserError
 
 app = typer.Typer(
     name="cbpt-guard",
@@ -85,24 +85,141 @@ def info(
     Console().print(table)
 
 
+DataOpt = Annotated[Path, typer.Option(help="Clean labelled images: class folders, or a CSV of path,label.")]
+ClassesOpt = Annotated[Optional[Path], typer.Option(help="Class names, one per line, in label order.")]
+ArchOpt = Annotated[Optional[str], typer.Option(help="open_clip architecture; detected when omitted.")]
+ShotsOpt = Annotated[int, typer.Option(help="Clean shots per class.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for shot sampling and optimisation.")]
+InvStepsOpt = Annotated[int, typer.Option(help="Trigger-inversion steps per restart.")]
+RestartsOpt = Annotated[int, typer.Option(help="Trigger-inversion restarts (the best is kept; all feed tuning).")]
+TuneStepsOpt = Annotated[int, typer.Option(help="Prompt-tuning steps (early stopping may end sooner).")]
+
+
 @app.command()
-def scan(model: Annotated[Path, typer.Argument(help="Checkpoint file.")],
-         data: Annotated[Path, typer.Option(help="Clean labelled images: class folders or a CSV.")] = Path("."),
-         as_json: JsonOpt = False) -> None:
+def scan(
+    model: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    data: DataOpt,
+    classes: ClassesOpt = None,
+    arch: ArchOpt = None,
+    shots: ShotsOpt = 16,
+    seed: SeedOpt = 0,
+    inversion_steps: InvStepsOpt = 200,
+    restarts: RestartsOpt = 3,
+    out: Annotated[Optional[Path], typer.Option(help="Write trigger.png and scan.json here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Trigger inversion only: is the model backdoored, and toward which class."""
-    _not_built("scan", 4)
+    from cbpt.inversion import InversionConfig
+    from cbpt.model import load_clip
+    from cbpt.purify import load_shots, run_scan, scan_summary, write_scan
+    from cbpt_guard.progress import stage_progress
+
+    clip = load_clip(model, arch=arch)
+    shot_set = load_shots(clip, data, classes, shots, seed, held_out=0)
+    with stage_progress() as progress:
+        inv = run_scan(clip, shot_set, InversionConfig(seed=seed, steps=inversion_steps, restarts=restarts), progress)
+    summary = scan_summary(inv, shot_set.classnames)
+    if out is not None:
+        write_scan(out, inv, shot_set, summary)
+        summary["trigger_png"] = str(out / "trigger.png")
+    if as_json:
+        _print_json(summary)
+        return
+    verdict = "BACKDOORED" if summary["backdoored"] else "clean"
+    typer.echo(f"{verdict}: score {summary['score']:.3f} (threshold {summary['threshold']}), suspected target "
+               f"'{summary['target']}', trigger flips {summary['flip_rate']:.0%} of shots with "
+               f"{summary['mask_l1']:.1%} of the image" + (f"; trigger picture: {out / 'trigger.png'}" if out else ""))
 
 
 @app.command()
-def purify(model: Annotated[Path, typer.Argument(help="Checkpoint file.")]) -> None:
-    """Full CBPT: invert the trigger, tune class-wise prompts, export the purified heads."""
-    _not_built("purify", 4)
+def purify(
+    model: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    data: DataOpt,
+    classes: ClassesOpt = None,
+    arch: ArchOpt = None,
+    shots: ShotsOpt = 16,
+    seed: SeedOpt = 0,
+    inversion_steps: InvStepsOpt = 200,
+    restarts: RestartsOpt = 3,
+    tuning_steps: TuneStepsOpt = 300,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Full CBPT: invert the trigger, tune class-wise prompts, write the purified embeddings."""
+    from cbpt.inversion import InversionConfig
+    from cbpt.model import load_clip
+    from cbpt.purify import PurifyConfig, load_shots, report, run_purify, write_purified
+    from cbpt.tuning import TuningConfig
+    from cbpt_guard.progress import stage_progress
+
+    clip = load_clip(model, arch=arch)
+    cfg = PurifyConfig(shots=shots, seed=seed, inversion=InversionConfig(seed=seed, steps=inversion_steps, restarts=restarts),
+                       tuning=TuningConfig(seed=seed, steps=tuning_steps))
+    shot_set = load_shots(clip, data, classes, shots, seed, cfg.held_out)
+    with stage_progress() as progress:
+        result = run_purify(clip, shot_set, cfg, progress)
+    rep = report(clip, shot_set, cfg, result)
+    from cbpt_guard import atomic
+    from export.package import export_heads, read_source
+
+    with atomic.staged_dir(out) as stage:  # embeddings and heads land together, or not at all
+        write_purified(stage, result, shot_set, rep)
+        exported = export_heads(read_source(stage), stage, clip=clip, alarm_threshold=result.alarm["threshold"])
+    if as_json:
+        _print_json({"out": str(out), "scan": rep["scan"], "timings": rep["timings"], "export_s": exported.seconds})
+        return
+    sc = rep["scan"]
+    typer.echo(f"wrote {out}/ (embeddings.safetensors, classes.txt, trigger.png, report.json, head.onnx, "
+               f"classifier.onnx, preprocess.json, manifest.json) in {rep['timings']['total_s'] + exported.seconds:.1f} s; "
+               f"scan: {'BACKDOORED' if sc['backdoored'] else 'clean'}, suspected target '{sc['target']}' "
+               f"(score {sc['score']:.3f}); serve it with `cbpt-guard serve {out}`")
 
 
 @app.command()
-def export(src: Annotated[Path, typer.Argument(help="A purify output folder.")]) -> None:
+def export(
+    src: Annotated[Optional[Path], typer.Argument(help="A purify output folder.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for the heads.")] = Path("heads"),
+    model: Annotated[Optional[Path], typer.Option(help="Export the ORIGINAL prompts' head of this checkpoint instead.")] = None,
+    classes: ClassesOpt = None,
+    arch: ArchOpt = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write half-precision graphs.")] = False,
+    triton: Annotated[Optional[Path], typer.Option(help="Also write a Triton model repository here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Bake purified (or original) class embeddings into ONNX zero-shot heads."""
-    _not_built("export", 5)
+    import tempfile
+
+    from cbpt.model import load_clip
+    from export.package import export_heads, read_source
+
+    if fp16:
+        _not_built("export --fp16", 5)
+    if (src is None) == (model is None):
+        raise UsageError("pass either a purify output folder SRC, or --model MODEL --classes FILE",
+                         "see `cbpt-guard export --help`")
+    with tempfile.TemporaryDirectory(prefix="cbpt-export-") as tmp:
+        if model is not None:
+            if classes is None:
+                raise UsageError("--model needs --classes FILE (one class name per line)", "pass --classes")
+            from cbpt.data import read_classes_file
+            from cbpt.purify import write_original
+
+            clip = load_clip(model, arch=arch)
+            src = Path(tmp) / "original"
+            write_original(clip, tuple(read_classes_file(classes)), src)
+        else:
+            clip = None
+        source = read_source(src)
+        threshold = (source.report.get("alarm") or {}).get("threshold")
+        result = export_heads(source, out, clip=clip, triton=triton, alarm_threshold=threshold)
+    summary = {"out": str(out), "files": sorted(result.files), "seconds": round(result.seconds, 2),
+               "parity": result.parity}
+    if as_json:
+        _print_json(summary)
+        return
+    worst = max(v["max_abs_logits"] for k, v in result.parity.items() if "fp16" not in k)
+    typer.echo(f"wrote {out}/ ({', '.join(summary['files'])}) in {result.seconds:.1f} s; "
+               f"parity max |delta logits| {worst:.1e}")
 
 
 @app.command()
@@ -160,9 +277,14 @@ def testbed_eval(
     """CA, ASR and RA of a model or exported heads on a testbed."""
     from testbed.evaluate import evaluate_checkpoint
 
-    if model_or_heads.is_dir():
+    from testbed.evaluate import evaluate_purified
+
+    if model_or_heads.is_dir() and (model_or_heads / "embeddings.safetensors").is_file():
+        result = evaluate_purified(model_or_heads, testbed)
+    elif model_or_heads.is_dir():
         _not_built("testbed eval HEADS", 5)
-    result = evaluate_checkpoint(model_or_heads, testbed)
+    else:
+        result = evaluate_checkpoint(model_or_heads, testbed)
     if as_json:
         _print_json(result.to_dict())
     else:
@@ -191,9 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted; no partial output was kept", file=sys.stderr)
-        sys.exit(130)
+    except SystemExit as e:  # typer turns Ctrl-C into a silent exit 130
+        if e.code == 130:
+            print("interrupted; no partial output was kept", file=sys.stderr)
+        raise
     except Exception as e:  # a bug, not bad input: still one line unless asked
         if os.environ.get("CBPT_GUARD_DEBUG"):
             raise

@@ -27,6 +27,10 @@ def load_test_split(testbed: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, .
     return np.stack(images), np.asarray(labels, dtype=np.int64), classnames
 
 
+def load_test_split_names(testbed: Path) -> tuple[None, None, tuple[str, ...]]:
+    return None, None, tuple((testbed / "classes.txt").read_text().split("\n")[:-1])
+
+
 def check_testbed(testbed: Path) -> dict:
     if not testbed.is_dir():
         raise UsageError(f"testbed not found: {testbed}", "pass a folder written by `cbpt-guard testbed build`")
@@ -37,19 +41,47 @@ def check_testbed(testbed: Path) -> dict:
     return json.loads((testbed / "metrics.json").read_text())
 
 
-def evaluate_checkpoint(model_path: Path, testbed: Path, batch_size: int = 256) -> BackdoorEval:
+def evaluate_checkpoint(model_path: Path, testbed: Path) -> BackdoorEval:
+    """The original prompts' head of a checkpoint."""
+    from cbpt.model import load_clip
+    from cbpt.zeroshot import zeroshot_weights
+
+    clip = load_clip(model_path)
+    _, _, classnames = load_test_split(testbed)
+    return _evaluate(clip, zeroshot_weights(clip.model, clip.tokenizer(), classnames, clip.templates), testbed)
+
+
+def evaluate_purified(folder: Path, testbed: Path) -> BackdoorEval:
+    """The purified class embeddings of a `purify` output folder, on the model it purified."""
+    from safetensors.torch import load_file
+
+    from cbpt.model import load_clip
+
+    rep = json.loads((folder / "report.json").read_text())
+    clip = load_clip(rep["model"]["path"], arch=rep["model"]["architecture"] if rep["model"]["arch_source"] == "--arch" else None)
+    weights = load_file(str(folder / "embeddings.safetensors"))["purified"]
+    return _evaluate(clip, align_classes(weights, rep["classes"], testbed), testbed)
+
+
+def align_classes(weights, names: list[str], testbed: Path):
+    """Rows of `weights` reordered to the testbed's class order, matched by name."""
+    _, _, test_names = load_test_split_names(testbed)
+    if sorted(names) != sorted(test_names):
+        raise UserError(f"the classes ({', '.join(names[:4])}, ...) are not the testbed's "
+                        f"({', '.join(test_names[:4])}, ...)", "purify with the testbed's fewshot/ folder")
+    return weights[[names.index(n) for n in test_names]]
+
+
+def _evaluate(clip, weights, testbed: Path, batch_size: int = 256) -> BackdoorEval:
     import torch
     from PIL import Image
 
-    from cbpt.model import load_clip
-    from cbpt.zeroshot import image_features, zeroshot_weights
+    from cbpt.zeroshot import image_features
 
     meta = check_testbed(testbed)
-    images, labels, classnames = load_test_split(testbed)
+    images, labels, _ = load_test_split(testbed)
     trigger_dir = testbed / "trigger"
     trigger = Trigger.load(trigger_dir) if (trigger_dir / "trigger.json").is_file() else None
-    clip = load_clip(model_path)
-    weights = zeroshot_weights(clip.model, clip.tokenizer(), classnames, clip.templates)
     transform = clip.transform()
 
     def predict(batch: np.ndarray) -> np.ndarray:

@@ -42,3 +42,31 @@ def real_checkpoints(tmp_path_factory):
         out[arch] = paths
         del model, quick
     return out
+
+
+def _mini_testbed_cfg(attack: str):
+    """A miniature testbed that really is backdoored: measured, blended at 30% poison reaches
+    ASR ~0.95 in ~15 s on one core, where a random-place badnet patch needs far longer."""
+    from testbed.build import BuildConfig
+    from testbed.train import TrainConfig
+
+    return BuildConfig(
+        dataset="shapes", attack=attack, target=2, seed=0, sizes=(512, 16, 5), poison_rate=0.3,
+        pretrain=TrainConfig(steps=100, batch_size=64, warmup=5, lr=2e-3),
+        finetune=TrainConfig(steps=150, batch_size=64, warmup=2, lr=1e-3),
+        model_cfg={"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
+                   "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
+    )
+
+
+@pytest.fixture(scope="session")
+def mini_testbeds(tmp_path_factory):
+    """{"blended": dir, "none": dir}: miniature backdoored and clean testbeds."""
+    from testbed.build import build, write
+
+    root = tmp_path_factory.mktemp("mini")
+    out = {}
+    for attack in ("blended", "none"):
+        cfg = _mini_testbed_cfg(attack)
+        out[attack] = write(build(cfg, cache=root / "cache"), cfg, root / attack)
+    return out

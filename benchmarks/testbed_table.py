@@ -1,0 +1,48 @@
+"""Build the testbed for every attack and print CA / ASR / RA and build time.
+
+    python benchmarks/testbed_table.py --dataset shapes --out bench-out/testbed
+
+The clean model is pretrained once per dataset (cached); each attack then poisons and
+fine-tunes its own copy. Writes `<out>/<dataset>-<attack>/` testbeds and `<out>/table-<dataset>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from testbed.build import BuildConfig, build, default_cache_dir, write
+from testbed.triggers import ATTACKS
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dataset", default="shapes", choices=("shapes", "digits"))
+    ap.add_argument("--out", type=Path, default=Path("bench-out/testbed"))
+    ap.add_argument("--attacks", nargs="*", default=["none", *ATTACKS])
+    ap.add_argument("--target", type=int, default=0)
+    args = ap.parse_args()
+    rows = []
+    for attack in args.attacks:
+        cfg = BuildConfig(dataset=args.dataset, attack=attack, target=args.target)
+        t0 = time.perf_counter()
+        built = build(cfg, cache=default_cache_dir())
+        write(built, cfg, args.out / f"{args.dataset}-{attack}")
+        m = built.metrics
+        rows.append({"attack": attack, "ca": m["ca"], "asr": m["asr"], "ra": m["ra"],
+                     "clean_ca": m["clean_model"]["ca"], "clean_asr": m["clean_model"]["asr"],
+                     "seconds": round(time.perf_counter() - t0, 1), "finetune_s": m["seconds"]["finetune"]})
+        print(json.dumps(rows[-1]), flush=True)
+    (args.out / f"table-{args.dataset}.json").write_text(json.dumps(rows, indent=2))
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    print(f"\n| {args.dataset} attack | CA | ASR | RA | clean-model CA | clean-model ASR | build s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['attack']} | {fmt(r['ca'])} | {fmt(r['asr'])} | {fmt(r['ra'])} | {fmt(r['clean_ca'])} | "
+              f"{fmt(r['clean_asr'])} | {r['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""CBPT's losses as pure functions on tensors (definitions: shared/CBPT.md)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def class_logits(image_features: torch.Tensor, text_features: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * <f(x), g_c> for normalised image features [N, D] and class features [C, D]."""
+    return scale * image_features @ text_features.T
+
+
+def clean_loss(image_features, text_features, labels, scale: float) -> torch.Tensor:
+    """L_clean: cross-entropy of the clean shots: keeps the model useful."""
+    return F.cross_entropy(class_logits(image_features, text_features, scale), labels)
+
+
+def trigger_loss(triggered_features, text_features, labels, scale: float) -> torch.Tensor:
+    """L_trig: cross-entropy of the triggered shots against their TRUE labels: moves the
+    decision boundary so that the backdoor region is classified correctly again."""
+    return F.cross_entropy(class_logits(triggered_features, text_features, scale), labels)
+
+
+def keep_loss(text_features: torch.Tensor, original_features: torch.Tensor) -> torch.Tensor:
+    """L_keep: mean over classes of 1 - cos(g_c, g_c^0): stay near the hand-crafted prompts."""
+    return (1 - (F.normalize(text_features, dim=-1) * F.normalize(original_features, dim=-1)).sum(-1)).mean()
+
+
+def contrastive_inversion_loss(triggered: torch.Tensor, clean: torch.Tensor, tau: float) -> torch.Tensor:
+    """InfoNCE for trigger inversion. Anchor i = f(T(x_i)); positives: the other triggered
+    features f(T(x_j)), j != i (a backdoor maps every triggered image to one region);
+    negatives: the clean features f(x_k) of the batch (the trigger must leave the clean
+    manifold). Inputs are L2-normalised [B, D]; B >= 2."""
+    b = triggered.shape[0]
+    if b < 2:
+        raise ValueError("contrastive inversion needs at least 2 images per batch")
+    pos = triggered @ triggered.T / tau  # [B, B]
+    neg = triggered @ clean.T / tau  # [B, B]
+    eye = torch.eye(b, dtype=torch.bool, device=triggered.device)
+    pos = pos.masked_fill(eye, float("-inf"))
+    denom = torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1, keepdim=True)  # [B, 1]
+    log_prob = (pos - denom).masked_fill(eye, 0.0)
+    return -(log_prob.sum(dim=1) / (b - 1)).mean()

@@ -1,0 +1,42 @@
+"""Pictures a user looks at: the inverted trigger (mask, pattern, what it adds) and shots
+with the trigger applied."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from cbpt.inversion import DummyTrigger
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[3, H, W] or [H, W] in [0, 1] -> uint8 HxWx3."""
+    arr = x.detach().clamp(0, 1).cpu().numpy()
+    if arr.ndim == 2:
+        arr = np.repeat(arr[None], 3, axis=0)
+    return np.rint(arr.transpose(1, 2, 0) * 255).astype(np.uint8)
+
+
+def trigger_png(trigger: DummyTrigger, shots01: torch.Tensor, n_shots: int = 8, tile: int = 96) -> bytes:
+    """One PNG: [mask | pattern | mask*pattern | delta (if any)] above a row of clean shots
+    and a row of the same shots with the trigger applied."""
+    from PIL import Image
+
+    top = [trigger.mask, trigger.pattern, trigger.mask * trigger.pattern]
+    if float(trigger.delta.abs().max()) > 0:
+        d = trigger.delta
+        top.append(0.5 + d / (2 * float(d.abs().max())))
+    idx = torch.linspace(0, shots01.shape[0] - 1, min(n_shots, shots01.shape[0])).round().long()
+    clean = shots01[idx]
+    rows = [top, list(clean), list(trigger.apply(clean))]
+    cols = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (cols * (tile + 4) + 4, len(rows) * (tile + 4) + 4), (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            pic = Image.fromarray(_to_uint8(img)).resize((tile, tile), Image.NEAREST)
+            canvas.paste(pic, (4 + c * (tile + 4), 4 + r * (tile + 4)))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()

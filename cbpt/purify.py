@@ -1,0 +1,213 @@
+"""CBPT end to end on a loaded model: shots -> inverted trigger -> purified class embeddings.
+
+`scan` stops after the inversion; `purify` goes on to prompt tuning and writes the output
+folder atomically: `embeddings.safetensors`, `classes.txt`, `trigger.png`, `report.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from cbpt.data import LabelledImages, discover, load_batch, read_classes_file, sample_shots
+from cbpt.inversion import InversionConfig, InversionResult, invert
+from cbpt.model import LoadedClip
+from cbpt.prompts import ClassPrompts
+from cbpt.tuning import TuningConfig, TuningResult, cache_features, tune
+from cbpt.zeroshot import zeroshot_weights
+from cbpt_guard import __version__, atomic
+
+# Scores above this read "backdoored" (calibrated on testbed models: see the README).
+SCAN_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class PurifyConfig:
+    shots: int = 16
+    seed: int = 0
+    held_out: int = 8  # held-out shots per class for early stopping, when the data has them
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+
+
+@dataclass
+class Shots:
+    x01: torch.Tensor  # [N, 3, H, W] in [0, 1], the model's resize + crop, not yet normalised
+    labels: torch.Tensor
+    classnames: tuple[str, ...]
+    held_x01: torch.Tensor | None = None
+    held_labels: torch.Tensor | None = None
+    paths: tuple[str, ...] = ()
+
+
+@dataclass
+class Purified:
+    classnames: tuple[str, ...]
+    purified: torch.Tensor  # [C, D]
+    original: torch.Tensor  # [C, D] the hand-crafted prompts' head
+    logit_scale: float
+    inversion: InversionResult
+    tuning: TuningResult
+    timings: dict
+    alarm: dict = field(default_factory=dict)  # runtime trigger alarm, calibrated on clean shots
+
+
+def pixel_transform(clip: LoadedClip) -> Callable:
+    """The model's eval transform without its final Normalize: triggers live in pixel space."""
+    from torchvision.transforms import Compose, Normalize
+
+    tf = clip.transform()
+    return Compose([t for t in tf.transforms if not isinstance(t, Normalize)])
+
+
+def load_shots(clip: LoadedClip, data: str | Path, classes: str | Path | None, shots: int, seed: int,
+               held_out: int) -> Shots:
+    names = read_classes_file(classes) if classes else None
+    ds = discover(data, names)
+    chosen, rest = sample_shots(ds, shots, seed)
+    tf = pixel_transform(clip)
+    x, y = load_batch(chosen, tf)
+    held = _held_out(rest, held_out, seed)
+    hx, hy = load_batch(held, tf) if held is not None else (None, None)
+    return Shots(x, y, ds.classnames, hx, hy, tuple(str(p) for p in chosen.paths))
+
+
+def _held_out(rest: LabelledImages, per_class: int, seed: int) -> LabelledImages | None:
+    if per_class <= 0 or not len(rest) or min(rest.counts()) < 1:
+        return None
+    k = min(per_class, min(rest.counts()))
+    return sample_shots(rest, k, seed + 1)[0]
+
+
+def original_head(clip: LoadedClip, classnames: tuple[str, ...]) -> torch.Tensor:
+    return zeroshot_weights(clip.model, clip.tokenizer(), classnames, clip.templates)
+
+
+def run_scan(clip: LoadedClip, shots: Shots, cfg: InversionConfig,
+             progress: Callable[[str, int, int], None] | None = None) -> InversionResult:
+    weights = original_head(clip, shots.classnames)
+    pp = clip.preprocess_cfg
+    return invert(clip.model, shots.x01, shots.labels, weights, pp["mean"], pp["std"], cfg,
+                  progress=(lambda d, t: progress("invert", d, t)) if progress else None)
+
+
+def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
+               progress: Callable[[str, int, int], None] | None = None) -> Purified:
+    t0 = time.perf_counter()
+    original = original_head(clip, shots.classnames)
+    inversion = run_scan(clip, shots, cfg.inversion, progress)
+    t1 = time.perf_counter()
+    pp = clip.preprocess_cfg
+    cache = cache_features(clip.model, shots.x01, shots.labels, inversion.candidates, pp["mean"], pp["std"], cfg.tuning)
+    held = None
+    if shots.held_x01 is not None:
+        held = cache_features(clip.model, shots.held_x01, shots.held_labels, inversion.candidates[:1],
+                              pp["mean"], pp["std"], TuningConfig(views=0, shifts=1, seed=cfg.seed + 2))
+    t2 = time.perf_counter()
+    prompts = ClassPrompts(clip.model, clip.tokenizer(), shots.classnames, n_ctx=cfg.tuning.n_ctx, seed=cfg.seed)
+    result = tune(prompts, cache, clip.logit_scale, cfg.tuning, held, original,
+                  progress=(lambda d, t: progress("tune", d, t)) if progress else None)
+    t3 = time.perf_counter()
+    return Purified(
+        alarm=alarm_threshold(cache.clean, held.clean if held is not None else None, inversion.mean_feature),
+        classnames=shots.classnames, purified=result.text_features, original=original, logit_scale=clip.logit_scale,
+        inversion=inversion, tuning=result,
+        timings={"inversion_s": round(t1 - t0, 2), "feature_cache_s": round(t2 - t1, 2),
+                 "tuning_s": round(t3 - t2, 2), "total_s": round(t3 - t0, 2),
+                 "image_encoder_passes_cached": cache.encoder_passes,
+                 "image_encoder_passes_during_tuning": 0},
+    )
+
+
+def alarm_threshold(clean: torch.Tensor, held: torch.Tensor | None, centroid: torch.Tensor,
+                    fpr: float = 0.01) -> dict:
+    """Cosine-to-the-backdoor-region threshold flagging at most `fpr` of clean images."""
+    from cbpt.metrics import threshold_at_fpr
+
+    feats = clean if held is None else torch.cat([clean, held])
+    scores = (feats @ centroid).numpy()
+    return {"threshold": threshold_at_fpr(scores, fpr), "fpr": fpr, "n_clean": int(scores.size),
+            "clean_max": float(scores.max()), "clean_mean": float(scores.mean())}
+
+
+def scan_summary(inv: InversionResult, classnames: tuple[str, ...], threshold: float = SCAN_THRESHOLD) -> dict:
+    return {
+        "backdoored": bool(inv.score >= threshold),
+        "target": classnames[inv.target],
+        "target_index": inv.target,
+        "score": round(inv.score, 4),
+        "threshold": threshold,
+        "flip_rate": round(inv.flip_rate, 4),
+        "consistency": round(inv.consistency, 4),
+        "clean_consistency": round(inv.clean_consistency, 4),
+        "mask_l1": round(inv.mask_l1, 4),
+        "seconds": round(inv.seconds, 2),
+    }
+
+
+def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) -> dict:
+    return {
+        "tool": f"cbpt-guard {__version__}",
+        "model": clip.info.to_dict(),
+        "checkpoint_sha256": clip.checkpoint_sha256,
+        "classes": list(result.classnames),
+        "scan": scan_summary(result.inversion, result.classnames),
+        "tuning": {"best_step": result.tuning.best_step, "history": result.tuning.history},
+        "timings": result.timings,
+        "alarm": result.alarm,
+        "settings": asdict(cfg),
+        "shots": list(shots.paths),
+        "held_out_per_class": None if shots.held_labels is None else int(len(shots.held_labels) // len(result.classnames)),
+    }
+
+
+def write_scan(out: Path, inv: InversionResult, shots: Shots, summary: dict) -> None:
+    from cbpt.pictures import trigger_png
+
+    with atomic.staged_dir(out) as stage:
+        (stage / "trigger.png").write_bytes(trigger_png(inv.trigger, shots.x01))
+        (stage / "scan.json").write_text(json.dumps(summary, indent=2))
+
+
+def write_purified(out: Path, result: Purified, shots: Shots, rep: dict) -> None:
+    """Everything lands at once or not at all."""
+    from safetensors.torch import save
+
+    from cbpt.pictures import trigger_png
+
+    tensors = {
+        "purified": result.purified.contiguous().float(),
+        "original": result.original.contiguous().float(),
+        "logit_scale": torch.tensor([result.logit_scale], dtype=torch.float32),
+        "trigger_centroid": result.inversion.mean_feature.contiguous().float(),
+    }
+    meta = {"classes": json.dumps(list(result.classnames)), "tool": rep["tool"],
+            "checkpoint_sha256": rep["checkpoint_sha256"], "architecture": rep["model"]["architecture"]}
+    blob = save(tensors, metadata=meta)
+    rep = {**rep, "embeddings_sha256": hashlib.sha256(blob).hexdigest()}
+    with atomic.staged_dir(out) as stage:
+        (stage / "embeddings.safetensors").write_bytes(blob)
+        (stage / "classes.txt").write_text("\n".join(result.classnames) + "\n")
+        (stage / "trigger.png").write_bytes(trigger_png(result.inversion.trigger, shots.x01))
+        (stage / "report.json").write_text(json.dumps(rep, indent=2))
+
+
+def write_original(clip: LoadedClip, classnames: tuple[str, ...], out: Path) -> None:
+    """An export source for the original prompts' head alone (no purification, no trigger)."""
+    from safetensors.torch import save
+
+    original = original_head(clip, classnames).contiguous().float()
+    blob = save({"purified": original, "original": original.clone(),
+                 "logit_scale": torch.tensor([clip.logit_scale], dtype=torch.float32)})
+    rep = {"tool": f"cbpt-guard {__version__}", "model": clip.info.to_dict(), "checkpoint_sha256": clip.checkpoint_sha256,
+           "classes": list(classnames), "kind": "original", "embeddings_sha256": hashlib.sha256(blob).hexdigest()}
+    with atomic.staged_dir(out) as stage:
+        (stage / "embeddings.safetensors").write_bytes(blob)
+        (stage / "classes.txt").write_text("\n".join(classnames) + "\n")
+        (stage / "report.json").write_text(json.dumps(rep, indent=2))

@@ -1,0 +1,148 @@
+"""Step 2 of CBPT: class-wise prompt tuning on cached image features.
+
+The image encoder, the dummy trigger and the shots are fixed during this step, so the image
+features of the clean shots, of their triggered versions (every restart's trigger, rolled to
+several places) and of a few augmented views are computed once. Tuning then runs the text
+encoder alone: zero image-encoder passes per step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from cbpt.inversion import DummyTrigger, _normalise
+from cbpt.losses import clean_loss, keep_loss, trigger_loss
+from cbpt.prompts import ClassPrompts
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    n_ctx: int = 4
+    steps: int = 300
+    lr: float = 2e-3
+    alpha: float = 1.0  # weight of L_trig
+    beta: float = 1.0  # weight of L_keep
+    views: int = 2  # augmented views per shot, besides the shot itself
+    shifts: int = 4  # places each inverted trigger is rolled to
+    eval_every: int = 10
+    patience: int = 10  # evaluations without held-out improvement before stopping
+    seed: int = 0
+
+
+@dataclass
+class FeatureCache:
+    clean: torch.Tensor  # [Nc, D] normalised
+    clean_labels: torch.Tensor
+    triggered: torch.Tensor  # [Nt, D]
+    triggered_labels: torch.Tensor
+    encoder_passes: int  # images pushed through the image encoder to build the cache
+
+
+@dataclass
+class TuningResult:
+    text_features: torch.Tensor  # [C, D] purified, normalised
+    original: torch.Tensor  # [C, D] the keep-close anchor
+    best_step: int
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    encoder_passes_during_tuning: int = 0
+
+
+def augment(x01: torch.Tensor, gen: torch.Generator, pad_frac: float = 0.125) -> torch.Tensor:
+    """A random translation (pad + crop) and horizontal flip of each image."""
+    n, _, h, w = x01.shape
+    p = max(1, int(round(h * pad_frac)))
+    padded = F.pad(x01, (p, p, p, p), mode="replicate")
+    out = torch.empty_like(x01)
+    tops = torch.randint(0, 2 * p + 1, (n,), generator=gen).tolist()
+    lefts = torch.randint(0, 2 * p + 1, (n,), generator=gen).tolist()
+    flips = torch.rand(n, generator=gen) < 0.5
+    for i in range(n):
+        img = padded[i, :, tops[i]:tops[i] + h, lefts[i]:lefts[i] + w]
+        out[i] = img.flip(-1) if flips[i] else img
+    return out
+
+
+@torch.no_grad()
+def cache_features(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tensor,
+                   triggers: Sequence[DummyTrigger], mean: Sequence[float], std: Sequence[float],
+                   cfg: TuningConfig, batch_size: int = 128) -> FeatureCache:
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    _, _, h, w = x01.shape
+    views = [x01] + [augment(x01, gen) for _ in range(cfg.views)]
+    trig_imgs = []
+    for trig in triggers:
+        for s in range(cfg.shifts):
+            t = trig if s == 0 else trig.shifted(int(torch.randint(0, h, (1,), generator=gen)),
+                                                 int(torch.randint(0, w, (1,), generator=gen)))
+            trig_imgs += [t.apply(v) for v in views]
+
+    def encode(batches: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(batches)
+        return torch.cat([model.encode_image(_normalise(x[i:i + batch_size], mean, std), normalize=True)
+                          for i in range(0, x.shape[0], batch_size)])
+
+    clean = encode(views)
+    triggered = encode(trig_imgs)
+    return FeatureCache(
+        clean=clean, clean_labels=labels.repeat(len(views)),
+        triggered=triggered, triggered_labels=labels.repeat(len(trig_imgs)),
+        encoder_passes=clean.shape[0] + triggered.shape[0],
+    )
+
+
+def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningConfig,
+         held_out: FeatureCache | None = None, anchor: torch.Tensor | None = None,
+         progress: Callable[[int, int], None] | None = None) -> TuningResult:
+    """Learn the context vectors. L_keep pulls toward `anchor` (the hand-crafted prompts'
+    head; by default the initial prompts' own features)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    with torch.no_grad():
+        original = prompts().detach() if anchor is None else anchor.detach()
+    opt = torch.optim.Adam([prompts.ctx], lr=cfg.lr)
+    best_ctx, best_step, best_val, stale = prompts.ctx.detach().clone(), 0, float("inf"), 0
+    history: list[dict] = []
+    for step in range(1, cfg.steps + 1):
+        g = prompts()
+        l_clean = clean_loss(cache.clean, g, cache.clean_labels, scale)
+        l_trig = trigger_loss(cache.triggered, g, cache.triggered_labels, scale)
+        l_keep = keep_loss(g, original)
+        loss = l_clean + cfg.alpha * l_trig + cfg.beta * l_keep
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            entry = {"step": step, "loss": loss.item(), "clean": l_clean.item(), "trig": l_trig.item(),
+                     "keep": l_keep.item()}
+            val = _validate(prompts, held_out or cache, scale, cfg)
+            entry.update(val)
+            history.append(entry)
+            if val["objective"] < best_val - 1e-4:
+                best_val, best_step, stale = val["objective"], step, 0
+                best_ctx = prompts.ctx.detach().clone()
+            else:
+                stale += 1
+                if held_out is not None and stale >= cfg.patience:
+                    break
+        if progress:
+            progress(step, cfg.steps)
+    with torch.no_grad():
+        final = prompts(best_ctx).detach()
+    return TuningResult(text_features=final, original=original, best_step=best_step, history=history,
+                        seconds=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _validate(prompts: ClassPrompts, data: FeatureCache, scale: float, cfg: TuningConfig) -> dict:
+    g = prompts()
+    c = clean_loss(data.clean, g, data.clean_labels, scale)
+    t = trigger_loss(data.triggered, g, data.triggered_labels, scale)
+    acc = float(((data.clean @ g.T).argmax(1) == data.clean_labels).float().mean())
+    racc = float(((data.triggered @ g.T).argmax(1) == data.triggered_labels).float().mean())
+    return {"val_clean_acc": acc, "val_trig_acc": racc, "objective": float(c + cfg.alpha * t)}

@@ -1,0 +1,54 @@
+"""The export's own check: onnxruntime and PyTorch must agree on the same inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cbpt_guard.errors import UserError
+
+BATCHES = (1, 5)
+
+
+def _session(blob: bytes):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+
+
+def check_parity(clip, blobs: dict[str, bytes], weights: np.ndarray, scale: float,
+                 centroid: np.ndarray | None, seed: int = 0) -> dict:
+    """max |delta logits| <= 1e-4 x logit scale on random inputs at batch 1 and 5, else the
+    export fails; top-1 agreement and max |delta probs| are reported too."""
+    size = clip.info.image_size
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.from_numpy(weights)
+    report: dict = {}
+    for name, blob in blobs.items():
+        sess = _session(blob)
+        worst_logits, worst_probs, agree, n = 0.0, 0.0, 0, 0
+        for batch in BATCHES:
+            x = torch.randn(batch, 3, size, size, generator=gen)
+            with torch.no_grad():
+                f = clip.model.encode_image(x)
+            ref_logits = scale * torch.nn.functional.normalize(f, dim=-1) @ w.T
+            ref_probs = ref_logits.softmax(-1).numpy()
+            feed = {"pixel_values": x.numpy()} if name.startswith("classifier") else {"image_features": f.numpy()}
+            out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+            worst_logits = max(worst_logits, float(np.abs(out["logits"] - ref_logits.numpy()).max()))
+            worst_probs = max(worst_probs, float(np.abs(out["probs"] - ref_probs).max()))
+            agree += int((out["logits"].argmax(1) == ref_logits.numpy().argmax(1)).sum())
+            n += batch
+            if centroid is not None:
+                ref_t = (torch.nn.functional.normalize(f, dim=-1) @ torch.from_numpy(centroid)).numpy()
+                worst_logits = max(worst_logits, float(np.abs(out["trigger_score"] - ref_t).max()) * scale)
+        entry = {"max_abs_logits": worst_logits, "max_abs_probs": worst_probs, "top1_agreement": agree / n,
+                 "tolerance": 1e-4 * scale, "batches": list(BATCHES)}
+        report[name] = entry
+        if worst_logits > 1e-4 * scale:
+            raise UserError(f"parity check failed for {name}: max |delta logits| {worst_logits:.2e} exceeds "
+                            f"{1e-4 * scale:.2e} (1e-4 x logit scale); nothing was written",
+                            "report this model's architecture as a bug")
+    return report

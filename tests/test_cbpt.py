@@ -1,0 +1,165 @@
+"""CBPT: the losses, the prompt learner, trigger inversion, and purify's outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cbpt.losses import clean_loss, contrastive_inversion_loss, keep_loss, trigger_loss
+from tests.helpers import run_cli, save_tiny_model
+
+
+def test_clean_and_trigger_losses_are_scaled_cross_entropy():
+    f = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    g = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    y = torch.tensor([0, 0])
+    # logits [[10, 0], [0, 10]]: CE = mean(log(1+e^-10), 10 + log(1+e^-10))
+    expect = (math.log1p(math.exp(-10)) + 10 + math.log1p(math.exp(-10))) / 2
+    assert clean_loss(f, g, y, 10.0).item() == pytest.approx(expect, rel=1e-5)
+    assert trigger_loss(f, g, y, 10.0).item() == pytest.approx(expect, rel=1e-5)
+
+
+def test_keep_loss_is_one_minus_cosine():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert keep_loss(a, a).item() == pytest.approx(0.0, abs=1e-7)
+    assert keep_loss(a, a.flip(0)).item() == pytest.approx(1.0)
+    assert keep_loss(a, -a).item() == pytest.approx(2.0)
+
+
+def test_contrastive_loss_rewards_collapse_away_from_clean():
+    clean = F.normalize(torch.eye(4), dim=-1)
+    collapsed = F.normalize(torch.tensor([[1.0, 1, 1, 1]]).repeat(4, 1), dim=-1)
+    scattered = clean.clone()
+    assert contrastive_inversion_loss(collapsed, clean, 0.1) < contrastive_inversion_loss(scattered, clean, 0.1)
+    # B=2, hand-computed: positives sim 1, negatives sim 0.5 -> -log(e^10 / (e^10 + 2 e^5))
+    t = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), dim=-1)
+    c = F.normalize(torch.tensor([[1.0, math.sqrt(3)], [1.0, -math.sqrt(3)]]), dim=-1)
+    expect = -math.log(math.exp(10) / (math.exp(10) + 2 * math.exp(5)))
+    assert contrastive_inversion_loss(t, c, 0.1).item() == pytest.approx(expect, rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        contrastive_inversion_loss(t[:1], c[:1], 0.1)
+
+
+def test_prompt_learner_reproduces_the_original_prompts_exactly(tmp_path):
+    from cbpt.model import load_clip
+    from cbpt.prompts import ClassPrompts
+
+    clip = load_clip(save_tiny_model(tmp_path / "m"))
+    names = ["circle", "traffic light", "star"]
+    prompts = ClassPrompts(clip.model, clip.tokenizer(), names, n_ctx=4)
+    direct = clip.model.encode_text(clip.tokenizer()([f"a photo of a {n}." for n in names]), normalize=True)
+    with torch.no_grad():
+        assert torch.allclose(prompts(), direct, atol=1e-6)
+    assert [p for p in prompts.parameters()] == [prompts.ctx] and prompts.ctx.shape == (3, 4, 32)
+    # another context length still yields unit class features, one set of vectors per class
+    other = ClassPrompts(clip.model, clip.tokenizer(), names, n_ctx=8)
+    with torch.no_grad():
+        assert torch.allclose(other().norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_prompt_learner_refuses_a_model_without_a_standard_text_tower(tmp_path):
+    from cbpt.model import load_clip
+    from cbpt.prompts import ClassPrompts
+    from cbpt_guard.errors import UserError
+
+    clip = load_clip(save_tiny_model(tmp_path / "m"))
+    clip.model.text_projection = None
+    with pytest.raises(UserError, match="not open_clip's standard transformer"):
+        ClassPrompts(clip.model, clip.tokenizer(), ["a", "b"])
+
+
+def _scan(path, steps=100):
+    from cbpt.inversion import InversionConfig
+    from cbpt.model import load_clip
+    from cbpt.purify import load_shots, run_scan
+
+    clip = load_clip(path / "model.pt")
+    shots = load_shots(clip, path / "fewshot", path / "classes.txt", 16, 0, 0)
+    return run_scan(clip, shots, InversionConfig(steps=steps, restarts=1)), shots
+
+
+def test_inverted_trigger_finds_the_planted_target_only_in_the_backdoored_model(mini_testbeds):
+    inv, shots = _scan(mini_testbeds["blended"])
+    planted = 2
+    assert inv.target == planted
+    non_target = shots.labels != planted
+    with torch.no_grad():
+        from cbpt.purify import original_head
+        from cbpt.model import load_clip
+
+        clip = load_clip(mini_testbeds["blended"] / "model.pt")
+        pp = clip.preprocess_cfg
+        from cbpt.inversion import _normalise
+
+        feats = clip.model.encode_image(_normalise(inv.trigger.apply(shots.x01), pp["mean"], pp["std"]), normalize=True)
+        pred = (feats @ original_head(clip, shots.classnames).T).argmax(1)
+    assert (pred[non_target] == planted).float().mean() >= 0.8
+    clean_inv, clean_shots = _scan(mini_testbeds["none"])
+    sent = clean_inv.flip_rate if clean_inv.target == planted else 0.0
+    assert sent < 0.8
+
+
+def test_purify_writes_complete_outputs_and_they_evaluate(mini_testbeds, tmp_path, capsys):
+    tb = mini_testbeds["blended"]
+    out = tmp_path / "purified"
+    code, stdout, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--classes",
+                                tb / "classes.txt", "--out", out, "--inversion-steps", "60", "--restarts", "2",
+                                "--tuning-steps", "60", "--json")
+    assert code == 0, err
+    for name in ("embeddings.safetensors", "classes.txt", "trigger.png", "report.json", "head.onnx",
+                 "classifier.onnx", "preprocess.json", "manifest.json"):
+        assert (out / name).is_file(), name
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["scan"]["target"] == "triangle" and rep["timings"]["image_encoder_passes_during_tuning"] == 0
+    assert {"settings", "tuning", "alarm", "checkpoint_sha256", "embeddings_sha256"} <= set(rep)
+    from safetensors.torch import load_file
+
+    emb = load_file(str(out / "embeddings.safetensors"))
+    assert emb["purified"].shape == emb["original"].shape == (10, 32) and emb["trigger_centroid"].shape == (32,)
+    assert not list(tmp_path.glob(".purified.*"))
+    code, stdout, err = run_cli(capsys, "testbed", "eval", out, "--testbed", tb, "--json")
+    assert code == 0, err
+    ev = json.loads(stdout)
+    assert 0 <= ev["asr"] <= 1 and ev["n_clean"] == 50
+
+
+def test_purify_leaves_nothing_when_it_fails(mini_testbeds, tmp_path, capsys, monkeypatch):
+    import export.package
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.package, "export_heads", boom)
+    tb = mini_testbeds["blended"]
+    code, _, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--out", tmp_path / "p",
+                           "--inversion-steps", "5", "--restarts", "1", "--tuning-steps", "5")
+    assert code == 130 and "no partial output" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
+    tb = mini_testbeds["blended"]
+    code, stdout, err = run_cli(capsys, "scan", tb / "model.pt", "--data", tb / "fewshot", "--out", tmp_path / "s",
+                                "--inversion-steps", "60", "--restarts", "1", "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert {"backdoored", "target", "score", "flip_rate", "mask_l1"} <= set(res) and res["target"] == "triangle"
+    from PIL import Image
+
+    with Image.open(tmp_path / "s" / "trigger.png") as img:
+        assert img.size[0] >= 3 * 96 and img.size[1] == 3 * 100 + 4
+    assert json.loads((tmp_path / "s" / "scan.json").read_text())["target"] == "triangle"
+
+
+def test_bad_data_is_reported_before_any_work(mini_testbeds, tmp_path, capsys):
+    tb = mini_testbeds["blended"]
+    code, _, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tmp_path / "nothing", "--out", tmp_path / "p")
+    assert code == 2 and "data not found" in err
+    code, _, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--shots", "40",
+                           "--out", tmp_path / "p")
+    assert code == 1 and "too few images for --shots 40" in err
+    assert not (tmp_path / "p").exists()

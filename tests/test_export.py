@@ -1,0 +1,136 @@
+"""ONNX export: parity with PyTorch for real architectures, Triton configs, errors, atomicity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.helpers import run_cli
+
+
+def _ort(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("arch", ["ViT-B-32", "RN50"])
+def test_original_head_export_matches_pytorch_at_batch_1_and_5(arch, real_checkpoints, tmp_path, capsys):
+    import onnx
+    import torch
+
+    from cbpt.model import load_clip
+    from cbpt.purify import original_head
+
+    (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
+    out = tmp_path / "heads"
+    code, stdout, err = run_cli(capsys, "export", "--model", real_checkpoints[arch]["state_dict"], "--classes",
+                                tmp_path / "classes.txt", "--out", out, "--triton", tmp_path / "triton", "--json")
+    assert code == 0, err
+    clip = load_clip(real_checkpoints[arch]["state_dict"])
+    weights = original_head(clip, ("cat", "dog", "bird"))
+    scale = clip.logit_scale
+    sess = _ort(out / "classifier.onnx")
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            ref = scale * torch.nn.functional.normalize(clip.model.encode_image(x), dim=-1) @ weights.T
+        logits, probs, feats = sess.run(["logits", "probs", "image_features"], {"pixel_values": x.numpy()})
+        assert logits.shape == (batch, 3)
+        assert np.abs(logits - ref.numpy()).max() <= 1e-4 * scale
+        assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    model = onnx.load(str(out / "classifier.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["classes"]) == ["cat", "dog", "bird"] and meta["embed_dim"] == str(weights.shape[1])
+    assert {"image_size", "mean", "std", "resize_mode", "source_checkpoint_sha256", "embeddings_sha256",
+            "tool_version"} <= set(meta)
+    assert model.opset_import[0].version >= 17 and model.ir_version <= 10
+    manifest = json.loads((out / "manifest.json").read_text())
+    import hashlib
+
+    for name, sha in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == sha
+    pre = json.loads((out / "preprocess.json").read_text())
+    assert pre["size"] == [224, 224] and pre["interpolation"] == "bicubic" and pre["resize_mode"] == "shortest"
+
+
+def test_triton_configs_parse_with_tritons_schema(tmp_path, real_checkpoints, capsys):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from export.triton import config_pbtxt
+
+    text = config_pbtxt("cbpt_classifier", [("pixel_values", [3, 224, 224])], 3, 512, True, True)
+    cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size > 0
+    assert [o.name for o in cfg.output] == ["logits", "probs", "trigger_score", "image_features"]
+    assert list(cfg.input[0].dims) == [3, 224, 224] and cfg.output[0].label_filename == "labels.txt"
+    assert cfg.HasField("dynamic_batching")
+
+
+def test_purified_heads_carry_the_trigger_score_and_alarm(mini_testbeds, tmp_path, capsys):
+    import onnx
+
+    tb = mini_testbeds["blended"]
+    out = tmp_path / "p"
+    code, _, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--out", out,
+                           "--inversion-steps", "30", "--restarts", "1", "--tuning-steps", "20")
+    assert code == 0, err
+    sess = _ort(out / "head.onnx")
+    assert [o.name for o in sess.get_outputs()] == ["logits", "probs", "trigger_score"]
+    score = sess.run(["trigger_score"], {"image_features": np.ones((2, 32), np.float32)})[0]
+    assert score.shape == (2,)
+    meta = {p.key: p.value for p in onnx.load(str(out / "head.onnx")).metadata_props}
+    assert "trigger_alarm_threshold" in meta
+    # re-export from the folder into Triton
+    code, _, err = run_cli(capsys, "export", out, "--out", tmp_path / "again", "--triton", tmp_path / "tr")
+    assert code == 0, err
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    for model in ("cbpt_head", "cbpt_classifier"):
+        text_format.Parse((tmp_path / "tr" / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert (tmp_path / "tr" / model / "1" / "model.onnx").is_file()
+
+
+def test_incomplete_or_tampered_sources_are_refused(mini_testbeds, tmp_path, capsys):
+    import shutil
+
+    tb = mini_testbeds["blended"]
+    src = tmp_path / "p"
+    code, _, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--out", src,
+                           "--inversion-steps", "5", "--restarts", "1", "--tuning-steps", "5")
+    assert code == 0, err
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    (broken / "report.json").unlink()
+    code, _, err = run_cli(capsys, "export", broken, "--out", tmp_path / "h1")
+    assert code == 1 and "missing report.json" in err and not (tmp_path / "h1").exists()
+    tampered = tmp_path / "tampered"
+    shutil.copytree(src, tampered)
+    data = bytearray((tampered / "embeddings.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tampered / "embeddings.safetensors").write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, "export", tampered, "--out", tmp_path / "h2")
+    assert code == 1 and "hash mismatch" in err and not (tmp_path / "h2").exists()
+    code, _, err = run_cli(capsys, "export", "--out", tmp_path / "h3")
+    assert code == 2 and "either a purify output folder" in err
+
+
+def test_failed_parity_writes_nothing(mini_testbeds, tmp_path, capsys, monkeypatch):
+    import export.parity
+
+    real = export.parity.check_parity
+
+    def corrupt(clip, blobs, weights, scale, centroid, seed=0):
+        return real(clip, blobs, weights * -1, scale, centroid, seed)
+
+    monkeypatch.setattr(export.parity, "check_parity", corrupt)
+    tb = mini_testbeds["none"]
+    code, _, err = run_cli(capsys, "export", "--model", tb / "model.pt", "--classes", tb / "classes.txt",
+                           "--out", tmp_path / "h")
+    assert code == 1 and "parity check failed" in err
+    assert not (tmp_path / "h").exists()
