@@ -222,10 +222,52 @@ def export(
                f"parity max |delta logits| {worst:.1e}")
 
 
+DeviceOpt = Annotated[str, typer.Option(help="Execution provider: auto (CUDA when a GPU is present), cpu or cuda.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
+
+
 @app.command()
-def classify(heads: Annotated[Path, typer.Argument(help="An exported heads folder.")]) -> None:
-    """Classify image files and folders offline, in batches."""
-    _not_built("classify", 6)
+def classify(
+    heads: Annotated[Path, typer.Argument(help="An exported heads folder.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files and folders (searched recursively).")],
+    out: Annotated[Optional[Path], typer.Option(help="Output file: .jsonl (JSON lines) or .csv; stdout if omitted.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = 32,
+    top_k: Annotated[Optional[int], typer.Option(help="Keep the K most likely classes instead of all probabilities.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip paths already in --out and append.")] = False,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Classify image files and folders offline, in batches, with the runtime guard."""
+    from guard.classify import RecordWriter, classify_paths, done_paths, iter_images
+    from guard.heads import load_heads
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}", "pass --batch-size 32")
+    if resume and out is None:
+        raise UsageError("--resume needs --out FILE", "pass the output file of the interrupted run")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise UsageError(f"not found: {', '.join(missing[:3])}", "check the paths")
+    loaded = load_heads(heads, device=device, threads=threads)
+    skip = done_paths(out) if resume and out is not None else set()
+    files = [p for p in iter_images(paths) if str(p) not in skip]
+    from rich.console import Console
+    from rich.progress import Progress
+
+    writer = RecordWriter(out, append=resume)
+    n_err = 0
+    try:
+        with Progress(console=Console(stderr=True), transient=out is None) as progress:
+            task = progress.add_task("classify", total=len(files))
+            for rec in classify_paths(loaded, files, batch_size=batch_size, top_k=top_k):
+                writer.write(rec)
+                n_err += "error" in rec
+                progress.advance(task)
+    finally:
+        writer.close()
+    if out is not None:
+        typer.echo(f"classified {len(files) - n_err} image(s), {n_err} unreadable, "
+                   f"{len(skip)} skipped (already done) -> {out}", err=True)
 
 
 @app.command()
@@ -279,10 +321,12 @@ def testbed_eval(
 
     from testbed.evaluate import evaluate_purified
 
-    if model_or_heads.is_dir() and (model_or_heads / "embeddings.safetensors").is_file():
+    if model_or_heads.is_dir() and (model_or_heads / "classifier.onnx").is_file():
+        from testbed.evaluate import evaluate_heads
+
+        result = evaluate_heads(model_or_heads, testbed)
+    elif model_or_heads.is_dir() and (model_or_heads / "embeddings.safetensors").is_file():
         result = evaluate_purified(model_or_heads, testbed)
-    elif model_or_heads.is_dir():
-        _not_built("testbed eval HEADS", 5)
     else:
         result = evaluate_checkpoint(model_or_heads, testbed)
     if as_json:
@@ -299,9 +343,16 @@ def bench() -> None:
 
 
 @app.command()
-def demo() -> None:
-    """The main job end to end on the embedded default."""
-    _not_built("demo", 7)
+def demo(
+    work: Annotated[Path, typer.Option(help="Work folder for the testbed and the purified heads.")] = Path("cbpt-demo"),
+    as_json: JsonOpt = False,
+) -> None:
+    """The main job end to end on the embedded default: backdoor, scan, purify, export, measure."""
+    from testbed.demo import run_demo
+
+    summary = run_demo(work, echo=(lambda _m: None) if as_json else typer.echo)
+    if as_json:
+        _print_json(summary)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,7 +48,7 @@ def evaluate_checkpoint(model_path: Path, testbed: Path) -> BackdoorEval:
 
     clip = load_clip(model_path)
     _, _, classnames = load_test_split(testbed)
-    return _evaluate(clip, zeroshot_weights(clip.model, clip.tokenizer(), classnames, clip.templates), testbed)
+    return evaluate_weights(clip, zeroshot_weights(clip.model, clip.tokenizer(), classnames, clip.templates), testbed)
 
 
 def evaluate_purified(folder: Path, testbed: Path) -> BackdoorEval:
@@ -60,7 +60,7 @@ def evaluate_purified(folder: Path, testbed: Path) -> BackdoorEval:
     rep = json.loads((folder / "report.json").read_text())
     clip = load_clip(rep["model"]["path"], arch=rep["model"]["architecture"] if rep["model"]["arch_source"] == "--arch" else None)
     weights = load_file(str(folder / "embeddings.safetensors"))["purified"]
-    return _evaluate(clip, align_classes(weights, rep["classes"], testbed), testbed)
+    return evaluate_weights(clip, align_classes(weights, rep["classes"], testbed), testbed)
 
 
 def align_classes(weights, names: list[str], testbed: Path):
@@ -72,7 +72,8 @@ def align_classes(weights, names: list[str], testbed: Path):
     return weights[[names.index(n) for n in test_names]]
 
 
-def _evaluate(clip, weights, testbed: Path, batch_size: int = 256) -> BackdoorEval:
+def evaluate_weights(clip, weights, testbed: Path, batch_size: int = 256) -> BackdoorEval:
+    """CA, ASR, RA of the zero-shot head `weights` ([C, D], the testbed's class order)."""
     import torch
     from PIL import Image
 
@@ -87,6 +88,39 @@ def _evaluate(clip, weights, testbed: Path, batch_size: int = 256) -> BackdoorEv
     def predict(batch: np.ndarray) -> np.ndarray:
         x = torch.stack([transform(Image.fromarray(im)) for im in batch])
         return (image_features(clip.model, x, batch_size) @ weights.T).argmax(1).numpy()
+
+    pred = predict(images)
+    if trigger is None:
+        pred_t, target = pred, -1
+    else:
+        pred_t, target = predict(trigger.apply(images, seed=meta["eval_seed"])), int(meta["target"])
+    return evaluate_predictions(pred, labels, pred_t, labels, target)
+
+
+def evaluate_heads(heads_dir: Path, testbed: Path, batch_size: int = 256) -> BackdoorEval:
+    """Exported heads served by the runtime guard (onnxruntime, no torch in the loop),
+    on the testbed's test images saved as PNG and their triggered versions."""
+    from PIL import Image
+
+    from guard.heads import load_heads
+    from guard.preprocess import preprocess
+
+    meta = check_testbed(testbed)
+    images, labels, test_names = load_test_split(testbed)
+    heads = load_heads(heads_dir)
+    if sorted(heads.classes) != sorted(test_names):
+        raise UserError(f"the heads' classes are not the testbed's", "export heads for this testbed's classes")
+    order = np.asarray([heads.classes.index(n) for n in test_names])  # testbed index -> head index
+    trigger_dir = testbed / "trigger"
+    trigger = Trigger.load(trigger_dir) if (trigger_dir / "trigger.json").is_file() else None
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(batch), batch_size):
+            x = np.stack([preprocess(Image.fromarray(im), heads.spec) for im in batch[i:i + batch_size]])
+            out.append(heads.run(x)["probs"].argmax(1))
+        head_pred = np.concatenate(out)
+        return np.argsort(order)[head_pred]  # back to the testbed's class indices
 
     pred = predict(images)
     if trigger is None:
