@@ -271,9 +271,24 @@ def classify(
 
 
 @app.command()
-def serve(heads: Annotated[Path, typer.Argument(help="An exported heads folder.")]) -> None:
-    """Serve the runtime guard over HTTP."""
-    _not_built("serve", 6)
+def serve(
+    heads: Annotated[Path, typer.Argument(help="An exported heads folder.")],
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Most images per shared onnxruntime call.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="Longest wait for more images before running a batch.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Images waiting beyond this are refused with 503.")] = 256,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Serve the runtime guard over HTTP (POST /v1/classify, GET /v1/model, GET /healthz)."""
+    from guard.heads import load_heads
+    from guard.server import ServerLimits, serve as run_server
+
+    loaded = load_heads(heads, device=device, threads=threads)
+    typer.echo(f"serving {heads} ({len(loaded.classes)} classes, {', '.join(loaded.providers)}) "
+               f"on http://{host}:{port}", err=True)
+    run_server(loaded, host, port, ServerLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue))
 
 
 @testbed_app.command("build")

@@ -1,0 +1,133 @@
+"""The HTTP guard: the API of INTERFACE.md, every bad-input class, overload, micro-batching,
+and fuzzing that never produces a 5xx."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+pytest.importorskip("fastapi")
+
+
+def _png(size=(40, 30), seed=0, blank=False) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    if blank:  # compresses to almost nothing: a small body that decodes to many pixels
+        arr[:] = 0
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def loaded(mini_testbeds, tmp_path_factory):
+    from cbpt_guard.cli import main
+    from guard.heads import load_heads
+
+    out = tmp_path_factory.mktemp("srv") / "heads"
+    tb = mini_testbeds["none"]
+    with pytest.raises(SystemExit):
+        main(["export", "--model", str(tb / "model.pt"), "--classes", str(tb / "classes.txt"), "--out", str(out)])
+    return load_heads(out)
+
+
+@pytest.fixture()
+def client(loaded):
+    from fastapi.testclient import TestClient
+
+    from guard.server import ServerLimits, create_app
+
+    limits = ServerLimits(max_body_bytes=200_000, max_pixels=250_000, max_images=4)
+    with TestClient(create_app(loaded, limits)) as c:
+        yield c
+
+
+def test_health_model_and_openapi(client, loaded):
+    assert client.get("/healthz").status_code == 200
+    m = client.get("/v1/model").json()
+    assert m["classes"] == loaded.classes and m["input_size"] == [32, 32] and len(m["embeddings_sha256"]) == 64
+    assert {"/v1/classify", "/v1/model", "/healthz"} <= set(client.get("/openapi.json").json()["paths"])
+
+
+def test_raw_body_and_multipart(client, loaded):
+    r = client.post("/v1/classify", content=_png())
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert len(res) == 1 and res[0]["label"] in loaded.classes and abs(sum(res[0]["probs"].values()) - 1) < 1e-4
+    r = client.post("/v1/classify?top_k=3", files=[("images", ("a.png", _png(seed=1))), ("images", ("b.png", _png(seed=2)))])
+    assert r.status_code == 200
+    assert [len(x["top_k"]) for x in r.json()["results"]] == [3, 3]
+
+
+@pytest.mark.parametrize("make, status, needle", [
+    (lambda: {"content": b""}, 400, "empty body"),
+    (lambda: {"content": b"definitely not an image"}, 415, "not a decodable image"),
+    (lambda: {"content": b"\x89PNG\r\n\x1a\n" + b"\0" * 64}, 415, "not a decodable image"),
+    (lambda: {"content": b"x" * 300_000}, 413, "exceeds the limit"),
+    (lambda: {"content": _png((600, 600), blank=True)}, 413, "more than the limit"),
+    (lambda: {"files": [("images", (f"{i}.png", _png(seed=i))) for i in range(5)]}, 413, "exceed the limit of 4"),
+    (lambda: {"files": [("other", ("a.png", _png()))]}, 400, "no 'images' field"),
+    (lambda: {"files": [("images", ("a.png", b""))]}, 400, "empty image"),
+])
+def test_bad_input_is_a_4xx_with_a_message(client, make, status, needle):
+    r = client.post("/v1/classify", **make())
+    assert r.status_code == status
+    assert needle in r.json()["error"]
+
+
+def test_bad_top_k_is_a_4xx(client):
+    assert client.post("/v1/classify?top_k=0", content=_png()).status_code == 422
+
+
+def test_overload_answers_503(loaded):
+    from guard.server import MicroBatcher, Overloaded, ServerLimits
+
+    async def flood():
+        b = MicroBatcher(loaded, ServerLimits(max_queue=2))
+        await b.start()
+        x = np.zeros((3, 32, 32), np.float32)
+        with pytest.raises(Overloaded):
+            await b.submit([x, x, x])
+        await b.stop()
+
+    asyncio.run(flood())
+
+
+def test_concurrent_requests_share_onnxruntime_calls(loaded):
+    import httpx
+
+    from guard.server import ServerLimits, create_app
+
+    app = create_app(loaded, ServerLimits(max_batch=32, max_wait_ms=50))
+
+    async def burst():
+        await app.state.batcher.start()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            rs = await asyncio.gather(*[c.post("/v1/classify", content=_png(seed=i)) for i in range(16)])
+        await app.state.batcher.stop()
+        return rs
+
+    rs = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in rs)
+    assert app.state.batcher.images == 16 and app.state.batcher.calls < 16
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(body=st.one_of(
+    st.binary(max_size=512),
+    st.binary(max_size=64).map(lambda b: b"\x89PNG\r\n\x1a\n" + b),
+    st.binary(max_size=64).map(lambda b: b"\xff\xd8\xff" + b),
+    st.binary(max_size=64).map(lambda b: b"GIF89a" + b),
+    st.binary(max_size=64).map(lambda b: b"--x\r\nContent-Disposition: form-data; name=\"images\"\r\n\r\n" + b),
+), multipart=st.booleans())
+def test_fuzzed_bodies_never_produce_a_5xx(client, body, multipart):
+    headers = {"content-type": "multipart/form-data; boundary=x"} if multipart else {}
+    r = client.post("/v1/classify", content=body, headers=headers)
+    assert r.status_code < 500, (r.status_code, r.text)
+    assert r.status_code == 200 or "error" in r.json()
