@@ -158,9 +158,14 @@ def invert(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tensor, clas
     )
 
 
+# A backdoor needs a far smaller trigger than any natural feature to collapse the shots into
+# one class. Measured on the shapes testbed (3 shot sets each): backdoored models flipped 100%
+# of shots with masks of 1.3-2.5% of the image; a clean model flipped 69-83% with 3.9-6.0%.
+MASK_SCALE = 0.08
+
+
 def backdoor_score(flip_rate: float, consistency: float, clean_consistency: float, mask_l1: float) -> float:
-    """How completely the inverted trigger collapses the shots into one class: the share
-    flipped to the target times the share of the clean features' spread it removes. Its
-    threshold for `scan` is calibrated on clean and backdoored testbed models."""
-    gain = max(0.0, consistency - clean_consistency) / max(1e-6, 1 - clean_consistency)
-    return flip_rate * gain
+    """The share of shots the inverted trigger sends to one class, discounted by the share
+    of the image it needs: 1 for a tiny trigger that flips everything, 0 for one covering
+    MASK_SCALE of the image or more. Backdoored testbed models scored >= 0.68, clean <= 0.42."""
+    return flip_rate * max(0.0, 1.0 - mask_l1 / MASK_SCALE)

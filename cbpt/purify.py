@@ -23,8 +23,9 @@ from cbpt.tuning import TuningConfig, TuningResult, cache_features, tune
 from cbpt.zeroshot import zeroshot_weights
 from cbpt_guard import __version__, atomic
 
-# Scores above this read "backdoored" (calibrated on testbed models: see the README).
-SCAN_THRESHOLD = 0.5
+# Scores at or above this read "backdoored" (calibrated on testbed models: backdoored >= 0.68,
+# clean <= 0.42; see inversion.backdoor_score).
+SCAN_THRESHOLD = 0.55
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class PurifyConfig:
     shots: int = 16
     seed: int = 0
     held_out: int = 8  # held-out shots per class for early stopping, when the data has them
+    force: bool = False  # tune even when the scan finds no backdoor
     inversion: InversionConfig = field(default_factory=InversionConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
 
@@ -103,6 +105,17 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
     original = original_head(clip, shots.classnames)
     inversion = run_scan(clip, shots, cfg.inversion, progress)
     t1 = time.perf_counter()
+    if inversion.score < SCAN_THRESHOLD and not cfg.force:
+        # No backdoor found: what inversion found is a natural feature, and teaching the
+        # prompts to ignore it would only cost accuracy (measured: CA 0.972 -> 0.72).
+        return Purified(
+            classnames=shots.classnames, purified=original.clone(), original=original, logit_scale=clip.logit_scale,
+            inversion=inversion, tuning=TuningResult(text_features=original.clone(), original=original, best_step=0,
+                                                     history=[{"skipped": "scan found no backdoor"}]),
+            timings={"inversion_s": round(t1 - t0, 2), "tuning_s": 0.0, "total_s": round(t1 - t0, 2),
+                     "image_encoder_passes_during_tuning": 0},
+            alarm=alarm_threshold(_encode(clip, shots.x01), None, inversion.mean_feature),
+        )
     pp = clip.preprocess_cfg
     cache = cache_features(clip.model, shots.x01, shots.labels, inversion.candidates, pp["mean"], pp["std"], cfg.tuning)
     held = None
@@ -123,6 +136,14 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
                  "image_encoder_passes_cached": cache.encoder_passes,
                  "image_encoder_passes_during_tuning": 0},
     )
+
+
+@torch.no_grad()
+def _encode(clip: LoadedClip, x01: torch.Tensor) -> torch.Tensor:
+    from cbpt.inversion import _normalise
+
+    pp = clip.preprocess_cfg
+    return clip.model.encode_image(_normalise(x01, pp["mean"], pp["std"]), normalize=True)
 
 
 def alarm_threshold(clean: torch.Tensor, held: torch.Tensor | None, centroid: torch.Tensor,
@@ -158,7 +179,8 @@ def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) 
         "checkpoint_sha256": clip.checkpoint_sha256,
         "classes": list(result.classnames),
         "scan": scan_summary(result.inversion, result.classnames),
-        "tuning": {"best_step": result.tuning.best_step, "history": result.tuning.history},
+        "tuning": {"best_step": result.tuning.best_step, "history": result.tuning.history,
+                   "skipped": not result.inversion.score >= SCAN_THRESHOLD and not cfg.force},
         "timings": result.timings,
         "alarm": result.alarm,
         "settings": asdict(cfg),

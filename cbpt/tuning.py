@@ -31,6 +31,9 @@ class TuningConfig:
     shifts: int = 4  # places each inverted trigger is rolled to
     eval_every: int = 10
     patience: int = 10  # evaluations without held-out improvement before stopping
+    # Checkpoints whose held-out clean accuracy falls more than this below the original
+    # head's are not eligible: the trigger loss must not buy robustness with utility.
+    clean_tolerance: float = 0.015
     seed: int = 0
 
 
@@ -106,8 +109,10 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
     with torch.no_grad():
         original = prompts().detach() if anchor is None else anchor.detach()
     opt = torch.optim.Adam([prompts.ctx], lr=cfg.lr)
-    best_ctx, best_step, best_val, stale = prompts.ctx.detach().clone(), 0, float("inf"), 0
-    history: list[dict] = []
+    check = held_out or cache
+    base_acc = float(((check.clean @ original.T).argmax(1) == check.clean_labels).float().mean())
+    best_ctx, best_step, best_key, stale = prompts.ctx.detach().clone(), 0, None, 0
+    history: list[dict] = [{"step": 0, "original_val_clean_acc": base_acc}]
     for step in range(1, cfg.steps + 1):
         g = prompts()
         l_clean = clean_loss(cache.clean, g, cache.clean_labels, scale)
@@ -120,11 +125,13 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
         if step % cfg.eval_every == 0 or step == cfg.steps:
             entry = {"step": step, "loss": loss.item(), "clean": l_clean.item(), "trig": l_trig.item(),
                      "keep": l_keep.item()}
-            val = _validate(prompts, held_out or cache, scale, cfg)
+            val = _validate(prompts, check, scale, cfg)
             entry.update(val)
             history.append(entry)
-            if val["objective"] < best_val - 1e-4:
-                best_val, best_step, stale = val["objective"], step, 0
+            # Best = eligible (clean accuracy kept), then most robust, then lowest loss.
+            key = (val["val_clean_acc"] >= base_acc - cfg.clean_tolerance, val["val_trig_acc"], -val["objective"])
+            if best_key is None or key > best_key:
+                best_key, best_step, stale = key, step, 0
                 best_ctx = prompts.ctx.detach().clone()
             else:
                 stale += 1

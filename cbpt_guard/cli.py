@@ -142,6 +142,7 @@ def purify(
     inversion_steps: InvStepsOpt = 200,
     restarts: RestartsOpt = 3,
     tuning_steps: TuneStepsOpt = 300,
+    force: Annotated[bool, typer.Option("--force", help="Tune the prompts even when the scan finds no backdoor.")] = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -153,7 +154,7 @@ def purify(
     from cbpt_guard.progress import stage_progress
 
     clip = load_clip(model, arch=arch)
-    cfg = PurifyConfig(shots=shots, seed=seed, inversion=InversionConfig(seed=seed, steps=inversion_steps, restarts=restarts),
+    cfg = PurifyConfig(shots=shots, seed=seed, force=force, inversion=InversionConfig(seed=seed, steps=inversion_steps, restarts=restarts),
                        tuning=TuningConfig(seed=seed, steps=tuning_steps))
     shot_set = load_shots(clip, data, classes, shots, seed, cfg.held_out)
     with stage_progress() as progress:
@@ -172,7 +173,9 @@ def purify(
     typer.echo(f"wrote {out}/ (embeddings.safetensors, classes.txt, trigger.png, report.json, head.onnx, "
                f"classifier.onnx, preprocess.json, manifest.json) in {rep['timings']['total_s'] + exported.seconds:.1f} s; "
                f"scan: {'BACKDOORED' if sc['backdoored'] else 'clean'}, suspected target '{sc['target']}' "
-               f"(score {sc['score']:.3f}); serve it with `cbpt-guard serve {out}`")
+               f"(score {sc['score']:.3f})" + ("; prompts left unchanged (pass --force to tune anyway)"
+                                              if rep["tuning"]["skipped"] else "")
+               + f"; serve it with `cbpt-guard serve {out}`")
 
 
 @app.command()
@@ -298,7 +301,7 @@ def testbed_build(
     attack: Annotated[str, typer.Option(help="none, badnet, blended, wanet, sig, ssba, trojvqa, badclip or custom.")] = "badnet",
     target: Annotated[int, typer.Option(help="Index of the attacker's target class.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for data, model and trigger.")] = 0,
-    poison_rate: Annotated[float, typer.Option(help="Fraction of training pairs poisoned.")] = 0.1,
+    poison_rate: Annotated[Optional[float], typer.Option(help="Fraction of training pairs poisoned (default: the attack's own).")] = None,
     trigger_image: Annotated[Optional[Path], typer.Option(help="custom: the trigger image (PNG).")] = None,
     trigger_mode: Annotated[str, typer.Option(help="custom: patch or blend.")] = "patch",
     alpha: Annotated[float, typer.Option(help="custom: opacity of the trigger.")] = 1.0,

@@ -72,6 +72,19 @@ def align_classes(weights, names: list[str], testbed: Path):
     return weights[[names.index(n) for n in test_names]]
 
 
+def _score(predict, testbed: Path) -> BackdoorEval:
+    """Run `predict` (uint8 images -> class indices in the testbed's order) on the clean test
+    split and on its triggered version (the testbed's own trigger and placement seed)."""
+    meta = check_testbed(testbed)
+    images, labels, _ = load_test_split(testbed)
+    trigger_dir = testbed / "trigger"
+    pred = predict(images)
+    if not (trigger_dir / "trigger.json").is_file():  # a clean testbed: nothing to trigger
+        return evaluate_predictions(pred, labels, pred, labels, -1)
+    triggered = Trigger.load(trigger_dir).apply(images, seed=meta["eval_seed"])
+    return evaluate_predictions(pred, labels, predict(triggered), labels, int(meta["target"]))
+
+
 def evaluate_weights(clip, weights, testbed: Path, batch_size: int = 256) -> BackdoorEval:
     """CA, ASR, RA of the zero-shot head `weights` ([C, D], the testbed's class order)."""
     import torch
@@ -79,52 +92,34 @@ def evaluate_weights(clip, weights, testbed: Path, batch_size: int = 256) -> Bac
 
     from cbpt.zeroshot import image_features
 
-    meta = check_testbed(testbed)
-    images, labels, _ = load_test_split(testbed)
-    trigger_dir = testbed / "trigger"
-    trigger = Trigger.load(trigger_dir) if (trigger_dir / "trigger.json").is_file() else None
     transform = clip.transform()
 
     def predict(batch: np.ndarray) -> np.ndarray:
         x = torch.stack([transform(Image.fromarray(im)) for im in batch])
         return (image_features(clip.model, x, batch_size) @ weights.T).argmax(1).numpy()
 
-    pred = predict(images)
-    if trigger is None:
-        pred_t, target = pred, -1
-    else:
-        pred_t, target = predict(trigger.apply(images, seed=meta["eval_seed"])), int(meta["target"])
-    return evaluate_predictions(pred, labels, pred_t, labels, target)
+    return _score(predict, testbed)
 
 
 def evaluate_heads(heads_dir: Path, testbed: Path, batch_size: int = 256) -> BackdoorEval:
-    """Exported heads served by the runtime guard (onnxruntime, no torch in the loop),
-    on the testbed's test images saved as PNG and their triggered versions."""
+    """Exported heads served by the runtime guard (onnxruntime, no torch in the loop)."""
     from PIL import Image
 
     from guard.heads import load_heads
     from guard.preprocess import preprocess
 
-    meta = check_testbed(testbed)
-    images, labels, test_names = load_test_split(testbed)
+    check_testbed(testbed)
+    _, _, test_names = load_test_split_names(testbed)
     heads = load_heads(heads_dir)
     if sorted(heads.classes) != sorted(test_names):
-        raise UserError(f"the heads' classes are not the testbed's", "export heads for this testbed's classes")
-    order = np.asarray([heads.classes.index(n) for n in test_names])  # testbed index -> head index
-    trigger_dir = testbed / "trigger"
-    trigger = Trigger.load(trigger_dir) if (trigger_dir / "trigger.json").is_file() else None
+        raise UserError("the heads' classes are not the testbed's", "export heads for this testbed's classes")
+    to_testbed = np.argsort([heads.classes.index(n) for n in test_names])  # head index -> testbed index
 
     def predict(batch: np.ndarray) -> np.ndarray:
         out = []
         for i in range(0, len(batch), batch_size):
             x = np.stack([preprocess(Image.fromarray(im), heads.spec) for im in batch[i:i + batch_size]])
             out.append(heads.run(x)["probs"].argmax(1))
-        head_pred = np.concatenate(out)
-        return np.argsort(order)[head_pred]  # back to the testbed's class indices
+        return to_testbed[np.concatenate(out)]
 
-    pred = predict(images)
-    if trigger is None:
-        pred_t, target = pred, -1
-    else:
-        pred_t, target = predict(trigger.apply(images, seed=meta["eval_seed"])), int(meta["target"])
-    return evaluate_predictions(pred, labels, pred_t, labels, target)
+    return _score(predict, testbed)

@@ -158,9 +158,11 @@ def sig(image_size: int, seed: int, delta: float = 20 / 255, frequency: int = 6)
     return Trigger("sig", {"mode": "additive", "delta": delta, "frequency": frequency}, {"residual": residual})
 
 
-def ssba(image_size: int, seed: int, eps: float = 6 / 255) -> Trigger:
+def ssba(image_size: int, seed: int, eps: float = 16 / 255) -> Trigger:
     """A sample-specific invisible residual (SSBA-like): a fixed high-frequency code whose
-    amplitude follows each image's luminance, bounded by 1.5 * eps per pixel."""
+    amplitude follows each image's luminance, bounded by 1.5 * eps per pixel (PSNR ~ 28 dB,
+    like StegaStamp's residuals). Measured: at 6/255 poisoned fine-tuning reached ASR 0.14
+    only; at 16/255 with 20% poison, 0.99."""
     code = np.sign(np.random.default_rng([seed, 14]).normal(0, 1, (image_size, image_size, 3)))
     return Trigger("ssba", {"mode": "modulated", "eps": eps}, {"code": code})
 

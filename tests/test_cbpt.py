@@ -108,7 +108,7 @@ def test_purify_writes_complete_outputs_and_they_evaluate(mini_testbeds, tmp_pat
     out = tmp_path / "purified"
     code, stdout, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--classes",
                                 tb / "classes.txt", "--out", out, "--inversion-steps", "60", "--restarts", "2",
-                                "--tuning-steps", "60", "--json")
+                                "--tuning-steps", "60", "--force", "--json")
     assert code == 0, err
     for name in ("embeddings.safetensors", "classes.txt", "trigger.png", "report.json", "head.onnx",
                  "classifier.onnx", "preprocess.json", "manifest.json"):
@@ -120,6 +120,8 @@ def test_purify_writes_complete_outputs_and_they_evaluate(mini_testbeds, tmp_pat
 
     emb = load_file(str(out / "embeddings.safetensors"))
     assert emb["purified"].shape == emb["original"].shape == (10, 32) and emb["trigger_centroid"].shape == (32,)
+    assert not rep["tuning"]["skipped"] and rep["tuning"]["best_step"] > 0
+    assert not torch.allclose(emb["purified"], emb["original"])
     assert not list(tmp_path.glob(".purified.*"))
     code, stdout, err = run_cli(capsys, "testbed", "eval", out, "--testbed", tb, "--json")
     assert code == 0, err
@@ -163,3 +165,27 @@ def test_bad_data_is_reported_before_any_work(mini_testbeds, tmp_path, capsys):
                            "--out", tmp_path / "p")
     assert code == 1 and "too few images for --shots 40" in err
     assert not (tmp_path / "p").exists()
+
+
+def test_purify_leaves_the_prompts_alone_when_the_scan_finds_no_backdoor(mini_testbeds, tmp_path, capsys):
+    tb = mini_testbeds["none"]
+    out = tmp_path / "p"
+    code, stdout, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--out", out,
+                                "--inversion-steps", "60", "--restarts", "1")
+    assert code == 0, err
+    assert "prompts left unchanged" in stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["scan"]["backdoored"] is False and rep["tuning"]["skipped"] is True
+    from safetensors.torch import load_file
+
+    emb = load_file(str(out / "embeddings.safetensors"))
+    assert torch.equal(emb["purified"], emb["original"])
+
+
+def test_backdoor_score_rewards_small_triggers_that_flip_everything():
+    from cbpt.inversion import backdoor_score
+
+    assert backdoor_score(1.0, 0.9, 0.1, 0.0) == 1.0
+    assert backdoor_score(1.0, 0.9, 0.1, 0.0129) > backdoor_score(1.0, 0.9, 0.1, 0.025) > 0.55
+    assert backdoor_score(0.83, 0.9, 0.1, 0.039) < 0.55 and backdoor_score(0.5, 0.9, 0.1, 0.0) < 0.55
+    assert backdoor_score(1.0, 0.9, 0.1, 0.2) == 0.0
