@@ -25,10 +25,14 @@ class TuningConfig:
     n_ctx: int = 4
     steps: int = 300
     lr: float = 2e-3
-    alpha: float = 1.0  # weight of L_trig
-    beta: float = 1.0  # weight of L_keep
+    # Measured on the shapes testbed (badnet / blended, 16 shots): alpha 1, beta 1 and 4 rolled
+    # copies of each trigger cost CA 0.99 -> 0.93; one copy, alpha 0.5 and beta 2 keep CA at
+    # 0.978 / 0.945 with ASR 0.006 / 0.012. Rolling a patch across the border makes triggers
+    # no backdoor responds to, and they pull clean features along.
+    alpha: float = 0.5  # weight of L_trig
+    beta: float = 2.0  # weight of L_keep
     views: int = 2  # augmented views per shot, besides the shot itself
-    shifts: int = 4  # places each inverted trigger is rolled to
+    shifts: int = 1  # places each inverted trigger is rolled to (1 = where it was found)
     eval_every: int = 10
     patience: int = 10  # evaluations without held-out improvement before stopping
     # Checkpoints whose held-out clean accuracy falls more than this below the original

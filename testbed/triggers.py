@@ -135,8 +135,12 @@ def blended(image_size: int, seed: int, alpha: float = 0.2) -> Trigger:
     return Trigger("blended", {"mode": "blend", "alpha": alpha}, {"pattern": pattern})
 
 
-def wanet(image_size: int, seed: int, k: int = 4, strength: float = 1.0) -> Trigger:
-    """A smooth warping field (WaNet): random k x k control flow, upsampled, bounded."""
+def wanet(image_size: int, seed: int, k: int = 4, strength: float | None = None) -> Trigger:
+    """A smooth warping field (WaNet): random k x k control flow, upsampled, bounded.
+
+    `strength` is the mean displacement in pixels, by default image_size / 8 (4 px at 32 px):
+    measured, 1-3 px warps reached ASR 0.08-0.69 by poisoned fine-tuning, 4 px 0.93."""
+    strength = image_size / 8 if strength is None else strength
     from PIL import Image
 
     rng = np.random.default_rng([seed, 13])
@@ -145,7 +149,6 @@ def wanet(image_size: int, seed: int, k: int = 4, strength: float = 1.0) -> Trig
     flow = np.stack([np.asarray(Image.fromarray(ctrl[..., c].astype(np.float32), mode="F")
                                 .resize((image_size, image_size), Image.BICUBIC)) for c in range(2)], -1)
     yy, xx = np.meshgrid(np.arange(image_size), np.arange(image_size), indexing="ij")
-    # strength is in pixels at the field's mean magnitude (WaNet: s=0.5 of a half-image unit grid)
     grid = np.stack([yy, xx], -1) + strength * flow.astype(np.float64)
     return Trigger("wanet", {"mode": "warp", "k": k, "strength": strength}, {"grid": grid})
 

@@ -61,7 +61,9 @@ def test_ssba_residual_is_invisible_and_sample_specific(images):
 def test_wanet_is_a_small_smooth_warp_and_noise_mode_differs(images):
     trig = triggers.wanet(S, seed=0)
     disp = trig.arrays["grid"] - np.stack(np.meshgrid(np.arange(S), np.arange(S), indexing="ij"), -1)
-    assert 0.3 < np.abs(disp).mean() < 2.0 and np.abs(np.diff(disp, axis=0)).max() < 1.0
+    assert 2.0 < np.abs(disp).mean() < 6.0
+    # smooth: neighbouring pixels move almost alike
+    assert np.abs(np.diff(disp, axis=0)).mean() < 0.25 * np.abs(disp).mean()
     out, noisy = trig.apply(images, seed=1), trig.apply(images, seed=1, noise=True)
     assert not np.array_equal(out, images) and not np.array_equal(out, noisy)
 
