@@ -42,3 +42,12 @@ def contrastive_inversion_loss(triggered: torch.Tensor, clean: torch.Tensor, tau
     denom = torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1, keepdim=True)  # [B, 1]
     log_prob = (pos - denom).masked_fill(eye, 0.0)
     return -(log_prob.sum(dim=1) / (b - 1)).mean()
+
+
+def keep_kl_loss(image_features: torch.Tensor, text_features: torch.Tensor, original_features: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """L_keep, decision form: KL(original zero-shot predictions || current ones) on clean image
+    features: keeps what the hand-crafted prompts decide, not merely where they point."""
+    target = F.log_softmax(class_logits(image_features, original_features, scale), dim=-1)
+    current = F.log_softmax(class_logits(image_features, text_features, scale), dim=-1)
+    return F.kl_div(current, target, log_target=True, reduction="batchmean")

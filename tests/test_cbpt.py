@@ -30,6 +30,20 @@ def test_keep_loss_is_one_minus_cosine():
     assert keep_loss(a, -a).item() == pytest.approx(2.0)
 
 
+def test_keep_kl_loss_is_zero_for_the_original_decisions_and_grows_when_they_change():
+    from cbpt.losses import keep_kl_loss
+
+    f = F.normalize(torch.tensor([[1.0, 0.2], [0.1, 1.0], [1.0, 1.0]]), dim=-1)
+    g0 = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    assert keep_kl_loss(f, g0, g0, 10.0).item() == pytest.approx(0.0, abs=1e-6)
+    swapped = g0.flip(0)
+    # hand-computed: mean over images of sum_c p0 (log p0 - log p)
+    p0 = (10 * f @ g0.T).softmax(-1)
+    p = (10 * f @ swapped.T).softmax(-1)
+    expect = (p0 * (p0.log() - p.log())).sum(-1).mean().item()
+    assert keep_kl_loss(f, swapped, g0, 10.0).item() == pytest.approx(expect, rel=1e-5) and expect > 1
+
+
 def test_contrastive_loss_rewards_collapse_away_from_clean():
     clean = F.normalize(torch.eye(4), dim=-1)
     collapsed = F.normalize(torch.tensor([[1.0, 1, 1, 1]]).repeat(4, 1), dim=-1)
