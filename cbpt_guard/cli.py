@@ -93,6 +93,18 @@ SeedOpt = Annotated[int, typer.Option(help="Seed for shot sampling and optimisat
 InvStepsOpt = Annotated[int, typer.Option(help="Trigger-inversion steps per restart.")]
 RestartsOpt = Annotated[int, typer.Option(help="Trigger-inversion restarts (the best is kept; all feed tuning).")]
 TuneStepsOpt = Annotated[int, typer.Option(help="Prompt-tuning steps (early stopping may end sooner).")]
+EpsOpt = Annotated[float, typer.Option(help="Also invert a bounded additive perturbation (L-inf, in [0, 1] pixel "
+                                            "units, e.g. 0.03) for warp or noise triggers such as WaNet.")]
+
+
+def _inversion_config(seed: int, steps: int, restarts: int, eps: float):
+    from cbpt.inversion import InversionConfig
+
+    if steps < 1 or restarts < 1:
+        raise UsageError("--inversion-steps and --restarts must be at least 1", "pass --inversion-steps 200 --restarts 3")
+    if not 0 <= eps < 0.5:
+        raise UsageError(f"--eps must be in [0, 0.5), got {eps}", "pass --eps 0.03, for example")
+    return InversionConfig(seed=seed, steps=steps, restarts=restarts, eps=eps)
 
 
 @app.command()
@@ -105,19 +117,20 @@ def scan(
     seed: SeedOpt = 0,
     inversion_steps: InvStepsOpt = 200,
     restarts: RestartsOpt = 3,
+    eps: EpsOpt = 0.0,
     out: Annotated[Optional[Path], typer.Option(help="Write trigger.png and scan.json here.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Trigger inversion only: is the model backdoored, and toward which class."""
-    from cbpt.inversion import InversionConfig
     from cbpt.model import load_clip
     from cbpt.purify import load_shots, run_scan, scan_summary, write_scan
     from cbpt_guard.progress import stage_progress
 
+    inv_cfg = _inversion_config(seed, inversion_steps, restarts, eps)
     clip = load_clip(model, arch=arch)
     shot_set = load_shots(clip, data, classes, shots, seed, held_out=0)
     with stage_progress() as progress:
-        inv = run_scan(clip, shot_set, InversionConfig(seed=seed, steps=inversion_steps, restarts=restarts), progress)
+        inv = run_scan(clip, shot_set, inv_cfg, progress)
     summary = scan_summary(inv, shot_set.classnames)
     if out is not None:
         write_scan(out, inv, shot_set, summary)
@@ -142,20 +155,22 @@ def purify(
     inversion_steps: InvStepsOpt = 200,
     restarts: RestartsOpt = 3,
     tuning_steps: TuneStepsOpt = 300,
+    eps: EpsOpt = 0.0,
     force: Annotated[bool, typer.Option("--force", help="Tune the prompts even when the scan finds no backdoor.")] = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
     as_json: JsonOpt = False,
 ) -> None:
     """Full CBPT: invert the trigger, tune class-wise prompts, write the purified embeddings."""
-    from cbpt.inversion import InversionConfig
     from cbpt.model import load_clip
     from cbpt.purify import PurifyConfig, load_shots, report, run_purify, write_purified
     from cbpt.tuning import TuningConfig
     from cbpt_guard.progress import stage_progress
 
-    clip = load_clip(model, arch=arch)
-    cfg = PurifyConfig(shots=shots, seed=seed, force=force, inversion=InversionConfig(seed=seed, steps=inversion_steps, restarts=restarts),
+    if tuning_steps < 1:
+        raise UsageError("--tuning-steps must be at least 1", "pass --tuning-steps 300")
+    cfg = PurifyConfig(shots=shots, seed=seed, force=force, inversion=_inversion_config(seed, inversion_steps, restarts, eps),
                        tuning=TuningConfig(seed=seed, steps=tuning_steps))
+    clip = load_clip(model, arch=arch)
     shot_set = load_shots(clip, data, classes, shots, seed, cfg.held_out)
     with stage_progress() as progress:
         result = run_purify(clip, shot_set, cfg, progress)

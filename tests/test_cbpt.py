@@ -179,6 +179,8 @@ def test_bad_data_is_reported_before_any_work(mini_testbeds, tmp_path, capsys):
                            "--out", tmp_path / "p")
     assert code == 1 and "too few images for --shots 40" in err
     assert not (tmp_path / "p").exists()
+    code, _, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--eps", "0.9", "--out", tmp_path / "p")
+    assert code == 2 and "--eps must be in [0, 0.5)" in err
 
 
 def test_purify_leaves_the_prompts_alone_when_the_scan_finds_no_backdoor(mini_testbeds, tmp_path, capsys):
