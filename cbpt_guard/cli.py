@@ -162,8 +162,9 @@ def purify(
 ) -> None:
     """Full CBPT: invert the trigger, tune class-wise prompts, write the purified embeddings."""
     from cbpt.model import load_clip
-    from cbpt.purify import PurifyConfig, load_shots, report, run_purify, write_purified
+    from cbpt.purify import PurifyConfig, load_shots
     from cbpt.tuning import TuningConfig
+    from cbpt_guard.pipeline import purify_to_folder
     from cbpt_guard.progress import stage_progress
 
     if tuning_steps < 1:
@@ -173,20 +174,14 @@ def purify(
     clip = load_clip(model, arch=arch)
     shot_set = load_shots(clip, data, classes, shots, seed, cfg.held_out)
     with stage_progress() as progress:
-        result = run_purify(clip, shot_set, cfg, progress)
-    rep = report(clip, shot_set, cfg, result)
-    from cbpt_guard import atomic
-    from export.package import export_heads, read_source
-
-    with atomic.staged_dir(out) as stage:  # embeddings and heads land together, or not at all
-        write_purified(stage, result, shot_set, rep)
-        exported = export_heads(read_source(stage), stage, clip=clip, alarm_threshold=result.alarm["threshold"])
+        run = purify_to_folder(clip, shot_set, cfg, out, progress)
+    rep = run.report
     if as_json:
-        _print_json({"out": str(out), "scan": rep["scan"], "timings": rep["timings"], "export_s": exported.seconds})
+        _print_json({"out": str(out), "scan": rep["scan"], "timings": rep["timings"], "export_s": run.export_seconds})
         return
     sc = rep["scan"]
     typer.echo(f"wrote {out}/ (embeddings.safetensors, classes.txt, trigger.png, report.json, head.onnx, "
-               f"classifier.onnx, preprocess.json, manifest.json) in {rep['timings']['total_s'] + exported.seconds:.1f} s; "
+               f"classifier.onnx, preprocess.json, manifest.json) in {rep['timings']['total_s'] + run.export_seconds:.1f} s; "
                f"scan: {'BACKDOORED' if sc['backdoored'] else 'clean'}, suspected target '{sc['target']}' "
                f"(score {sc['score']:.3f})" + ("; prompts left unchanged (pass --force to tune anyway)"
                                               if rep["tuning"]["skipped"] else "")

@@ -17,10 +17,9 @@ DEFAULT_ATTACK = "badnet"
 def run_demo(work: Path, attack: str = DEFAULT_ATTACK, dataset: str = "shapes",
              echo: Callable[[str], None] = print) -> dict:
     from cbpt.model import load_clip
-    from cbpt.purify import PurifyConfig, load_shots, original_head, report, run_purify, write_purified
-    from cbpt_guard import atomic
+    from cbpt.purify import PurifyConfig, load_shots, original_head
+    from cbpt_guard.pipeline import purify_to_folder
     from cbpt_guard.progress import stage_progress
-    from export.package import export_heads, read_source
     from testbed.build import BuildConfig, build, default_cache_dir, write
     from testbed.evaluate import align_classes, evaluate_heads, evaluate_weights
 
@@ -38,13 +37,9 @@ def run_demo(work: Path, attack: str = DEFAULT_ATTACK, dataset: str = "shapes",
             write(build(cfg, cache=default_cache_dir(), progress=progress), cfg, tb)
         clip = load_clip(tb / "model.pt")
         shots = load_shots(clip, tb / "fewshot", tb / "classes.txt", 16, 0, PurifyConfig().held_out)
-        echo("2/4 scanning and purifying with CBPT (16 clean shots per class)")
-        result = run_purify(clip, shots, PurifyConfig(), progress)
-    rep = report(clip, shots, PurifyConfig(), result)
-    echo("3/4 exporting ONNX heads")
-    with atomic.staged_dir(purified) as stage:
-        write_purified(stage, result, shots, rep)
-        export_heads(read_source(stage), stage, clip=clip, alarm_threshold=result.alarm["threshold"])
+        echo("2/4 scanning and purifying with CBPT (16 clean shots per class); 3/4 exporting ONNX heads")
+        run = purify_to_folder(clip, shots, PurifyConfig(), purified, progress)
+    rep = run.report
     echo("4/4 classifying the test split, clean and triggered: original prompts (PyTorch) vs the purified "
          "heads served by the runtime guard (onnxruntime)")
     before = evaluate_weights(clip, align_classes(original_head(clip, shots.classnames), list(shots.classnames), tb), tb)
