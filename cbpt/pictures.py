@@ -20,11 +20,14 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def trigger_png(trigger: DummyTrigger, shots01: torch.Tensor, n_shots: int = 8, tile: int = 96) -> bytes:
-    """One PNG: [mask | pattern | mask*pattern | delta (if any)] above a row of clean shots
-    and a row of the same shots with the trigger applied."""
+    """One PNG: [mask | pattern | mask*pattern (both scaled to the mask's peak) | delta (if
+    any)] above a row of clean shots and a row of the same shots with the trigger applied."""
     from PIL import Image
 
-    top = [trigger.mask, trigger.pattern, trigger.mask * trigger.pattern]
+    # A backdoor's mask covers ~1-3% of the image at low opacity: scaled to its own maximum,
+    # the user sees where it sits; the third tile shows what it really adds.
+    peak = float(trigger.mask.max()) or 1.0
+    top = [trigger.mask / peak, trigger.pattern, trigger.mask * trigger.pattern / peak]
     if float(trigger.delta.abs().max()) > 0:
         d = trigger.delta
         top.append(0.5 + d / (2 * float(d.abs().max())))
