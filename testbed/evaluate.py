@@ -17,7 +17,7 @@ def load_test_split(testbed: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, .
     """The test images as uint8 [N, H, W, 3], their labels, and the class names in label order."""
     from PIL import Image
 
-    classnames = tuple((testbed / "classes.txt").read_text().split("\n")[:-1])
+    classnames = testbed_classes(testbed)
     images, labels = [], []
     for label, name in enumerate(classnames):
         for p in sorted((testbed / "test" / name.replace(" ", "_")).glob("*.png")):
@@ -27,8 +27,9 @@ def load_test_split(testbed: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, .
     return np.stack(images), np.asarray(labels, dtype=np.int64), classnames
 
 
-def load_test_split_names(testbed: Path) -> tuple[None, None, tuple[str, ...]]:
-    return None, None, tuple((testbed / "classes.txt").read_text().split("\n")[:-1])
+def testbed_classes(testbed: Path) -> tuple[str, ...]:
+    """The class names in label order."""
+    return tuple((testbed / "classes.txt").read_text().split("\n")[:-1])
 
 
 def check_testbed(testbed: Path) -> dict:
@@ -47,8 +48,8 @@ def evaluate_checkpoint(model_path: Path, testbed: Path) -> BackdoorEval:
     from cbpt.zeroshot import zeroshot_weights
 
     clip = load_clip(model_path)
-    _, _, classnames = load_test_split(testbed)
-    return evaluate_weights(clip, zeroshot_weights(clip.model, clip.tokenizer(), classnames, clip.templates), testbed)
+    weights = zeroshot_weights(clip.model, clip.tokenizer(), testbed_classes(testbed), clip.templates)
+    return evaluate_weights(clip, weights, testbed)
 
 
 def evaluate_purified(folder: Path, testbed: Path) -> BackdoorEval:
@@ -65,7 +66,7 @@ def evaluate_purified(folder: Path, testbed: Path) -> BackdoorEval:
 
 def align_classes(weights, names: list[str], testbed: Path):
     """Rows of `weights` reordered to the testbed's class order, matched by name."""
-    _, _, test_names = load_test_split_names(testbed)
+    test_names = testbed_classes(testbed)
     if sorted(names) != sorted(test_names):
         raise UserError(f"the classes ({', '.join(names[:4])}, ...) are not the testbed's "
                         f"({', '.join(test_names[:4])}, ...)", "purify with the testbed's fewshot/ folder")
@@ -109,7 +110,7 @@ def evaluate_heads(heads_dir: Path, testbed: Path, batch_size: int = 256) -> Bac
     from guard.preprocess import preprocess
 
     check_testbed(testbed)
-    _, _, test_names = load_test_split_names(testbed)
+    test_names = testbed_classes(testbed)
     heads = load_heads(heads_dir)
     if sorted(heads.classes) != sorted(test_names):
         raise UserError("the heads' classes are not the testbed's", "export heads for this testbed's classes")
