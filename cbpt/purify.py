@@ -92,8 +92,10 @@ def original_head(clip: LoadedClip, classnames: tuple[str, ...]) -> torch.Tensor
 
 
 def run_scan(clip: LoadedClip, shots: Shots, cfg: InversionConfig,
-             progress: Callable[[str, int, int], None] | None = None) -> InversionResult:
-    weights = original_head(clip, shots.classnames)
+             progress: Callable[[str, int, int], None] | None = None,
+             weights: torch.Tensor | None = None) -> InversionResult:
+    """Step 1 alone. `weights`: the original head, when the caller already has it."""
+    weights = original_head(clip, shots.classnames) if weights is None else weights
     pp = clip.preprocess_cfg
     return invert(clip.model, shots.x01, shots.labels, weights, pp["mean"], pp["std"], cfg,
                   progress=(lambda d, t: progress("invert", d, t)) if progress else None)
@@ -103,7 +105,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
                progress: Callable[[str, int, int], None] | None = None) -> Purified:
     t0 = time.perf_counter()
     original = original_head(clip, shots.classnames)
-    inversion = run_scan(clip, shots, cfg.inversion, progress)
+    inversion = run_scan(clip, shots, cfg.inversion, progress, weights=original)
     t1 = time.perf_counter()
     if inversion.score < SCAN_THRESHOLD and not cfg.force:
         # No backdoor found: what inversion found is a natural feature, and teaching the
@@ -134,6 +136,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
         timings={"inversion_s": round(t1 - t0, 2), "feature_cache_s": round(t2 - t1, 2),
                  "tuning_s": round(t3 - t2, 2), "total_s": round(t3 - t0, 2),
                  "image_encoder_passes_cached": cache.encoder_passes,
+                 # tune() is given cached features and no image model: zero by construction
                  "image_encoder_passes_during_tuning": 0},
     )
 
