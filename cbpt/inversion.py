@@ -159,13 +159,16 @@ def invert(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tensor, clas
 
 
 # A backdoor needs a far smaller trigger than any natural feature to collapse the shots into
-# one class. Measured on the shapes testbed (3 shot sets each): backdoored models flipped 100%
-# of shots with masks of 1.3-2.5% of the image; a clean model flipped 69-83% with 3.9-6.0%.
+# one class. Measured on the shapes testbed (3 shot sets each): badnet, blended, sig, ssba,
+# trojvqa and badclip models flipped 97-100% of shots with masks of 1.3-2.9% of the image; a
+# clean model flipped 69-83% with 3.9-6.0%. WaNet's warp (not a mask-and-pattern trigger)
+# flipped 72-76% with 3.5-4.3%, like a clean model: the scan misses it.
 MASK_SCALE = 0.08
 
 
 def backdoor_score(flip_rate: float, consistency: float, clean_consistency: float, mask_l1: float) -> float:
     """The share of shots the inverted trigger sends to one class, discounted by the share
     of the image it needs: 1 for a tiny trigger that flips everything, 0 for one covering
-    MASK_SCALE of the image or more. Backdoored testbed models scored >= 0.68, clean <= 0.42."""
+    MASK_SCALE of the image or more. On the testbed: backdoored models 0.64-0.84, clean
+    0.17-0.42, WaNet 0.35-0.42 (missed)."""
     return flip_rate * max(0.0, 1.0 - mask_l1 / MASK_SCALE)

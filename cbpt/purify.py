@@ -23,8 +23,8 @@ from cbpt.tuning import TuningConfig, TuningResult, cache_features, tune
 from cbpt.zeroshot import zeroshot_weights
 from cbpt_guard import __version__, atomic
 
-# Scores at or above this read "backdoored" (calibrated on testbed models: backdoored >= 0.68,
-# clean <= 0.42; see inversion.backdoor_score).
+# Scores at or above this read "backdoored" (calibrated on testbed models: backdoored 0.64-0.84,
+# clean 0.17-0.42; see inversion.backdoor_score).
 SCAN_THRESHOLD = 0.55
 
 
