@@ -1,0 +1,50 @@
+"""The runtime trigger alarm on a testbed: AUROC and TPR at the stored 1%-FPR threshold,
+clean test images vs their triggered versions (non-target classes), through the guard.
+
+    python benchmarks/alarm_quality.py HEADS --testbed TESTBED
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cbpt.metrics import auroc, tpr_at_threshold
+from guard.heads import load_heads
+from guard.preprocess import preprocess
+from testbed.evaluate import check_testbed, load_test_split
+from testbed.triggers import Trigger
+
+
+def scores(heads, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), batch):
+        x = np.stack([preprocess(Image.fromarray(im), heads.spec) for im in images[i:i + batch]])
+        out.append(heads.run(x)["trigger_score"])
+    return np.concatenate(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("heads", type=Path)
+    ap.add_argument("--testbed", type=Path, required=True)
+    args = ap.parse_args()
+    meta = check_testbed(args.testbed)
+    images, labels, _ = load_test_split(args.testbed)
+    heads = load_heads(args.heads)
+    keep = labels != meta["target"]
+    triggered = Trigger.load(args.testbed / "trigger").apply(images[keep], seed=meta["eval_seed"])
+    clean_s, trig_s = scores(heads, images), scores(heads, triggered)
+    t = heads.alarm_threshold
+    print(json.dumps({"auroc": round(auroc(clean_s, trig_s), 4), "threshold": t,
+                      "tpr_at_threshold": round(tpr_at_threshold(trig_s, t), 4),
+                      "fpr_at_threshold_on_test": round(float((clean_s > t).mean()), 4),
+                      "n_clean": int(clean_s.size), "n_triggered": int(trig_s.size)}))
+
+
+if __name__ == "__main__":
+    main()
