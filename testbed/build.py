@@ -254,12 +254,12 @@ def build(cfg: BuildConfig, cache: Path | None = None,
         "seconds": {"pretrain": round(pretrain_s, 1), "pretrain_cached": cached, "finetune": round(finetune_s, 1),
                     "total": round(time.perf_counter() - t_start, 1)},
         "eval_seed": EVAL_SEED, **info,
-        "config": _config_dict(cfg),
+        "config": config_dict(cfg),
     }
     return Built(model=model, clean_model=clean, trigger=trigger, data=ds, metrics=metrics)
 
 
-def _config_dict(cfg: BuildConfig) -> dict:
+def config_dict(cfg: BuildConfig) -> dict:
     d = asdict(cfg)
     d["sizes"] = list(cfg.sizes) if cfg.sizes else None
     return d

@@ -20,7 +20,7 @@ def run_demo(work: Path, attack: str = DEFAULT_ATTACK, dataset: str = "shapes",
     from cbpt.purify import PurifyConfig, load_shots, original_head
     from cbpt_guard.pipeline import purify_to_folder
     from cbpt_guard.progress import stage_progress
-    from testbed.build import BuildConfig, build, default_cache_dir, write
+    from testbed.build import BuildConfig, build, config_dict, default_cache_dir, write
     from testbed.evaluate import align_classes, evaluate_heads, evaluate_weights
 
     t0 = time.perf_counter()
@@ -29,7 +29,7 @@ def run_demo(work: Path, attack: str = DEFAULT_ATTACK, dataset: str = "shapes",
     cfg = BuildConfig(dataset=dataset, attack=attack)
     with stage_progress() as progress:
         if (tb / "metrics.json").is_file() and json.loads((tb / "metrics.json").read_text())["config"] == \
-                json.loads(json.dumps(_config(cfg))):
+                json.loads(json.dumps(config_dict(cfg))):
             echo(f"1/4 reusing the backdoored testbed model in {tb}")
         else:
             echo(f"1/4 training a small CLIP on '{dataset}' and backdooring it with '{attack}' "
@@ -64,8 +64,3 @@ def run_demo(work: Path, attack: str = DEFAULT_ATTACK, dataset: str = "shapes",
     echo(f"total {summary['total_s']:.0f} s (purify {summary['purify_s']:.0f} s)")
     return summary
 
-
-def _config(cfg) -> dict:
-    from testbed.build import _config_dict
-
-    return _config_dict(cfg)
