@@ -195,7 +195,8 @@ def export(
     model: Annotated[Optional[Path], typer.Option(help="Export the ORIGINAL prompts' head of this checkpoint instead.")] = None,
     classes: ClassesOpt = None,
     arch: ArchOpt = None,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Also write half-precision graphs.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write half-precision twins (head_fp16.onnx, classifier_fp16.onnx): "
+                                                      "fp16 weights and activations, LayerNorm and softmax in fp32.")] = False,
     triton: Annotated[Optional[Path], typer.Option(help="Also write a Triton model repository here.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -205,8 +206,6 @@ def export(
     from cbpt.model import load_clip
     from export.package import export_heads, read_source
 
-    if fp16:
-        _not_built("export --fp16", 5)
     if (src is None) == (model is None):
         raise UsageError("pass either a purify output folder SRC, or --model MODEL --classes FILE",
                          "see `cbpt-guard export --help`")
@@ -224,18 +223,22 @@ def export(
             clip = None
         source = read_source(src)
         threshold = (source.report.get("alarm") or {}).get("threshold")
-        result = export_heads(source, out, clip=clip, triton=triton, alarm_threshold=threshold)
+        result = export_heads(source, out, clip=clip, triton=triton, alarm_threshold=threshold, fp16=fp16)
     summary = {"out": str(out), "files": sorted(result.files), "seconds": round(result.seconds, 2),
                "parity": result.parity}
     if as_json:
         _print_json(summary)
         return
     worst = max(v["max_abs_logits"] for k, v in result.parity.items() if "fp16" not in k)
+    half = [v for k, v in result.parity.items() if "fp16" in k]
     typer.echo(f"wrote {out}/ ({', '.join(summary['files'])}) in {result.seconds:.1f} s; "
-               f"parity max |delta logits| {worst:.1e}")
+               f"parity max |delta logits| {worst:.1e}"
+               + (f"; fp16: top-1 agreement {min(v['top1_agreement'] for v in half):.1%}, max |delta probs| "
+                  f"{max(v['max_abs_probs'] for v in half):.1e}" if half else ""))
 
 
 DeviceOpt = Annotated[str, typer.Option(help="Execution provider: auto (CUDA when a GPU is present), cpu or cuda.")]
+HalfOpt = Annotated[bool, typer.Option("--fp16", help="Run classifier_fp16.onnx (exported with --fp16); meant for GPUs.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
 
 
@@ -249,6 +252,7 @@ def classify(
     resume: Annotated[bool, typer.Option("--resume", help="Skip paths already in --out and append.")] = False,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
+    fp16: HalfOpt = False,
 ) -> None:
     """Classify image files and folders offline, in batches, with the runtime guard."""
     from guard.classify import RecordWriter, classify_paths, done_paths, iter_images
@@ -261,7 +265,7 @@ def classify(
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise UsageError(f"not found: {', '.join(missing[:3])}", "check the paths")
-    loaded = load_heads(heads, device=device, threads=threads)
+    loaded = load_heads(heads, device=device, threads=threads, fp16=fp16)
     skip = done_paths(out) if resume and out is not None else set()
     files = [p for p in iter_images(paths) if str(p) not in skip]
     from rich.console import Console
@@ -293,13 +297,14 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Images waiting beyond this are refused with 503.")] = 256,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
+    fp16: HalfOpt = False,
 ) -> None:
     """Serve the runtime guard over HTTP (POST /v1/classify, GET /v1/model, GET /healthz)."""
     from guard.heads import load_heads
     from guard.server import ServerLimits, serve as run_server
 
-    loaded = load_heads(heads, device=device, threads=threads)
-    typer.echo(f"serving {heads} ({len(loaded.classes)} classes, {', '.join(loaded.providers)}) "
+    loaded = load_heads(heads, device=device, threads=threads, fp16=fp16)
+    typer.echo(f"serving {heads} ({len(loaded.classes)} classes, {loaded.graph}, {', '.join(loaded.providers)}) "
                f"on http://{host}:{port}", err=True)
     run_server(loaded, host, port, ServerLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue))
 

@@ -22,7 +22,6 @@ def head_nodes(prefix: str, features: str, weights: np.ndarray, scale: float,
     inits = [
         numpy_helper.from_array(weights.T.astype(np.float32), f"{prefix}class_embeddings_T"),  # [D, C]
         numpy_helper.from_array(np.array(scale, dtype=np.float32), f"{prefix}logit_scale"),
-        numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}axis1"),
         numpy_helper.from_array(np.array(1e-12, dtype=np.float32), f"{prefix}eps"),
     ]
     nodes = [
@@ -35,7 +34,8 @@ def head_nodes(prefix: str, features: str, weights: np.ndarray, scale: float,
     ]
     outputs = ["logits", "probs"]
     if centroid is not None:
-        inits.append(numpy_helper.from_array(centroid.reshape(d, 1).astype(np.float32), f"{prefix}trigger_centroid"))
+        inits += [numpy_helper.from_array(centroid.reshape(d, 1).astype(np.float32), f"{prefix}trigger_centroid"),
+                  numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}axis1")]
         nodes += [
             helper.make_node("MatMul", [f"{prefix}unit", f"{prefix}trigger_centroid"], [f"{prefix}tscore"]),
             helper.make_node("Squeeze", [f"{prefix}tscore", f"{prefix}axis1"], ["trigger_score"]),

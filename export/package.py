@@ -88,10 +88,12 @@ def preprocess_spec(pp: dict) -> dict:
 
 
 def export_heads(source: Source, out: Path, clip=None, triton: Path | None = None,
-                 alarm_threshold: float | None = None) -> ExportResult:
-    """Write the heads folder. `clip` is the loaded model (loaded from the report when None)."""
+                 alarm_threshold: float | None = None, fp16: bool = False) -> ExportResult:
+    """Write the heads folder. `clip` is the loaded model (loaded from the report when None);
+    `fp16` adds a half-precision twin of each graph (`head_fp16.onnx`, `classifier_fp16.onnx`)."""
     import onnx
 
+    from export.fp16 import Fp16Error, to_fp16
     from export.graphs import build_head, set_metadata
     from export.onnx_encoder import export_classifier
     from export.parity import check_parity
@@ -124,8 +126,14 @@ def export_heads(source: Source, out: Path, clip=None, triton: Path | None = Non
         meta["trigger_alarm_threshold"] = repr(alarm_threshold)
     head = build_head(source.weights, source.logit_scale, centroid)
     graphs = {"head.onnx": head, "classifier.onnx": export_classifier(clip, source.weights, source.logit_scale, centroid)}
-    for graph in graphs.values():
-        set_metadata(graph, meta)
+    if fp16:
+        try:
+            graphs.update({f"{name[:-5]}_fp16.onnx": to_fp16(g) for name, g in list(graphs.items())})
+        except Fp16Error as e:
+            raise UserError(f"cannot make the fp16 graphs: {e}; nothing was written", "export without --fp16") from None
+        meta_fp16 = {**meta, "precision": "fp16 (LayerNorm, softmax and reductions in fp32; float32 inputs and outputs)"}
+    for name, graph in graphs.items():
+        set_metadata(graph, meta_fp16 if name.endswith("_fp16.onnx") else {**meta, "precision": "fp32"})
         onnx.checker.check_model(graph, full_check=True)
     blobs = {name: g.SerializeToString() for name, g in graphs.items()}
     parity = check_parity(clip, blobs, source.weights, source.logit_scale, centroid)

@@ -39,8 +39,13 @@ def triton_repository(blobs: dict[str, bytes], classes: list[str], pre: dict, em
         "cbpt_head": ("head.onnx", [("image_features", [embed_dim])], False),
         "cbpt_classifier": ("classifier.onnx", [("pixel_values", [3, h, w])], True),
     }
+    # half-precision twins keep float32 inputs and outputs, so their configs are the same
+    specs.update({f"{model}_fp16": (graph.replace(".onnx", "_fp16.onnx"), inputs, feats)
+                  for model, (graph, inputs, feats) in specs.items()})
     files: dict[str, bytes] = {}
     for model, (graph, inputs, feats) in specs.items():
+        if graph not in blobs:
+            continue
         files[f"{model}/config.pbtxt"] = config_pbtxt(model, inputs, len(classes), embed_dim, feats,
                                                        trigger_score).encode()
         files[f"{model}/labels.txt"] = labels

@@ -1,7 +1,8 @@
 """Loading exported heads for serving: verified, configured, ready to run.
 
 Reads only what `export` wrote: `manifest.json` (every file's sha256 is checked before
-anything is used), `preprocess.json`, `classifier.onnx` and its metadata.
+anything is used), `preprocess.json`, `classifier.onnx` (or `classifier_fp16.onnx`) and its
+metadata.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Heads:
     session: object  # onnxruntime.InferenceSession over classifier.onnx
     providers: list[str]
     alarm_threshold: float | None
+    graph: str = "classifier.onnx"
 
     @property
     def has_trigger_score(self) -> bool:
@@ -88,11 +90,14 @@ def verify(folder: Path) -> dict:
     return manifest
 
 
-def load_heads(folder: str | Path, device: str = "auto", threads: int | None = None) -> Heads:
+def load_heads(folder: str | Path, device: str = "auto", threads: int | None = None, fp16: bool = False) -> Heads:
     import onnxruntime as ort
 
     folder = Path(folder)
     manifest = verify(folder)
+    graph = "classifier_fp16.onnx" if fp16 else "classifier.onnx"
+    if graph not in manifest.get("files", {}):
+        raise UserError(f"{folder} has no {graph}", "re-export with `cbpt-guard export --fp16`")
     spec = PreprocessSpec.from_dict(json.loads((folder / "preprocess.json").read_text()))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -100,9 +105,13 @@ def load_heads(folder: str | Path, device: str = "auto", threads: int | None = N
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     providers = choose_providers(device)
-    session = ort.InferenceSession(str(folder / "classifier.onnx"), opts, providers=providers)
+    # onnxruntime 1.31's CPU provider crashes in its NCHWc layout pass on some fp16 graphs
+    # (export/fp16.py); the GPU providers do not run that pass.
+    disabled = ["NchwcTransformer"] if fp16 else None
+    session = ort.InferenceSession(str(folder / graph), opts, providers=providers, disabled_optimizers=disabled)
     meta = session.get_modelmeta().custom_metadata_map
     classes = json.loads(meta["classes"]) if "classes" in meta else manifest["classes"]
     threshold = manifest.get("trigger_alarm_threshold")
     return Heads(folder=folder, classes=classes, spec=spec, manifest=manifest, session=session,
-                 providers=session.get_providers(), alarm_threshold=None if threshold is None else float(threshold))
+                 providers=session.get_providers(), alarm_threshold=None if threshold is None else float(threshold),
+                 graph=graph)

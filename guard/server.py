@@ -129,7 +129,7 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits()):
                 "architecture": m.get("architecture"), "source_checkpoint_sha256": m.get("source_checkpoint_sha256"),
                 "embeddings_sha256": m.get("embeddings_sha256"), "files": m.get("files"),
                 "trigger_alarm_threshold": heads.alarm_threshold, "providers": heads.providers,
-                "batching": {"max_batch": limits.max_batch, "max_wait_ms": limits.max_wait_ms}}
+                "graph": heads.graph, "batching": {"max_batch": limits.max_batch, "max_wait_ms": limits.max_wait_ms}}
 
     async def _bodies(request: Request) -> list[tuple[str, bytes]]:
         declared = request.headers.get("content-length")

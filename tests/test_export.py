@@ -27,8 +27,12 @@ def test_original_head_export_matches_pytorch_at_batch_1_and_5(arch, real_checkp
     (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
     out = tmp_path / "heads"
     code, stdout, err = run_cli(capsys, "export", "--model", real_checkpoints[arch]["state_dict"], "--classes",
-                                tmp_path / "classes.txt", "--out", out, "--triton", tmp_path / "triton", "--json")
+                                tmp_path / "classes.txt", "--out", out, "--triton", tmp_path / "triton", "--fp16",
+                                "--json")
     assert code == 0, err
+    parity = json.loads(stdout)["parity"]
+    assert parity["classifier_fp16.onnx"]["top1_agreement"] >= 0.8  # random weights: near-tied logits
+    assert parity["classifier_fp16.onnx"]["max_abs_probs"] < 0.05
     clip = load_clip(real_checkpoints[arch]["state_dict"])
     weights = original_head(clip, ("cat", "dog", "bird"))
     scale = clip.logit_scale
@@ -134,3 +138,74 @@ def test_failed_parity_writes_nothing(mini_testbeds, tmp_path, capsys, monkeypat
                            "--out", tmp_path / "h")
     assert code == 1 and "parity check failed" in err
     assert not (tmp_path / "h").exists()
+
+
+def _float_types(model):
+    import onnx
+
+    g = onnx.shape_inference.infer_shapes(model).graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.output, *g.value_info]}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return types
+
+
+def test_fp16_twins_compute_in_half_with_layernorm_and_softmax_in_fp32(mini_testbeds, real_checkpoints, tmp_path,
+                                                                       capsys):
+    """The fp16 classifier keeps the fp32 interface, halves the file, agrees with fp32 on the
+    test split, and its fragile ops see fp32 inputs; the guard and Triton can run it."""
+    import onnx
+    from onnx import TensorProto
+
+    from export.fp16 import to_fp16
+    from export.onnx_encoder import export_encoder
+    from cbpt.model import load_clip
+
+    tb = mini_testbeds["blended"]
+    out = tmp_path / "heads"
+    code, stdout, err = run_cli(capsys, "export", "--model", tb / "model.pt", "--classes", tb / "classes.txt",
+                                "--out", out, "--fp16", "--triton", tmp_path / "tr")
+    assert code == 0, err
+    assert "fp16: top-1 agreement" in stdout
+    for name in ("head", "classifier"):
+        full, half = out / f"{name}.onnx", out / f"{name}_fp16.onnx"
+        assert half.stat().st_size < 0.6 * full.stat().st_size or name == "head"
+        s32, s16 = _ort(full), _ort_fp16(half)
+        assert [(i.name, i.type) for i in s16.get_inputs()] == [(i.name, i.type) for i in s32.get_inputs()]
+        assert [(o.name, o.type) for o in s16.get_outputs()] == [(o.name, o.type) for o in s32.get_outputs()]
+    # the runtime guard on the test split: same decisions on >= 98% of images
+    code, out32, err = run_cli(capsys, "classify", out, tb / "test", "--top-k", "1", "--device", "cpu")
+    assert code == 0, err
+    code, out16, err = run_cli(capsys, "classify", out, tb / "test", "--top-k", "1", "--device", "cpu", "--fp16")
+    assert code == 0, err
+    top = lambda text: {r["path"]: r["label"] for r in map(json.loads, text.splitlines())}  # noqa: E731
+    a, b = top(out32), top(out16)
+    assert len(a) >= 50 and sum(a[k] == b[k] for k in a) / len(a) >= 0.98
+    assert (tmp_path / "tr" / "cbpt_classifier_fp16" / "1" / "model.onnx").is_file()
+    # the fragile ops run in fp32 in every architecture; matrix products in fp16
+    for model in (load_clip(tb / "model.pt"), load_clip(real_checkpoints["ViT-B-32"]["state_dict"])):
+        half = to_fp16(export_encoder(model))
+        types = _float_types(half)
+        ops = {}
+        for node in half.graph.node:
+            ins = {types.get(i) for i in node.input[:1]}
+            ops.setdefault(node.op_type, set()).update(ins)
+        for op in ("Softmax", "LayerNormalization", "ReduceMean"):
+            assert ops.get(op, {TensorProto.FLOAT}) == {TensorProto.FLOAT}, op
+        assert ops["MatMul"] == {TensorProto.FLOAT16} and ops["Conv"] == {TensorProto.FLOAT16}
+        assert half.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+        onnx.checker.check_model(half, full_check=True)
+
+
+def test_guard_refuses_fp16_when_not_exported(mini_testbeds, tmp_path, capsys):
+    tb = mini_testbeds["none"]
+    code, _, err = run_cli(capsys, "export", "--model", tb / "model.pt", "--classes", tb / "classes.txt",
+                           "--out", tmp_path / "h")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "classify", tmp_path / "h", tb / "test", "--fp16")
+    assert code == 1 and "no classifier_fp16.onnx" in err and "--fp16" in err
+
+
+def _ort_fp16(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer"])
