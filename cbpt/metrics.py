@@ -97,3 +97,11 @@ def threshold_at_fpr(scores_negative, fpr: float = 0.01) -> float:
 def tpr_at_threshold(scores_positive, threshold: float) -> float:
     pos = np.asarray(scores_positive, dtype=np.float64).ravel()
     return float((pos > threshold).mean()) if pos.size else float("nan")
+
+
+def defense_effectiveness_rate(ca_before: float, asr_before: float, ca_after: float, asr_after: float) -> float:
+    """DER = (max(0, ASR drop) - max(0, CA drop) + 1) / 2, in [0, 1]: 0.5 is no change, 1 is
+    every triggered image rescued at no clean cost. Undefined (nan) without an attack."""
+    if asr_before != asr_before or asr_after != asr_after:
+        return float("nan")
+    return (max(0.0, asr_before - asr_after) - max(0.0, ca_before - ca_after) + 1) / 2

@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -107,26 +107,33 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
     original = original_head(clip, shots.classnames)
     inversion = run_scan(clip, shots, cfg.inversion, progress, weights=original)
     t1 = time.perf_counter()
-    if inversion.score < SCAN_THRESHOLD and not cfg.force:
-        # No backdoor found: what inversion found is a natural feature, and teaching the
-        # prompts to ignore it would only cost accuracy (measured: CA 0.972 -> 0.72).
+    suspected = inversion.score >= SCAN_THRESHOLD or cfg.force
+    if not suspected and shots.held_x01 is None:
+        # No backdoor found and no held-out shots to check a change against: what inversion
+        # found is a natural feature, and tuning against it unchecked costs accuracy
+        # (measured on the clean shapes model: CA 0.972 -> 0.854).
         return Purified(
             classnames=shots.classnames, purified=original.clone(), original=original, logit_scale=clip.logit_scale,
-            inversion=inversion, tuning=TuningResult(text_features=original.clone(), original=original, best_step=0,
-                                                     history=[{"skipped": "scan found no backdoor"}]),
+            inversion=inversion, tuning=TuningResult(text_features=original.clone(), original=original, best_step=-1,
+                                                     history=[{"skipped": "scan found no backdoor, no held-out shots"}]),
             timings={"inversion_s": round(t1 - t0, 2), "tuning_s": 0.0, "total_s": round(t1 - t0, 2),
                      "image_encoder_passes_during_tuning": 0},
             alarm=alarm_threshold(_encode(clip, shots.x01), None, inversion.mean_feature),
         )
+    # A model that reads clean is still tuned, cautiously: the original head competes with the
+    # tuned checkpoints on the held-out shots and is kept unless one keeps clean accuracy and
+    # resists the inverted trigger better. Measured: WaNet, which the scan misses, goes from
+    # ASR 0.929 to 0.090 on shapes, while clean models keep CA within 0.4 points.
+    tuning_cfg = cfg.tuning if suspected else replace(cfg.tuning, original_is_candidate=True)
     pp = clip.preprocess_cfg
-    cache = cache_features(clip.model, shots.x01, shots.labels, inversion.candidates, pp["mean"], pp["std"], cfg.tuning)
+    cache = cache_features(clip.model, shots.x01, shots.labels, inversion.candidates, pp["mean"], pp["std"], tuning_cfg)
     held = None
     if shots.held_x01 is not None:
         held = cache_features(clip.model, shots.held_x01, shots.held_labels, inversion.candidates[:1],
                               pp["mean"], pp["std"], TuningConfig(views=0, shifts=1, seed=cfg.seed + 2))
     t2 = time.perf_counter()
     prompts = ClassPrompts(clip.model, clip.tokenizer(), shots.classnames, n_ctx=cfg.tuning.n_ctx, seed=cfg.seed)
-    result = tune(prompts, cache, clip.logit_scale, cfg.tuning, held, original,
+    result = tune(prompts, cache, clip.logit_scale, tuning_cfg, held, original,
                   progress=(lambda d, t: progress("tune", d, t)) if progress else None)
     t3 = time.perf_counter()
     return Purified(
@@ -175,6 +182,14 @@ def scan_summary(inv: InversionResult, classnames: tuple[str, ...], threshold: f
     }
 
 
+def tuning_mode(result: Purified, cfg: PurifyConfig) -> str:
+    """full (the scan found a backdoor, or --force), cautious (it did not: the original
+    prompts compete on held-out shots) or skipped (it did not, and no shots were held out)."""
+    if result.inversion.score >= SCAN_THRESHOLD or cfg.force:
+        return "full"
+    return "skipped" if "skipped" in result.tuning.history[0] else "cautious"
+
+
 def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) -> dict:
     return {
         "tool": f"cbpt-guard {__version__}",
@@ -183,7 +198,9 @@ def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) 
         "classes": list(result.classnames),
         "scan": scan_summary(result.inversion, result.classnames),
         "tuning": {"best_step": result.tuning.best_step, "history": result.tuning.history,
-                   "skipped": not result.inversion.score >= SCAN_THRESHOLD and not cfg.force},
+                   "mode": tuning_mode(result, cfg),
+                   # best step -1: no tuned checkpoint beat the original prompts, which are kept
+                   "kept_original": result.tuning.best_step == -1},
         "timings": result.timings,
         "alarm": result.alarm,
         "settings": asdict(cfg),

@@ -24,7 +24,10 @@ from cbpt.prompts import ClassPrompts
 class TuningConfig:
     n_ctx: int = 4
     steps: int = 300
-    lr: float = 2e-3
+    # Measured (16 shots, seed 0, per attack): at 2e-3 the digits models' trigger loss stalled
+    # and early stopping kept ASR at 0.15-0.58 (sum over 6 attacks 1.77); 5e-3 took that sum to
+    # 1.33 on digits and 0.235 -> 0.194 on shapes at the same CA.
+    lr: float = 5e-3
     # Measured on the shapes testbed (badnet / blended, 16 shots): alpha 1, beta 1 and 4 rolled
     # copies of each trigger cost CA 0.99 -> 0.93; one copy, alpha 0.5 and beta 2 keep CA at
     # 0.978 / 0.945 with ASR 0.006 / 0.012. Rolling a patch across the border makes triggers
@@ -41,6 +44,13 @@ class TuningConfig:
     # Checkpoints whose held-out clean accuracy falls more than this below the original
     # head's are not eligible: the trigger loss must not buy robustness with utility.
     clean_tolerance: float = 0.015
+    # The original head competes with the tuned checkpoints: it wins unless a checkpoint keeps
+    # held-out clean accuracy and beats it on the held-out triggered shots.
+    original_is_candidate: bool = False
+    # ... and a tuned checkpoint must then also gain this much held-out triggered accuracy over
+    # it. Measured on clean models: a natural feature's "trigger" is resisted by at most
+    # +0.16 (at a 5-point CA cost on the test split); WaNet's inverted trigger by +0.3.
+    candidate_min_gain: float = 0.2
     seed: int = 0
 
 
@@ -98,7 +108,7 @@ def cache_features(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tens
                           for i in range(0, x.shape[0], batch_size)])
 
     clean = encode(views)
-    triggered = encode(trig_imgs)
+    triggered = encode(trig_imgs) if trig_imgs else clean.new_zeros((0, clean.shape[1]))
     return FeatureCache(
         clean=clean, clean_labels=labels.repeat(len(views)),
         triggered=triggered, triggered_labels=labels.repeat(len(trig_imgs)),
@@ -120,10 +130,16 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
     base_acc = float(((check.clean @ original.T).argmax(1) == check.clean_labels).float().mean())
     best_ctx, best_step, best_key, stale = prompts.ctx.detach().clone(), 0, None, 0
     history: list[dict] = [{"step": 0, "original_val_clean_acc": base_acc}]
+    if cfg.original_is_candidate:
+        val0 = _validate(original, check, scale, cfg)
+        best_key, best_step, best_ctx = (True, val0["val_trig_acc"], -val0["objective"]), -1, None
+        floor = val0["val_trig_acc"] + cfg.candidate_min_gain
+        history[0].update({f"original_{k}": v for k, v in val0.items()})
     for step in range(1, cfg.steps + 1):
         g = prompts()
         l_clean = clean_loss(cache.clean, g, cache.clean_labels, scale)
-        l_trig = trigger_loss(cache.triggered, g, cache.triggered_labels, scale)
+        # no triggered features: prompt tuning without the dummy trigger (a baseline)
+        l_trig = trigger_loss(cache.triggered, g, cache.triggered_labels, scale) if len(cache.triggered) else g.new_zeros(())
         l_keep = _keep(cfg.keep, g, original, cache.clean, scale)
         loss = l_clean + cfg.alpha * l_trig + cfg.beta * l_keep
         opt.zero_grad(set_to_none=True)
@@ -132,11 +148,15 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
         if step % cfg.eval_every == 0 or step == cfg.steps:
             entry = {"step": step, "loss": loss.item(), "clean": l_clean.item(), "trig": l_trig.item(),
                      "keep": l_keep.item()}
-            val = _validate(prompts, check, scale, cfg)
+            with torch.no_grad():
+                val = _validate(prompts(), check, scale, cfg)
             entry.update(val)
             history.append(entry)
             # Best = eligible (clean accuracy kept), then most robust, then lowest loss.
-            key = (val["val_clean_acc"] >= base_acc - cfg.clean_tolerance, val["val_trig_acc"], -val["objective"])
+            eligible = val["val_clean_acc"] >= base_acc - cfg.clean_tolerance
+            if cfg.original_is_candidate:
+                eligible = eligible and val["val_trig_acc"] >= floor
+            key = (eligible, val["val_trig_acc"], -val["objective"])
             if best_key is None or key > best_key:
                 best_key, best_step, stale = key, step, 0
                 best_ctx = prompts.ctx.detach().clone()
@@ -147,7 +167,7 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
         if progress:
             progress(step, cfg.steps)
     with torch.no_grad():
-        final = prompts(best_ctx).detach()
+        final = original.clone() if best_ctx is None else prompts(best_ctx).detach()  # best_step -1: the original
     return TuningResult(text_features=final, original=original, best_step=best_step, history=history,
                         seconds=time.perf_counter() - t0)
 
@@ -163,10 +183,11 @@ def _keep(kind: str, g: torch.Tensor, original: torch.Tensor, clean: torch.Tenso
 
 
 @torch.no_grad()
-def _validate(prompts: ClassPrompts, data: FeatureCache, scale: float, cfg: TuningConfig) -> dict:
-    g = prompts()
+def _validate(g: torch.Tensor, data: FeatureCache, scale: float, cfg: TuningConfig) -> dict:
     c = clean_loss(data.clean, g, data.clean_labels, scale)
-    t = trigger_loss(data.triggered, g, data.triggered_labels, scale)
     acc = float(((data.clean @ g.T).argmax(1) == data.clean_labels).float().mean())
+    if not len(data.triggered):
+        return {"val_clean_acc": acc, "val_trig_acc": 0.0, "objective": float(c)}
+    t = trigger_loss(data.triggered, g, data.triggered_labels, scale)
     racc = float(((data.triggered @ g.T).argmax(1) == data.triggered_labels).float().mean())
     return {"val_clean_acc": acc, "val_trig_acc": racc, "objective": float(c + cfg.alpha * t)}

@@ -34,11 +34,6 @@ def _print_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=False))
 
 
-def _not_built(command: str, issue: int) -> None:
-    raise UserError(f"`cbpt-guard {command}` is not built yet (tracked in issue {issue})",
-                    "see the README for what works today")
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"cbpt-guard {__version__}")
@@ -183,9 +178,18 @@ def purify(
     typer.echo(f"wrote {out}/ (embeddings.safetensors, classes.txt, trigger.png, report.json, head.onnx, "
                f"classifier.onnx, preprocess.json, manifest.json) in {rep['timings']['total_s'] + run.export_seconds:.1f} s; "
                f"scan: {'BACKDOORED' if sc['backdoored'] else 'clean'}, suspected target '{sc['target']}' "
-               f"(score {sc['score']:.3f})" + ("; prompts left unchanged (pass --force to tune anyway)"
-                                              if rep["tuning"]["skipped"] else "")
+               f"(score {sc['score']:.3f})" + _tuning_outcome(rep["tuning"])
                + f"; serve it with `cbpt-guard serve {out}`")
+
+
+def _tuning_outcome(tuning: dict) -> str:
+    if tuning["mode"] == "skipped":
+        return "; prompts left unchanged: no held-out shots to check a change against (pass --force to tune anyway)"
+    if tuning["kept_original"]:
+        return "; original prompts kept: no tuned prompt beat them on the held-out shots"
+    if tuning["mode"] == "cautious":
+        return "; prompts tuned cautiously (held-out clean accuracy kept, inverted trigger resisted better)"
+    return ""
 
 
 @app.command()
@@ -370,9 +374,40 @@ def testbed_eval(
 
 
 @app.command()
-def bench() -> None:
-    """The results table: attacks x defenses."""
-    _not_built("bench", 7)
+def bench(
+    work: Annotated[Path, typer.Option(help="Work folder: runs/, results.json, results.md, plots.")] = Path("bench-out"),
+    testbeds: Annotated[Optional[Path], typer.Option(help="Built testbeds (DATASET-ATTACK/ folders); missing ones "
+                                                          "are built here. Default: WORK/testbed.")] = None,
+    dataset: Annotated[Optional[list[str]], typer.Option(help="shapes, digits (repeatable; default both).")] = None,
+    attack: Annotated[Optional[list[str]], typer.Option(help="Attacks, 'none' for the clean model (repeatable; default all).")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(help="none, finetune, cleanclip, prompt, cbpt (repeatable; default all).")] = None,
+    seed: Annotated[Optional[list[int]], typer.Option(help="Shot sets (repeatable; default 0 1 2).")] = None,
+    shots: ShotsOpt = 16,
+    sweep_shots: Annotated[Optional[list[int]], typer.Option(help="Shots sweep k values (default 1 2 4 8 16).")] = None,
+    sweep_attack: Annotated[Optional[list[str]], typer.Option(help="Attacks of the shots sweep (default badnet blended).")] = None,
+    sweep_seed: Annotated[Optional[list[int]], typer.Option(help="Shot sets of the shots sweep (default: --seed's).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A minutes-long subset: shapes, clean + badnet, one shot set.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Re-measure runs already stored under WORK/runs/.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The results table: attacks x defenses (CA, ASR, RA, DER, wall time), with plots."""
+    from dataclasses import replace
+
+    from cbpt_guard.progress import stage_progress
+    from testbed.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig.quick(work, testbeds) if quick else BenchConfig(work=work, testbeds=testbeds)
+    given = {"datasets": dataset, "attacks": attack, "methods": method, "seeds": seed, "sweep_shots": sweep_shots,
+             "sweep_attacks": sweep_attack, "sweep_seeds": sweep_seed}
+    cfg = replace(cfg, shots=shots, fresh=fresh, **{k: tuple(v) for k, v in given.items() if v})
+    cfg.check()
+    with stage_progress() as progress:
+        results = run_bench(cfg, progress)
+    if as_json:
+        _print_json({"work": str(work), "best_baseline": results["best_baseline"], "table": results["table"]})
+        return
+    typer.echo((work / "results.md").read_text())
+    typer.echo(f"wrote {work}/results.json, results.md and plots ({', '.join(sorted(p.name for p in work.glob('*.png')))})")
 
 
 @app.command()

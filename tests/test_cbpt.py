@@ -134,7 +134,7 @@ def test_purify_writes_complete_outputs_and_they_evaluate(mini_testbeds, tmp_pat
 
     emb = load_file(str(out / "embeddings.safetensors"))
     assert emb["purified"].shape == emb["original"].shape == (10, 32) and emb["trigger_centroid"].shape == (32,)
-    assert not rep["tuning"]["skipped"] and rep["tuning"]["best_step"] > 0
+    assert rep["tuning"]["mode"] == "full" and rep["tuning"]["best_step"] > 0
     assert not torch.allclose(emb["purified"], emb["original"])
     assert not list(tmp_path.glob(".purified.*"))
     code, stdout, err = run_cli(capsys, "testbed", "eval", out, "--testbed", tb, "--json")
@@ -184,6 +184,7 @@ def test_bad_data_is_reported_before_any_work(mini_testbeds, tmp_path, capsys):
 
 
 def test_purify_leaves_the_prompts_alone_when_the_scan_finds_no_backdoor(mini_testbeds, tmp_path, capsys):
+    """All 16 shots per class are used, so none is held out to check a change against."""
     tb = mini_testbeds["none"]
     out = tmp_path / "p"
     code, stdout, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--out", out,
@@ -191,7 +192,7 @@ def test_purify_leaves_the_prompts_alone_when_the_scan_finds_no_backdoor(mini_te
     assert code == 0, err
     assert "prompts left unchanged" in stdout
     rep = json.loads((out / "report.json").read_text())
-    assert rep["scan"]["backdoored"] is False and rep["tuning"]["skipped"] is True
+    assert rep["scan"]["backdoored"] is False and rep["tuning"]["mode"] == "skipped"
     from safetensors.torch import load_file
 
     emb = load_file(str(out / "embeddings.safetensors"))
@@ -205,3 +206,26 @@ def test_backdoor_score_rewards_small_triggers_that_flip_everything():
     assert backdoor_score(1.0, 0.9, 0.1, 0.0129) > backdoor_score(1.0, 0.9, 0.1, 0.025) > 0.55
     assert backdoor_score(0.83, 0.9, 0.1, 0.039) < 0.55 and backdoor_score(0.5, 0.9, 0.1, 0.0) < 0.55
     assert backdoor_score(1.0, 0.9, 0.1, 0.2) == 0.0
+
+
+def test_a_model_that_reads_clean_is_tuned_only_where_held_out_shots_allow(mini_testbeds, tmp_path, capsys):
+    """Cautious mode: the original prompts compete with every tuned checkpoint on the held-out
+    shots, and a change must keep their clean accuracy."""
+    from safetensors.torch import load_file
+
+    tb = mini_testbeds["none"]
+    out = tmp_path / "p"
+    code, stdout, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--out", out,
+                                "--shots", "8", "--inversion-steps", "60", "--restarts", "1", "--tuning-steps", "60")
+    assert code == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["scan"]["backdoored"] is False and rep["tuning"]["mode"] == "cautious"
+    emb = load_file(str(out / "embeddings.safetensors"))
+    history = rep["tuning"]["history"]
+    if rep["tuning"]["kept_original"]:
+        assert "original prompts kept" in stdout
+        assert torch.equal(emb["purified"], emb["original"])
+    else:
+        chosen = next(h for h in history if h["step"] == rep["tuning"]["best_step"])
+        assert chosen["val_clean_acc"] >= history[0]["original_val_clean_acc"] - 0.015
+        assert chosen["val_trig_acc"] >= history[0]["original_val_trig_acc"] + 0.2 - 1e-9

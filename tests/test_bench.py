@@ -1,0 +1,87 @@
+"""The bench: baselines, DER, the results files and plots, resuming, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.helpers import run_cli
+
+
+def test_der_credits_asr_drops_and_charges_ca_drops():
+    from cbpt.metrics import defense_effectiveness_rate as der
+
+    assert der(0.99, 0.95, 0.97, 0.05) == pytest.approx((0.90 - 0.02 + 1) / 2)
+    assert der(0.90, 0.50, 0.95, 0.80) == pytest.approx(0.5)  # ASR up, CA up: no credit either way
+    assert der(0.90, 1.0, 0.90, 0.0) == pytest.approx(1.0)
+    assert math.isnan(der(0.9, float("nan"), 0.9, float("nan")))
+
+
+@pytest.fixture(scope="module")
+def bench_results(mini_testbeds, tmp_path_factory):
+    """A small real bench on the miniature testbeds: every method, a 2-point shots sweep."""
+    from cbpt.inversion import InversionConfig
+    from cbpt.purify import PurifyConfig
+    from cbpt.tuning import TuningConfig
+    from testbed.baselines import FinetuneConfig
+    from testbed.bench import BenchConfig, run_bench
+
+    root = tmp_path_factory.mktemp("bench")
+    (root / "tb").mkdir()
+    for attack, folder in mini_testbeds.items():
+        (root / "tb" / f"shapes-{attack}").symlink_to(folder)
+    cfg = BenchConfig(work=root / "work", testbeds=root / "tb", datasets=("shapes",), attacks=("none", "blended"),
+                      seeds=(0,), shots=8, sweep_shots=(2, 8), sweep_attacks=("blended",),
+                      purify=PurifyConfig(inversion=InversionConfig(steps=30, restarts=1), tuning=TuningConfig(steps=30)),
+                      finetune=FinetuneConfig(steps=10, batch_size=32, eval_every=5))
+    calls = []
+    results = run_bench(cfg, lambda stage, done, total: calls.append((stage, done, total)))
+    return cfg, results, calls
+
+
+def test_bench_writes_every_method_and_the_sweep(bench_results):
+    cfg, results, calls = bench_results
+    work = cfg.work
+    table = {(r["attack"], r["method"]): r for r in results["table"]}
+    assert set(table) == {(a, m) for a in ("none", "blended") for m in ("none", "finetune", "cleanclip", "prompt", "cbpt")}
+    attacked = table[("blended", "none")]
+    assert attacked["asr"] > 0.5 and attacked["der"] == pytest.approx(0.5)  # no defense changes nothing
+    for m in ("finetune", "cleanclip", "prompt", "cbpt"):
+        r = table[("blended", m)]
+        assert 0 <= r["ca"] <= 1 and 0 <= r["asr"] <= 1 and 0 <= r["der"] <= 1 and r["seconds"] >= 0
+        assert r["ca_before"] == pytest.approx(attacked["ca"])
+    assert table[("none", "cbpt")]["asr"] is None and table[("none", "cbpt")]["der"] is None  # no trigger: n/a
+    assert results["best_baseline"] in ("finetune", "cleanclip", "prompt")
+    assert {(r["method"], r["shots"]) for r in results["sweep"]} == \
+        {(m, k) for m in ("cbpt", results["best_baseline"]) for k in (2, 8)}
+    saved = json.loads((work / "results.json").read_text())
+    assert saved["table"] == results["table"]
+    md = (work / "results.md").read_text()
+    assert "| blended |" in md and "(e) CBPT" in md and "Shots sweep" in md and "DER" in md
+    for png in ("asr_vs_ca_shapes.png", "asr_by_attack_shapes.png", "shots_sweep.png"):
+        assert (work / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ("table", 10, 10) in calls
+
+
+def test_bench_resumes_from_stored_runs(bench_results, monkeypatch):
+    import testbed.bench
+    from testbed.bench import run_bench
+
+    cfg, results, _ = bench_results
+
+    def fail(*a, **k):
+        raise AssertionError("a stored run was measured again")
+
+    monkeypatch.setattr(testbed.bench, "measure", fail)
+    again = run_bench(cfg)
+    assert again["table"] == results["table"]
+
+
+def test_bench_refuses_unknown_names(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "bench", "--work", tmp_path / "w", "--attack", "badnett")
+    assert code == 2 and "unknown or missing --attack: badnett" in err
+    code, _, err = run_cli(capsys, "bench", "--work", tmp_path / "w", "--method", "magic")
+    assert code == 2 and "--method" in err
+    assert not (tmp_path / "w").exists()
