@@ -28,7 +28,8 @@ def results_markdown(results: dict) -> str:
            f"(seeds {', '.join(map(str, cfg['seeds']))}). CA: clean accuracy; ASR: attack success rate on "
            "non-target triggered test images; RA: their accuracy; DER = (max(0, ΔASR) − max(0, ΔCA) + 1) / 2 "
            "(0.5 = no change, 1 = every triggered image rescued at no clean cost). Best DER per attack in bold. "
-           f"Total {results['seconds'] / 60:.0f} min (runs reused from WORK/runs/ not re-timed).", ""]
+           f"Defense time summed over all {len(results['runs'])} runs: "
+           f"{sum(r['seconds'] for r in results['runs']) / 60:.0f} min (one CPU thread each).", ""]
     for dataset in cfg["datasets"]:
         rows = _rows(results, dataset)
         cell = {(r["attack"], r["method"]): r for r in rows}
