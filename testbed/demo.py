@@ -33,7 +33,7 @@ def run_demo(work: Path, attack: str = DEFAULT_ATTACK, dataset: str = "shapes",
             echo(f"1/4 reusing the backdoored testbed model in {tb}")
         else:
             echo(f"1/4 training a small CLIP on '{dataset}' and backdooring it with '{attack}' "
-                 "(about 6 minutes the first time; cached afterwards)")
+                 "(about 5 minutes the first time on 2 cores; cached afterwards)")
             write(build(cfg, cache=default_cache_dir(), progress=progress), cfg, tb)
         clip = load_clip(tb / "model.pt")
         shots = load_shots(clip, tb / "fewshot", tb / "classes.txt", 16, 0, PurifyConfig().held_out)
