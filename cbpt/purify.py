@@ -58,6 +58,9 @@ class Purified:
     tuning: TuningResult
     timings: dict
     alarm: dict = field(default_factory=dict)  # runtime trigger alarm, calibrated on clean shots
+    # full (the scan found a backdoor, or --force), cautious (it did not: the original prompts
+    # compete on held-out shots) or skipped (it did not, and no shots were held out)
+    tuning_mode: str = "full"
 
 
 def pixel_transform(clip: LoadedClip) -> Callable:
@@ -118,12 +121,13 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
                                                      history=[{"skipped": "scan found no backdoor, no held-out shots"}]),
             timings={"inversion_s": round(t1 - t0, 2), "tuning_s": 0.0, "total_s": round(t1 - t0, 2),
                      "image_encoder_passes_during_tuning": 0},
-            alarm=alarm_threshold(_encode(clip, shots.x01), None, inversion.mean_feature),
+            alarm=alarm_threshold(_encode(clip, shots.x01), None, inversion.mean_feature), tuning_mode="skipped",
         )
     # A model that reads clean is still tuned, cautiously: the original head competes with the
     # tuned checkpoints on the held-out shots and is kept unless one keeps clean accuracy and
     # resists the inverted trigger better. Measured: WaNet, which the scan misses, goes from
-    # ASR 0.929 to 0.090 on shapes, while clean models keep CA within 0.4 points.
+    # ASR 0.929 to 0.101 on shapes (mean of 3 shot sets), while clean models keep CA within 0.4
+    # points.
     tuning_cfg = cfg.tuning if suspected else replace(cfg.tuning, original_is_candidate=True)
     pp = clip.preprocess_cfg
     cache = cache_features(clip.model, shots.x01, shots.labels, inversion.candidates, pp["mean"], pp["std"], tuning_cfg)
@@ -139,7 +143,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
     return Purified(
         alarm=alarm_threshold(cache.clean, held.clean if held is not None else None, inversion.mean_feature),
         classnames=shots.classnames, purified=result.text_features, original=original, logit_scale=clip.logit_scale,
-        inversion=inversion, tuning=result,
+        inversion=inversion, tuning=result, tuning_mode="full" if suspected else "cautious",
         timings={"inversion_s": round(t1 - t0, 2), "feature_cache_s": round(t2 - t1, 2),
                  "tuning_s": round(t3 - t2, 2), "total_s": round(t3 - t0, 2),
                  "image_encoder_passes_cached": cache.encoder_passes,
@@ -182,14 +186,6 @@ def scan_summary(inv: InversionResult, classnames: tuple[str, ...], threshold: f
     }
 
 
-def tuning_mode(result: Purified, cfg: PurifyConfig) -> str:
-    """full (the scan found a backdoor, or --force), cautious (it did not: the original
-    prompts compete on held-out shots) or skipped (it did not, and no shots were held out)."""
-    if result.inversion.score >= SCAN_THRESHOLD or cfg.force:
-        return "full"
-    return "skipped" if "skipped" in result.tuning.history[0] else "cautious"
-
-
 def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) -> dict:
     return {
         "tool": f"cbpt-guard {__version__}",
@@ -198,7 +194,7 @@ def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) 
         "classes": list(result.classnames),
         "scan": scan_summary(result.inversion, result.classnames),
         "tuning": {"best_step": result.tuning.best_step, "history": result.tuning.history,
-                   "mode": tuning_mode(result, cfg),
+                   "mode": result.tuning_mode,
                    # best step -1: no tuned checkpoint beat the original prompts, which are kept
                    "kept_original": result.tuning.best_step == -1},
         "timings": result.timings,

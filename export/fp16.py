@@ -63,9 +63,6 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: frozenset[str] = KEEP_FP32) -> on
         raise Fp16Error("graphs with control flow (If/Loop/Scan) are not supported by the fp16 pass")
     types = _elem_types(model)
 
-    def wanted(node: onnx.NodeProto, i: int) -> int | None:
-        return _wanted(node, i, keep_fp32)
-
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in g.node:
         for i, name in enumerate(node.input):
@@ -73,8 +70,8 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: frozenset[str] = KEEP_FP32) -> on
                 consumers.setdefault(name, []).append((node, i))
 
     def preferred(name: str) -> int:
-        """Constants live in the precision most of their consumers want."""
-        wants = [wanted(n, i) for n, i in consumers.get(name, [])]
+        """Constants stay fp32 only when every consumer wants fp32; otherwise they are halved."""
+        wants = [_wanted(n, i, keep_fp32) for n, i in consumers.get(name, [])]
         return F32 if wants and all(w == F32 for w in wants) else F16
 
     where: dict[str, int] = {}  # float tensor -> its precision after the pass
@@ -95,7 +92,7 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: frozenset[str] = KEEP_FP32) -> on
                 if name and name not in types:
                     raise Fp16Error(f"cannot tell the type of tensor '{name}' (input of {node.op_type})")
                 continue
-            want = wanted(node, i)
+            want = _wanted(node, i, keep_fp32)
             if want is None or where[name] == want:
                 continue
             key = (name, want)
