@@ -4,6 +4,7 @@ with the trigger applied."""
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -19,9 +20,12 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return np.rint(arr.transpose(1, 2, 0) * 255).astype(np.uint8)
 
 
-def trigger_png(trigger: DummyTrigger, shots01: torch.Tensor, n_shots: int = 8, tile: int = 96) -> bytes:
+def trigger_png(trigger: DummyTrigger, shots01: torch.Tensor, n_shots: int = 8, tile: int = 96,
+                others: Sequence[DummyTrigger] = ()) -> bytes:
     """One PNG: [mask | pattern | mask*pattern (both scaled to the mask's peak) | delta (if
-    any)] above a row of clean shots and a row of the same shots with the trigger applied."""
+    any)] above a row of clean shots and a row of the same shots with the trigger applied;
+    then, for each of `others` (inverted warps, perturbations), its displacement or
+    perturbation and the shots with it applied."""
     from PIL import Image
 
     # A backdoor's mask covers ~1-3% of the image at low opacity: scaled to its own maximum,
@@ -34,6 +38,13 @@ def trigger_png(trigger: DummyTrigger, shots01: torch.Tensor, n_shots: int = 8, 
     idx = torch.linspace(0, shots01.shape[0] - 1, min(n_shots, shots01.shape[0])).round().long()
     clean = shots01[idx]
     rows = [top, list(clean), list(trigger.apply(clean))]
+    for other in others:
+        if other.flow is not None:  # displacement magnitude, scaled to its peak
+            mag = other.flow.norm(dim=-1)
+            first = mag / (float(mag.max()) or 1.0)
+        else:
+            first = 0.5 + other.delta / (2 * (float(other.delta.abs().max()) or 1.0))
+        rows.append([first] + list(other.apply(clean))[: n_shots - 1])
     cols = max(len(r) for r in rows)
     canvas = Image.new("RGB", (cols * (tile + 4) + 4, len(rows) * (tile + 4) + 4), (255, 255, 255))
     for r, row in enumerate(rows):

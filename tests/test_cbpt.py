@@ -167,7 +167,8 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
     from PIL import Image
 
     with Image.open(tmp_path / "s" / "trigger.png") as img:
-        assert img.size[0] >= 3 * 96 and img.size[1] == 3 * 100 + 4
+        # mask / pattern, clean shots, triggered shots, and the inverted warp's row
+        assert img.size[0] >= 3 * 96 and img.size[1] == 4 * 100 + 4
     assert json.loads((tmp_path / "s" / "scan.json").read_text())["target"] == "triangle"
 
 
@@ -229,3 +230,37 @@ def test_a_model_that_reads_clean_is_tuned_only_where_held_out_shots_allow(mini_
         chosen = next(h for h in history if h["step"] == rep["tuning"]["best_step"])
         assert chosen["val_clean_acc"] >= history[0]["original_val_clean_acc"] - 0.015
         assert chosen["val_trig_acc"] >= history[0]["original_val_trig_acc"] + 0.2 - 1e-9
+
+
+def test_warp_trigger_is_identity_at_zero_flow_and_moves_pixels_by_the_flow():
+    from cbpt.inversion import DummyTrigger, smooth_flow, warp
+
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(warp(x, torch.zeros(8, 8, 2)), x, atol=1e-6)
+    # a constant flow of one pixel right samples each pixel from its right neighbour
+    flow = torch.zeros(8, 8, 2)
+    flow[..., 1] = 1.0
+    assert torch.allclose(warp(x, flow)[..., :-1], x[..., 1:], atol=1e-6)
+    field = smooth_flow(torch.randn(2, 4, 4) * 10, 8, 8, max_shift=2.0)
+    assert field.shape == (8, 8, 2) and float(field.abs().max()) <= 2.0
+    trig = DummyTrigger(torch.zeros(8, 8), torch.zeros(3, 8, 8), torch.zeros(3, 8, 8), flow, "warp")
+    assert torch.allclose(trig.apply(x)[..., :-1], x[..., 1:], atol=1e-6)
+
+
+def test_the_suspected_targets_shots_get_no_triggered_copies(tmp_path):
+    from cbpt.inversion import DummyTrigger
+    from cbpt.model import load_clip
+    from cbpt.tuning import TuningConfig, cache_features
+
+    clip = load_clip(save_tiny_model(tmp_path / "m"))
+    pp = clip.preprocess_cfg
+    x = torch.rand(6, 3, 32, 32)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    patch = DummyTrigger(torch.zeros(32, 32).index_fill_(0, torch.arange(3), 1.0), torch.ones(3, 32, 32),
+                         torch.zeros(3, 32, 32))
+    cache = cache_features(clip.model, x, y, [patch, patch], pp["mean"], pp["std"], TuningConfig(views=1), target=1)
+    # clean: 6 shots x 2 views; triggered: the 4 non-target shots x 2 views x 2 triggers
+    assert cache.clean.shape[0] == 12 and cache.triggered.shape[0] == 16
+    assert 1 not in cache.triggered_labels.tolist() and cache.encoder_passes == 28
+    every = cache_features(clip.model, x, y, [patch], pp["mean"], pp["std"], TuningConfig(views=0))
+    assert every.triggered_labels.tolist() == y.tolist()
