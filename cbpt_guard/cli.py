@@ -151,6 +151,8 @@ def purify(
     restarts: RestartsOpt = 3,
     tuning_steps: TuneStepsOpt = 300,
     eps: EpsOpt = 0.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the triggered-shots loss (more: lower ASR, more CA at stake).")] = 0.5,
+    beta: Annotated[float, typer.Option(help="Weight of the keep-close loss (more: closer to the original prompts).")] = 2.0,
     force: Annotated[bool, typer.Option("--force", help="Tune the prompts even when the scan finds no backdoor.")] = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
     as_json: JsonOpt = False,
@@ -164,8 +166,10 @@ def purify(
 
     if tuning_steps < 1:
         raise UsageError("--tuning-steps must be at least 1", "pass --tuning-steps 300")
+    if alpha < 0 or beta < 0:
+        raise UsageError("--alpha and --beta must be at least 0", "pass --alpha 0.5 --beta 2 (the defaults)")
     cfg = PurifyConfig(shots=shots, seed=seed, force=force, inversion=_inversion_config(seed, inversion_steps, restarts, eps),
-                       tuning=TuningConfig(seed=seed, steps=tuning_steps))
+                       tuning=TuningConfig(seed=seed, steps=tuning_steps, alpha=alpha, beta=beta))
     clip = load_clip(model, arch=arch)
     shot_set = load_shots(clip, data, classes, shots, seed, cfg.held_out)
     with stage_progress() as progress:

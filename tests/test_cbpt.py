@@ -182,6 +182,8 @@ def test_bad_data_is_reported_before_any_work(mini_testbeds, tmp_path, capsys):
     assert not (tmp_path / "p").exists()
     code, _, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--eps", "0.9", "--out", tmp_path / "p")
     assert code == 2 and "--eps must be in [0, 0.5)" in err
+    code, _, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--alpha", "-1", "--out", tmp_path / "p")
+    assert code == 2 and "--alpha and --beta must be at least 0" in err and not (tmp_path / "p").exists()
 
 
 def test_purify_leaves_the_prompts_alone_when_the_scan_finds_no_backdoor(mini_testbeds, tmp_path, capsys):
