@@ -165,7 +165,8 @@ def _one_restart(encode: Callable[[torch.Tensor], torch.Tensor], x01: torch.Tens
                  gen: torch.Generator, progress: Callable[[], None] | None,
                  kind: str = "patch") -> tuple[DummyTrigger, float, list[float]]:
     """One inversion from a random start. The penalty is the trigger's size: the mask's mean
-    for a patch, the mean displacement over the image side for a warp."""
+    for a patch, the mean displacement over the image side for a warp, the mean magnitude over
+    its bound for an additive perturbation."""
     _, _, h, w = x01.shape
     params, build = _KINDS[kind](h, w, cfg, gen)
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -186,10 +187,8 @@ def _one_restart(encode: Callable[[torch.Tensor], torch.Tensor], x01: torch.Tens
             lam = lam * cfg.lam_factor if mean_pairwise_cos(trig.detach()) > cfg.consistency else lam / cfg.lam_factor
         if progress:
             progress()
-    with torch.no_grad():
+    with torch.no_grad():  # built here, the trigger's tensors carry no graph
         trigger, size = build()
-        trigger = DummyTrigger(trigger.mask.detach(), trigger.pattern.detach(), trigger.delta.detach(),
-                               None if trigger.flow is None else trigger.flow.detach(), trigger.kind)
         feats = encode(trigger.apply(x01))
         final = float(contrastive_inversion_loss(feats, clean_all, cfg.tau)) + cfg.lam * float(size)
     return trigger, final, history

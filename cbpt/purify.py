@@ -125,9 +125,9 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
         )
     # A model that reads clean is still tuned, cautiously: the original head competes with the
     # tuned checkpoints on the held-out shots and is kept unless one keeps clean accuracy and
-    # resists the inverted trigger better. Measured: WaNet, which the scan misses, goes from
-    # ASR 0.929 to 0.101 on shapes (mean of 3 shot sets), while clean models keep CA within 0.4
-    # points.
+    # resists the inverted triggers better. Measured (mean of 3 shot sets): WaNet, which the scan
+    # misses, goes from ASR 0.929 to 0.020 on shapes (with the inverted warp), while clean models
+    # keep CA within 0.3 points.
     tuning_cfg = cfg.tuning if suspected else replace(cfg.tuning, original_is_candidate=True)
     # A backdoor the mask found is tuned against masks alone: adding the inverted warp cost the
     # shapes blended model 2-4 CA points for nothing. One it did not find may be a warp (WaNet).
