@@ -16,10 +16,15 @@ def clean_loss(image_features, text_features, labels, scale: float) -> torch.Ten
     return F.cross_entropy(class_logits(image_features, text_features, scale), labels)
 
 
-def trigger_loss(triggered_features, text_features, labels, scale: float) -> torch.Tensor:
+def trigger_loss(triggered_features, text_features, labels, scale: float, margin: float = 0.0) -> torch.Tensor:
     """L_trig: cross-entropy of the triggered shots against their TRUE labels: moves the
-    decision boundary so that the backdoor region is classified correctly again."""
-    return F.cross_entropy(class_logits(triggered_features, text_features, scale), labels)
+    decision boundary so that the backdoor region is classified correctly again. `margin`
+    (in logits) is taken off the true class, so a shot keeps pulling until it wins by that
+    much: the few shots' triggered features then clear the boundary with room to spare."""
+    logits = class_logits(triggered_features, text_features, scale)
+    if margin:
+        logits = logits - margin * F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    return F.cross_entropy(logits, labels)
 
 
 def keep_loss(text_features: torch.Tensor, original_features: torch.Tensor) -> torch.Tensor:

@@ -142,7 +142,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
                               target=inversion.target)
     t2 = time.perf_counter()
     prompts = ClassPrompts(clip.model, clip.tokenizer(), shots.classnames, n_ctx=cfg.tuning.n_ctx, seed=cfg.seed)
-    result = tune(prompts, cache, clip.logit_scale, tuning_cfg, held, original,
+    result = tune(prompts, cache, clip.logit_scale, tuning_cfg, held, original, inversion.target,
                   progress=(lambda d, t: progress("tune", d, t)) if progress else None)
     t3 = time.perf_counter()
     return Purified(
@@ -198,7 +198,8 @@ def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) 
         "checkpoint_sha256": clip.checkpoint_sha256,
         "classes": list(result.classnames),
         "scan": scan_summary(result.inversion, result.classnames),
-        "tuning": {"best_step": result.tuning.best_step, "history": result.tuning.history,
+        "tuning": {"best_step": result.tuning.best_step, "rung": result.tuning.rung,
+                   "alpha": result.tuning.alpha, "margin": result.tuning.margin, "history": result.tuning.history,
                    "mode": result.tuning_mode,
                    # best step -1: no tuned checkpoint beat the original prompts, which are kept
                    "kept_original": result.tuning.best_step == -1},

@@ -4,6 +4,10 @@ The image encoder, the dummy trigger and the shots are fixed during this step, s
 features of the clean shots, of their triggered versions (every restart's trigger, rolled to
 several places) and of a few augmented views are computed once. Tuning then runs the text
 encoder alone: zero image-encoder passes per step.
+
+How hard L_trig pushes is chosen per model: a backdoor whose held-out triggered shots still
+reach the target after a gentle run is tuned again with a heavier, margin-bearing L_trig,
+as long as the held-out clean shots do not pay for it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,15 @@ class TuningConfig:
     # no backdoor responds to, and they pull clean features along.
     alpha: float = 0.5  # weight of L_trig
     beta: float = 2.0  # weight of L_keep
+    # Stronger trigger losses, (alpha, margin in logits taken off the true class), tried in turn
+    # while more than target_rate of the held-out triggered shots still go to the suspected
+    # target. Measured (3 shot sets, every testbed attack): the shapes models stay at the
+    # first rung (at most 2.8% of their held-out shots reach the target, and where more than 1%
+    # do, the stronger rungs lose held-out clean accuracy), while the digits models climb:
+    # sig ASR 0.254 -> 0.021, badclip 0.179 -> 0.078. Fixed at alpha 1 + margin, shapes lost
+    # 2.8-5.5 CA points on five of six attacks.
+    escalation: tuple[tuple[float, float], ...] = ((1.0, 3.0), (2.0, 3.0))
+    target_rate: float = 0.01
     # Measured (badnet / blended): cosine alone kept CA at 0.964 / 0.945; adding the KL to the
     # original decisions kept 0.984 / 0.971 at ASR 0.004 / 0.010.
     keep: str = "both"  # L_keep: "cosine" (embeddings), "kl" (decisions on clean shots) or "both"
@@ -71,6 +84,9 @@ class TuningResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     encoder_passes_during_tuning: int = 0
+    rung: int = 0  # which strength of the trigger loss was kept (0: alpha, no margin)
+    alpha: float = 0.0
+    margin: float = 0.0
 
 
 def augment(x01: torch.Tensor, gen: torch.Generator, pad_frac: float = 0.125) -> torch.Tensor:
@@ -123,40 +139,97 @@ def cache_features(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tens
     )
 
 
+@dataclass
+class _Rung:
+    """One training run at one trigger strength: its best checkpoint (None: the original head
+    won) and that checkpoint's held-out figures."""
+    ctx: torch.Tensor | None
+    step: int
+    val: dict
+
+
 def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningConfig,
-         held_out: FeatureCache | None = None, anchor: torch.Tensor | None = None,
+         held_out: FeatureCache | None = None, anchor: torch.Tensor | None = None, target: int | None = None,
          progress: Callable[[int, int], None] | None = None) -> TuningResult:
     """Learn the context vectors. L_keep pulls toward `anchor` (the hand-crafted prompts'
-    head; by default the initial prompts' own features)."""
+    head; by default the initial prompts' own features).
+
+    With held-out shots and a suspected `target`, the trigger loss is escalated through
+    `cfg.escalation` while the held-out triggered shots still go to the target more often than
+    `cfg.target_rate`; a stronger rung is taken only if it sends fewer there and keeps the
+    first rung's held-out clean accuracy, and each rung starts again from the initial context."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
         original = prompts().detach() if anchor is None else anchor.detach()
-    opt = torch.optim.Adam([prompts.ctx], lr=cfg.lr)
+    init = prompts.ctx.detach().clone()
     check = held_out or cache
     base_acc = float(((check.clean @ original.T).argmax(1) == check.clean_labels).float().mean())
-    best_ctx, best_step, best_key, stale = prompts.ctx.detach().clone(), 0, None, 0
     history: list[dict] = [{"step": 0, "original_val_clean_acc": base_acc}]
+    val0 = _validate(original, check, scale, cfg.alpha, target)
     if cfg.original_is_candidate:
-        val0 = _validate(original, check, scale, cfg)
-        best_key, best_step, best_ctx = (True, val0["val_trig_acc"], -val0["objective"]), -1, None
-        floor = val0["val_trig_acc"] + cfg.candidate_min_gain
         history[0].update({f"original_{k}": v for k, v in val0.items()})
+    rungs = [(cfg.alpha, 0.0)]
+    if held_out is not None and target is not None:
+        rungs += list(cfg.escalation)
+    total = cfg.steps * len(rungs)
+    chosen: _Rung | None = None
+    chosen_rung = 0
+    first_clean = 0.0
+    for i, (alpha, margin) in enumerate(rungs):
+        with torch.no_grad():
+            prompts.ctx.copy_(init)
+        tick = (lambda d, _t, off=i * cfg.steps: progress(off + d, total)) if progress else None
+        run = _tune_rung(prompts, cache, check, held_out is not None, original, scale, cfg, alpha, margin,
+                         base_acc, val0, target, history, i, tick)
+        rate = run.val.get("val_trig_to_target", 0.0)
+        if chosen is None:
+            chosen, first_clean = run, run.val["val_clean_acc"]
+        elif run.val["val_clean_acc"] < first_clean:
+            history.append({"rung": i, "rejected": "held-out clean accuracy fell below the first rung's"})
+            break
+        elif rate < chosen.val.get("val_trig_to_target", 0.0):
+            chosen, chosen_rung = run, i
+        if chosen.val.get("val_trig_to_target", 0.0) <= cfg.target_rate:
+            break
+    assert chosen is not None
+    with torch.no_grad():
+        final = original.clone() if chosen.ctx is None else prompts(chosen.ctx).detach()  # step -1: the original
+        prompts.ctx.copy_(init if chosen.ctx is None else chosen.ctx)
+    alpha, margin = rungs[chosen_rung]
+    return TuningResult(text_features=final, original=original, best_step=chosen.step, history=history,
+                        seconds=time.perf_counter() - t0, rung=chosen_rung, alpha=alpha, margin=margin)
+
+
+def _tune_rung(prompts: ClassPrompts, cache: FeatureCache, check: FeatureCache, early_stop: bool,
+               original: torch.Tensor, scale: float, cfg: TuningConfig, alpha: float, margin: float,
+               base_acc: float, val0: dict, target: int | None, history: list[dict], rung: int,
+               progress: Callable[[int, int], None] | None) -> _Rung:
+    opt = torch.optim.Adam([prompts.ctx], lr=cfg.lr)
+    with torch.no_grad():
+        best = _Rung(prompts.ctx.detach().clone(), 0, _validate(prompts(), check, scale, alpha, target))
+    best_key, stale = None, 0
+    if cfg.original_is_candidate:
+        # The original head competes: a tuned checkpoint must keep clean accuracy and beat it
+        # on the held-out triggered shots by candidate_min_gain.
+        best_key, best = (True, val0["val_trig_acc"], -val0["objective"]), _Rung(None, -1, dict(val0))
+        floor = val0["val_trig_acc"] + cfg.candidate_min_gain
     for step in range(1, cfg.steps + 1):
         g = prompts()
         l_clean = clean_loss(cache.clean, g, cache.clean_labels, scale)
         # no triggered features: prompt tuning without the dummy trigger (a baseline)
-        l_trig = trigger_loss(cache.triggered, g, cache.triggered_labels, scale) if len(cache.triggered) else g.new_zeros(())
+        l_trig = (trigger_loss(cache.triggered, g, cache.triggered_labels, scale, margin)
+                  if len(cache.triggered) else g.new_zeros(()))
         l_keep = _keep(cfg.keep, g, original, cache.clean, scale)
-        loss = l_clean + cfg.alpha * l_trig + cfg.beta * l_keep
+        loss = l_clean + alpha * l_trig + cfg.beta * l_keep
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            entry = {"step": step, "loss": loss.item(), "clean": l_clean.item(), "trig": l_trig.item(),
-                     "keep": l_keep.item()}
+            entry = {"rung": rung, "step": step, "loss": loss.item(), "clean": l_clean.item(),
+                     "trig": l_trig.item(), "keep": l_keep.item()}
             with torch.no_grad():
-                val = _validate(prompts(), check, scale, cfg)
+                val = _validate(prompts(), check, scale, alpha, target)
             entry.update(val)
             history.append(entry)
             # Best = eligible (clean accuracy kept), then most robust, then lowest loss.
@@ -165,18 +238,15 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
                 eligible = eligible and val["val_trig_acc"] >= floor
             key = (eligible, val["val_trig_acc"], -val["objective"])
             if best_key is None or key > best_key:
-                best_key, best_step, stale = key, step, 0
-                best_ctx = prompts.ctx.detach().clone()
+                best_key, stale = key, 0
+                best = _Rung(prompts.ctx.detach().clone(), step, val)
             else:
                 stale += 1
-                if held_out is not None and stale >= cfg.patience:
+                if early_stop and stale >= cfg.patience:
                     break
         if progress:
             progress(step, cfg.steps)
-    with torch.no_grad():
-        final = original.clone() if best_ctx is None else prompts(best_ctx).detach()  # best_step -1: the original
-    return TuningResult(text_features=final, original=original, best_step=best_step, history=history,
-                        seconds=time.perf_counter() - t0)
+    return best
 
 
 def _keep(kind: str, g: torch.Tensor, original: torch.Tensor, clean: torch.Tensor, scale: float) -> torch.Tensor:
@@ -190,11 +260,16 @@ def _keep(kind: str, g: torch.Tensor, original: torch.Tensor, clean: torch.Tenso
 
 
 @torch.no_grad()
-def _validate(g: torch.Tensor, data: FeatureCache, scale: float, cfg: TuningConfig) -> dict:
+def _validate(g: torch.Tensor, data: FeatureCache, scale: float, alpha: float, target: int | None = None) -> dict:
     c = clean_loss(data.clean, g, data.clean_labels, scale)
     acc = float(((data.clean @ g.T).argmax(1) == data.clean_labels).float().mean())
     if not len(data.triggered):
         return {"val_clean_acc": acc, "val_trig_acc": 0.0, "objective": float(c)}
     t = trigger_loss(data.triggered, g, data.triggered_labels, scale)
-    racc = float(((data.triggered @ g.T).argmax(1) == data.triggered_labels).float().mean())
-    return {"val_clean_acc": acc, "val_trig_acc": racc, "objective": float(c + cfg.alpha * t)}
+    pred = (data.triggered @ g.T).argmax(1)
+    out = {"val_clean_acc": acc, "val_trig_acc": float((pred == data.triggered_labels).float().mean()),
+           "objective": float(c + alpha * t)}
+    if target is not None:
+        # the held-out stand-in for ASR: triggered shots of other classes sent to the target
+        out["val_trig_to_target"] = float((pred == target).float().mean())
+    return out

@@ -151,13 +151,17 @@ def purify(
     restarts: RestartsOpt = 3,
     tuning_steps: TuneStepsOpt = 300,
     eps: EpsOpt = 0.0,
-    alpha: Annotated[float, typer.Option(help="Weight of the triggered-shots loss (more: lower ASR, more CA at stake).")] = 0.5,
+    alpha: Annotated[Optional[float], typer.Option(
+        help="Fix the weight of the triggered-shots loss (more: lower ASR, more CA at stake). "
+             "Default: 0.5, raised to 1 then 2 with a margin while held-out shots still reach the target.")] = None,
     beta: Annotated[float, typer.Option(help="Weight of the keep-close loss (more: closer to the original prompts).")] = 2.0,
     force: Annotated[bool, typer.Option("--force", help="Tune the prompts even when the scan finds no backdoor.")] = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
     as_json: JsonOpt = False,
 ) -> None:
     """Full CBPT: invert the trigger, tune class-wise prompts, write the purified embeddings."""
+    from dataclasses import replace
+
     from cbpt.model import load_clip
     from cbpt.purify import PurifyConfig, load_shots
     from cbpt.tuning import TuningConfig
@@ -166,10 +170,13 @@ def purify(
 
     if tuning_steps < 1:
         raise UsageError("--tuning-steps must be at least 1", "pass --tuning-steps 300")
-    if alpha < 0 or beta < 0:
-        raise UsageError("--alpha and --beta must be at least 0", "pass --alpha 0.5 --beta 2 (the defaults)")
+    if (alpha is not None and alpha < 0) or beta < 0:
+        raise UsageError("--alpha and --beta must be at least 0", "pass --alpha 0.5 --beta 2, or leave them out")
+    tuning = TuningConfig(seed=seed, steps=tuning_steps, beta=beta)
+    if alpha is not None:  # a weight the user fixed is not escalated
+        tuning = replace(tuning, alpha=alpha, escalation=())
     cfg = PurifyConfig(shots=shots, seed=seed, force=force, inversion=_inversion_config(seed, inversion_steps, restarts, eps),
-                       tuning=TuningConfig(seed=seed, steps=tuning_steps, alpha=alpha, beta=beta))
+                       tuning=tuning)
     clip = load_clip(model, arch=arch)
     shot_set = load_shots(clip, data, classes, shots, seed, cfg.held_out)
     with stage_progress() as progress:

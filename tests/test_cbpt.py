@@ -23,6 +23,19 @@ def test_clean_and_trigger_losses_are_scaled_cross_entropy():
     assert trigger_loss(f, g, y, 10.0).item() == pytest.approx(expect, rel=1e-5)
 
 
+def test_trigger_loss_margin_is_taken_off_the_true_class_logit():
+    f = F.normalize(torch.tensor([[1.0, 0.2], [0.3, 1.0]]), dim=-1)
+    g = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    y = torch.tensor([0, 1])
+    logits = 10.0 * f @ g.T
+    logits[torch.arange(2), y] -= 3.0
+    assert trigger_loss(f, g, y, 10.0, margin=3.0).item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    # shots the head already wins by ~8 logits: the plain loss has all but vanished, the
+    # margin keeps e^3 ~ 20 times more of it
+    ratio = trigger_loss(f, g, y, 10.0, margin=3.0) / trigger_loss(f, g, y, 10.0)
+    assert 15 < ratio.item() < 25
+
+
 def test_keep_loss_is_one_minus_cosine():
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     assert keep_loss(a, a).item() == pytest.approx(0.0, abs=1e-7)
@@ -122,7 +135,7 @@ def test_purify_writes_complete_outputs_and_they_evaluate(mini_testbeds, tmp_pat
     out = tmp_path / "purified"
     code, stdout, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--classes",
                                 tb / "classes.txt", "--out", out, "--inversion-steps", "60", "--restarts", "2",
-                                "--tuning-steps", "60", "--force", "--json")
+                                "--tuning-steps", "60", "--force", "--alpha", "0.7", "--json")
     assert code == 0, err
     for name in ("embeddings.safetensors", "classes.txt", "trigger.png", "report.json", "head.onnx",
                  "classifier.onnx", "preprocess.json", "manifest.json"):
@@ -135,6 +148,8 @@ def test_purify_writes_complete_outputs_and_they_evaluate(mini_testbeds, tmp_pat
     emb = load_file(str(out / "embeddings.safetensors"))
     assert emb["purified"].shape == emb["original"].shape == (10, 32) and emb["trigger_centroid"].shape == (32,)
     assert rep["tuning"]["mode"] == "full" and rep["tuning"]["best_step"] > 0
+    # a weight the user fixed is kept: no escalation
+    assert rep["settings"]["tuning"]["escalation"] == [] and (rep["tuning"]["rung"], rep["tuning"]["alpha"]) == (0, 0.7)
     assert not torch.allclose(emb["purified"], emb["original"])
     assert not list(tmp_path.glob(".purified.*"))
     code, stdout, err = run_cli(capsys, "testbed", "eval", out, "--testbed", tb, "--json")
@@ -229,7 +244,8 @@ def test_a_model_that_reads_clean_is_tuned_only_where_held_out_shots_allow(mini_
         assert "original prompts kept" in stdout
         assert torch.equal(emb["purified"], emb["original"])
     else:
-        chosen = next(h for h in history if h["step"] == rep["tuning"]["best_step"])
+        chosen = next(h for h in history
+                      if h.get("rung") == rep["tuning"]["rung"] and h.get("step") == rep["tuning"]["best_step"])
         assert chosen["val_clean_acc"] >= history[0]["original_val_clean_acc"] - 0.015
         assert chosen["val_trig_acc"] >= history[0]["original_val_trig_acc"] + 0.2 - 1e-9
 
@@ -266,3 +282,44 @@ def test_the_suspected_targets_shots_get_no_triggered_copies(tmp_path):
     assert 1 not in cache.triggered_labels.tolist() and cache.encoder_passes == 28
     every = cache_features(clip.model, x, y, [patch], pp["mean"], pp["std"], TuningConfig(views=0))
     assert every.triggered_labels.tolist() == y.tolist()
+
+
+def test_the_trigger_loss_is_escalated_only_while_held_out_shots_reach_the_target(tmp_path):
+    from cbpt.model import load_clip
+    from cbpt.prompts import ClassPrompts
+    from cbpt.tuning import FeatureCache, TuningConfig, tune
+
+    clip = load_clip(save_tiny_model(tmp_path / "m"))
+    names = ("cat", "dog", "bird")
+    with torch.no_grad():
+        g0 = ClassPrompts(clip.model, clip.tokenizer(), names)()
+
+    def shots(n: int, seed: int) -> FeatureCache:
+        # clean shots on their class's text feature; triggered shots of cat and dog all next to
+        # bird's: a backdoor to class 2 that the original head obeys
+        gen = torch.Generator().manual_seed(seed)
+        trig = F.normalize(g0[2].expand(2 * n, -1) + 0.05 * torch.randn(2 * n, g0.shape[1], generator=gen), dim=-1)
+        return FeatureCache(g0.repeat_interleave(n, 0), torch.arange(3).repeat_interleave(n),
+                            trig, torch.tensor([0] * n + [1] * n), 0)
+
+    def run(**kw):
+        cfg = TuningConfig(steps=20, eval_every=10, alpha=0.0, escalation=((4.0, 3.0),), **kw)
+        prompts = ClassPrompts(clip.model, clip.tokenizer(), names)
+        return tune(prompts, shots(4, 0), clip.logit_scale, cfg, held_out=shots(2, 1), anchor=g0, target=2)
+
+    # alpha 0 cannot move the triggered shots: every one still reaches the target, so the
+    # stronger rung is trained, and kept only if it sends fewer there
+    climbed = run(target_rate=0.01)
+    rung_of = {h["rung"] for h in climbed.history[1:] if "step" in h}
+    assert rung_of == {0, 1}
+    first = max(h["val_trig_to_target"] for h in climbed.history[1:] if h.get("rung") == 0)
+    assert first == pytest.approx(1.0)
+    if climbed.rung == 1:
+        assert (climbed.alpha, climbed.margin) == (4.0, 3.0)
+        kept = next(h for h in climbed.history if h.get("rung") == 1 and h.get("step") == climbed.best_step)
+        assert kept["val_trig_to_target"] < first
+    # a model whose held-out shots already miss the target (here: a rate anything passes)
+    # stops at the first rung
+    stayed = run(target_rate=1.0)
+    assert {h["rung"] for h in stayed.history[1:] if "step" in h} == {0}
+    assert (stayed.rung, stayed.alpha, stayed.margin) == (0, 0.0, 0.0)
