@@ -193,6 +193,8 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
         if chosen.val.get("val_trig_to_target", 0.0) <= cfg.target_rate:
             break
     assert chosen is not None
+    if progress:  # the rungs not needed are skipped: the bar ends full
+        progress(total, total)
     with torch.no_grad():
         final = original.clone() if chosen.ctx is None else prompts(chosen.ctx).detach()  # step -1: the original
         prompts.ctx.copy_(init if chosen.ctx is None else chosen.ctx)

@@ -302,10 +302,14 @@ def test_the_trigger_loss_is_escalated_only_while_held_out_shots_reach_the_targe
         return FeatureCache(g0.repeat_interleave(n, 0), torch.arange(3).repeat_interleave(n),
                             trig, torch.tensor([0] * n + [1] * n), 0)
 
+    ticks: list[tuple[int, int]] = []
+
     def run(**kw):
         cfg = TuningConfig(steps=20, eval_every=10, alpha=0.0, escalation=((4.0, 3.0),), **kw)
         prompts = ClassPrompts(clip.model, clip.tokenizer(), names)
-        return tune(prompts, shots(4, 0), clip.logit_scale, cfg, held_out=shots(2, 1), anchor=g0, target=2)
+        ticks.clear()
+        return tune(prompts, shots(4, 0), clip.logit_scale, cfg, held_out=shots(2, 1), anchor=g0, target=2,
+                    progress=lambda d, t: ticks.append((d, t)))
 
     # alpha 0 cannot move the triggered shots: every one still reaches the target, so the
     # stronger rung is trained, and kept only if it sends fewer there
@@ -323,3 +327,5 @@ def test_the_trigger_loss_is_escalated_only_while_held_out_shots_reach_the_targe
     stayed = run(target_rate=1.0)
     assert {h["rung"] for h in stayed.history[1:] if "step" in h} == {0}
     assert (stayed.rung, stayed.alpha, stayed.margin) == (0, 0.0, 0.0)
+    # the progress bar counts every rung and ends full when the later ones are not needed
+    assert ticks[-1] == (40, 40) and max(d for d, _ in ticks[:-1]) == 20
