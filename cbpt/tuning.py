@@ -37,6 +37,7 @@ class TuningConfig:
     # 0.978 / 0.945 with ASR 0.006 / 0.012. Rolling a patch across the border makes triggers
     # no backdoor responds to, and they pull clean features along.
     alpha: float = 0.5  # weight of L_trig
+    margin: float = 0.0  # L_trig's margin (logits) at that weight
     beta: float = 2.0  # weight of L_keep
     # Stronger trigger losses, (alpha, margin in logits taken off the true class), tried in turn
     # while more than target_rate of the held-out triggered shots still go to the suspected
@@ -166,10 +167,10 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
     check = held_out or cache
     base_acc = float(((check.clean @ original.T).argmax(1) == check.clean_labels).float().mean())
     history: list[dict] = [{"step": 0, "original_val_clean_acc": base_acc}]
-    val0 = _validate(original, check, scale, cfg.alpha, target)
+    val0 = _validate(original, check, scale, cfg.alpha, target, original)
     if cfg.original_is_candidate:
         history[0].update({f"original_{k}": v for k, v in val0.items()})
-    rungs = [(cfg.alpha, 0.0)]
+    rungs = [(cfg.alpha, cfg.margin)]
     if held_out is not None and target is not None:
         rungs += list(cfg.escalation)
     total = cfg.steps * len(rungs)
@@ -209,7 +210,7 @@ def _tune_rung(prompts: ClassPrompts, cache: FeatureCache, check: FeatureCache, 
                progress: Callable[[int, int], None] | None) -> _Rung:
     opt = torch.optim.Adam([prompts.ctx], lr=cfg.lr)
     with torch.no_grad():
-        best = _Rung(prompts.ctx.detach().clone(), 0, _validate(prompts(), check, scale, alpha, target))
+        best = _Rung(prompts.ctx.detach().clone(), 0, _validate(prompts(), check, scale, alpha, target, original))
     best_key, stale = None, 0
     if cfg.original_is_candidate:
         # The original head competes: a tuned checkpoint must keep clean accuracy and beat it
@@ -231,7 +232,7 @@ def _tune_rung(prompts: ClassPrompts, cache: FeatureCache, check: FeatureCache, 
             entry = {"rung": rung, "step": step, "loss": loss.item(), "clean": l_clean.item(),
                      "trig": l_trig.item(), "keep": l_keep.item()}
             with torch.no_grad():
-                val = _validate(prompts(), check, scale, alpha, target)
+                val = _validate(prompts(), check, scale, alpha, target, original)
             entry.update(val)
             history.append(entry)
             # Best = eligible (clean accuracy kept), then most robust, then lowest loss.
@@ -262,15 +263,18 @@ def _keep(kind: str, g: torch.Tensor, original: torch.Tensor, clean: torch.Tenso
 
 
 @torch.no_grad()
-def _validate(g: torch.Tensor, data: FeatureCache, scale: float, alpha: float, target: int | None = None) -> dict:
+def _validate(g: torch.Tensor, data: FeatureCache, scale: float, alpha: float, target: int | None = None,
+              original: torch.Tensor | None = None) -> dict:
     c = clean_loss(data.clean, g, data.clean_labels, scale)
     acc = float(((data.clean @ g.T).argmax(1) == data.clean_labels).float().mean())
+    # how far the held-out clean decisions moved from the original head's
+    kl = {} if original is None else {"val_clean_kl": float(keep_kl_loss(data.clean, g, original, scale))}
     if not len(data.triggered):
-        return {"val_clean_acc": acc, "val_trig_acc": 0.0, "objective": float(c)}
+        return {"val_clean_acc": acc, "val_trig_acc": 0.0, "objective": float(c), **kl}
     t = trigger_loss(data.triggered, g, data.triggered_labels, scale)
     pred = (data.triggered @ g.T).argmax(1)
     out = {"val_clean_acc": acc, "val_trig_acc": float((pred == data.triggered_labels).float().mean()),
-           "objective": float(c + alpha * t)}
+           "objective": float(c + alpha * t), **kl}
     if target is not None:
         # the held-out stand-in for ASR: triggered shots of other classes sent to the target
         out["val_trig_to_target"] = float((pred == target).float().mean())

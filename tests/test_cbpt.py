@@ -318,6 +318,9 @@ def test_the_trigger_loss_is_escalated_only_while_held_out_shots_reach_the_targe
     assert rung_of == {0, 1}
     first = max(h["val_trig_to_target"] for h in climbed.history[1:] if h.get("rung") == 0)
     assert first == pytest.approx(1.0)
+    # every checkpoint reports how far its held-out clean decisions moved from the original's
+    assert all(h["val_clean_kl"] >= -1e-6 for h in climbed.history[1:] if "step" in h)
+    assert any(h["val_clean_kl"] > 1e-4 for h in climbed.history[1:] if h.get("rung") == 1)
     if climbed.rung == 1:
         assert (climbed.alpha, climbed.margin) == (4.0, 3.0)
         kept = next(h for h in climbed.history if h.get("rung") == 1 and h.get("step") == climbed.best_step)
