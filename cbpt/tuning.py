@@ -44,10 +44,17 @@ class TuningConfig:
     # target. Measured (3 shot sets, every testbed attack): the shapes models stay at the
     # first rung (at most 2.8% of their held-out shots reach the target, and where more than 1%
     # do, the stronger rungs lose held-out clean accuracy), while the digits models climb:
-    # sig ASR 0.254 -> 0.021, badclip 0.179 -> 0.078. Fixed at alpha 1 + margin, shapes lost
+    # sig ASR 0.254 -> 0.021, badclip 0.179 -> 0.037 (with the allowance below). Fixed at alpha 1 + margin, shapes lost
     # 2.8-5.5 CA points on five of six attacks.
     escalation: tuple[tuple[float, float], ...] = ((1.0, 3.0), (2.0, 3.0))
     target_rate: float = 0.01
+    # A stronger rung must keep the first rung's held-out clean accuracy, less this allowance
+    # when at least strong_evidence of the held-out triggered shots went to the target at the
+    # first rung. Measured (3 shot sets): no shapes run reaches 5% there, while digits badclip's
+    # worst shot set (14.8%) needed its strongest rung, which cost 2 of 80 held-out clean shots
+    # and 1.2 test CA points: ASR 0.151 -> 0.027 (mean 0.078 -> 0.037).
+    strong_evidence: float = 0.05
+    evidence_allowance: float = 0.03
     # Measured (badnet / blended): cosine alone kept CA at 0.964 / 0.945; adding the KL to the
     # original decisions kept 0.984 / 0.971 at ASR 0.004 / 0.010.
     keep: str = "both"  # L_keep: "cosine" (embeddings), "kl" (decisions on clean shots) or "both"
@@ -158,7 +165,9 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
     With held-out shots and a suspected `target`, the trigger loss is escalated through
     `cfg.escalation` while the held-out triggered shots still go to the target more often than
     `cfg.target_rate`; a stronger rung is taken only if it sends fewer there and keeps the
-    first rung's held-out clean accuracy, and each rung starts again from the initial context."""
+    first rung's held-out clean accuracy (less `cfg.evidence_allowance` where the first rung
+    left at least `cfg.strong_evidence` there), and each rung starts again from the initial
+    context."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
@@ -176,22 +185,23 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
     total = cfg.steps * len(rungs)
     chosen: _Rung | None = None
     chosen_rung = 0
-    first_clean = 0.0
+    floor = 0.0
     for i, (alpha, margin) in enumerate(rungs):
         with torch.no_grad():
             prompts.ctx.copy_(init)
         tick = (lambda d, _t, off=i * cfg.steps: progress(off + d, total)) if progress else None
         run = _tune_rung(prompts, cache, check, held_out is not None, original, scale, cfg, alpha, margin,
                          base_acc, val0, target, history, i, tick)
-        rate = run.val.get("val_trig_to_target", 0.0)
         if chosen is None:
-            chosen, first_clean = run, run.val["val_clean_acc"]
-        elif run.val["val_clean_acc"] < first_clean:
-            history.append({"rung": i, "rejected": "held-out clean accuracy fell below the first rung's"})
-            break
-        elif rate < chosen.val.get("val_trig_to_target", 0.0):
-            chosen, chosen_rung = run, i
-        if chosen.val.get("val_trig_to_target", 0.0) <= cfg.target_rate:
+            chosen, floor = run, clean_floor(run.val, cfg)
+        else:
+            verdict = weigh_rung(chosen.val, run.val, floor)
+            if verdict == "stop":
+                history.append({"rung": i, "rejected": f"held-out clean accuracy fell below {floor:.4f}"})
+                break
+            if verdict == "take":
+                chosen, chosen_rung = run, i
+        if _to_target(chosen.val) <= cfg.target_rate:
             break
     assert chosen is not None
     if progress:  # the rungs not needed are skipped: the bar ends full
@@ -202,6 +212,27 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
     alpha, margin = rungs[chosen_rung]
     return TuningResult(text_features=final, original=original, best_step=chosen.step, history=history,
                         seconds=time.perf_counter() - t0, rung=chosen_rung, alpha=alpha, margin=margin)
+
+
+def _to_target(val: dict) -> float:
+    return val.get("val_trig_to_target", 0.0)
+
+
+def clean_floor(first: dict, cfg: TuningConfig) -> float:
+    """The held-out clean accuracy a stronger rung must keep: the first rung's, less
+    `evidence_allowance` where at least `strong_evidence` of the held-out triggered shots still
+    reached the target there (strong evidence that the backdoor survives buys a little)."""
+    allowance = cfg.evidence_allowance if _to_target(first) >= cfg.strong_evidence else 0.0
+    return first["val_clean_acc"] - allowance
+
+
+def weigh_rung(best: dict, run: dict, floor: float) -> str:
+    """A stronger rung's held-out figures against the best so far: "stop" (it spent more clean
+    accuracy than allowed; stronger ones would spend more), "take" (it sends fewer held-out
+    triggered shots to the target) or "keep" (the best so far stays)."""
+    if run["val_clean_acc"] < floor - 1e-9:
+        return "stop"
+    return "take" if _to_target(run) < _to_target(best) else "keep"
 
 
 def _tune_rung(prompts: ClassPrompts, cache: FeatureCache, check: FeatureCache, early_stop: bool,

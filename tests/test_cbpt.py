@@ -332,3 +332,20 @@ def test_the_trigger_loss_is_escalated_only_while_held_out_shots_reach_the_targe
     assert (stayed.rung, stayed.alpha, stayed.margin) == (0, 0.0, 0.0)
     # the progress bar counts every rung and ends full when the later ones are not needed
     assert ticks[-1] == (40, 40) and max(d for d, _ in ticks[:-1]) == 20
+
+
+def test_a_stronger_rung_is_weighed_by_held_out_evidence():
+    from cbpt.tuning import TuningConfig, clean_floor, weigh_rung
+
+    cfg = TuningConfig()  # target_rate 0.01, strong_evidence 0.05, allowance 0.03
+    weak = {"val_clean_acc": 1.0, "val_trig_to_target": 0.03}
+    strong = {"val_clean_acc": 1.0, "val_trig_to_target": 0.15}
+    assert clean_floor(weak, cfg) == pytest.approx(1.0)
+    assert clean_floor(strong, cfg) == pytest.approx(0.97)
+    # two of 80 held-out clean shots lost: refused on weak evidence, allowed on strong
+    costly = {"val_clean_acc": 0.975, "val_trig_to_target": 0.0}
+    assert weigh_rung(weak, costly, clean_floor(weak, cfg)) == "stop"
+    assert weigh_rung(strong, costly, clean_floor(strong, cfg)) == "take"
+    # clean accuracy kept but no fewer shots reach the target: the weaker rung stays
+    assert weigh_rung(strong, {"val_clean_acc": 1.0, "val_trig_to_target": 0.15}, 0.97) == "keep"
+    assert weigh_rung(strong, {"val_clean_acc": 0.96, "val_trig_to_target": 0.0}, 0.97) == "stop"
