@@ -107,6 +107,14 @@ class InversionResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
+    def patches(self) -> list[DummyTrigger]:
+        """The mask-and-pattern candidates, best first."""
+        return [c for c in self.candidates if c.kind == "patch"]
+
+    def others(self) -> list[DummyTrigger]:
+        """The warp and additive candidates."""
+        return [c for c in self.candidates if c.kind != "patch"]
+
 
 def _normalise(x01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     m = torch.tensor(mean, dtype=x01.dtype).view(1, 3, 1, 1)

@@ -131,7 +131,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
     tuning_cfg = cfg.tuning if suspected else replace(cfg.tuning, original_is_candidate=True)
     # A backdoor the mask found is tuned against masks alone: adding the inverted warp cost the
     # shapes blended model 2-4 CA points for nothing. One it did not find may be a warp (WaNet).
-    triggers = [c for c in inversion.candidates if c.kind == "patch"] if suspected else inversion.candidates
+    triggers = inversion.patches() if suspected else inversion.candidates
     pp = clip.preprocess_cfg
     cache = cache_features(clip.model, shots.x01, shots.labels, triggers, pp["mean"], pp["std"], tuning_cfg,
                            target=inversion.target)
@@ -211,15 +211,11 @@ def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) 
     }
 
 
-def _non_patch(inv: InversionResult) -> list:
-    return [c for c in inv.candidates if c.kind != "patch"]
-
-
 def write_scan(out: Path, inv: InversionResult, shots: Shots, summary: dict) -> None:
     from cbpt.pictures import trigger_png
 
     with atomic.staged_dir(out) as stage:
-        (stage / "trigger.png").write_bytes(trigger_png(inv.trigger, shots.x01, others=_non_patch(inv)))
+        (stage / "trigger.png").write_bytes(trigger_png(inv.trigger, shots.x01, others=inv.others()))
         (stage / "scan.json").write_text(json.dumps(summary, indent=2))
 
 
@@ -243,7 +239,7 @@ def write_purified(out: Path, result: Purified, shots: Shots, rep: dict) -> None
         (stage / "embeddings.safetensors").write_bytes(blob)
         (stage / "classes.txt").write_text("\n".join(result.classnames) + "\n")
         (stage / "trigger.png").write_bytes(trigger_png(result.inversion.trigger, shots.x01,
-                                                        others=_non_patch(result.inversion)))
+                                                        others=result.inversion.others()))
         (stage / "report.json").write_text(json.dumps(rep, indent=2))
 
 

@@ -44,8 +44,8 @@ class TuningConfig:
     # target. Measured (3 shot sets, every testbed attack): the shapes models stay at the
     # first rung (at most 2.8% of their held-out shots reach the target, and where more than 1%
     # do, the stronger rungs lose held-out clean accuracy), while the digits models climb:
-    # sig ASR 0.254 -> 0.021, badclip 0.179 -> 0.037 (with the allowance below). Fixed at alpha 1 + margin, shapes lost
-    # 2.8-5.5 CA points on five of six attacks.
+    # sig ASR 0.254 -> 0.021, badclip 0.179 -> 0.037 (with the allowance below). Fixed at
+    # alpha 1 + margin, shapes lost 2.8-5.5 CA points on five of six attacks.
     escalation: tuple[tuple[float, float], ...] = ((1.0, 3.0), (2.0, 3.0))
     target_rate: float = 0.01
     # A stronger rung must keep the first rung's held-out clean accuracy, less this allowance
@@ -92,7 +92,7 @@ class TuningResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     encoder_passes_during_tuning: int = 0
-    rung: int = 0  # which strength of the trigger loss was kept (0: alpha, no margin)
+    rung: int = 0  # which strength of the trigger loss was kept (0: the config's alpha and margin)
     alpha: float = 0.0
     margin: float = 0.0
 
@@ -174,9 +174,8 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
         original = prompts().detach() if anchor is None else anchor.detach()
     init = prompts.ctx.detach().clone()
     check = held_out or cache
-    base_acc = float(((check.clean @ original.T).argmax(1) == check.clean_labels).float().mean())
-    history: list[dict] = [{"step": 0, "original_val_clean_acc": base_acc}]
-    val0 = _validate(original, check, scale, cfg.alpha, target, original)
+    val0 = _validate(original, check, scale, cfg.alpha, target, original)  # the original head's figures
+    history: list[dict] = [{"step": 0, "original_val_clean_acc": val0["val_clean_acc"]}]
     if cfg.original_is_candidate:
         history[0].update({f"original_{k}": v for k, v in val0.items()})
     rungs = [(cfg.alpha, cfg.margin)]
@@ -185,19 +184,19 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
     total = cfg.steps * len(rungs)
     chosen: _Rung | None = None
     chosen_rung = 0
-    floor = 0.0
+    clean_min = 0.0
     for i, (alpha, margin) in enumerate(rungs):
         with torch.no_grad():
             prompts.ctx.copy_(init)
         tick = (lambda d, _t, off=i * cfg.steps: progress(off + d, total)) if progress else None
         run = _tune_rung(prompts, cache, check, held_out is not None, original, scale, cfg, alpha, margin,
-                         base_acc, val0, target, history, i, tick)
+                         val0, target, history, i, tick)
         if chosen is None:
-            chosen, floor = run, clean_floor(run.val, cfg)
+            chosen, clean_min = run, clean_floor(run.val, cfg)
         else:
-            verdict = weigh_rung(chosen.val, run.val, floor)
+            verdict = weigh_rung(chosen.val, run.val, clean_min)
             if verdict == "stop":
-                history.append({"rung": i, "rejected": f"held-out clean accuracy fell below {floor:.4f}"})
+                history.append({"rung": i, "rejected": f"held-out clean accuracy fell below {clean_min:.4f}"})
                 break
             if verdict == "take":
                 chosen, chosen_rung = run, i
@@ -237,17 +236,20 @@ def weigh_rung(best: dict, run: dict, floor: float) -> str:
 
 def _tune_rung(prompts: ClassPrompts, cache: FeatureCache, check: FeatureCache, early_stop: bool,
                original: torch.Tensor, scale: float, cfg: TuningConfig, alpha: float, margin: float,
-               base_acc: float, val0: dict, target: int | None, history: list[dict], rung: int,
+               val0: dict, target: int | None, history: list[dict], rung: int,
                progress: Callable[[int, int], None] | None) -> _Rung:
+    """One rung from the current context; `val0`: the original head's held-out figures."""
     opt = torch.optim.Adam([prompts.ctx], lr=cfg.lr)
-    with torch.no_grad():
-        best = _Rung(prompts.ctx.detach().clone(), 0, _validate(prompts(), check, scale, alpha, target, original))
-    best_key, stale = None, 0
+    stale = 0
     if cfg.original_is_candidate:
         # The original head competes: a tuned checkpoint must keep clean accuracy and beat it
         # on the held-out triggered shots by candidate_min_gain.
         best_key, best = (True, val0["val_trig_acc"], -val0["objective"]), _Rung(None, -1, dict(val0))
-        floor = val0["val_trig_acc"] + cfg.candidate_min_gain
+        trig_min = val0["val_trig_acc"] + cfg.candidate_min_gain
+    else:
+        best_key = None
+        with torch.no_grad():
+            best = _Rung(prompts.ctx.detach().clone(), 0, _validate(prompts(), check, scale, alpha, target, original))
     for step in range(1, cfg.steps + 1):
         g = prompts()
         l_clean = clean_loss(cache.clean, g, cache.clean_labels, scale)
@@ -267,9 +269,9 @@ def _tune_rung(prompts: ClassPrompts, cache: FeatureCache, check: FeatureCache, 
             entry.update(val)
             history.append(entry)
             # Best = eligible (clean accuracy kept), then most robust, then lowest loss.
-            eligible = val["val_clean_acc"] >= base_acc - cfg.clean_tolerance
+            eligible = val["val_clean_acc"] >= val0["val_clean_acc"] - cfg.clean_tolerance
             if cfg.original_is_candidate:
-                eligible = eligible and val["val_trig_acc"] >= floor
+                eligible = eligible and val["val_trig_acc"] >= trig_min
             key = (eligible, val["val_trig_acc"], -val["objective"])
             if best_key is None or key > best_key:
                 best_key, stale = key, 0
