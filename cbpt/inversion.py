@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,9 @@ class DummyTrigger:
     delta: torch.Tensor  # [3, H, W], |delta| <= eps
     flow: torch.Tensor | None = None  # [H, W, 2] (dy, dx) displacement in pixels, applied first
     kind: str = "patch"  # what inversion searched: "patch" (mask + pattern), "warp" or "additive"
+    # the class its triggered shots point to (set by `invert`): restarts may find different
+    # ones, e.g. a warp that reaches WaNet's target on a model whose best patch points elsewhere
+    target: int | None = None
 
     def apply(self, x01: torch.Tensor) -> torch.Tensor:
         if self.flow is not None:
@@ -74,7 +77,7 @@ class DummyTrigger:
         """The same trigger rolled to another place: backdoor patches fire anywhere."""
         return DummyTrigger(torch.roll(self.mask, (dy, dx), (0, 1)), torch.roll(self.pattern, (dy, dx), (1, 2)),
                             self.delta, None if self.flow is None else torch.roll(self.flow, (dy, dx), (0, 1)),
-                            self.kind)
+                            self.kind, self.target)
 
 
 def warp(x01: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
@@ -171,10 +174,10 @@ _KINDS = {"patch": _init_patch, "warp": _init_warp, "additive": _init_additive}
 
 def _one_restart(encode: Callable[[torch.Tensor], torch.Tensor], x01: torch.Tensor, cfg: InversionConfig,
                  gen: torch.Generator, progress: Callable[[], None] | None,
-                 kind: str = "patch") -> tuple[DummyTrigger, float, list[float]]:
+                 kind: str = "patch") -> tuple[DummyTrigger, float, list[float], torch.Tensor]:
     """One inversion from a random start. The penalty is the trigger's size: the mask's mean
     for a patch, the mean displacement over the image side for a warp, the mean magnitude over
-    its bound for an additive perturbation."""
+    its bound for an additive perturbation. Also returns the triggered shots' features."""
     _, _, h, w = x01.shape
     params, build = _KINDS[kind](h, w, cfg, gen)
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -199,7 +202,11 @@ def _one_restart(encode: Callable[[torch.Tensor], torch.Tensor], x01: torch.Tens
         trigger, size = build()
         feats = encode(trigger.apply(x01))
         final = float(contrastive_inversion_loss(feats, clean_all, cfg.tau)) + cfg.lam * float(size)
-    return trigger, final, history
+    return trigger, final, history, feats
+
+
+def _points_to(feats: torch.Tensor, class_weights: torch.Tensor) -> int:
+    return int((F.normalize(feats.mean(0), dim=-1) @ class_weights.T).argmax())
 
 
 def invert(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor,
@@ -226,19 +233,20 @@ def invert(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tensor, clas
     runs = sorted((_one_restart(encode, x01, cfg, gen, tick) for _ in range(cfg.restarts)), key=lambda r: r[1])
     others = [_one_restart(encode, x01, cfg, gen, tick, kind)
               for kind, n in (("warp", cfg.warp_restarts), ("additive", cfg.additive_restarts)) for _ in range(n)]
-    best, _, history = runs[0]
+    # each candidate's target: the class its triggered shots' mean feature is nearest to
+    candidates = [replace(trig, target=_points_to(f, class_weights)) for trig, _, _, f in runs + others]
+    best, (_, _, history, feats) = candidates[0], runs[0]
     with torch.no_grad():
         clean = encode(x01)
-        feats = encode(best.apply(x01))
         pred = (feats @ class_weights.T).argmax(1)
         centre = F.normalize(feats.mean(0), dim=-1)
-        target = int((centre @ class_weights.T).argmax())
+        target = int((centre @ class_weights.T).argmax())  # the best patch's, as candidates[0].target
     keep = labels != target
     flip = float((pred[keep] == target).float().mean()) if bool(keep.any()) else 0.0
     consistency, clean_consistency = mean_pairwise_cos(feats), mean_pairwise_cos(clean)
     mask_l1 = float(best.mask.mean())
     return InversionResult(
-        trigger=best, candidates=[r[0] for r in runs + others], target=target, flip_rate=flip,
+        trigger=best, candidates=candidates, target=target, flip_rate=flip,
         consistency=consistency, clean_consistency=clean_consistency, mask_l1=mask_l1,
         score=backdoor_score(flip, consistency, clean_consistency, mask_l1),
         mean_feature=centre, losses=history, seconds=time.perf_counter() - t0,

@@ -153,7 +153,8 @@ def purify(
     eps: EpsOpt = 0.0,
     alpha: Annotated[Optional[float], typer.Option(
         help="Fix the weight of the triggered-shots loss (more: lower ASR, more CA at stake). "
-             "Default: 0.5, raised to 1 then 2 with a margin while held-out shots still reach the target.")] = None,
+             "Default: 0.5, raised to 1 then 2 with a margin while held-out shots still reach the target "
+             "(when the scan finds a backdoor).")] = None,
     beta: Annotated[float, typer.Option(help="Weight of the keep-close loss (more: closer to the original prompts).")] = 2.0,
     force: Annotated[bool, typer.Option("--force", help="Tune the prompts even when the scan finds no backdoor.")] = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),

@@ -113,6 +113,8 @@ def test_inverted_trigger_finds_the_planted_target_only_in_the_backdoored_model(
     inv, shots = _scan(mini_testbeds["blended"])
     planted = 2
     assert inv.target == planted
+    # every restart names the class its own trigger points to; the best one names the target
+    assert inv.candidates[0].target == planted and all(c.target is not None for c in inv.candidates)
     non_target = shots.labels != planted
     with torch.no_grad():
         from cbpt.purify import original_head
@@ -228,7 +230,7 @@ def test_backdoor_score_rewards_small_triggers_that_flip_everything():
 
 def test_a_model_that_reads_clean_is_tuned_only_where_held_out_shots_allow(mini_testbeds, tmp_path, capsys):
     """Cautious mode: the original prompts compete with every tuned checkpoint on the held-out
-    shots, and a change must keep their clean accuracy."""
+    shots, a change must keep their clean accuracy, and the trigger loss is not escalated."""
     from safetensors.torch import load_file
 
     tb = mini_testbeds["none"]
@@ -240,6 +242,8 @@ def test_a_model_that_reads_clean_is_tuned_only_where_held_out_shots_allow(mini_
     assert rep["scan"]["backdoored"] is False and rep["tuning"]["mode"] == "cautious"
     emb = load_file(str(out / "embeddings.safetensors"))
     history = rep["tuning"]["history"]
+    assert {h["rung"] for h in history if "step" in h and "rung" in h} == {0} and rep["tuning"]["rung"] == 0
+    assert rep["settings"]["tuning"]["escalation"] and rep["tuning"]["alpha"] == 0.5
     if rep["tuning"]["kept_original"]:
         assert "original prompts kept" in stdout
         assert torch.equal(emb["purified"], emb["original"])
@@ -265,7 +269,9 @@ def test_warp_trigger_is_identity_at_zero_flow_and_moves_pixels_by_the_flow():
     assert torch.allclose(trig.apply(x)[..., :-1], x[..., 1:], atol=1e-6)
 
 
-def test_the_suspected_targets_shots_get_no_triggered_copies(tmp_path):
+def test_each_triggers_target_shots_get_no_triggered_copies(tmp_path):
+    from dataclasses import replace
+
     from cbpt.inversion import DummyTrigger
     from cbpt.model import load_clip
     from cbpt.tuning import TuningConfig, cache_features
@@ -275,13 +281,17 @@ def test_the_suspected_targets_shots_get_no_triggered_copies(tmp_path):
     x = torch.rand(6, 3, 32, 32)
     y = torch.tensor([0, 0, 1, 1, 2, 2])
     patch = DummyTrigger(torch.zeros(32, 32).index_fill_(0, torch.arange(3), 1.0), torch.ones(3, 32, 32),
-                         torch.zeros(3, 32, 32))
-    cache = cache_features(clip.model, x, y, [patch, patch], pp["mean"], pp["std"], TuningConfig(views=1), target=1)
-    # clean: 6 shots x 2 views; triggered: the 4 non-target shots x 2 views x 2 triggers
-    assert cache.clean.shape[0] == 12 and cache.triggered.shape[0] == 16
-    assert 1 not in cache.triggered_labels.tolist() and cache.encoder_passes == 28
-    every = cache_features(clip.model, x, y, [patch], pp["mean"], pp["std"], TuningConfig(views=0))
-    assert every.triggered_labels.tolist() == y.tolist()
+                         torch.zeros(3, 32, 32), target=1)
+    cache = cache_features(clip.model, x, y, [patch, replace(patch, target=2)], pp["mean"], pp["std"],
+                           TuningConfig(views=1))
+    # clean: 6 shots x 2 views; triggered: each trigger's 4 non-target shots x 2 views
+    assert cache.clean.shape[0] == 12 and cache.triggered.shape[0] == 16 and cache.encoder_passes == 28
+    assert cache.triggered_labels.tolist() == [0, 0, 2, 2] * 2 + [0, 0, 1, 1] * 2
+    assert cache.triggered_targets.tolist() == [1] * 8 + [2] * 8
+    # a trigger that names no target is applied to every shot
+    every = cache_features(clip.model, x, y, [replace(patch, target=None)], pp["mean"], pp["std"],
+                           TuningConfig(views=0))
+    assert every.triggered_labels.tolist() == y.tolist() and every.triggered_targets.tolist() == [-1] * 6
 
 
 def test_the_trigger_loss_is_escalated_only_while_held_out_shots_reach_the_target(tmp_path):
@@ -300,7 +310,7 @@ def test_the_trigger_loss_is_escalated_only_while_held_out_shots_reach_the_targe
         gen = torch.Generator().manual_seed(seed)
         trig = F.normalize(g0[2].expand(2 * n, -1) + 0.05 * torch.randn(2 * n, g0.shape[1], generator=gen), dim=-1)
         return FeatureCache(g0.repeat_interleave(n, 0), torch.arange(3).repeat_interleave(n),
-                            trig, torch.tensor([0] * n + [1] * n), 0)
+                            trig, torch.tensor([0] * n + [1] * n), torch.full((2 * n,), 2), 0)
 
     ticks: list[tuple[int, int]] = []
 
@@ -308,7 +318,7 @@ def test_the_trigger_loss_is_escalated_only_while_held_out_shots_reach_the_targe
         cfg = TuningConfig(steps=20, eval_every=10, alpha=0.0, escalation=((4.0, 3.0),), **kw)
         prompts = ClassPrompts(clip.model, clip.tokenizer(), names)
         ticks.clear()
-        return tune(prompts, shots(4, 0), clip.logit_scale, cfg, held_out=shots(2, 1), anchor=g0, target=2,
+        return tune(prompts, shots(4, 0), clip.logit_scale, cfg, held_out=shots(2, 1), anchor=g0,
                     progress=lambda d, t: ticks.append((d, t)))
 
     # alpha 0 cannot move the triggered shots: every one still reaches the target, so the
