@@ -132,9 +132,16 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
     # whatever the strength, so that evidence means nothing here. Measured on the clean digits
     # model (3 shot sets): escalating cost up to 1.8 test CA points, not escalating at most 0.4.
     tuning_cfg = cfg.tuning if suspected else replace(cfg.tuning, original_is_candidate=True, escalation=())
-    # A backdoor the mask found is tuned against masks alone: adding the inverted warp cost the
-    # shapes blended model 2-4 CA points for nothing. One it did not find may be a warp (WaNet).
-    triggers = inversion.patches() if suspected else inversion.candidates
+    # A backdoor the mask found is tuned against masks alone (adding the inverted warp cost the
+    # shapes blended model 2-4 CA points for nothing), every restart as a trigger for the one
+    # target the scan named: a restart that points elsewhere found a natural feature, and at
+    # 1 shot per class its held-out shots, counted as evidence, escalated shapes badnet to a
+    # rung that cost 6.7 CA points. One the mask did not find may be a warp (WaNet): each
+    # candidate is then taken at its own target.
+    if suspected:
+        triggers = [replace(c, target=inversion.target) for c in inversion.patches()]
+    else:
+        triggers = inversion.candidates
     pp = clip.preprocess_cfg
     cache = cache_features(clip.model, shots.x01, shots.labels, triggers, pp["mean"], pp["std"], tuning_cfg)
     held = None

@@ -197,7 +197,7 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
         run = _tune_rung(prompts, cache, check, held_out is not None, original, scale, cfg, alpha, margin,
                          val0, history, i, tick)
         if chosen is None:
-            chosen, clean_min = run, clean_floor(run.val, cfg)
+            chosen, clean_min = run, clean_floor(run.val, cfg, val0["val_clean_acc"])
         else:
             verdict = weigh_rung(chosen.val, run.val, clean_min)
             if verdict == "stop":
@@ -222,12 +222,16 @@ def _to_target(val: dict) -> float:
     return val.get("val_trig_to_target", 0.0)
 
 
-def clean_floor(first: dict, cfg: TuningConfig) -> float:
+def clean_floor(first: dict, cfg: TuningConfig, original_clean: float) -> float:
     """The held-out clean accuracy a stronger rung must keep: the first rung's, less
     `evidence_allowance` where at least `strong_evidence` of the held-out triggered shots still
-    reached the target there (strong evidence that the backdoor survives buys a little)."""
-    allowance = cfg.evidence_allowance if _to_target(first) >= cfg.strong_evidence else 0.0
-    return first["val_clean_acc"] - allowance
+    reached the target there (strong evidence that the backdoor survives buys a little), and the
+    first rung kept the original head's within `clean_tolerance`: where it already spent that,
+    nothing more is spent. Measured at 1 shot per class (shapes badnet), a first rung 3.8
+    held-out points down let the allowance through to a rung that cost 8.6 test CA points."""
+    strong = _to_target(first) >= cfg.strong_evidence
+    kept = first["val_clean_acc"] >= original_clean - cfg.clean_tolerance - 1e-9
+    return first["val_clean_acc"] - (cfg.evidence_allowance if strong and kept else 0.0)
 
 
 def weigh_rung(best: dict, run: dict, floor: float) -> str:

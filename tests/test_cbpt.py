@@ -350,12 +350,19 @@ def test_a_stronger_rung_is_weighed_by_held_out_evidence():
     cfg = TuningConfig()  # target_rate 0.01, strong_evidence 0.05, allowance 0.03
     weak = {"val_clean_acc": 1.0, "val_trig_to_target": 0.03}
     strong = {"val_clean_acc": 1.0, "val_trig_to_target": 0.15}
-    assert clean_floor(weak, cfg) == pytest.approx(1.0)
-    assert clean_floor(strong, cfg) == pytest.approx(0.97)
+    assert clean_floor(weak, cfg, 1.0) == pytest.approx(1.0)
+    assert clean_floor(strong, cfg, 1.0) == pytest.approx(0.97)
     # two of 80 held-out clean shots lost: refused on weak evidence, allowed on strong
     costly = {"val_clean_acc": 0.975, "val_trig_to_target": 0.0}
-    assert weigh_rung(weak, costly, clean_floor(weak, cfg)) == "stop"
-    assert weigh_rung(strong, costly, clean_floor(strong, cfg)) == "take"
+    assert weigh_rung(weak, costly, clean_floor(weak, cfg, 1.0)) == "stop"
+    assert weigh_rung(strong, costly, clean_floor(strong, cfg, 1.0)) == "take"
+    # a first rung that already lost more than clean_tolerance against the original head
+    # gets no allowance: the stronger rung may not spend what is already spent
+    spent = {"val_clean_acc": 0.95, "val_trig_to_target": 0.15}
+    assert clean_floor(spent, cfg, 0.988) == pytest.approx(0.95)
+    assert clean_floor(spent, cfg, 0.96) == pytest.approx(0.92)
+    assert weigh_rung(spent, {"val_clean_acc": 0.925, "val_trig_to_target": 0.03},
+                      clean_floor(spent, cfg, 0.988)) == "stop"
     # clean accuracy kept but no fewer shots reach the target: the weaker rung stays
     assert weigh_rung(strong, {"val_clean_acc": 1.0, "val_trig_to_target": 0.15}, 0.97) == "keep"
     assert weigh_rung(strong, {"val_clean_acc": 0.96, "val_trig_to_target": 0.0}, 0.97) == "stop"
