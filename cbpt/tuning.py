@@ -41,7 +41,8 @@ class TuningConfig:
     beta: float = 2.0  # weight of L_keep
     # Stronger trigger losses, (alpha, margin in logits taken off the true class), tried in turn
     # while more than target_rate of the held-out triggered shots still go to the suspected
-    # target. Measured (3 shot sets, every testbed attack): the shapes models stay at the
+    # target (purify escalates only a backdoor its scan found, see purify.run_purify).
+    # Measured (3 shot sets, every testbed attack): the shapes models stay at the
     # first rung (at most 2.8% of their held-out shots reach the target, and where more than 1%
     # do, the stronger rungs lose held-out clean accuracy), while the digits models climb:
     # sig ASR 0.254 -> 0.021, badclip 0.179 -> 0.037 (with the allowance below). Fixed at
