@@ -108,6 +108,8 @@ class InversionResult:
     score: float  # backdoor score (higher = more suspicious)
     mean_feature: torch.Tensor  # normalised mean triggered feature: the backdoor region's centre
     losses: list[float] = field(default_factory=list)
+    # per candidate: the share of the shots outside its own target that it sends there
+    candidate_flip_rates: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
     def patches(self) -> list[DummyTrigger]:
@@ -209,6 +211,13 @@ def _points_to(feats: torch.Tensor, class_weights: torch.Tensor) -> int:
     return int((F.normalize(feats.mean(0), dim=-1) @ class_weights.T).argmax())
 
 
+def _flip_rate(feats: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor, target: int) -> float:
+    keep = labels != target
+    if not bool(keep.any()):
+        return 0.0
+    return float(((feats[keep] @ class_weights.T).argmax(1) == target).float().mean())
+
+
 def invert(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor,
            mean: Sequence[float], std: Sequence[float], cfg: InversionConfig = InversionConfig(),
            progress: Callable[[int, int], None] | None = None) -> InversionResult:
@@ -234,22 +243,21 @@ def invert(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tensor, clas
     others = [_one_restart(encode, x01, cfg, gen, tick, kind)
               for kind, n in (("warp", cfg.warp_restarts), ("additive", cfg.additive_restarts)) for _ in range(n)]
     # each candidate's target: the class its triggered shots' mean feature is nearest to
-    candidates = [replace(trig, target=_points_to(f, class_weights)) for trig, _, _, f in runs + others]
-    best, (_, _, history, feats) = candidates[0], runs[0]
+    found = runs + others
+    targets = [_points_to(f, class_weights) for *_, f in found]
+    candidates = [replace(trig, target=t) for (trig, *_), t in zip(found, targets)]
+    flips = [_flip_rate(f, labels, class_weights, t) for (*_, f), t in zip(found, targets)]
+    best, (_, _, history, feats), target, flip = candidates[0], runs[0], targets[0], flips[0]
+    centre = F.normalize(feats.mean(0), dim=-1)
     with torch.no_grad():
         clean = encode(x01)
-        pred = (feats @ class_weights.T).argmax(1)
-        centre = F.normalize(feats.mean(0), dim=-1)
-        target = int((centre @ class_weights.T).argmax())  # the best patch's, as candidates[0].target
-    keep = labels != target
-    flip = float((pred[keep] == target).float().mean()) if bool(keep.any()) else 0.0
     consistency, clean_consistency = mean_pairwise_cos(feats), mean_pairwise_cos(clean)
     mask_l1 = float(best.mask.mean())
     return InversionResult(
         trigger=best, candidates=candidates, target=target, flip_rate=flip,
         consistency=consistency, clean_consistency=clean_consistency, mask_l1=mask_l1,
         score=backdoor_score(flip, consistency, clean_consistency, mask_l1),
-        mean_feature=centre, losses=history, seconds=time.perf_counter() - t0,
+        mean_feature=centre, losses=history, candidate_flip_rates=flips, seconds=time.perf_counter() - t0,
     )
 
 

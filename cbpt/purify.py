@@ -33,7 +33,9 @@ class PurifyConfig:
     shots: int = 16
     seed: int = 0
     held_out: int = 8  # held-out shots per class for early stopping, when the data has them
-    force: bool = False  # tune even when the scan finds no backdoor
+    # tune as for a found backdoor even when the scan reads clean (every candidate, each at its
+    # own target). Measured, digits WaNet: ASR 0.964 -> 0.150; the clean digits model: -1.1 CA
+    force: bool = False
     inversion: InversionConfig = field(default_factory=InversionConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
 
@@ -134,11 +136,9 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
     tuning_cfg = cfg.tuning if suspected else replace(cfg.tuning, original_is_candidate=True, escalation=())
     # A backdoor the mask found is tuned against masks alone (adding the inverted warp cost the
     # shapes blended model 2-4 CA points for nothing), every restart as a trigger for the one
-    # target the scan named: a restart that points elsewhere found a natural feature, and at
-    # 1 shot per class its held-out shots, counted as evidence, escalated shapes badnet to a
-    # rung that cost 6.7 CA points. One the mask did not find may be a warp (WaNet): each
-    # candidate is then taken at its own target.
-    if suspected:
+    # target the scan named. One it did not find (tuned cautiously, or with --force) may be a
+    # warp (WaNet): every candidate is then used, each at its own target.
+    if inversion.score >= SCAN_THRESHOLD:
         triggers = [replace(c, target=inversion.target) for c in inversion.patches()]
     else:
         triggers = inversion.candidates
@@ -195,6 +195,11 @@ def scan_summary(inv: InversionResult, classnames: tuple[str, ...], threshold: f
         "consistency": round(inv.consistency, 4),
         "clean_consistency": round(inv.clean_consistency, 4),
         "mask_l1": round(inv.mask_l1, 4),
+        # every restart, best mask first: where each sends the shots. A warp or perturbation
+        # that sends most of them to one class is not counted in the score (natural features
+        # of clean models do the same, see inversion.InversionConfig.warp_restarts)
+        "candidates": [{"kind": c.kind, "target": classnames[c.target] if c.target is not None else None,
+                        "flip_rate": round(f, 4)} for c, f in zip(inv.candidates, inv.candidate_flip_rates)],
         "seconds": round(inv.seconds, 2),
     }
 

@@ -137,6 +137,9 @@ def scan(
     typer.echo(f"{verdict}: score {summary['score']:.3f} (threshold {summary['threshold']}), suspected target "
                f"'{summary['target']}', trigger flips {summary['flip_rate']:.0%} of shots with "
                f"{summary['mask_l1']:.1%} of the image" + (f"; trigger picture: {out / 'trigger.png'}" if out else ""))
+    for c in summary["candidates"]:
+        if c["kind"] != "patch":  # reported, not scored: clean models' natural features do the same
+            typer.echo(f"  {c['kind']} inversion (not scored): sends {c['flip_rate']:.0%} of shots to '{c['target']}'")
 
 
 @app.command()
@@ -156,7 +159,9 @@ def purify(
              "Default: 0.5, raised to 1 then 2 with a margin while held-out shots still reach the target "
              "(when the scan finds a backdoor).")] = None,
     beta: Annotated[float, typer.Option(help="Weight of the keep-close loss (more: closer to the original prompts).")] = 2.0,
-    force: Annotated[bool, typer.Option("--force", help="Tune the prompts even when the scan finds no backdoor.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Tune as for a found backdoor even when the scan reads clean, against every "
+                                     "inverted trigger (masks and warp) at its own target; on a clean model "
+                                     "this costs clean accuracy.")] = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
     as_json: JsonOpt = False,
 ) -> None:

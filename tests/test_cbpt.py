@@ -181,12 +181,20 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
     assert code == 0, err
     res = json.loads(stdout)
     assert {"backdoored", "target", "score", "flip_rate", "mask_l1"} <= set(res) and res["target"] == "triangle"
+    # every restart says where it sends the shots; the best mask's figures are the scan's own
+    kinds = [c["kind"] for c in res["candidates"]]
+    assert kinds == ["patch", "warp"] and all(0.0 <= c["flip_rate"] <= 1.0 for c in res["candidates"])
+    assert res["candidates"][0]["target"] == res["target"] and res["candidates"][0]["flip_rate"] == res["flip_rate"]
     from PIL import Image
 
     with Image.open(tmp_path / "s" / "trigger.png") as img:
         # mask / pattern, clean shots, triggered shots, and the inverted warp's row
         assert img.size[0] >= 3 * 96 and img.size[1] == 4 * 100 + 4
     assert json.loads((tmp_path / "s" / "scan.json").read_text())["target"] == "triangle"
+    code, stdout, err = run_cli(capsys, "scan", tb / "model.pt", "--data", tb / "fewshot",
+                                "--inversion-steps", "20", "--restarts", "1")
+    assert code == 0, err
+    assert stdout.startswith(("BACKDOORED: score", "clean: score")) and "warp inversion (not scored): sends" in stdout
 
 
 def test_bad_data_is_reported_before_any_work(mini_testbeds, tmp_path, capsys):
@@ -217,6 +225,22 @@ def test_purify_leaves_the_prompts_alone_when_the_scan_finds_no_backdoor(mini_te
 
     emb = load_file(str(out / "embeddings.safetensors"))
     assert torch.equal(emb["purified"], emb["original"])
+
+
+def test_force_tunes_a_clean_reading_model_against_every_inverted_trigger(mini_testbeds, tmp_path, capsys):
+    """--force on a model the scan reads clean: full tuning, against the masks AND the warp,
+    each without copies of its own target's shots."""
+    tb = mini_testbeds["none"]
+    out = tmp_path / "p"
+    code, stdout, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--out", out, "--shots", "8",
+                                "--inversion-steps", "60", "--restarts", "1", "--tuning-steps", "20", "--force", "--json")
+    assert code == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["scan"]["backdoored"] is False and rep["tuning"]["mode"] == "full"
+    kinds = [c["kind"] for c in rep["scan"]["candidates"]]
+    assert kinds == ["patch", "warp"]
+    n, k, views = 10 * 8, 8, 3  # shots, shots per class, the shot and its 2 augmented views
+    assert rep["timings"]["image_encoder_passes_cached"] == views * n + len(kinds) * views * (n - k)
 
 
 def test_backdoor_score_rewards_small_triggers_that_flip_everything():
