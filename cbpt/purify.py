@@ -112,7 +112,8 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
     original = original_head(clip, shots.classnames)
     inversion = run_scan(clip, shots, cfg.inversion, progress, weights=original)
     t1 = time.perf_counter()
-    suspected = inversion.score >= SCAN_THRESHOLD or cfg.force
+    found = inversion.score >= SCAN_THRESHOLD
+    suspected = found or cfg.force
     if not suspected and shots.held_x01 is None:
         # No backdoor found and no held-out shots to check a change against: what inversion
         # found is a natural feature, and tuning against it unchecked costs accuracy
@@ -129,7 +130,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
     # tuned checkpoints on the held-out shots and is kept unless one keeps clean accuracy and
     # resists the inverted triggers better. Measured (mean of 3 shot sets): WaNet, which the scan
     # misses, goes from ASR 0.929 to 0.020 on shapes (with the inverted warp), while clean models
-    # keep CA within 0.3 points.
+    # keep CA within 0.4 points on every shot set.
     # Nor is its trigger loss escalated: a natural feature keeps held-out shots at its class
     # whatever the strength, so that evidence means nothing here. Measured on the clean digits
     # model (3 shot sets): escalating cost up to 1.8 test CA points, not escalating at most 0.4.
@@ -138,7 +139,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
     # shapes blended model 2-4 CA points for nothing), every restart as a trigger for the one
     # target the scan named. One it did not find (tuned cautiously, or with --force) may be a
     # warp (WaNet): every candidate is then used, each at its own target.
-    if inversion.score >= SCAN_THRESHOLD:
+    if found:
         triggers = [replace(c, target=inversion.target) for c in inversion.patches()]
     else:
         triggers = inversion.candidates

@@ -171,9 +171,8 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
     With held-out triggered shots whose triggers name a target, the trigger loss is escalated
     through `cfg.escalation` while they still go to their target more often than
     `cfg.target_rate`; a stronger rung is taken only if it sends fewer there and keeps the
-    first rung's held-out clean accuracy (less `cfg.evidence_allowance` where the first rung
-    left at least `cfg.strong_evidence` there), and each rung starts again from the initial
-    context."""
+    first rung's held-out clean accuracy (see `clean_floor`), and each rung starts again from
+    the initial context."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
