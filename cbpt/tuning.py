@@ -128,14 +128,14 @@ def cache_features(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tens
     views = [x01] + [augment(x01, gen) for _ in range(cfg.views)]
     trig_imgs, trig_labels, trig_targets = [], [], []
     for trig in triggers:
-        keep = labels != trig.target if trig.target is not None else torch.ones_like(labels, dtype=torch.bool)
+        target = -1 if trig.target is None else trig.target  # -1: no label matches, every shot is kept
+        keep = labels != target
         for s in range(cfg.shifts):
             t = trig if s == 0 else trig.shifted(int(torch.randint(0, h, (1,), generator=gen)),
                                                  int(torch.randint(0, w, (1,), generator=gen)))
             trig_imgs += [t.apply(v[keep]) for v in views]
-        n = int(keep.sum()) * cfg.shifts * len(views)
         trig_labels.append(labels[keep].repeat(cfg.shifts * len(views)))
-        trig_targets.append(torch.full((n,), -1 if trig.target is None else trig.target, dtype=labels.dtype))
+        trig_targets.append(torch.full_like(trig_labels[-1], target))
 
     def encode(batches: list[torch.Tensor]) -> torch.Tensor:
         x = torch.cat(batches)
@@ -305,12 +305,11 @@ def _keep(kind: str, g: torch.Tensor, original: torch.Tensor, clean: torch.Tenso
 
 
 @torch.no_grad()
-def _validate(g: torch.Tensor, data: FeatureCache, scale: float, alpha: float,
-              original: torch.Tensor | None = None) -> dict:
+def _validate(g: torch.Tensor, data: FeatureCache, scale: float, alpha: float, original: torch.Tensor) -> dict:
     c = clean_loss(data.clean, g, data.clean_labels, scale)
     acc = float(((data.clean @ g.T).argmax(1) == data.clean_labels).float().mean())
     # how far the held-out clean decisions moved from the original head's
-    kl = {} if original is None else {"val_clean_kl": float(keep_kl_loss(data.clean, g, original, scale))}
+    kl = {"val_clean_kl": float(keep_kl_loss(data.clean, g, original, scale))}
     if not len(data.triggered):
         return {"val_clean_acc": acc, "val_trig_acc": 0.0, "objective": float(c), **kl}
     t = trigger_loss(data.triggered, g, data.triggered_labels, scale)
