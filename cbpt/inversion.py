@@ -10,7 +10,9 @@ collapse the features than any natural feature of a clean model does.
 
 Besides these mask-and-pattern restarts, inversion can search a smooth warp (WaNet-like) or a
 bounded full-image perturbation, penalised by their own size; they feed prompt tuning as
-further dummy triggers, while the scan reads the best mask.
+further dummy triggers. The scan reads the best mask's score and every trigger's
+`over_alignment`; where the masks read clean, `probe_warps` searches more warps from random
+fields, for a warp backdoor's evidence.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +43,22 @@ class InversionConfig:
     consistency: float = 0.85  # mean pairwise cos of triggered features counted as "collapsed"
     eps: float = 0.0  # bound of the additive perturbation (e.g. 8/255 for invisible triggers)
     # Restarts that invert a smooth warp instead of a mask and pattern (WaNet-like triggers,
-    # which no small mask reproduces). They feed tuning but not the scan, whose score is
-    # calibrated on masks; their penalty is the mean displacement as a share of the image side.
+    # which no small mask reproduces). They feed tuning, and the scan through their
+    # over-alignment (its score is calibrated on masks); their penalty is the mean displacement
+    # as a share of the image side.
     # Measured on shapes WaNet (3 shot sets): ASR after 0.051 -> 0.020 with one warp restart.
-    # On digits WaNet it finds no more than on the clean model (both hit the displacement
-    # bound), so the scan does not read it.
+    # On digits its flip rate and size are no different on the clean model (both hit the
+    # displacement bound); what tells them apart is its `over_alignment` (purify.read_scan).
     warp_restarts: int = 1
+    # Warps searched from a random field (control grid ~ N(0, warp_spread^2)) where the masks
+    # read clean (see purify.run_scan): evidence for a warp backdoor, and its triggers when a
+    # warp's over-alignment shows one. The contrastive loss has many warp minima, and digits
+    # WaNet's reach the planted target from either start but cover its basin only together
+    # (measured, 3 shot sets: ASR after 0.069 / 0.118 / 0.022 with the identity-start warp alone,
+    # 0.022 / 0.022 / 0.033 with the probes). Not fed to tuning otherwise: in cautious mode
+    # they cost shapes WaNet's first shot set its purification (original prompts kept).
+    warp_probes: int = 2
+    warp_spread: float = 1.0
     warp_grid: int = 4  # control points per side of the warp field
     warp_max_shift: float = 0.25  # largest displacement, as a share of the image side
     # Restarts that invert a full-image additive perturbation alone (SIG, blended, SSBA-like
@@ -67,6 +80,7 @@ class DummyTrigger:
     # the class its triggered shots point to (set by `invert`): restarts may find different
     # ones, e.g. a warp that reaches WaNet's target on a model whose best patch points elsewhere
     target: int | None = None
+    probe: bool = False  # a random-start warp from `probe_warps`
 
     def apply(self, x01: torch.Tensor) -> torch.Tensor:
         if self.flow is not None:
@@ -75,9 +89,8 @@ class DummyTrigger:
 
     def shifted(self, dy: int, dx: int) -> DummyTrigger:
         """The same trigger rolled to another place: backdoor patches fire anywhere."""
-        return DummyTrigger(torch.roll(self.mask, (dy, dx), (0, 1)), torch.roll(self.pattern, (dy, dx), (1, 2)),
-                            self.delta, None if self.flow is None else torch.roll(self.flow, (dy, dx), (0, 1)),
-                            self.kind, self.target)
+        return replace(self, mask=torch.roll(self.mask, (dy, dx), (0, 1)), pattern=torch.roll(self.pattern, (dy, dx), (1, 2)),
+                       flow=None if self.flow is None else torch.roll(self.flow, (dy, dx), (0, 1)))
 
 
 def warp(x01: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
@@ -110,6 +123,8 @@ class InversionResult:
     losses: list[float] = field(default_factory=list)
     # per candidate: the share of the shots outside its own target that it sends there
     candidate_flip_rates: list[float] = field(default_factory=list)
+    # per candidate: its `over_alignment` (None where too few shots of its target)
+    candidate_alignments: list[float | None] = field(default_factory=list)
     seconds: float = 0.0
 
     def patches(self) -> list[DummyTrigger]:
@@ -117,8 +132,24 @@ class InversionResult:
         return [c for c in self.candidates if c.kind == "patch"]
 
     def others(self) -> list[DummyTrigger]:
-        """The warp and additive candidates."""
+        """The warp and additive candidates, probes included."""
         return [c for c in self.candidates if c.kind != "patch"]
+
+    def restarts(self) -> list[DummyTrigger]:
+        """The candidates less the probes: what a model that reads clean is tuned against."""
+        return [c for c in self.candidates if not c.probe]
+
+    def over_aligned(self, threshold: float) -> list[DummyTrigger]:
+        """The warp and additive candidates over-aligned by at least `threshold` beyond the mask
+        restarts (or zero, where none of those over-aligns), toward the target of the most
+        over-aligned one, most first: the evidence the mask score cannot give. Where the masks'
+        natural features over-align too, the model's clean shots are a poor reference: measured
+        on the undertrained miniature models of the tests, whose natural features reach 0.6-1.3."""
+        pairs = list(zip(self.candidates, self.candidate_alignments))
+        bar = threshold + max([0.0] + [a for c, a in pairs if c.kind == "patch" and a is not None])
+        found = sorted(((a, c) for c, a in pairs if c.kind != "patch" and a is not None and a >= bar),
+                       key=lambda p: -p[0])
+        return [c for _, c in found if c.target == found[0][1].target]
 
 
 def _normalise(x01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -148,8 +179,8 @@ def _init_patch(h: int, w: int, cfg: InversionConfig, gen: torch.Generator):
     return [a, b] + ([d] if cfg.eps > 0 else []), build
 
 
-def _init_warp(h: int, w: int, cfg: InversionConfig, gen: torch.Generator):
-    ctrl = (torch.randn(2, cfg.warp_grid, cfg.warp_grid, generator=gen) * 0.1).requires_grad_(True)
+def _init_warp(h: int, w: int, cfg: InversionConfig, gen: torch.Generator, spread: float = 0.1):
+    ctrl = (torch.randn(2, cfg.warp_grid, cfg.warp_grid, generator=gen) * spread).requires_grad_(True)
     side = float(max(h, w))
 
     def build() -> tuple[DummyTrigger, torch.Tensor]:
@@ -171,17 +202,14 @@ def _init_additive(h: int, w: int, cfg: InversionConfig, gen: torch.Generator):
     return [d], build
 
 
-_KINDS = {"patch": _init_patch, "warp": _init_warp, "additive": _init_additive}
-
-
 def _one_restart(encode: Callable[[torch.Tensor], torch.Tensor], x01: torch.Tensor, cfg: InversionConfig,
                  gen: torch.Generator, progress: Callable[[], None] | None,
-                 kind: str = "patch") -> tuple[DummyTrigger, float, list[float], torch.Tensor]:
+                 init: Callable = _init_patch) -> tuple[DummyTrigger, float, list[float], torch.Tensor]:
     """One inversion from a random start. The penalty is the trigger's size: the mask's mean
     for a patch, the mean displacement over the image side for a warp, the mean magnitude over
     its bound for an additive perturbation. Also returns the triggered shots' features."""
     _, _, h, w = x01.shape
-    params, build = _KINDS[kind](h, w, cfg, gen)
+    params, build = init(h, w, cfg, gen)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     lam, history = cfg.lam, []
     with torch.no_grad():
@@ -211,11 +239,57 @@ def _points_to(feats: torch.Tensor, class_weights: torch.Tensor) -> int:
     return int((F.normalize(feats.mean(0), dim=-1) @ class_weights.T).argmax())
 
 
+# Fewer shots of the target class than this give no spread to measure over-alignment in.
+MIN_ALIGNMENT_SHOTS = 8
+
+
+def over_alignment(feats: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor,
+                   target: int, min_shots: int = MIN_ALIGNMENT_SHOTS) -> float | None:
+    """How much closer the triggered shots of the other classes come to the target's text
+    embedding than the target's own clean shots do, in units of the latter's spread (None with
+    fewer than `min_shots` of them). A poisoned model was trained to pull triggered images
+    onto the target's caption; a natural feature makes images look like the class, not more so.
+    Measured on the testbed (16 shots, 3 shot sets): triggers pointing to a planted target
+    0.2 to 3.1; the clean models' masks, warps and probes -19 to -1.1, and 12 random-start
+    warps tried apart at most +0.26. Undertrained models break the premise (see
+    `InversionResult.over_aligned`)."""
+    own = clean[labels == target] @ class_weights[target]
+    others = labels != target
+    if own.numel() < max(min_shots, 2) or not bool(others.any()):
+        return None
+    trig = feats[others] @ class_weights[target]
+    return float((trig.mean() - own.mean()) / own.std().clamp_min(1e-6))
+
+
 def _flip_rate(feats: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor, target: int) -> float:
     keep = labels != target
     if not bool(keep.any()):
         return 0.0
     return float(((feats[keep] @ class_weights.T).argmax(1) == target).float().mean())
+
+
+def _describe(found: list, clean: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor):
+    """Each restart's trigger with its target (the class its triggered shots' mean feature is
+    nearest to), flip rate and over-alignment."""
+    targets = [_points_to(f, class_weights) for *_, f in found]
+    return ([replace(trig, target=t) for (trig, *_), t in zip(found, targets)],
+            [_flip_rate(f, labels, class_weights, t) for (*_, f), t in zip(found, targets)],
+            [over_alignment(f, clean, labels, class_weights, t) for (*_, f), t in zip(found, targets)])
+
+
+def _ticker(progress: Callable[[int, int], None] | None, total: int) -> Callable[[], None]:
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
+
+    return tick
+
+
+def _encoder(model: torch.nn.Module, mean: Sequence[float], std: Sequence[float]):
+    return lambda x: model.encode_image(_normalise(x, mean, std), normalize=True)
 
 
 def invert(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor,
@@ -228,37 +302,45 @@ def invert(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tensor, clas
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        return model.encode_image(_normalise(x, mean, std), normalize=True)
-
-    done = [0]
-    total = cfg.steps * (cfg.restarts + cfg.warp_restarts + cfg.additive_restarts)
-
-    def tick() -> None:
-        done[0] += 1
-        if progress:
-            progress(done[0], total)
-
+    encode = _encoder(model, mean, std)
+    tick = _ticker(progress, cfg.steps * (cfg.restarts + cfg.warp_restarts + cfg.additive_restarts))
     runs = sorted((_one_restart(encode, x01, cfg, gen, tick) for _ in range(cfg.restarts)), key=lambda r: r[1])
-    others = [_one_restart(encode, x01, cfg, gen, tick, kind)
-              for kind, n in (("warp", cfg.warp_restarts), ("additive", cfg.additive_restarts)) for _ in range(n)]
-    # each candidate's target: the class its triggered shots' mean feature is nearest to
-    found = runs + others
-    targets = [_points_to(f, class_weights) for *_, f in found]
-    candidates = [replace(trig, target=t) for (trig, *_), t in zip(found, targets)]
-    flips = [_flip_rate(f, labels, class_weights, t) for (*_, f), t in zip(found, targets)]
-    best, (_, _, history, feats), target, flip = candidates[0], runs[0], targets[0], flips[0]
-    centre = F.normalize(feats.mean(0), dim=-1)
+    others = [_one_restart(encode, x01, cfg, gen, tick, init)
+              for init, n in ((_init_warp, cfg.warp_restarts), (_init_additive, cfg.additive_restarts)) for _ in range(n)]
     with torch.no_grad():
         clean = encode(x01)
+    candidates, flips, aligned = _describe(runs + others, clean, labels, class_weights)
+    best, (_, _, history, feats), target, flip = candidates[0], runs[0], candidates[0].target, flips[0]
+    centre = F.normalize(feats.mean(0), dim=-1)
     consistency, clean_consistency = mean_pairwise_cos(feats), mean_pairwise_cos(clean)
     mask_l1 = float(best.mask.mean())
     return InversionResult(
         trigger=best, candidates=candidates, target=target, flip_rate=flip,
         consistency=consistency, clean_consistency=clean_consistency, mask_l1=mask_l1,
         score=backdoor_score(flip, consistency, clean_consistency, mask_l1),
-        mean_feature=centre, losses=history, candidate_flip_rates=flips, seconds=time.perf_counter() - t0,
+        mean_feature=centre, losses=history, candidate_flip_rates=flips, candidate_alignments=aligned,
+        seconds=time.perf_counter() - t0,
     )
+
+
+def probe_warps(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor,
+                mean: Sequence[float], std: Sequence[float], result: InversionResult,
+                cfg: InversionConfig = InversionConfig(),
+                progress: Callable[[int, int], None] | None = None) -> InversionResult:
+    """`result` with `cfg.warp_probes` random-start warps added to its candidates."""
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # its own stream: the restarts stay as they were
+    encode = _encoder(model, mean, std)
+    tick = _ticker(progress, cfg.steps * cfg.warp_probes)
+    init = partial(_init_warp, spread=cfg.warp_spread)
+    found = [_one_restart(encode, x01, cfg, gen, tick, init) for _ in range(cfg.warp_probes)]
+    with torch.no_grad():
+        clean = encode(x01)
+    probes, flips, aligned = _describe(found, clean, labels, class_weights)
+    return replace(result, candidates=result.candidates + [replace(p, probe=True) for p in probes],
+                   candidate_flip_rates=result.candidate_flip_rates + flips,
+                   candidate_alignments=result.candidate_alignments + aligned,
+                   seconds=result.seconds + time.perf_counter() - t0)
 
 
 # A backdoor needs a far smaller trigger than any natural feature to collapse the shots into

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cbpt.data import LabelledImages, discover, load_batch, read_classes_file, sample_shots
-from cbpt.inversion import InversionConfig, InversionResult, invert
+from cbpt.inversion import DummyTrigger, InversionConfig, InversionResult, invert, probe_warps
 from cbpt.model import LoadedClip
 from cbpt.prompts import ClassPrompts
 from cbpt.tuning import TuningConfig, TuningResult, cache_features, tune
@@ -26,6 +26,34 @@ from cbpt_guard import __version__, atomic
 # Scores at or above this read "backdoored" (calibrated on testbed models: backdoored 0.64-0.84,
 # clean 0.17-0.42; see inversion.backdoor_score).
 SCAN_THRESHOLD = 0.55
+# A model whose masks read clean is still backdoored where an inverted warp (or additive
+# trigger) over-aligns by at least this beyond its masks (see InversionResult.over_aligned).
+# Measured on the testbed (3 shot sets each): digits WaNet's warps and probes pointing to the
+# planted target 0.59-1.42 (the best 0.93-1.42: caught 3 of 3), shapes WaNet's best 0.93 /
+# 1.05 beyond masks at 0.21 (caught), 0.86 beyond 0.48 and -0.55 (not: tuned cautiously, ASR
+# 0.008 / 0.007); no clean model's inverted trigger above -1.1, nor +0.26 among 12 more
+# random-start warps tried apart.
+ALIGN_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class Verdict:
+    backdoored: bool
+    # "mask": a small mask flips the shots (the score); "warp": an inverted warp or additive
+    # trigger over-aligns; "": neither
+    evidence: str
+    target: int  # the backdoor's target, or the best mask's when none was found
+    triggers: list[DummyTrigger]  # what a found backdoor is tuned against, each at `target`
+
+
+def read_scan(inv: InversionResult) -> Verdict:
+    if inv.score >= SCAN_THRESHOLD:
+        return Verdict(True, "mask", inv.target, [replace(c, target=inv.target) for c in inv.patches()])
+    aligned = inv.over_aligned(ALIGN_THRESHOLD)
+    if aligned:  # every warp restart and probe then becomes a trigger for its target
+        target = aligned[0].target
+        return Verdict(True, "warp", target, [replace(c, target=target) for c in inv.others()])
+    return Verdict(False, "", inv.target, [])
 
 
 @dataclass(frozen=True)
@@ -102,8 +130,13 @@ def run_scan(clip: LoadedClip, shots: Shots, cfg: InversionConfig,
     """Step 1 alone. `weights`: the original head, when the caller already has it."""
     weights = original_head(clip, shots.classnames) if weights is None else weights
     pp = clip.preprocess_cfg
-    return invert(clip.model, shots.x01, shots.labels, weights, pp["mean"], pp["std"], cfg,
-                  progress=(lambda d, t: progress("invert", d, t)) if progress else None)
+    inv = invert(clip.model, shots.x01, shots.labels, weights, pp["mean"], pp["std"], cfg,
+                 progress=(lambda d, t: progress("invert", d, t)) if progress else None)
+    if inv.score >= SCAN_THRESHOLD or not cfg.warp_probes:
+        return inv
+    # the masks read clean: search for a warp backdoor's evidence (InversionConfig.warp_probes)
+    return probe_warps(clip.model, shots.x01, shots.labels, weights, pp["mean"], pp["std"], inv, cfg,
+                       progress=(lambda d, t: progress("probe", d, t)) if progress else None)
 
 
 def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
@@ -112,8 +145,8 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
     original = original_head(clip, shots.classnames)
     inversion = run_scan(clip, shots, cfg.inversion, progress, weights=original)
     t1 = time.perf_counter()
-    found = inversion.score >= SCAN_THRESHOLD
-    suspected = found or cfg.force
+    verdict = read_scan(inversion)
+    suspected = verdict.backdoored or cfg.force
     if not suspected and shots.held_x01 is None:
         # No backdoor found and no held-out shots to check a change against: what inversion
         # found is a natural feature, and tuning against it unchecked costs accuracy
@@ -135,14 +168,12 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
     # whatever the strength, so that evidence means nothing here. Measured on the clean digits
     # model (3 shot sets): escalating cost up to 1.8 test CA points, not escalating at most 0.4.
     tuning_cfg = cfg.tuning if suspected else replace(cfg.tuning, original_is_candidate=True, escalation=())
-    # A backdoor the mask found is tuned against masks alone (adding the inverted warp cost the
-    # shapes blended model 2-4 CA points for nothing), every restart as a trigger for the one
-    # target the scan named. One it did not find (tuned cautiously, or with --force) may be a
-    # warp (WaNet): every candidate is then used, each at its own target.
-    if found:
-        triggers = [replace(c, target=inversion.target) for c in inversion.patches()]
-    else:
-        triggers = inversion.candidates
+    # A backdoor the scan found is tuned against the kind of trigger that showed it, each as a
+    # trigger for the one target the scan named: the mask restarts for a mask's evidence (adding
+    # the inverted warp cost the shapes blended model 2-4 CA points for nothing), the warps and
+    # probes for a warp's. One it did not find (tuned cautiously, or with --force) may still be a
+    # warp: every restart is then used, each at its own target (the probes are left out).
+    triggers = verdict.triggers if verdict.backdoored else inversion.restarts()
     pp = clip.preprocess_cfg
     cache = cache_features(clip.model, shots.x01, shots.labels, triggers, pp["mean"], pp["std"], tuning_cfg)
     held = None
@@ -185,22 +216,26 @@ def alarm_threshold(clean: torch.Tensor, held: torch.Tensor | None, centroid: to
             "clean_max": float(scores.max()), "clean_mean": float(scores.mean())}
 
 
-def scan_summary(inv: InversionResult, classnames: tuple[str, ...], threshold: float = SCAN_THRESHOLD) -> dict:
+def scan_summary(inv: InversionResult, classnames: tuple[str, ...]) -> dict:
+    verdict = read_scan(inv)
     return {
-        "backdoored": bool(inv.score >= threshold),
-        "target": classnames[inv.target],
-        "target_index": inv.target,
+        "backdoored": verdict.backdoored,
+        "evidence": verdict.evidence or None,
+        "target": classnames[verdict.target],
+        "target_index": verdict.target,
         "score": round(inv.score, 4),
-        "threshold": threshold,
+        "threshold": SCAN_THRESHOLD,
+        "alignment_threshold": ALIGN_THRESHOLD,
         "flip_rate": round(inv.flip_rate, 4),
         "consistency": round(inv.consistency, 4),
         "clean_consistency": round(inv.clean_consistency, 4),
         "mask_l1": round(inv.mask_l1, 4),
-        # every restart, best mask first: where each sends the shots. A warp or perturbation
-        # that sends most of them to one class is not counted in the score (natural features
-        # of clean models do the same, see inversion.InversionConfig.warp_restarts)
-        "candidates": [{"kind": c.kind, "target": classnames[c.target] if c.target is not None else None,
-                        "flip_rate": round(f, 4)} for c, f in zip(inv.candidates, inv.candidate_flip_rates)],
+        # every restart, best mask first: where each sends the shots, and how far past the
+        # target's own shots it pulls them toward the target's text (a warp's evidence)
+        "candidates": [{"kind": c.kind, "probe": c.probe,
+                        "target": classnames[c.target] if c.target is not None else None,
+                        "flip_rate": round(f, 4), "over_alignment": None if a is None else round(a, 3)}
+                       for c, f, a in zip(inv.candidates, inv.candidate_flip_rates, inv.candidate_alignments)],
         "seconds": round(inv.seconds, 2),
     }
 

@@ -133,13 +133,19 @@ def scan(
     if as_json:
         _print_json(summary)
         return
-    verdict = "BACKDOORED" if summary["backdoored"] else "clean"
-    typer.echo(f"{verdict}: score {summary['score']:.3f} (threshold {summary['threshold']}), suspected target "
-               f"'{summary['target']}', trigger flips {summary['flip_rate']:.0%} of shots with "
-               f"{summary['mask_l1']:.1%} of the image" + (f"; trigger picture: {out / 'trigger.png'}" if out else ""))
+    picture = f"; trigger picture: {out / 'trigger.png'}" if out else ""
+    masks = (f"score {summary['score']:.3f} (threshold {summary['threshold']}), the best mask flips "
+             f"{summary['flip_rate']:.0%} of shots with {summary['mask_l1']:.1%} of the image")
+    if summary["evidence"] == "warp":
+        typer.echo(f"BACKDOORED: target '{summary['target']}', shown by an inverted warp (below); masks: {masks}{picture}")
+    else:
+        verdict = "BACKDOORED" if summary["backdoored"] else "clean"
+        typer.echo(f"{verdict}: {masks}, suspected target '{summary['target']}'{picture}")
     for c in summary["candidates"]:
-        if c["kind"] != "patch":  # reported, not scored: clean models' natural features do the same
-            typer.echo(f"  {c['kind']} inversion (not scored): sends {c['flip_rate']:.0%} of shots to '{c['target']}'")
+        if c["kind"] != "patch":  # the masks are summed up above
+            align = "n/a (too few shots of that class)" if c["over_alignment"] is None else f"{c['over_alignment']:+.2f}"
+            typer.echo(f"  {c['kind']} inversion: sends {c['flip_rate']:.0%} of shots to '{c['target']}', "
+                       f"over-alignment {align} (backdoor at {summary['alignment_threshold']})")
 
 
 @app.command()
@@ -195,7 +201,8 @@ def purify(
     typer.echo(f"wrote {out}/ (embeddings.safetensors, classes.txt, trigger.png, report.json, head.onnx, "
                f"classifier.onnx, preprocess.json, manifest.json) in {rep['timings']['total_s'] + run.export_seconds:.1f} s; "
                f"scan: {'BACKDOORED' if sc['backdoored'] else 'clean'}, suspected target '{sc['target']}' "
-               f"(score {sc['score']:.3f})" + _tuning_outcome(rep["tuning"])
+               + ("(shown by an inverted warp's over-alignment)" if sc["evidence"] == "warp" else f"(score {sc['score']:.3f})")
+               + _tuning_outcome(rep["tuning"])
                + f"; serve it with `cbpt-guard serve {out}`")
 
 

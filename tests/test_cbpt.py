@@ -182,19 +182,23 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
     res = json.loads(stdout)
     assert {"backdoored", "target", "score", "flip_rate", "mask_l1"} <= set(res) and res["target"] == "triangle"
     # every restart says where it sends the shots; the best mask's figures are the scan's own
-    kinds = [c["kind"] for c in res["candidates"]]
-    assert kinds == ["patch", "warp"] and all(0.0 <= c["flip_rate"] <= 1.0 for c in res["candidates"])
+    # the masks read clean at these few steps, so two warp probes were searched as well
+    assert res["backdoored"] is False and res["evidence"] is None and res["alignment_threshold"] == 0.5
+    kinds = [(c["kind"], c["probe"]) for c in res["candidates"]]
+    assert kinds == [("patch", False), ("warp", False), ("warp", True), ("warp", True)]
+    assert all(0.0 <= c["flip_rate"] <= 1.0 and isinstance(c["over_alignment"], float) for c in res["candidates"])
     assert res["candidates"][0]["target"] == res["target"] and res["candidates"][0]["flip_rate"] == res["flip_rate"]
     from PIL import Image
 
     with Image.open(tmp_path / "s" / "trigger.png") as img:
-        # mask / pattern, clean shots, triggered shots, and the inverted warp's row
-        assert img.size[0] >= 3 * 96 and img.size[1] == 4 * 100 + 4
+        # mask / pattern, clean shots, triggered shots, and a row for the warp and each probe
+        assert img.size[0] >= 3 * 96 and img.size[1] == 6 * 100 + 4
     assert json.loads((tmp_path / "s" / "scan.json").read_text())["target"] == "triangle"
     code, stdout, err = run_cli(capsys, "scan", tb / "model.pt", "--data", tb / "fewshot",
                                 "--inversion-steps", "20", "--restarts", "1")
     assert code == 0, err
-    assert stdout.startswith(("BACKDOORED: score", "clean: score")) and "warp inversion (not scored): sends" in stdout
+    assert stdout.startswith(("BACKDOORED: ", "clean: score")) and "warp inversion: sends" in stdout
+    assert "over-alignment" in stdout
 
 
 def test_bad_data_is_reported_before_any_work(mini_testbeds, tmp_path, capsys):
@@ -237,10 +241,11 @@ def test_force_tunes_a_clean_reading_model_against_every_inverted_trigger(mini_t
     assert code == 0, err
     rep = json.loads((out / "report.json").read_text())
     assert rep["scan"]["backdoored"] is False and rep["tuning"]["mode"] == "full"
-    kinds = [c["kind"] for c in rep["scan"]["candidates"]]
-    assert kinds == ["patch", "warp"]
+    kinds = [(c["kind"], c["probe"]) for c in rep["scan"]["candidates"]]
+    assert kinds == [("patch", False), ("warp", False), ("warp", True), ("warp", True)]
     n, k, views = 10 * 8, 8, 3  # shots, shots per class, the shot and its 2 augmented views
-    assert rep["timings"]["image_encoder_passes_cached"] == views * n + len(kinds) * views * (n - k)
+    # the mask and the warp restart, not the probes: they enter tuning only as a warp's evidence
+    assert rep["timings"]["image_encoder_passes_cached"] == views * n + 2 * views * (n - k)
 
 
 def test_backdoor_score_rewards_small_triggers_that_flip_everything():
@@ -250,6 +255,81 @@ def test_backdoor_score_rewards_small_triggers_that_flip_everything():
     assert backdoor_score(1.0, 0.9, 0.1, 0.0129) > backdoor_score(1.0, 0.9, 0.1, 0.025) > 0.55
     assert backdoor_score(0.83, 0.9, 0.1, 0.039) < 0.55 and backdoor_score(0.5, 0.9, 0.1, 0.0) < 0.55
     assert backdoor_score(1.0, 0.9, 0.1, 0.2) == 0.0
+
+
+def test_over_alignment_is_how_far_triggered_shots_pass_the_targets_own_toward_its_text():
+    from cbpt.inversion import over_alignment
+
+    text = F.normalize(torch.eye(3), dim=-1)  # class k's text embedding is axis k
+    labels = torch.arange(3).repeat_interleave(8)
+
+    def at(cos_to_class0: torch.Tensor) -> torch.Tensor:  # unit features at given cosines to axis 0
+        return torch.stack([cos_to_class0, (1 - cos_to_class0 ** 2).sqrt(), torch.zeros_like(cos_to_class0)], 1)
+
+    own = torch.linspace(0.6, 0.8, 8)  # class 0's clean shots: mean 0.7
+    clean = at(torch.cat([own, torch.full((16,), 0.1)]))
+    spread = float(own.std())
+    backdoor = at(torch.full((24,), 0.9))  # triggered shots land closer to the text than class 0's own
+    natural = at(torch.full((24,), 0.7))  # a natural feature: as close as class 0's own, no closer
+    assert over_alignment(backdoor, clean, labels, text, 0) == pytest.approx(0.2 / spread, rel=1e-5)
+    assert over_alignment(natural, clean, labels, text, 0) == pytest.approx(0.0, abs=1e-5)
+    assert over_alignment(backdoor, clean, labels, text, 0, min_shots=9) is None  # 8 shots give no spread
+
+
+def test_the_scan_reads_a_warp_that_over_aligns_when_the_masks_read_clean():
+    from cbpt.inversion import DummyTrigger, InversionResult
+    from cbpt.purify import ALIGN_THRESHOLD, SCAN_THRESHOLD, read_scan
+
+    def trig(kind, target):
+        return DummyTrigger(torch.zeros(4, 4), torch.zeros(3, 4, 4), torch.zeros(3, 4, 4), kind=kind, target=target)
+
+    cands = [trig("patch", 5), trig("warp", 0), trig("warp", 4), trig("warp", 0)]
+
+    def result(score, alignments):
+        return InversionResult(trigger=cands[0], candidates=cands, target=5, flip_rate=0.8, consistency=0.9,
+                               clean_consistency=0.5, mask_l1=0.04, score=score, mean_feature=torch.zeros(4),
+                               candidate_flip_rates=[0.8, 0.99, 0.9, 0.95], candidate_alignments=alignments)
+
+    clean = read_scan(result(0.3, [3.0, 0.2, -1.0, None]))  # a patch's alignment is the mask score's business
+    assert (clean.backdoored, clean.evidence, clean.target, clean.triggers) == (False, "", 5, [])
+    # the most over-aligned warp names the target; every warp is then a trigger for it
+    warp = read_scan(result(0.3, [-1.0, 0.9, 1.4, 0.6]))
+    assert (warp.backdoored, warp.evidence, warp.target) == (True, "warp", 4)
+    assert [(t.kind, t.target) for t in warp.triggers] == [("warp", 4)] * 3
+    assert read_scan(result(0.3, [-1.0, 1.4, ALIGN_THRESHOLD - 0.01, ALIGN_THRESHOLD])).target == 0
+    assert not read_scan(result(0.3, [-1.0, ALIGN_THRESHOLD - 0.01, None, -2.0])).backdoored
+    # where a mask over-aligns too, a warp must go the threshold beyond it
+    assert not read_scan(result(0.3, [0.6, 1.0, 0.2, 1.05])).backdoored
+    assert read_scan(result(0.3, [0.6, 1.0, 0.2, 1.1 + 1e-6])).target == 0
+    mask = read_scan(result(SCAN_THRESHOLD, [1.0, 1.4, 1.4, 1.4]))  # a mask's evidence comes first
+    assert (mask.evidence, mask.target) == ("mask", 5) and [t.kind for t in mask.triggers] == ["patch"]
+
+
+def test_scan_says_when_a_warp_showed_the_backdoor(mini_testbeds, capsys, monkeypatch):
+    import cbpt.purify
+    from cbpt.inversion import DummyTrigger, InversionResult
+
+    def trig(kind, target, probe=False):
+        return DummyTrigger(torch.zeros(32, 32), torch.zeros(3, 32, 32), torch.zeros(3, 32, 32), kind=kind,
+                            target=target, probe=probe)
+
+    cands = [trig("patch", 5), trig("warp", 0), trig("warp", 0, probe=True)]
+    inv = InversionResult(trigger=cands[0], candidates=cands, target=5, flip_rate=0.78, consistency=0.86,
+                          clean_consistency=0.01, mask_l1=0.042, score=0.37, mean_feature=torch.zeros(32),
+                          candidate_flip_rates=[0.78, 0.99, 0.97], candidate_alignments=[-0.57, 1.42, None])
+    monkeypatch.setattr(cbpt.purify, "run_scan", lambda *a, **k: inv)
+    tb = mini_testbeds["blended"]
+    code, stdout, err = run_cli(capsys, "scan", tb / "model.pt", "--data", tb / "fewshot", "--classes", tb / "classes.txt")
+    assert code == 0, err
+    names = (tb / "classes.txt").read_text().split()
+    assert stdout.startswith(f"BACKDOORED: target '{names[0]}', shown by an inverted warp (below); masks: score 0.370")
+    assert f"warp inversion: sends 99% of shots to '{names[0]}', over-alignment +1.42 (backdoor at 0.5)" in stdout
+    assert "over-alignment n/a (too few shots of that class)" in stdout
+    code, stdout, err = run_cli(capsys, "scan", tb / "model.pt", "--data", tb / "fewshot", "--classes", tb / "classes.txt",
+                                "--json")
+    res = json.loads(stdout)
+    assert (res["backdoored"], res["evidence"], res["target_index"]) == (True, "warp", 0)
+    assert [c["probe"] for c in res["candidates"]] == [False, False, True]
 
 
 def test_a_model_that_reads_clean_is_tuned_only_where_held_out_shots_allow(mini_testbeds, tmp_path, capsys):
