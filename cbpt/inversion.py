@@ -140,14 +140,20 @@ class InversionResult:
         return [c for c in self.candidates if not c.probe]
 
     def over_aligned(self, threshold: float) -> list[DummyTrigger]:
-        """The warp and additive candidates over-aligned by at least `threshold` beyond the mask
-        restarts (or zero, where none of those over-aligns), toward the target of the most
-        over-aligned one, most first: the evidence the mask score cannot give. Where the masks'
-        natural features over-align too, the model's clean shots are a poor reference: measured
-        on the undertrained miniature models of the tests, whose natural features reach 0.6-1.3."""
+        """The warp and additive candidates over-aligned by at least `threshold` beyond every
+        mask restart pointing to another class (or beyond zero, where none of those
+        over-aligns), toward the target of the most over-aligned one, most first: the evidence
+        the mask score cannot give. Where masks over-align toward other classes, the model's
+        clean shots are a poor reference: measured on the undertrained miniature models of the
+        tests, whose natural features reach 0.6-1.3. A mask over-aligned toward the warp's own
+        target corroborates it (digits WaNet, one of 6 shot sets: a mask at 0.66, the warp 0.77)."""
         pairs = list(zip(self.candidates, self.candidate_alignments))
-        bar = threshold + max([0.0] + [a for c, a in pairs if c.kind == "patch" and a is not None])
-        found = sorted(((a, c) for c, a in pairs if c.kind != "patch" and a is not None and a >= bar),
+
+        def bar(target: int | None) -> float:
+            return threshold + max([0.0] + [a for c, a in pairs
+                                            if c.kind == "patch" and a is not None and c.target != target])
+
+        found = sorted(((a, c) for c, a in pairs if c.kind != "patch" and a is not None and a >= bar(c.target)),
                        key=lambda p: -p[0])
         return [c for _, c in found if c.target == found[0][1].target]
 
@@ -249,8 +255,8 @@ def over_alignment(feats: torch.Tensor, clean: torch.Tensor, labels: torch.Tenso
     embedding than the target's own clean shots do, in units of the latter's spread (None with
     fewer than `min_shots` of them). A poisoned model was trained to pull triggered images
     onto the target's caption; a natural feature makes images look like the class, not more so.
-    Measured on the testbed (16 shots, 3 shot sets): triggers pointing to a planted target
-    0.2 to 3.1; the clean models' masks, warps and probes -19 to -1.1, and 12 random-start
+    Measured on the testbed (16 shots, 6 shot sets): triggers pointing to a planted target
+    0.2 to 3.1; the clean models' masks, warps and probes -19 to -0.37, and 12 random-start
     warps tried apart at most +0.26. Undertrained models break the premise (see
     `InversionResult.over_aligned`)."""
     own = clean[labels == target] @ class_weights[target]

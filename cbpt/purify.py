@@ -27,12 +27,11 @@ from cbpt_guard import __version__, atomic
 # clean 0.17-0.42; see inversion.backdoor_score).
 SCAN_THRESHOLD = 0.55
 # A model whose masks read clean is still backdoored where an inverted warp (or additive
-# trigger) over-aligns by at least this beyond its masks (see InversionResult.over_aligned).
-# Measured on the testbed (3 shot sets each): digits WaNet's warps and probes pointing to the
-# planted target 0.59-1.42 (the best 0.93-1.42: caught 3 of 3), shapes WaNet's best 0.93 /
-# 1.05 beyond masks at 0.21 (caught), 0.86 beyond 0.48 and -0.55 (not: tuned cautiously, ASR
-# 0.008 / 0.007); no clean model's inverted trigger above -1.1, nor +0.26 among 12 more
-# random-start warps tried apart.
+# trigger) over-aligns by at least this beyond masks pointing elsewhere (see
+# InversionResult.over_aligned). Measured on the testbed (6 shot sets each): digits WaNet's
+# best warp 0.69-1.42 (caught 6 of 6), shapes WaNet's 0.86-1.05 where caught (4 of 6; -0.2 and
+# -0.55 on the others, tuned cautiously to ASR 0.021 and 0.007); no clean model's inverted
+# trigger above -0.37, nor above +0.26 among 12 more random-start warps tried apart.
 ALIGN_THRESHOLD = 0.5
 
 

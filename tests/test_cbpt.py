@@ -298,9 +298,12 @@ def test_the_scan_reads_a_warp_that_over_aligns_when_the_masks_read_clean():
     assert [(t.kind, t.target) for t in warp.triggers] == [("warp", 4)] * 3
     assert read_scan(result(0.3, [-1.0, 1.4, ALIGN_THRESHOLD - 0.01, ALIGN_THRESHOLD])).target == 0
     assert not read_scan(result(0.3, [-1.0, ALIGN_THRESHOLD - 0.01, None, -2.0])).backdoored
-    # where a mask over-aligns too, a warp must go the threshold beyond it
+    # where a mask over-aligns toward another class, a warp must go the threshold beyond it
     assert not read_scan(result(0.3, [0.6, 1.0, 0.2, 1.05])).backdoored
     assert read_scan(result(0.3, [0.6, 1.0, 0.2, 1.1 + 1e-6])).target == 0
+    # ... but one over-aligned toward the warp's own target only corroborates it
+    cands[0].target = 0
+    assert read_scan(result(0.3, [0.9, 0.6, -1.0, None])).target == 0
     mask = read_scan(result(SCAN_THRESHOLD, [1.0, 1.4, 1.4, 1.4]))  # a mask's evidence comes first
     assert (mask.evidence, mask.target) == ("mask", 5) and [t.kind for t in mask.triggers] == ["patch"]
 
