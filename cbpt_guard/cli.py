@@ -144,7 +144,7 @@ def scan(
     for c in summary["candidates"]:
         if c["kind"] != "patch":  # the masks are summed up above
             align = "n/a (too few shots of that class)" if c["over_alignment"] is None else f"{c['over_alignment']:+.2f}"
-            typer.echo(f"  {c['kind']} inversion: sends {c['flip_rate']:.0%} of shots to '{c['target']}', "
+            typer.echo(f"  {c['kind']} {'probe' if c['probe'] else 'inversion'}: sends {c['flip_rate']:.0%} of shots to '{c['target']}', "
                        f"over-alignment {align} (backdoor at {summary['alignment_threshold']})")
 
 

@@ -327,7 +327,7 @@ def test_scan_says_when_a_warp_showed_the_backdoor(mini_testbeds, capsys, monkey
     names = (tb / "classes.txt").read_text().split()
     assert stdout.startswith(f"BACKDOORED: target '{names[0]}', shown by an inverted warp (below); masks: score 0.370")
     assert f"warp inversion: sends 99% of shots to '{names[0]}', over-alignment +1.42 (backdoor at 0.5)" in stdout
-    assert "over-alignment n/a (too few shots of that class)" in stdout
+    assert "warp probe: sends 97% of shots" in stdout and "over-alignment n/a (too few shots of that class)" in stdout
     code, stdout, err = run_cli(capsys, "scan", tb / "model.pt", "--data", tb / "fewshot", "--classes", tb / "classes.txt",
                                 "--json")
     res = json.loads(stdout)
