@@ -208,18 +208,17 @@ def _init_additive(h: int, w: int, cfg: InversionConfig, gen: torch.Generator):
     return [d], build
 
 
-def _one_restart(encode: Callable[[torch.Tensor], torch.Tensor], x01: torch.Tensor, cfg: InversionConfig,
-                 gen: torch.Generator, progress: Callable[[], None] | None,
+def _one_restart(encode: Callable[[torch.Tensor], torch.Tensor], x01: torch.Tensor, clean_all: torch.Tensor,
+                 cfg: InversionConfig, gen: torch.Generator, progress: Callable[[], None] | None,
                  init: Callable = _init_patch) -> tuple[DummyTrigger, float, list[float], torch.Tensor]:
-    """One inversion from a random start. The penalty is the trigger's size: the mask's mean
-    for a patch, the mean displacement over the image side for a warp, the mean magnitude over
-    its bound for an additive perturbation. Also returns the triggered shots' features."""
+    """One inversion from a random start; `clean_all`: the shots' clean features. The penalty
+    is the trigger's size: the mask's mean for a patch, the mean displacement over the image
+    side for a warp, the mean magnitude over its bound for an additive perturbation. Also
+    returns the triggered shots' features."""
     _, _, h, w = x01.shape
     params, build = init(h, w, cfg, gen)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     lam, history = cfg.lam, []
-    with torch.no_grad():
-        clean_all = encode(x01)
     for step in range(cfg.steps):
         idx = torch.randperm(x01.shape[0], generator=gen)[: cfg.batch_size]
         trigger, size = build()
@@ -310,11 +309,11 @@ def invert(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tensor, clas
 
     encode = _encoder(model, mean, std)
     tick = _ticker(progress, cfg.steps * (cfg.restarts + cfg.warp_restarts + cfg.additive_restarts))
-    runs = sorted((_one_restart(encode, x01, cfg, gen, tick) for _ in range(cfg.restarts)), key=lambda r: r[1])
-    others = [_one_restart(encode, x01, cfg, gen, tick, init)
-              for init, n in ((_init_warp, cfg.warp_restarts), (_init_additive, cfg.additive_restarts)) for _ in range(n)]
-    with torch.no_grad():
+    with torch.no_grad():  # once: every restart contrasts against the same clean features
         clean = encode(x01)
+    runs = sorted((_one_restart(encode, x01, clean, cfg, gen, tick) for _ in range(cfg.restarts)), key=lambda r: r[1])
+    others = [_one_restart(encode, x01, clean, cfg, gen, tick, init)
+              for init, n in ((_init_warp, cfg.warp_restarts), (_init_additive, cfg.additive_restarts)) for _ in range(n)]
     candidates, flips, aligned = _describe(runs + others, clean, labels, class_weights)
     best, (_, _, history, feats), target, flip = candidates[0], runs[0], candidates[0].target, flips[0]
     centre = F.normalize(feats.mean(0), dim=-1)
@@ -339,9 +338,9 @@ def probe_warps(model: torch.nn.Module, x01: torch.Tensor, labels: torch.Tensor,
     encode = _encoder(model, mean, std)
     tick = _ticker(progress, cfg.steps * cfg.warp_probes)
     init = partial(_init_warp, spread=cfg.warp_spread)
-    found = [_one_restart(encode, x01, cfg, gen, tick, init) for _ in range(cfg.warp_probes)]
     with torch.no_grad():
         clean = encode(x01)
+    found = [_one_restart(encode, x01, clean, cfg, gen, tick, init) for _ in range(cfg.warp_probes)]
     probes, flips, aligned = _describe(found, clean, labels, class_weights)
     return replace(result, candidates=result.candidates + [replace(p, probe=True) for p in probes],
                    candidate_flip_rates=result.candidate_flip_rates + flips,

@@ -45,8 +45,13 @@ class Verdict:
     triggers: list[DummyTrigger]  # what a found backdoor is tuned against, each at `target`
 
 
+def masks_found(inv: InversionResult) -> bool:
+    """The mask score reads a backdoor: the first evidence, and then no warp is probed."""
+    return inv.score >= SCAN_THRESHOLD
+
+
 def read_scan(inv: InversionResult) -> Verdict:
-    if inv.score >= SCAN_THRESHOLD:
+    if masks_found(inv):
         return Verdict(True, "mask", inv.target, [replace(c, target=inv.target) for c in inv.patches()])
     aligned = inv.over_aligned(ALIGN_THRESHOLD)
     if aligned:  # every warp restart and probe then becomes a trigger for its target
@@ -60,8 +65,8 @@ class PurifyConfig:
     shots: int = 16
     seed: int = 0
     held_out: int = 8  # held-out shots per class for early stopping, when the data has them
-    # tune as for a found backdoor even when the scan reads clean (every candidate, each at its
-    # own target). Measured, digits WaNet: ASR 0.964 -> 0.150; the clean digits model: -1.1 CA
+    # tune as for a found backdoor even when the scan reads clean (every restart but the probes,
+    # each at its own target). Measured on the clean digits model: -1.1 CA points
     force: bool = False
     inversion: InversionConfig = field(default_factory=InversionConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
@@ -131,7 +136,7 @@ def run_scan(clip: LoadedClip, shots: Shots, cfg: InversionConfig,
     pp = clip.preprocess_cfg
     inv = invert(clip.model, shots.x01, shots.labels, weights, pp["mean"], pp["std"], cfg,
                  progress=(lambda d, t: progress("invert", d, t)) if progress else None)
-    if inv.score >= SCAN_THRESHOLD or not cfg.warp_probes:
+    if masks_found(inv) or not cfg.warp_probes:
         return inv
     # the masks read clean: search for a warp backdoor's evidence (InversionConfig.warp_probes)
     return probe_warps(clip.model, shots.x01, shots.labels, weights, pp["mean"], pp["std"], inv, cfg,
@@ -160,9 +165,9 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig,
         )
     # A model that reads clean is still tuned, cautiously: the original head competes with the
     # tuned checkpoints on the held-out shots and is kept unless one keeps clean accuracy and
-    # resists the inverted triggers better. Measured (mean of 3 shot sets): WaNet, which the scan
-    # misses, goes from ASR 0.929 to 0.020 on shapes (with the inverted warp), while clean models
-    # keep CA within 0.4 points on every shot set.
+    # resists the inverted triggers better. Measured: the shapes WaNet shot sets the scan reads
+    # clean go from ASR 0.929 to 0.007 and 0.021 (with the inverted warp), while clean models
+    # keep CA within 0.6 points on every one of 6 shot sets.
     # Nor is its trigger loss escalated: a natural feature keeps held-out shots at its class
     # whatever the strength, so that evidence means nothing here. Measured on the clean digits
     # model (3 shot sets): escalating cost up to 1.8 test CA points, not escalating at most 0.4.

@@ -85,6 +85,11 @@ class FeatureCache:
     triggered_targets: torch.Tensor  # [Nt] the class each copy's trigger points to (-1: unknown)
     encoder_passes: int  # images pushed through the image encoder to build the cache
 
+    @property
+    def named(self) -> torch.Tensor:
+        """[Nt] bool: the copies whose trigger names a target."""
+        return self.triggered_targets >= 0
+
 
 @dataclass
 class TuningResult:
@@ -184,7 +189,7 @@ def tune(prompts: ClassPrompts, cache: FeatureCache, scale: float, cfg: TuningCo
     if cfg.original_is_candidate:
         history[0].update({f"original_{k}": v for k, v in val0.items()})
     rungs = [(cfg.alpha, cfg.margin)]
-    if held_out is not None and bool((held_out.triggered_targets >= 0).any()):
+    if held_out is not None and bool(held_out.named.any()):
         rungs += list(cfg.escalation)
     total = cfg.steps * len(rungs)
     chosen: _Rung | None = None
@@ -316,7 +321,7 @@ def _validate(g: torch.Tensor, data: FeatureCache, scale: float, alpha: float, o
     pred = (data.triggered @ g.T).argmax(1)
     out = {"val_clean_acc": acc, "val_trig_acc": float((pred == data.triggered_labels).float().mean()),
            "objective": float(c + alpha * t), **kl}
-    named = data.triggered_targets >= 0
+    named = data.named
     if bool(named.any()):
         # the held-out stand-in for ASR: triggered shots of other classes sent to their
         # trigger's target
