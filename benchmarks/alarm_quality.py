@@ -23,7 +23,7 @@ from testbed.triggers import Trigger
 def scores(heads, images: np.ndarray, batch: int = 256) -> np.ndarray:
     out = []
     for i in range(0, len(images), batch):
-        x = np.stack([preprocess(Image.fromarray(im), heads.spec) for im in images[i:i + batch]])
+        x = np.stack([preprocess(Image.fromarray(im), heads.spec) for im in images[i : i + batch]])
         out.append(heads.run(x)["trigger_score"])
     return np.concatenate(out)
 
@@ -40,10 +40,18 @@ def main() -> None:
     triggered = Trigger.load(args.testbed / "trigger").apply(images[keep], seed=meta["eval_seed"])
     clean_s, trig_s = scores(heads, images), scores(heads, triggered)
     t = heads.alarm_threshold
-    print(json.dumps({"auroc": round(auroc(clean_s, trig_s), 4), "threshold": t,
-                      "tpr_at_threshold": round(tpr_at_threshold(trig_s, t), 4),
-                      "fpr_at_threshold_on_test": round(float((clean_s > t).mean()), 4),
-                      "n_clean": int(clean_s.size), "n_triggered": int(trig_s.size)}))
+    print(
+        json.dumps(
+            {
+                "auroc": round(auroc(clean_s, trig_s), 4),
+                "threshold": t,
+                "tpr_at_threshold": round(tpr_at_threshold(trig_s, t), 4),
+                "fpr_at_threshold_on_test": round(float((clean_s > t).mean()), 4),
+                "n_clean": int(clean_s.size),
+                "n_triggered": int(trig_s.size),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -42,11 +42,11 @@ def bench_models(heads_dir: Path, clip, threads: int, seconds: float) -> list[tu
         x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
         xt = torch.from_numpy(x)
 
-        def eager():
+        def eager(xt=xt):
             with torch.no_grad():
                 clip.model.encode_image(xt, normalize=True)
 
-        ort_ips = _throughput(lambda: heads.run(x), batch, seconds)
+        ort_ips = _throughput(lambda x=x: heads.run(x), batch, seconds)
         eager_ips = _throughput(eager, batch, seconds)
         rows.append((batch, eager_ips, ort_ips, ort_ips / eager_ips))
     return rows
@@ -67,8 +67,12 @@ def bench_server(heads_dir: Path, threads: int, clients: int, seconds: float) ->
     body = buf.getvalue()
     x = np.random.default_rng(0).standard_normal((32, 3, h, w)).astype(np.float32)
     raw = _throughput(lambda: heads.run(x), 32, seconds / 2)
-    config = uvicorn.Config(create_app(heads, ServerLimits(max_batch=32, max_wait_ms=5, max_queue=1024)),
-                            host="127.0.0.1", port=8765, log_level="warning")
+    config = uvicorn.Config(
+        create_app(heads, ServerLimits(max_batch=32, max_wait_ms=5, max_queue=1024)),
+        host="127.0.0.1",
+        port=8765,
+        log_level="warning",
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -97,9 +101,16 @@ def bench_server(heads_dir: Path, threads: int, clients: int, seconds: float) ->
     server.should_exit = True
     thread.join(timeout=10)
     lat = sorted(latencies)
-    return {"raw_ort_ips": raw, "server_ips": len(lat) / elapsed, "ratio": len(lat) / elapsed / raw,
-            "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
-            "requests": len(lat), "errors": errors, "clients": clients}
+    return {
+        "raw_ort_ips": raw,
+        "server_ips": len(lat) / elapsed,
+        "ratio": len(lat) / elapsed / raw,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
+        "requests": len(lat),
+        "errors": errors,
+        "clients": clients,
+    }
 
 
 def main() -> None:
@@ -127,9 +138,11 @@ def main() -> None:
         for batch, eager, ort_ips, ratio in bench_models(Path(tmp) / "heads", clip, args.threads, args.seconds):
             print(f"| batch {batch} | {eager:.1f} | {ort_ips:.1f} | {ratio:.2f}x |")
         s = bench_server(Path(tmp) / "heads", args.threads, args.clients, args.seconds)
-        print(f"\nserver, {s['clients']} clients, {args.seconds:.0f} s: {s['server_ips']:.1f} img/s vs raw onnxruntime "
-              f"batch-32 {s['raw_ort_ips']:.1f} img/s ({s['ratio']:.0%}); p50 {s['p50_ms']:.0f} ms, p99 "
-              f"{s['p99_ms']:.0f} ms; {s['requests']} requests, {s['errors']} errors")
+        print(
+            f"\nserver, {s['clients']} clients, {args.seconds:.0f} s: {s['server_ips']:.1f} img/s vs raw onnxruntime "
+            f"batch-32 {s['raw_ort_ips']:.1f} img/s ({s['ratio']:.0%}); p50 {s['p50_ms']:.0f} ms, p99 "
+            f"{s['p99_ms']:.0f} ms; {s['requests']} requests, {s['errors']} errors"
+        )
 
 
 if __name__ == "__main__":

@@ -14,12 +14,17 @@ import time
 from pathlib import Path
 
 from testbed.build import BuildConfig, build, default_cache_dir, write
+from testbed.datasets import DATASETS
 from testbed.triggers import ATTACKS
+
+
+def fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dataset", default="shapes", choices=("shapes", "digits"))
+    ap.add_argument("--dataset", default="shapes", choices=DATASETS)
     ap.add_argument("--out", type=Path, default=Path("bench-out/testbed"))
     ap.add_argument("--attacks", nargs="*", default=["none", *ATTACKS])
     ap.add_argument("--target", type=int, default=0)
@@ -31,17 +36,27 @@ def main() -> None:
         built = build(cfg, cache=default_cache_dir())
         write(built, cfg, args.out / f"{args.dataset}-{attack}")
         m = built.metrics
-        rows.append({"attack": attack, "ca": m["ca"], "asr": m["asr"], "ra": m["ra"],
-                     "clean_ca": m["clean_model"]["ca"], "clean_asr": m["clean_model"]["asr"],
-                     "seconds": round(time.perf_counter() - t0, 1), "finetune_s": m["seconds"]["finetune"]})
+        rows.append(
+            {
+                "attack": attack,
+                "ca": m["ca"],
+                "asr": m["asr"],
+                "ra": m["ra"],
+                "clean_ca": m["clean_model"]["ca"],
+                "clean_asr": m["clean_model"]["asr"],
+                "seconds": round(time.perf_counter() - t0, 1),
+                "finetune_s": m["seconds"]["finetune"],
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     (args.out / f"table-{args.dataset}.json").write_text(json.dumps(rows, indent=2))
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
     print(f"\n| {args.dataset} attack | CA | ASR | RA | clean-model CA | clean-model ASR | build s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['attack']} | {fmt(r['ca'])} | {fmt(r['asr'])} | {fmt(r['ra'])} | {fmt(r['clean_ca'])} | "
-              f"{fmt(r['clean_asr'])} | {r['seconds']:.0f} |")
+        print(
+            f"| {r['attack']} | {fmt(r['ca'])} | {fmt(r['asr'])} | {fmt(r['ra'])} | {fmt(r['clean_ca'])} | "
+            f"{fmt(r['clean_asr'])} | {r['seconds']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

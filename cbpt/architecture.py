@@ -81,8 +81,15 @@ def build_model(spec: ArchSpec, device: str | torch.device = "cpu") -> torch.nn.
             "use a CLIP with open_clip's own towers (ViT-*, RN*)",
         )
     cls = CustomTextCLIP if custom else CLIP
-    with torch.device(device):
-        model = cls(**cfg)
+    try:
+        with torch.device(device):
+            model = cls(**cfg)
+    except (TypeError, KeyError, ValueError, AssertionError) as e:
+        source = f"{SIDECAR}'s model_cfg" if spec.source == "sidecar" else f"architecture '{spec.name}'"
+        raise UserError(
+            f"{source} does not build an open_clip CLIP ({type(e).__name__}: {e})",
+            f"fix or delete {SIDECAR}, or pass --arch",
+        ) from None
     pp = dict(open_clip.get_model_preprocess_cfg(model))
     pp.update(spec.preprocess_cfg)
     open_clip.model.set_model_preprocess_cfg(model, _full_preprocess_cfg(pp, model))
@@ -90,8 +97,9 @@ def build_model(spec: ArchSpec, device: str | torch.device = "cpu") -> torch.nn.
 
 
 def _full_preprocess_cfg(pp: dict, model: torch.nn.Module) -> dict:
-    from open_clip.transform import PreprocessCfg
     from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg
 
     out = asdict(PreprocessCfg())
     out.update({k: v for k, v in pp.items() if k in out})
@@ -155,7 +163,8 @@ def _require_match(state: dict[str, torch.Tensor], spec: ArchSpec) -> None:
         more = f" (+{len(diff) - 2} more)" if len(diff) > 2 else ""
         raise UserError(
             f"shape mismatch: the checkpoint does not fit {spec.source} architecture '{spec.name}': "
-            + "; ".join(diff[:2]) + more,
+            + "; ".join(diff[:2])
+            + more,
             "pass the right --arch, or omit it to detect the architecture from the tensors",
         )
 
@@ -165,7 +174,11 @@ def _signature(state: dict[str, torch.Tensor]) -> dict | None:
     proj = state.get("text_projection")
     if proj is None or proj.ndim != 2:
         return None
-    return {"embed_dim": int(proj.shape[1]), "text_width": int(proj.shape[0]), "vit": not any(k.startswith("visual.layer1.") for k in state)}
+    return {
+        "embed_dim": int(proj.shape[1]),
+        "text_width": int(proj.shape[0]),
+        "vit": not any(k.startswith("visual.layer1.") for k in state),
+    }
 
 
 def _plausible(cfg: dict, sig: dict) -> bool:

@@ -10,8 +10,8 @@ no code in the file (Python or TorchScript) runs.
 
 from __future__ import annotations
 
-import hashlib
 import io
+import math
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -33,14 +33,6 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read every tensor of a checkpoint file into float32 CPU tensors with open_clip names."""
     path = Path(path)
@@ -51,6 +43,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint is empty: {path}", "the file has 0 bytes; re-copy it")
 
+    _check_zip_sizes(path)
     if _is_safetensors(path):
         fmt, raw = "safetensors", _read_safetensors(path)
     elif _is_torchscript(path):
@@ -59,6 +52,25 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         obj = _torch_load(path)
         fmt, raw = _unwrap(obj, path)
     return Checkpoint(path=path, format=fmt, state_dict=_normalise(raw, path))
+
+
+# A stored zip holds what its entries say; weights compress little. An entry that claims more
+# than this times the file's own size is a zip bomb, refused before anything is inflated.
+MAX_INFLATION = 4
+
+
+def _check_zip_sizes(path: Path) -> None:
+    if not zipfile.is_zipfile(path):
+        return
+    limit = MAX_INFLATION * path.stat().st_size + (1 << 20)
+    with zipfile.ZipFile(path) as z:
+        big = [i for i in z.infolist() if i.file_size > limit]
+    if big:
+        raise UserError(
+            f"refused to load {path}: its entry {big[0].filename} would inflate to {big[0].file_size:,} "
+            f"bytes from a {path.stat().st_size:,}-byte file (a zip bomb)",
+            "pass the original checkpoint",
+        )
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -90,7 +102,13 @@ def _is_torchscript(path: Path) -> bool:
 
 def _torch_load(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except RuntimeError as e:
+            if "not resizable" not in str(e):
+                raise
+            # a checkpoint re-zipped with compression cannot be memory-mapped: read it whole
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Unsupported global" in msg or "GLOBAL" in msg or "not an allowed global" in msg:
@@ -136,7 +154,7 @@ def _normalise(raw: dict, path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"not a checkpoint: {path} contains no tensors", "pass a model file")
     # DataParallel / DistributedDataParallel wrap every key in `module.`.
     if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     for key in _OPENAI_EXTRAS:
         t = tensors.get(key)
         if t is not None and t.ndim == 0 and not t.is_floating_point():
@@ -192,7 +210,14 @@ def _script_class(qualname: str) -> type:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_unused):
-    return torch.as_strided(storage, tuple(size), tuple(stride), offset).clone()
+    """A tensor of the archive, refused when it claims more elements than its stored bytes
+    hold (a zero-stride view of a few bytes would otherwise be materialised at any size)."""
+    size, stride = tuple(int(n) for n in size), tuple(int(n) for n in stride)
+    numel = math.prod(size)
+    extent = offset + sum((n - 1) * st for n, st in zip(size, stride)) + 1 if numel else 0
+    if numel > storage.numel() or extent > storage.numel() or offset < 0 or min(stride, default=0) < 0:
+        raise pickle.UnpicklingError(f"Damaged tensor: {list(size)} elements over a storage of {storage.numel()}")
+    return torch.as_strided(storage, size, stride, offset).clone()
 
 
 class _TorchScriptUnpickler(pickle.Unpickler):
@@ -235,14 +260,21 @@ def _read_torchscript(path: Path) -> dict:
             prefix = pkl[: -len("data.pkl")]
             root = _TorchScriptUnpickler(zf.read(pkl), zf, prefix, path).load()
     except pickle.UnpicklingError as e:
+        if str(e).startswith("Damaged tensor"):
+            raise UserError(
+                f"refused to load {path}: {e} (a memory bomb, or a damaged archive)", "re-download it"
+            ) from None
         offender = _offending_global(str(e))
         raise UserError(
             f"refused to load {path}: its TorchScript data names {offender}, which is not a tensor "
             "type or a TorchScript module; nothing was executed",
             "export the weights as a state_dict or safetensors",
         ) from None
-    except (zipfile.BadZipFile, KeyError, EOFError) as e:
-        raise UserError(f"not a checkpoint: {path} is a damaged TorchScript archive ({e})", "re-download it") from None
+    except (zipfile.BadZipFile, KeyError, EOFError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise UserError(
+            f"not a checkpoint: {path} is a damaged TorchScript archive ({type(e).__name__}: {str(e)[:120]})",
+            "re-download it",
+        ) from None
     if not isinstance(root, _ScriptObject):
         raise UserError(f"not a checkpoint: {path} holds no TorchScript module", "pass a model file")
     return _flatten(root)

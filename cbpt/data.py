@@ -8,15 +8,22 @@ Class names come from `--classes FILE` (one per line, in label order) or the fol
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cbpt_guard.artifacts import IMAGE_SUFFIXES, read_classes
 from cbpt_guard.errors import UsageError, UserError
+from cbpt_guard.images import decode
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+if TYPE_CHECKING:
+    import torch
+
+    from cbpt.model import LoadedClip
 
 
 @dataclass(frozen=True)
@@ -39,19 +46,6 @@ class LabelledImages:
         return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.classnames)).tolist()
 
 
-def read_classes_file(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"classes file not found: {path}", "pass a text file with one class name per line")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not names:
-        raise UserError(f"classes file is empty: {path}", "write one class name per line")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise UserError(f"classes file {path} repeats {', '.join(map(repr, dupes))}", "list each class once")
-    return names
-
-
 def _folder_key(name: str) -> str:
     return name.strip().lower().replace("_", " ")
 
@@ -64,7 +58,9 @@ def discover(source: str | Path, classes: Sequence[str] | None = None) -> Labell
         return _discover_folder(source, classes)
     if source.suffix.lower() in (".csv", ".tsv"):
         return _discover_csv(source, classes)
-    raise UsageError(f"data must be a folder or a .csv file, got {source}", "pass an image folder or a CSV of path,label")
+    raise UsageError(
+        f"data must be a folder or a .csv file, got {source}", "pass an image folder or a CSV of path,label"
+    )
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -88,8 +84,10 @@ def _discover_folder(root: Path, classes: Sequence[str] | None) -> LabelledImage
                 parts.append(f"no folder for class(es) {', '.join(map(repr, missing[:5]))}")
             if extra:
                 parts.append(f"folder(s) {', '.join(map(repr, extra[:5]))} not in the classes file")
-            raise UserError(f"class names do not match {root}: " + "; ".join(parts),
-                            "make the folder names and the classes file agree")
+            raise UserError(
+                f"class names do not match {root}: " + "; ".join(parts),
+                "make the folder names and the classes file agree",
+            )
         names = list(classes)
         chosen = [by_key[_folder_key(c)] for c in classes]
     paths: list[Path] = []
@@ -97,8 +95,10 @@ def _discover_folder(root: Path, classes: Sequence[str] | None) -> LabelledImage
     for label, folder in enumerate(chosen):
         imgs = _images_in(folder)
         if not imgs:
-            raise UserError(f"class '{names[label]}' has no images (folder {folder})",
-                            f"add images ({', '.join(sorted(IMAGE_SUFFIXES))}) or remove the folder")
+            raise UserError(
+                f"class '{names[label]}' has no images (folder {folder})",
+                f"add images ({', '.join(sorted(IMAGE_SUFFIXES))}) or remove the folder",
+            )
         paths += imgs
         labels += [label] * len(imgs)
     return LabelledImages(tuple(paths), tuple(labels), tuple(names))
@@ -106,8 +106,11 @@ def _discover_folder(root: Path, classes: Sequence[str] | None) -> LabelledImage
 
 def _discover_csv(path: Path, classes: Sequence[str] | None) -> LabelledImages:
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f, delimiter=delim) if r and any(c.strip() for c in r)]
+    try:  # utf-8-sig: Excel starts its CSVs with a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f, delimiter=delim) if r and any(c.strip() for c in r)]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start})", "save the CSV as UTF-8") from None
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
         rows = rows[1:]
     if not rows:
@@ -116,6 +119,11 @@ def _discover_csv(path: Path, classes: Sequence[str] | None) -> LabelledImages:
     if bad:
         raise UserError(f"CSV rows {bad[:5]} of {path} do not have two columns", "write `path,label` rows")
     raw_labels = [r[1].strip() for r in rows]
+    if classes is None and all(lab.isdigit() for lab in raw_labels):
+        raise UsageError(
+            f"the labels in {path} are numbers, so they name no class a prompt could carry",
+            "pass --classes FILE with the class names in label order",
+        )
     names = list(classes) if classes is not None else sorted(set(raw_labels), key=_natural)
     index = {n: i for i, n in enumerate(names)}
     labels: list[int] = []
@@ -128,18 +136,30 @@ def _discover_csv(path: Path, classes: Sequence[str] | None) -> LabelledImages:
         else:
             unknown.append(lab)
     if unknown:
-        raise UserError(f"class names do not match: CSV label(s) {sorted(set(unknown))[:5]} are not in the classes",
-                        "use names from the classes file or 0-based indices")
+        raise UserError(
+            f"class names do not match: CSV label(s) {sorted(set(unknown))[:5]} are not in the classes",
+            "use names from the classes file or 0-based indices",
+        )
     paths = [(path.parent / r[0].strip()) for r in rows]
+    twice = sorted(str(p) for p, n in Counter(paths).items() if n > 1)
+    if twice:
+        raise UserError(
+            f"{path} lists {len(twice)} image(s) more than once, e.g. {twice[0]}",
+            "list each image once: a repeated shot would count twice",
+        )
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise UserError(f"{len(missing)} image(s) listed in {path} do not exist: {', '.join(missing[:3])}",
-                        "fix the paths (relative to the CSV's folder)")
+        raise UserError(
+            f"{len(missing)} image(s) listed in {path} do not exist: {', '.join(missing[:3])}",
+            "fix the paths (relative to the CSV's folder)",
+        )
     ds = LabelledImages(tuple(paths), tuple(labels), tuple(names))
     empty = [names[i] for i, n in enumerate(ds.counts()) if n == 0]
     if empty:
-        raise UserError(f"class(es) {', '.join(map(repr, empty[:5]))} have no images in {path}",
-                        "add rows for every class, or drop the class from the classes file")
+        raise UserError(
+            f"class(es) {', '.join(map(repr, empty[:5]))} have no images in {path}",
+            "add rows for every class, or drop the class from the classes file",
+        )
     return ds
 
 
@@ -149,14 +169,21 @@ def _natural(s: str):
 
 def sample_shots(ds: LabelledImages, shots: int, seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
     """K images per class, drawn with `seed`; returns (the shots, the rest)."""
+    if len(ds.classnames) < 2:
+        raise UserError(
+            f"the data has one class ({ds.classnames[0]!r}): a classifier needs at least two",
+            "add the other classes' images",
+        )
     if shots < 1:
         raise UsageError(f"--shots must be at least 1, got {shots}", "pass --shots 16, for example")
     labels = np.asarray(ds.labels)
     short = [(ds.classnames[c], int(n)) for c, n in enumerate(ds.counts()) if n < shots]
     if short:
         listed = ", ".join(f"'{c}' has {n}" for c, n in short[:4])
-        raise UserError(f"too few images for --shots {shots}: {listed}",
-                        f"lower --shots to {min(n for _, n in short)} or add images")
+        raise UserError(
+            f"too few images for --shots {shots}: {listed}",
+            f"lower --shots to {min(n for _, n in short)} or add images",
+        )
     rng = np.random.default_rng(seed)
     picked: list[int] = []
     for c in range(len(ds.classnames)):
@@ -166,15 +193,6 @@ def sample_shots(ds: LabelledImages, shots: int, seed: int = 0) -> tuple[Labelle
     return ds.subset(picked), ds.subset(rest)
 
 
-def open_image(path: Path):
-    """Decode an image fully, applying its EXIF orientation (as a camera shows it)."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as img:
-        img.load()
-        return ImageOps.exif_transpose(img)
-
-
 def load_batch(ds: LabelledImages, transform: Callable):
     """Preprocess every image with the model's transform; name every unreadable file at once."""
     import torch
@@ -182,10 +200,54 @@ def load_batch(ds: LabelledImages, transform: Callable):
     tensors, bad = [], []
     for p in ds.paths:
         try:
-            tensors.append(transform(open_image(p)))
+            tensors.append(transform(decode(p)))
         except Exception as e:  # PIL raises many types for corrupt data; name the file, not the type
             bad.append(f"{p} ({type(e).__name__})")
     if bad:
-        raise UserError(f"{len(bad)} unreadable image(s): {'; '.join(bad[:3])}" + (" ..." if len(bad) > 3 else ""),
-                        "remove or replace them")
+        raise UserError(
+            f"{len(bad)} unreadable image(s): {'; '.join(bad[:3])}" + (" ..." if len(bad) > 3 else ""),
+            "remove or replace them",
+        )
     return torch.stack(tensors), torch.tensor(ds.labels, dtype=torch.long)
+
+
+@dataclass
+class Shots:
+    """The defender's shots, loaded: pixels after the model's resize and crop, before its
+    normalisation (triggers live in pixel space), and the held-out shots when there are any."""
+
+    x01: torch.Tensor  # [N, 3, H, W] in [0, 1]
+    labels: torch.Tensor
+    classnames: tuple[str, ...]
+    held_x01: torch.Tensor | None = None
+    held_labels: torch.Tensor | None = None
+    paths: tuple[str, ...] = ()
+
+
+def pixel_transform(clip: LoadedClip) -> Callable:
+    """The model's eval transform without its final Normalize."""
+    from torchvision.transforms import Compose, Normalize
+
+    tf = clip.transform()
+    return Compose([t for t in tf.transforms if not isinstance(t, Normalize)])
+
+
+def load_shots(
+    clip: LoadedClip, data: str | Path, classes: str | Path | None, shots: int, seed: int, held_out: int
+) -> Shots:
+    """`shots` images per class drawn with `seed`, and up to `held_out` more per class where
+    every class has some to spare."""
+    ds = discover(data, read_classes(classes) if classes else None)
+    chosen, rest = sample_shots(ds, shots, seed)
+    tf = pixel_transform(clip)
+    x, y = load_batch(chosen, tf)
+    held = _held_out(rest, held_out, seed)
+    hx, hy = load_batch(held, tf) if held is not None else (None, None)
+    return Shots(x, y, ds.classnames, hx, hy, tuple(str(p) for p in chosen.paths))
+
+
+def _held_out(rest: LabelledImages, per_class: int, seed: int) -> LabelledImages | None:
+    if per_class <= 0 or not len(rest) or min(rest.counts()) < 1:
+        return None
+    k = min(per_class, min(rest.counts()))
+    return sample_shots(rest, k, seed + 1)[0]

@@ -1,4 +1,4 @@
-"""CBPT's losses as pure functions on tensors (definitions: shared/CBPT.md)."""
+"""CBPT's losses as pure functions on tensors (docs/method.md#trigger-inversion, #prompt-tuning)."""
 
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ def contrastive_inversion_loss(triggered: torch.Tensor, clean: torch.Tensor, tau
     return -(log_prob.sum(dim=1) / (b - 1)).mean()
 
 
-def keep_kl_loss(image_features: torch.Tensor, text_features: torch.Tensor, original_features: torch.Tensor,
-                 scale: float) -> torch.Tensor:
+def keep_kl_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, original_features: torch.Tensor, scale: float
+) -> torch.Tensor:
     """L_keep, decision form: KL(original zero-shot predictions || current ones) on clean image
     features: keeps what the hand-crafted prompts decide, not merely where they point."""
     target = F.log_softmax(class_logits(image_features, original_features, scale), dim=-1)

@@ -1,4 +1,4 @@
-"""Backdoor metrics as pure functions over predictions (definitions: shared/CBPT.md).
+"""Backdoor metrics as pure functions over predictions (definitions: docs/method.md, docs/results.md).
 
 ASR and RA are taken over the triggered images whose true class is not the attack target:
 an image of the target class that lands in the target says nothing about the backdoor.
@@ -82,7 +82,7 @@ def auroc(scores_negative, scores_positive) -> float:
     _, inv, counts = np.unique(both, return_inverse=True, return_counts=True)
     sums = np.bincount(inv, weights=ranks)
     ranks = (sums / counts)[inv]
-    return float((ranks[neg.size:].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
+    return float((ranks[neg.size :].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
 
 
 def threshold_at_fpr(scores_negative, fpr: float = 0.01) -> float:

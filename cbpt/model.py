@@ -3,14 +3,15 @@ with its tokenizer and its own eval preprocessing."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from cbpt.architecture import ArchSpec, build_model, resolve
-from cbpt.checkpoint import Checkpoint, read_checkpoint, sha256_file
+from cbpt.checkpoint import Checkpoint, read_checkpoint
+from cbpt_guard.artifacts import sha256_file
 from cbpt_guard.errors import UserError
 
 
@@ -61,15 +62,40 @@ class LoadedClip:
 
         return SimpleTokenizer(context_length=self.info.context_length)
 
+    def encode_pixels(self, x01: torch.Tensor) -> torch.Tensor:
+        """Unit image features of pixels in [0, 1] ([N, 3, H, W], already at the model's size)."""
+        pp = self.preprocess_cfg
+        return encode_pixels(self.model, x01, pp["mean"], pp["std"])
+
     def transform(self) -> Callable:
         """open_clip's own eval transform for this model (PIL image -> normalised tensor)."""
         from open_clip.transform import image_transform
 
         pp = self.preprocess_cfg
         return image_transform(
-            pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
-            resize_mode=pp["resize_mode"], interpolation=pp["interpolation"], fill_color=pp["fill_color"],
+            pp["size"],
+            is_train=False,
+            mean=pp["mean"],
+            std=pp["std"],
+            resize_mode=pp["resize_mode"],
+            interpolation=pp["interpolation"],
+            fill_color=pp["fill_color"],
         )
+
+
+def normalise_pixels(x01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The last step of open_clip's eval transform: per-channel (x - mean) / std on [0, 1] pixels.
+    Triggers live in pixel space, so every encoder call on a triggered image goes through here."""
+    m = torch.tensor(mean, dtype=x01.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x01.dtype).view(1, 3, 1, 1)
+    return (x01 - m) / s
+
+
+def encode_pixels(
+    model: torch.nn.Module, x01: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Unit image features of [0, 1] pixels, for a bare open_clip model (the testbed's training)."""
+    return model.encode_image(normalise_pixels(x01, mean, std), normalize=True)
 
 
 def inspect(path: str | Path, arch: str | None = None) -> ModelInfo:
@@ -82,6 +108,7 @@ def inspect(path: str | Path, arch: str | None = None) -> ModelInfo:
 def load_clip(path: str | Path, arch: str | None = None) -> LoadedClip:
     ckpt = read_checkpoint(path)
     info, spec = _identify(ckpt, arch)
+    _require_finite(ckpt)
     model = build_model(spec)
     state = dict(ckpt.state_dict)
     if "logit_scale" in state:
@@ -91,6 +118,17 @@ def load_clip(path: str | Path, arch: str | None = None) -> LoadedClip:
         raise UserError(f"internal: weights did not load cleanly (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval().requires_grad_(False)
     return LoadedClip(model=model, spec=spec, info=info, checkpoint_sha256=sha256_file(ckpt.path))
+
+
+def _require_finite(ckpt: Checkpoint) -> None:
+    """NaN or inf weights make every feature non-finite; refused before any work, they never
+    reach the trigger inversion (where a NaN warp field crashed grid_sample's backward)."""
+    bad = [k for k, v in ckpt.state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(
+            f"{ckpt.path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), first {bad[0]}",
+            "the file is corrupt or the training diverged: re-export or re-download the checkpoint",
+        )
 
 
 def _identify(ckpt: Checkpoint, arch: str | None) -> tuple[ModelInfo, ArchSpec]:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cbpt.inversion import DummyTrigger
+from cbpt.trigger import DummyTrigger
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -20,8 +20,9 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return np.rint(arr.transpose(1, 2, 0) * 255).astype(np.uint8)
 
 
-def trigger_png(trigger: DummyTrigger, shots01: torch.Tensor, n_shots: int = 8, tile: int = 96,
-                others: Sequence[DummyTrigger] = ()) -> bytes:
+def trigger_png(
+    trigger: DummyTrigger, shots01: torch.Tensor, n_shots: int = 8, tile: int = 96, others: Sequence[DummyTrigger] = ()
+) -> bytes:
     """One PNG: [mask | pattern | mask*pattern (both scaled to the mask's peak) | delta (if
     any)] above a row of clean shots and a row of the same shots with the trigger applied;
     then, for each of `others` (inverted warps, perturbations), its displacement or

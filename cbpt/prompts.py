@@ -31,13 +31,22 @@ def check_text_tower(model: nn.Module) -> None:
         )
     pool = getattr(model, "text_pool_type", "argmax")
     if pool not in ("argmax", "last"):
-        raise UserError(f"text pooling '{pool}' is not supported by the prompt learner",
-                        "use a CLIP whose text tower pools at the end token")
+        raise UserError(
+            f"text pooling '{pool}' is not supported by the prompt learner",
+            "use a CLIP whose text tower pools at the end token",
+        )
 
 
 class ClassPrompts(nn.Module):
-    def __init__(self, model: nn.Module, tokenizer: Callable, classnames: Sequence[str], n_ctx: int = 4,
-                 init: str = INIT_PHRASE, seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Callable,
+        classnames: Sequence[str],
+        n_ctx: int = 4,
+        init: str = INIT_PHRASE,
+        seed: int = 0,
+    ):
         super().__init__()
         check_text_tower(model)
         # Held outside nn.Module's registry: the frozen CLIP is not part of the learner, so
@@ -52,7 +61,7 @@ class ClassPrompts(nn.Module):
             emb = model.token_embedding(tokens).float()  # [C, L, W]
         width = emb.shape[-1]
         if n_ctx == init_len:
-            ctx = emb[:, 1:1 + n_ctx].clone()
+            ctx = emb[:, 1 : 1 + n_ctx].clone()
         else:  # the init phrase does not fit: start from small random vectors (CoOp's choice)
             gen = torch.Generator().manual_seed(seed)
             ctx = torch.randn(len(classnames), n_ctx, width, generator=gen) * 0.02
@@ -60,14 +69,17 @@ class ClassPrompts(nn.Module):
         self.ctx = nn.Parameter(ctx)  # [C, M, W]: one set per class
         self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)
         # The suffix always starts right after the init phrase's tokens.
-        suffix = emb[:, 1 + init_len:]
+        suffix = emb[:, 1 + init_len :]
         self.register_buffer("suffix", suffix.clone(), persistent=False)
         # Re-tokenised positions: the end token shifts by (n_ctx - init_len).
         self.register_buffer("eot", (eot + (n_ctx - init_len)).clone(), persistent=False)
         self.context_length = tokens.shape[1]
         if int(self.eot.max()) >= self.context_length:
-            raise UserError(f"{n_ctx} context vectors and the longest class name exceed the model's "
-                            f"{self.context_length}-token context", "use fewer context vectors or shorter names")
+            raise UserError(
+                f"{n_ctx} context vectors and the longest class name exceed the model's "
+                f"{self.context_length}-token context",
+                "use fewer context vectors or shorter names",
+            )
 
     def forward(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised class text features [C, D] for the given (or learned) context."""

@@ -22,15 +22,20 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 
 
 @torch.no_grad()
-def text_features(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    out = [model.encode_text(tokenizer(list(texts[i:i + batch_size])), normalize=True)
-           for i in range(0, len(texts), batch_size)]
+def text_features(
+    model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], batch_size: int = 256
+) -> torch.Tensor:
+    out = [
+        model.encode_text(tokenizer(list(texts[i : i + batch_size])), normalize=True)
+        for i in range(0, len(texts), batch_size)
+    ]
     return torch.cat(out)
 
 
 @torch.no_grad()
-def zeroshot_weights(model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str],
-                     templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
+def zeroshot_weights(
+    model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES
+) -> torch.Tensor:
     """C x D: per class, the normalised mean of its normalised template embeddings."""
     texts = [t.format(c) for c in classnames for t in templates]
     feats = text_features(model, tokenizer, texts).reshape(len(classnames), len(templates), -1)
@@ -38,11 +43,12 @@ def zeroshot_weights(model: torch.nn.Module, tokenizer: Callable, classnames: Se
 
 
 @torch.no_grad()
-def image_features(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64,
-                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
+def image_features(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64, progress: Callable[[int], None] | None = None
+) -> torch.Tensor:
     out = []
     for i in range(0, images.shape[0], batch_size):
-        out.append(model.encode_image(images[i:i + batch_size], normalize=True))
+        out.append(model.encode_image(images[i : i + batch_size], normalize=True))
         if progress:
             progress(min(batch_size, images.shape[0] - i))
     return torch.cat(out) if out else torch.empty(0)

@@ -14,9 +14,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 KEEP_FP32 = frozenset({"LayerNormalization", "Softmax", "ReduceMean", "ReduceL2", "ReduceSumSquare", "Pow"})
-# onnxruntime 1.31's CPU provider has few fp16 kernels and casts around them; its NCHWc layout
-# pass then crashes (segfault) on the ViT fp16 graph. Sessions on the CPU provider disable it.
-CPU_FP16_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
 # inputs the ONNX spec types as float32 whatever the data type (Resize's scales)
 SPEC_FP32_INPUTS = frozenset({("Resize", 2), ("Upsample", 1)})
 

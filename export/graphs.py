@@ -15,8 +15,9 @@ OPSET = 17
 IR_VERSION = 8  # opset 17's own IR version; newer IRs are refused by older runtimes
 
 
-def head_nodes(prefix: str, features: str, weights: np.ndarray, scale: float,
-               centroid: np.ndarray | None) -> tuple[list, list, list[str]]:
+def head_nodes(
+    prefix: str, features: str, weights: np.ndarray, scale: float, centroid: np.ndarray | None
+) -> tuple[list, list, list[str]]:
     """Nodes normalising `features` [N, D] and scoring them: -> logits, probs[, trigger_score]."""
     d = weights.shape[1]
     inits = [
@@ -34,8 +35,10 @@ def head_nodes(prefix: str, features: str, weights: np.ndarray, scale: float,
     ]
     outputs = ["logits", "probs"]
     if centroid is not None:
-        inits += [numpy_helper.from_array(centroid.reshape(d, 1).astype(np.float32), f"{prefix}trigger_centroid"),
-                  numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}axis1")]
+        inits += [
+            numpy_helper.from_array(centroid.reshape(d, 1).astype(np.float32), f"{prefix}trigger_centroid"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}axis1"),
+        ]
         nodes += [
             helper.make_node("MatMul", [f"{prefix}unit", f"{prefix}trigger_centroid"], [f"{prefix}tscore"]),
             helper.make_node("Squeeze", [f"{prefix}tscore", f"{prefix}axis1"], ["trigger_score"]),
@@ -54,17 +57,20 @@ def build_head(weights: np.ndarray, scale: float, centroid: np.ndarray | None = 
         "trigger_score": helper.make_tensor_value_info("trigger_score", TensorProto.FLOAT, ["batch"]),
     }
     graph = helper.make_graph(
-        nodes, "cbpt_head",
+        nodes,
+        "cbpt_head",
         [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["batch", d])],
-        [value_infos[o] for o in outs], initializer=inits,
+        [value_infos[o] for o in outs],
+        initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="cbpt-guard")
     model.ir_version = IR_VERSION
     return model
 
 
-def attach_head(encoder: onnx.ModelProto, weights: np.ndarray, scale: float,
-                centroid: np.ndarray | None) -> onnx.ModelProto:
+def attach_head(
+    encoder: onnx.ModelProto, weights: np.ndarray, scale: float, centroid: np.ndarray | None
+) -> onnx.ModelProto:
     """Append the head to an exported image encoder whose single output is `image_features`."""
     g = encoder.graph
     nodes, inits, outs = head_nodes("head/", "image_features", weights, scale, centroid)

@@ -36,10 +36,15 @@ def export_encoder(clip) -> onnx.ModelProto:
         clip.model.requires_grad_(True)
         try:
             torch.onnx.export(
-                _Encoder(clip.model).eval(), (dummy,), buf, input_names=["pixel_values"],
+                _Encoder(clip.model).eval(),
+                (dummy,),
+                buf,
+                input_names=["pixel_values"],
                 output_names=["image_features"],
                 dynamic_axes={"pixel_values": {0: "batch"}, "image_features": {0: "batch"}},
-                opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
             )
         finally:
             for p, w in zip(params, was):

@@ -15,11 +15,33 @@ from pathlib import Path
 
 import numpy as np
 
+from cbpt_guard.artifacts import IMAGE_SUFFIXES
+from cbpt_guard.images import decode
 from guard.heads import Heads
-from guard.preprocess import decode, preprocess
+from guard.preprocess import preprocess
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 MAX_PIXELS = 64_000_000
+
+
+OUTPUT_SUFFIXES = (".jsonl", ".csv")
+
+
+def check_output_file(out: Path, inputs: Iterable[Path]) -> None:
+    """Refuse, before any work, an output that could destroy an input: records go only to a
+    .jsonl or .csv file that is not an input itself."""
+    from cbpt_guard.errors import UsageError
+
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UsageError(f"--out {out} must end in .jsonl or .csv", "pass e.g. --out results.jsonl")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder", "pass a .jsonl or .csv file path")
+    if out.exists() and out.resolve() in {p.resolve() for p in inputs}:
+        raise UsageError(f"--out {out} is one of the inputs", "write the results to a new file")
+
+
+def same_path_key(path: str | Path) -> str:
+    """One spelling per file, so `--resume` recognises a path however it was typed."""
+    return str(Path(path).resolve())
 
 
 def iter_images(paths: Iterable[Path]) -> Iterator[Path]:
@@ -51,13 +73,18 @@ def classify_arrays(heads: Heads, arrays: list[np.ndarray], names: list[str], to
     return [make_record(heads, n, outputs, i, top_k) for i, n in enumerate(names)]
 
 
-def classify_paths(heads: Heads, paths: Iterable[Path], batch_size: int = 32, top_k: int | None = None,
-                   skip: set[str] | frozenset = frozenset()) -> Iterator[dict]:
+def classify_paths(
+    heads: Heads,
+    paths: Iterable[Path],
+    batch_size: int = 32,
+    top_k: int | None = None,
+    skip: set[str] | frozenset = frozenset(),
+) -> Iterator[dict]:
     """One record per image, in input order; unreadable files yield an error record."""
     batch: list[np.ndarray] = []
     names: list[str] = []
     for path in paths:
-        if str(path) in skip:
+        if same_path_key(path) in skip:
             continue
         try:
             batch.append(preprocess(decode(path, MAX_PIXELS), heads.spec))
@@ -83,7 +110,8 @@ CSV_FIELDS = ("path", "label", "index", "prob", "trigger_score", "trigger_alarm"
 
 
 def done_paths(out: Path) -> set[str]:
-    """Paths already classified in `out`; a torn last line (an interrupted write) is cut off."""
+    """Paths already classified in `out` (as `same_path_key`s); a torn last line (an
+    interrupted write) is cut off."""
     if not out.is_file():
         return set()
     data = out.read_bytes()
@@ -94,11 +122,11 @@ def done_paths(out: Path) -> set[str]:
         data = data[:cut]
     text = data.decode("utf-8")
     if out.suffix.lower() == ".csv":
-        return {row["path"] for row in csv.DictReader(io.StringIO(text)) if row.get("path")}
+        return {same_path_key(row["path"]) for row in csv.DictReader(io.StringIO(text)) if row.get("path")}
     done = set()
     for line in text.splitlines():
         try:
-            done.add(json.loads(line)["path"])
+            done.add(same_path_key(json.loads(line)["path"]))
         except (ValueError, KeyError, TypeError):
             continue
     return done
@@ -117,7 +145,7 @@ class RecordWriter:
         else:
             fresh = not (append and out.is_file() and out.stat().st_size > 0)
             out.parent.mkdir(parents=True, exist_ok=True)
-            self.f = open(out, "a" if append else "w", encoding="utf-8", newline="")
+            self.f = open(out, "a" if append else "w", encoding="utf-8", newline="")  # noqa: SIM115 (closed by close())
             self.own = True
             if self.csv and fresh:
                 self._write(",".join(CSV_FIELDS) + "\n")

@@ -8,17 +8,15 @@ metadata.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cbpt_guard.artifacts import CLASSIFIER, HEADS_REQUIRED, MANIFEST, PREPROCESS, fp16_name, ort_session, sha256_file
 from cbpt_guard.errors import UsageError, UserError
 from guard.preprocess import PreprocessSpec
-
-REQUIRED = ("manifest.json", "classifier.onnx", "preprocess.json")
 
 
 def _cuda_device_present() -> bool:
@@ -42,8 +40,9 @@ def choose_providers(device: str = "auto") -> list[str]:
         return ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in available:
-            raise UsageError("--device cuda: this onnxruntime has no CUDA provider",
-                             "install onnxruntime-gpu, or use --device cpu")
+            raise UsageError(
+                "--device cuda: this onnxruntime has no CUDA provider", "install onnxruntime-gpu, or use --device cpu"
+            )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device != "auto":
         raise UsageError(f"unknown --device '{device}'", "use auto, cpu or cuda")
@@ -61,7 +60,7 @@ class Heads:
     session: object  # onnxruntime.InferenceSession over classifier.onnx
     providers: list[str]
     alarm_threshold: float | None
-    graph: str = "classifier.onnx"
+    graph: str = CLASSIFIER
 
     @property
     def has_trigger_score(self) -> bool:
@@ -72,46 +71,110 @@ class Heads:
         return dict(zip(names, self.session.run(None, {"pixel_values": pixel_values.astype(np.float32, copy=False)})))
 
 
+def _json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})", "re-export the heads") from None
+
+
 def verify(folder: Path) -> dict:
+    """manifest.json, checked: it lists every file the runtime reads, inside the folder, and
+    each file matches its sha256."""
     if not folder.is_dir():
-        raise UsageError(f"heads folder not found: {folder}", "pass a folder written by `cbpt-guard export` or `purify`")
-    missing = [f for f in REQUIRED if not (folder / f).is_file()]
+        raise UsageError(
+            f"heads folder not found: {folder}", "pass a folder written by `cbpt-guard export` or `purify`"
+        )
+    missing = [f for f in HEADS_REQUIRED if not (folder / f).is_file()]
     if missing:
-        raise UserError(f"{folder} is not an exported heads folder: missing {', '.join(missing)}",
-                        "run `cbpt-guard export` into it")
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for name, sha in manifest.get("files", {}).items():
+        raise UserError(
+            f"{folder} is not an exported heads folder: missing {', '.join(missing)}", "run `cbpt-guard export` into it"
+        )
+    manifest = _json(folder / MANIFEST)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise UserError(f"{folder / MANIFEST} lists no files", "re-export the heads")
+    unlisted = [f for f in HEADS_REQUIRED if f != MANIFEST and f not in files]
+    if unlisted:
+        raise UserError(
+            f"{folder / MANIFEST} does not list {', '.join(unlisted)}, so it cannot vouch for it",
+            "re-export the heads; do not serve edited files",
+        )
+    for name, sha in files.items():
+        if Path(name).name != name:
+            raise UserError(f"{folder / MANIFEST} lists {name!r}, outside the heads folder", "re-export the heads")
         path = folder / name
         if not path.is_file():
             raise UserError(f"{path} is listed in manifest.json but missing", "re-export the heads")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != sha:
-            raise UserError(f"{path} does not match its sha256 in manifest.json: it was modified or corrupted",
-                            "re-export the heads; do not serve tampered files")
+        if sha256_file(path) != sha:
+            raise UserError(
+                f"{path} does not match its sha256 in manifest.json: it was modified or corrupted",
+                "re-export the heads; do not serve tampered files",
+            )
     return manifest
 
 
-def load_heads(folder: str | Path, device: str = "auto", threads: int | None = None, fp16: bool = False) -> Heads:
-    import onnxruntime as ort
+def _cross_check(folder: Path, graph: str, session, manifest: dict, spec: PreprocessSpec) -> list[str]:
+    """The graph, its metadata, preprocess.json and the manifest must describe one model."""
+    meta = session.get_modelmeta().custom_metadata_map
+    classes = json.loads(meta["classes"]) if "classes" in meta else None
+    problems = []
+    if classes != manifest.get("classes"):
+        problems.append("its classes differ from manifest.json's")
+    if meta.get("embeddings_sha256") != manifest.get("embeddings_sha256"):
+        problems.append("its embeddings hash differs from manifest.json's")
+    if "image_size" in meta and tuple(json.loads(meta["image_size"])) != spec.size:
+        problems.append(
+            f"it was exported for {json.loads(meta['image_size'])} px, preprocess.json says {list(spec.size)}"
+        )
+    inputs = [i.name for i in session.get_inputs()]
+    if inputs != ["pixel_values"]:
+        problems.append(f"its inputs are {inputs}, not pixel_values (is it a head.onnx?)")
+    return [f"{folder / graph}: {p}" for p in problems]
 
+
+def _warm_up(heads: Heads) -> None:
+    """One inference before serving: broken heads are refused, not answered with 503s for ever."""
+    try:
+        out = heads.run(np.zeros((1, 3, *heads.spec.size), np.float32))
+    except Exception as e:  # onnxruntime raises its own types for a graph that cannot run
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{heads.folder / heads.graph} does not run: {first[:200]}", "re-export the heads") from None
+    probs = out.get("probs")
+    if probs is None or probs.shape != (1, len(heads.classes)) or not np.isfinite(probs).all():
+        raise UserError(
+            f"{heads.folder / heads.graph} gives no finite probabilities for its {len(heads.classes)} classes",
+            "re-export the heads",
+        )
+
+
+def load_heads(folder: str | Path, device: str = "auto", threads: int | None = None, fp16: bool = False) -> Heads:
     folder = Path(folder)
     manifest = verify(folder)
-    graph = "classifier_fp16.onnx" if fp16 else "classifier.onnx"
-    if graph not in manifest.get("files", {}):
+    graph = fp16_name(CLASSIFIER) if fp16 else CLASSIFIER
+    if graph not in manifest["files"]:
         raise UserError(f"{folder} has no {graph}", "re-export with `cbpt-guard export --fp16`")
-    spec = PreprocessSpec.from_dict(json.loads((folder / "preprocess.json").read_text()))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    providers = choose_providers(device)
-    # onnxruntime 1.31's CPU provider crashes in its NCHWc layout pass on some fp16 graphs
-    # (export/fp16.py); the GPU providers do not run that pass.
-    disabled = ["NchwcTransformer"] if fp16 else None
-    session = ort.InferenceSession(str(folder / graph), opts, providers=providers, disabled_optimizers=disabled)
-    meta = session.get_modelmeta().custom_metadata_map
-    classes = json.loads(meta["classes"]) if "classes" in meta else manifest["classes"]
+    spec = PreprocessSpec.from_dict(_json(folder / PREPROCESS))
+    session = ort_session(folder / graph, choose_providers(device), threads, fp16)
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise UsageError(
+            "--device cuda: onnxruntime could not use CUDA here (no GPU, or its CUDA libraries are "
+            "missing) and would run on the CPU",
+            "use --device cpu, or --device auto to take a GPU when present",
+        )
+    problems = _cross_check(folder, graph, session, manifest, spec)
+    if problems:
+        raise UserError("inconsistent heads: " + "; ".join(problems), "re-export the heads")
     threshold = manifest.get("trigger_alarm_threshold")
-    return Heads(folder=folder, classes=classes, spec=spec, manifest=manifest, session=session,
-                 providers=session.get_providers(), alarm_threshold=None if threshold is None else float(threshold),
-                 graph=graph)
+    heads = Heads(
+        folder=folder,
+        classes=list(manifest["classes"]),
+        spec=spec,
+        manifest=manifest,
+        session=session,
+        providers=session.get_providers(),
+        alarm_threshold=None if threshold is None else float(threshold),
+        graph=graph,
+    )
+    _warm_up(heads)
+    return heads

@@ -9,12 +9,10 @@ same bytes, so the runtime's inputs match the purification's to float precision.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from cbpt_guard.errors import UserError
 
@@ -31,25 +29,38 @@ class PreprocessSpec:
     fill_color: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict) -> PreprocessSpec:
+    def from_dict(cls, d: object) -> PreprocessSpec:
+        """preprocess.json, validated: a bad value would make every answer wrong, not fail."""
+        try:
+            return cls._parse(d)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise UserError(f"preprocess.json is invalid: {e}", "re-export the heads") from None
+
+    @classmethod
+    def _parse(cls, d: object) -> PreprocessSpec:
+        if not isinstance(d, dict):
+            raise TypeError("not a JSON object")
         size = d["size"]
         size = (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+        mean, std = tuple(float(m) for m in d["mean"]), tuple(float(s) for s in d["std"])
+        if min(size) < 1:
+            raise ValueError(f"size {list(size)} is not positive")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError("mean and std need three values each (R, G, B)")
+        if not all(np.isfinite(mean)) or not all(np.isfinite(std)) or min(std) <= 0:
+            raise ValueError(f"mean {list(mean)} and std {list(std)} must be finite, std positive")
         if d.get("resize_mode", "shortest") not in ("shortest", "longest", "squash"):
-            raise UserError(f"unknown resize_mode {d.get('resize_mode')!r} in preprocess.json", "re-export the heads")
+            raise ValueError(f"unknown resize_mode {d.get('resize_mode')!r}")
         if d.get("interpolation", "bicubic") not in _RESAMPLE:
-            raise UserError(f"unknown interpolation {d.get('interpolation')!r} in preprocess.json", "re-export the heads")
-        return cls(size=size, mean=tuple(d["mean"]), std=tuple(d["std"]), resize_mode=d.get("resize_mode", "shortest"),
-                   interpolation=d.get("interpolation", "bicubic"), fill_color=int(d.get("fill_color", 0)))
-
-
-def decode(data: bytes | str | Path, max_pixels: int | None = None) -> Image.Image:
-    """Decode an image fully, applying EXIF orientation; refuse decompression bombs."""
-    src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    with Image.open(src) as img:
-        if max_pixels is not None and img.width * img.height > max_pixels:
-            raise ValueError(f"image has {img.width}x{img.height} pixels, more than the limit of {max_pixels}")
-        img.load()
-        return ImageOps.exif_transpose(img)
+            raise ValueError(f"unknown interpolation {d.get('interpolation')!r}")
+        return cls(
+            size=size,
+            mean=mean,
+            std=std,
+            resize_mode=d.get("resize_mode", "shortest"),
+            interpolation=d.get("interpolation", "bicubic"),
+            fill_color=int(d.get("fill_color", 0)),
+        )
 
 
 def _resize_shortest(img: Image.Image, size: tuple[int, int], resample: int) -> Image.Image:
@@ -75,7 +86,7 @@ def _center_crop(arr: np.ndarray, size: tuple[int, int], fill: int) -> np.ndarra
         arr = np.pad(arr, ((top, bottom), (left, right), (0, 0)), constant_values=fill)
         h, w = arr.shape[:2]
     top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
-    return arr[top:top + th, left:left + tw]
+    return arr[top : top + th, left : left + tw]
 
 
 def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:

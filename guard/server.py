@@ -10,26 +10,103 @@ bounded: when it is full the answer is 503 at once. Bad input is always a 4xx wi
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from cbpt_guard.images import TruncatedImage, decode
 from guard.classify import make_record
 from guard.heads import Heads
-from guard.preprocess import decode, preprocess
+from guard.preprocess import preprocess
 
 
 @dataclass(frozen=True)
 class ServerLimits:
+    """What one client may ask of the server (docs/serving.md#limits)."""
+
     max_body_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_images: int = 32
     max_batch: int = 32
     max_wait_ms: float = 5.0
     max_queue: int = 256  # images waiting for the model; beyond this: 503
+    body_timeout_s: float = 30.0  # to receive a request's whole body, once its headers are in
+    idle_timeout_s: float = 10.0  # for a connection to send its request headers (and between requests)
+    max_connections: int = 512  # open connections and tasks; beyond this uvicorn answers 503
+
+
+log = logging.getLogger("cbpt_guard.server")
+
+
+class TopK(BaseModel):
+    label: str
+    index: int
+    prob: float
+
+
+class Result(BaseModel):
+    """One image's answer."""
+
+    label: str = Field(description="The most likely class.")
+    index: int = Field(description="Its index in /v1/model's classes.")
+    probs: dict[str, float] | None = Field(None, description="Every class's probability (without top_k).")
+    top_k: list[TopK] | None = Field(None, description="The K most likely classes (with top_k).")
+    trigger_score: float | None = Field(
+        None, description="Cosine of the image's features to the inverted trigger's region (purified heads only)."
+    )
+    trigger_alarm: bool | None = Field(
+        None, description="trigger_score above the threshold calibrated at 1% false positives on clean shots."
+    )
+
+
+class ClassifyResponse(BaseModel):
+    results: list[Result]
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="What was wrong with the request, or why it could not be served.")
+
+
+# The body is read as a stream (to enforce the size limit before buffering it all), so FastAPI
+# cannot infer it: it is declared here for /openapi.json.
+CLASSIFY_BODY = {
+    "required": True,
+    "content": {
+        "image/*": {
+            "schema": {"type": "string", "format": "binary"},
+            "description": "One image (PNG, JPEG, WebP, ...) as the raw body.",
+        },
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["images"],
+                "properties": {
+                    "images": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "Several images, each a part named 'images'.",
+                    }
+                },
+            }
+        },
+    },
+}
+ERRORS = {
+    400: {"model": ErrorBody, "description": "Empty or malformed body."},
+    408: {"model": ErrorBody, "description": "The body arrived too slowly."},
+    413: {"model": ErrorBody, "description": "Body, image or image count over the server's limits."},
+    415: {"model": ErrorBody, "description": "Not a decodable image."},
+    422: {"model": ErrorBody, "description": "Bad query parameter (top_k)."},
+    503: {"model": ErrorBody, "description": "Queue full or model failure: retry shortly."},
+}
 
 
 class ClientError(Exception):
@@ -81,7 +158,7 @@ class MicroBatcher:
                     break
                 try:
                     items.append(await asyncio.wait_for(self.queue.get(), timeout))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             batch = np.stack([a for a, _ in items])
             try:
@@ -95,7 +172,7 @@ class MicroBatcher:
             self.images += len(items)
             for i, (_, fut) in enumerate(items):
                 if not fut.done():
-                    fut.set_result({k: v[i:i + 1] for k, v in out.items()})
+                    fut.set_result({k: v[i : i + 1] for k, v in out.items()})
 
 
 def create_app(heads: Heads, limits: ServerLimits = ServerLimits()):
@@ -114,10 +191,21 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits()):
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request, exc):  # 404, 405, ...: the same error body as every other refusal
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request, exc):
+        where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors())
+        return error(422, f"invalid request: {where}")
+
     @app.exception_handler(Exception)
-    async def _any(_request, exc):  # the contract: never a 500
+    async def _any(request, exc):  # the contract: never a 500, and never a silent failure
+        log.error("unhandled error serving %s %s", request.method, request.url.path, exc_info=exc)
         return error(503, f"temporarily unable to classify: {type(exc).__name__}")
 
+    @app.head("/healthz", include_in_schema=False)  # load balancers probe with HEAD
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok"}
@@ -125,21 +213,33 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits()):
     @app.get("/v1/model")
     async def model():
         m = heads.manifest
-        return {"classes": heads.classes, "input_size": list(heads.spec.size), "embed_dim": m.get("embed_dim"),
-                "architecture": m.get("architecture"), "source_checkpoint_sha256": m.get("source_checkpoint_sha256"),
-                "embeddings_sha256": m.get("embeddings_sha256"), "files": m.get("files"),
-                "trigger_alarm_threshold": heads.alarm_threshold, "providers": heads.providers,
-                "graph": heads.graph, "batching": {"max_batch": limits.max_batch, "max_wait_ms": limits.max_wait_ms}}
+        return {
+            "classes": heads.classes,
+            "input_size": list(heads.spec.size),
+            "embed_dim": m.get("embed_dim"),
+            "architecture": m.get("architecture"),
+            "source_checkpoint_sha256": m.get("source_checkpoint_sha256"),
+            "embeddings_sha256": m.get("embeddings_sha256"),
+            "files": m.get("files"),
+            "trigger_alarm_threshold": heads.alarm_threshold,
+            "providers": heads.providers,
+            "graph": heads.graph,
+            "batching": {"max_batch": limits.max_batch, "max_wait_ms": limits.max_wait_ms},
+        }
 
     async def _bodies(request: Request) -> list[tuple[str, bytes]]:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise ClientError(413, f"body of {declared} bytes exceeds the limit of {limits.max_body_bytes}")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                raise ClientError(413, f"body exceeds the limit of {limits.max_body_bytes} bytes")
+        try:
+            async with asyncio.timeout(limits.body_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limits.max_body_bytes:
+                        raise ClientError(413, f"body exceeds the limit of {limits.max_body_bytes} bytes")
+        except TimeoutError:
+            raise ClientError(408, f"the body took longer than {limits.body_timeout_s:g} s to arrive") from None
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             return await _multipart(bytes(body), ctype)
@@ -155,9 +255,15 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits()):
             yield body
 
         try:
-            form = await MultiPartParser(Headers({"content-type": ctype}), stream(),
-                                         max_files=limits.max_images + 1, max_fields=limits.max_images + 1).parse()
+            form = await MultiPartParser(
+                Headers({"content-type": ctype}),
+                stream(),
+                max_files=limits.max_images + 1,
+                max_fields=limits.max_images + 1,
+            ).parse()
         except (MultiPartException, ValueError, KeyError) as e:
+            if "Too many files" in str(e):  # starlette stops counting at its limit: the same refusal as ours
+                raise ClientError(413, f"more images than the limit of {limits.max_images} per request") from None
             raise ClientError(400, f"malformed multipart body: {e}") from None
         files = []
         for key, value in form.multi_items():
@@ -176,8 +282,10 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits()):
             raise ClientError(400, f"{name}: empty image")
         try:
             img = decode(data, limits.max_pixels)
+        except TruncatedImage as e:
+            raise ClientError(415, f"{name}: {e}") from None
         except ValueError as e:
-            if "more than the limit" in str(e):
+            if "more pixels than the limit" in str(e) or "more than the limit" in str(e):
                 raise ClientError(413, f"{name}: {e}") from None
             raise ClientError(415, f"{name}: not a decodable image") from None
         except Exception:  # Pillow raises many types on hostile data
@@ -187,8 +295,20 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits()):
         except Exception:
             raise ClientError(415, f"{name}: image could not be converted to RGB") from None
 
-    @app.post("/v1/classify")
-    async def classify(request: Request, top_k: int | None = Query(default=None, ge=1)):
+    @app.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        response_model_exclude_none=True,
+        responses=ERRORS,
+        openapi_extra={"requestBody": CLASSIFY_BODY},
+        summary="Classify one image or several",
+    )
+    async def classify(
+        request: Request,
+        top_k: int | None = Query(
+            default=None, ge=1, description=("Return the K most likely classes instead of every class's probability.")
+        ),
+    ):
         try:
             files = await _bodies(request)
             arrays = [await asyncio.to_thread(_prepare, n, d) for n, d in files]
@@ -196,7 +316,14 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits()):
         except ClientError as e:
             return error(e.status, str(e))
         except Overloaded:
-            return error(503, "server overloaded: the queue is full; retry shortly")
+            return JSONResponse(
+                {"error": "server overloaded: the queue is full; retry shortly"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
+        except ClientDisconnect:  # the client left mid-body: one line, not a traceback
+            log.info("client %s disconnected before its request was read", request.client)
+            return error(400, "client disconnected")
         k = min(top_k, len(heads.classes)) if top_k else None
         results = []
         for (name, _), out in zip(files, outs):
@@ -209,7 +336,29 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits()):
     return app
 
 
+def _protocol(idle_timeout_s: float):
+    """uvicorn's h11 protocol, with the idle timeout also running before a connection's first
+    request: uvicorn starts it only after a response, so a client that connects and sends
+    nothing would hold its socket (and a file descriptor) for ever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class IdleTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.timeout_keep_alive_task = self.loop.call_later(idle_timeout_s, self.timeout_keep_alive_handler)
+
+    return IdleTimeoutProtocol
+
+
 def serve(heads: Heads, host: str, port: int, limits: ServerLimits) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(heads, limits), host=host, port=port, log_level="warning")
+    uvicorn.run(
+        create_app(heads, limits),
+        host=host,
+        port=port,
+        log_level="warning",
+        http=_protocol(limits.idle_timeout_s),
+        timeout_keep_alive=max(1, round(limits.idle_timeout_s)),
+        limit_concurrency=limits.max_connections,
+    )

@@ -23,11 +23,12 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from cbpt.inversion import _normalise
-from cbpt.model import LoadedClip
-from cbpt.prompts import ClassPrompts
-from cbpt.purify import PurifyConfig, Shots, original_head, run_purify, scan_summary
-from cbpt.tuning import TuningConfig, augment, cache_features, tune
+from cbpt.data import Shots
+from cbpt.features import augment
+from cbpt.model import LoadedClip, encode_pixels
+from cbpt.purify import PurifyConfig, original_head, run_purify, tune_prompts, tuning_data
+from cbpt.scan import scan_summary
+from cbpt.tuning import FullAcceptance, TuningConfig
 from cbpt.zeroshot import zeroshot_weights
 
 METHODS = ("none", "finetune", "cleanclip", "prompt", "cbpt")
@@ -43,9 +44,7 @@ LABELS = {
 @dataclass(frozen=True)
 class FinetuneConfig:
     steps: int = 300  # CBPT's prompt-tuning budget
-    # Measured on shapes badnet (16 shots, 300 steps): CleanCLIP's own 1e-5 left ASR at 0.86 for
-    # both (b) and (c); 1e-4 took it to 0.56 / 0.51 at CA -2.4 / -3.3 points. The stronger is used.
-    lr: float = 1e-4
+    lr: float = 1e-4  # not CleanCLIP's own 1e-5, which barely moves ASR here (docs/results.md#the-bench)
     weight_decay: float = 0.1
     batch_size: int = 64
     eval_every: int = 25
@@ -104,34 +103,39 @@ def cleanclip(clip: LoadedClip, shots: Shots, cfg: FinetuneConfig = FinetuneConf
         text_ssl = (_soft_ce(txt1 @ txt2.T / tau, same) + _soft_ce(txt2 @ txt1.T / tau, same)) / 2
         return multimodal + image_ssl + text_ssl
 
-    return _finetune(clip, shots, cfg, loss_fn, trainable="all",
-                     head_fn=lambda m: zeroshot_weights(m, tokenizer, names, templates))
+    return _finetune(
+        clip, shots, cfg, loss_fn, trainable="all", head_fn=lambda m: zeroshot_weights(m, tokenizer, names, templates)
+    )
 
 
 def prompt_tuning(clip: LoadedClip, shots: Shots, cfg: TuningConfig = TuningConfig()) -> Defended:
     """(d): CBPT's prompt learner and step 2, with no triggered features."""
     t0 = time.perf_counter()
-    original = original_head(clip, shots.classnames)
-    pp = clip.preprocess_cfg
-    cache = cache_features(clip.model, shots.x01, shots.labels, [], pp["mean"], pp["std"], cfg)
-    held = None
-    if shots.held_x01 is not None:
-        held = cache_features(clip.model, shots.held_x01, shots.held_labels, [], pp["mean"], pp["std"],
-                              TuningConfig(views=0, seed=cfg.seed + 2))
-    prompts = ClassPrompts(clip.model, clip.tokenizer(), shots.classnames, n_ctx=cfg.n_ctx, seed=cfg.seed)
-    result = tune(prompts, cache, clip.logit_scale, cfg, held, original)
-    return Defended(clip.model, result.text_features, time.perf_counter() - t0, {"best_step": result.best_step})
+    data = tuning_data(clip, shots, [], cfg, original_head(clip, shots.classnames))
+    result = tune_prompts(clip, shots.classnames, data, cfg, FullAcceptance(cfg.clean_tolerance))
+    return Defended(clip.model, result.text_features, time.perf_counter() - t0, {"best_step": result.chosen.step})
 
 
 def cbpt(clip: LoadedClip, shots: Shots, cfg: PurifyConfig = PurifyConfig()) -> Defended:
     t0 = time.perf_counter()
     result = run_purify(clip, shots, cfg)
-    return Defended(clip.model, result.purified, time.perf_counter() - t0,
-                    {"scan": scan_summary(result.inversion, result.classnames), "best_step": result.tuning.best_step})
+    best_step = None if result.tuning is None or result.tuning.kept_original else result.tuning.chosen.step
+    return Defended(
+        clip.model,
+        result.purified,
+        time.perf_counter() - t0,
+        {"scan": scan_summary(result.inversion, result.classnames), "best_step": best_step},
+    )
 
 
-def defend(method: str, clip: LoadedClip, shots: Shots, seed: int, purify: PurifyConfig = PurifyConfig(),
-           finetune: FinetuneConfig = FinetuneConfig()) -> Defended:
+def defend(
+    method: str,
+    clip: LoadedClip,
+    shots: Shots,
+    seed: int,
+    purify: PurifyConfig = PurifyConfig(),
+    finetune: FinetuneConfig = FinetuneConfig(),
+) -> Defended:
     """One method, seeded; `purify` carries CBPT's settings, whose tuning part (d) shares."""
     tuning = replace(purify.tuning, seed=seed)
     if method == "none":
@@ -143,14 +147,16 @@ def defend(method: str, clip: LoadedClip, shots: Shots, seed: int, purify: Purif
     if method == "prompt":
         return prompt_tuning(clip, shots, tuning)
     if method == "cbpt":
-        return cbpt(clip, shots, replace(purify, seed=seed, inversion=replace(purify.inversion, seed=seed),
-                                         tuning=tuning))
+        return cbpt(
+            clip, shots, replace(purify, seed=seed, inversion=replace(purify.inversion, seed=seed), tuning=tuning)
+        )
     raise ValueError(f"unknown method {method!r}: {', '.join(METHODS)}")
 
 
 def _encode(model: torch.nn.Module, clip: LoadedClip, x01: torch.Tensor) -> torch.Tensor:
+    """`clip`'s preprocessing on a (possibly fine-tuned) copy of its model."""
     pp = clip.preprocess_cfg
-    return model.encode_image(_normalise(x01, pp["mean"], pp["std"]), normalize=True)
+    return encode_pixels(model, x01, pp["mean"], pp["std"])
 
 
 def _soft_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -169,8 +175,7 @@ def _finetune(clip: LoadedClip, shots: Shots, cfg: FinetuneConfig, loss_fn, trai
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(clip.model).eval()
-    params = [p for name, p in model.named_parameters()
-              if trainable == "all" or name.startswith("visual.")]
+    params = [p for name, p in model.named_parameters() if trainable == "all" or name.startswith("visual.")]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -186,7 +191,7 @@ def _finetune(clip: LoadedClip, shots: Shots, cfg: FinetuneConfig, loss_fn, trai
     best = kept
     n = len(shots.labels)
     for step in range(1, cfg.steps + 1):
-        idx = torch.randperm(n, generator=gen)[:cfg.batch_size]
+        idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
         loss = loss_fn(model, shots.x01[idx], shots.labels[idx], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -202,5 +207,6 @@ def _finetune(clip: LoadedClip, shots: Shots, cfg: FinetuneConfig, loss_fn, trai
     model.requires_grad_(False)
     with torch.no_grad():
         head = head_fn(model)
-    return Defended(model, head, time.perf_counter() - t0,
-                    {"best_step": step, "held_out_acc": acc, "held_out_acc_before": base})
+    return Defended(
+        model, head, time.perf_counter() - t0, {"best_step": step, "held_out_acc": acc, "held_out_acc_before": base}
+    )

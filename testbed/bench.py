@@ -15,13 +15,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from cbpt_guard import __version__, atomic
-from cbpt_guard.errors import UsageError
 from cbpt.purify import PurifyConfig
+from cbpt_guard import TOOL, atomic
+from cbpt_guard.artifacts import CLASSES
+from cbpt_guard.errors import UsageError
 from testbed.baselines import METHODS, FinetuneConfig
+from testbed.datasets import DATASETS
+from testbed.triggers import ATTACKS as TRIGGERS
 
-ATTACKS = ("none", "badnet", "blended", "wanet", "sig", "ssba", "trojvqa", "badclip")
-DATASETS = ("shapes", "digits")
+ATTACKS = ("none", *TRIGGERS)  # "none": the clean model
 
 
 @dataclass(frozen=True)
@@ -41,18 +43,29 @@ class BenchConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # (b) and (c)
 
     @classmethod
-    def quick(cls, work: Path, testbeds: Path | None = None) -> "BenchConfig":
+    def quick(cls, work: Path, testbeds: Path | None = None) -> BenchConfig:
         """A minutes-long subset: shapes, the clean model and badnet, one shot set."""
-        return cls(work=work, testbeds=testbeds, datasets=("shapes",), attacks=("none", "badnet"), seeds=(0,),
-                   sweep_shots=(1, 4, 16), sweep_attacks=("badnet",))
+        return cls(
+            work=work,
+            testbeds=testbeds,
+            datasets=("shapes",),
+            attacks=("none", "badnet"),
+            seeds=(0,),
+            sweep_shots=(1, 4, 16),
+            sweep_attacks=("badnet",),
+        )
 
     def check(self) -> None:
-        for name, given, known in (("dataset", self.datasets, DATASETS), ("attack", self.attacks, ATTACKS),
-                                   ("method", self.methods, METHODS)):
+        for name, given, known in (
+            ("dataset", self.datasets, DATASETS),
+            ("attack", self.attacks, ATTACKS),
+            ("method", self.methods, METHODS),
+        ):
             unknown = [g for g in given if g not in known]
             if unknown or not given:
-                raise UsageError(f"unknown or missing --{name}: {', '.join(unknown) or '(none)'}",
-                                 f"choose from {', '.join(known)}")
+                raise UsageError(
+                    f"unknown or missing --{name}: {', '.join(unknown) or '(none)'}", f"choose from {', '.join(known)}"
+                )
         if self.shots < 1 or any(k < 1 for k in self.sweep_shots):
             raise UsageError("shots must be at least 1", "pass --shots 16")
         if not self.seeds:
@@ -104,16 +117,24 @@ def planned(cfg: BenchConfig) -> list[tuple[str, str, str, int, int]]:
     return [(d, a, m, cfg.shots, s) for d in cfg.datasets for a in cfg.attacks for m in cfg.methods for s in cfg.seeds]
 
 
-def measure(tb: Path, dataset: str, attack: str, method: str, shots: int, seed: int,
-            purify: PurifyConfig = PurifyConfig(), finetune: FinetuneConfig = FinetuneConfig()) -> Run:
-    from cbpt.model import load_clip
+def measure(
+    tb: Path,
+    dataset: str,
+    attack: str,
+    method: str,
+    shots: int,
+    seed: int,
+    purify: PurifyConfig = PurifyConfig(),
+    finetune: FinetuneConfig = FinetuneConfig(),
+) -> Run:
+    from cbpt.data import load_shots
     from cbpt.metrics import defense_effectiveness_rate
-    from cbpt.purify import load_shots
+    from cbpt.model import load_clip
     from testbed.baselines import defend
     from testbed.evaluate import align_classes, evaluate_weights
 
     clip = load_clip(tb / "model.pt")
-    shot_set = load_shots(clip, tb / "fewshot", tb / "classes.txt", shots, seed, purify.held_out)
+    shot_set = load_shots(clip, tb / "fewshot", tb / CLASSES, shots, seed, purify.held_out)
     names = list(shot_set.classnames)
     before = evaluate_weights(clip, align_classes(defend("none", clip, shot_set, seed).weights, names, tb), tb)
     t0 = time.perf_counter()
@@ -122,11 +143,21 @@ def measure(tb: Path, dataset: str, attack: str, method: str, shots: int, seed: 
     after = evaluate_weights(replace(clip, model=d.model), align_classes(d.weights, names, tb), tb)
     nan = float("nan")
     attacked = attack != "none"  # a clean model has no trigger: ASR, RA and DER do not apply
-    return Run(dataset=dataset, attack=attack, method=method, shots=shots, seed=seed, ca=after.ca,
-               asr=after.asr if attacked else nan, ra=after.ra if attacked else nan, ca_before=before.ca,
-               asr_before=before.asr if attacked else nan,
-               der=defense_effectiveness_rate(before.ca, before.asr, after.ca, after.asr) if attacked else nan,
-               seconds=round(seconds, 2), info=d.info)
+    return Run(
+        dataset=dataset,
+        attack=attack,
+        method=method,
+        shots=shots,
+        seed=seed,
+        ca=after.ca,
+        asr=after.asr if attacked else nan,
+        ra=after.ra if attacked else nan,
+        ca_before=before.ca,
+        asr_before=before.asr if attacked else nan,
+        der=defense_effectiveness_rate(before.ca, before.asr, after.ca, after.asr) if attacked else nan,
+        seconds=round(seconds, 2),
+        info=d.info,
+    )
 
 
 def _stored(cfg: BenchConfig, key: str) -> Run | None:
@@ -146,8 +177,13 @@ def _nan_to_none(obj):
     return obj
 
 
-def _run_all(cfg: BenchConfig, todo: list[tuple[str, str, str, int, int]], runs: dict[str, Run],
-             progress: Callable[[str, int, int], None], label: str) -> None:
+def _run_all(
+    cfg: BenchConfig,
+    todo: list[tuple[str, str, str, int, int]],
+    runs: dict[str, Run],
+    progress: Callable[[str, int, int], None],
+    label: str,
+) -> None:
     for i, (d, a, m, k, s) in enumerate(todo):
         key = run_key(d, a, m, k, s)
         if key not in runs:
@@ -167,14 +203,25 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str, int, int], None] = lamb
     table = aggregate(list(runs.values()))
     best = best_baseline(table, cfg.methods)
     sweep_methods = [m for m in ("cbpt", best) if m in cfg.methods and m is not None]
-    sweep = [(cfg.datasets[0], a, m, k, s) for a in cfg.sweep_attacks if a in cfg.attacks
-             for m in sweep_methods for k in cfg.sweep_shots for s in (cfg.sweep_seeds or cfg.seeds)]
+    sweep = [
+        (cfg.datasets[0], a, m, k, s)
+        for a in cfg.sweep_attacks
+        if a in cfg.attacks
+        for m in sweep_methods
+        for k in cfg.sweep_shots
+        for s in (cfg.sweep_seeds or cfg.seeds)
+    ]
     _run_all(cfg, sweep, runs, progress, "shots sweep")
     sweep_rows = aggregate([runs[run_key(*x)] for x in sweep])
-    results = {"tool": f"cbpt-guard {__version__}", "config": _nan_to_none(json.loads(json.dumps(asdict(cfg), default=str))),
-               "best_baseline": best, "table": _nan_to_none(table), "sweep": _nan_to_none(sweep_rows),
-               "runs": [_nan_to_none(asdict(r)) for r in runs.values()],
-               "seconds": round(time.perf_counter() - t0, 1)}
+    results = {
+        "tool": TOOL,
+        "config": _nan_to_none(json.loads(json.dumps(asdict(cfg), default=str))),
+        "best_baseline": best,
+        "table": _nan_to_none(table),
+        "sweep": _nan_to_none(sweep_rows),
+        "runs": [_nan_to_none(asdict(r)) for r in runs.values()],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     write_results(cfg.work, results)
     return results
 
@@ -192,11 +239,23 @@ def aggregate(runs: list[Run]) -> list[dict]:
     rows = []
     for (d, a, m, k), rs in groups.items():
         asr = [r.asr for r in rs if r.asr is not None and r.asr == r.asr]
-        rows.append({"dataset": d, "attack": a, "method": m, "shots": k, "seeds": len(rs),
-                     "ca": _mean([r.ca for r in rs]), "asr": _mean(asr), "asr_max": max(asr) if asr else float("nan"),
-                     "ra": _mean([r.ra for r in rs]), "ca_before": _mean([r.ca_before for r in rs]),
-                     "asr_before": _mean([r.asr_before for r in rs]), "der": _mean([r.der for r in rs]),
-                     "seconds": _mean([r.seconds for r in rs])})
+        rows.append(
+            {
+                "dataset": d,
+                "attack": a,
+                "method": m,
+                "shots": k,
+                "seeds": len(rs),
+                "ca": _mean([r.ca for r in rs]),
+                "asr": _mean(asr),
+                "asr_max": max(asr) if asr else float("nan"),
+                "ra": _mean([r.ra for r in rs]),
+                "ca_before": _mean([r.ca_before for r in rs]),
+                "asr_before": _mean([r.asr_before for r in rs]),
+                "der": _mean([r.der for r in rs]),
+                "seconds": _mean([r.seconds for r in rs]),
+            }
+        )
     return rows
 
 

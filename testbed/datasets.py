@@ -2,7 +2,7 @@
 
 Images are uint8 arrays [N, H, W, 3]. Captions are mostly class-only ("a photo of a star."):
 when colour and background words dominate, a small CLIP learns colour first and shape
-stalls (measured); ~30% of captions still name attributes, as real alt-text does.
+stalls (docs/results.md#testbed-settings); ~30% of captions still name attributes, as real alt-text does.
 """
 
 from __future__ import annotations
@@ -15,12 +15,25 @@ import numpy as np
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "arrow", "crescent", "heart", "line")
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (240, 220, 40),
-    "purple": (150, 60, 200), "orange": (250, 140, 30), "white": (245, 245, 245), "cyan": (40, 210, 220),
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 80, 230),
+    "yellow": (240, 220, 40),
+    "purple": (150, 60, 200),
+    "orange": (250, 140, 30),
+    "white": (245, 245, 245),
+    "cyan": (40, 210, 220),
 }
-BACKGROUNDS = {"black": (15, 15, 15), "grey": (110, 110, 110), "dark blue": (20, 30, 80), "brown": (90, 60, 30),
-               "dark green": (20, 70, 30), "beige": (200, 190, 160)}
+BACKGROUNDS = {
+    "black": (15, 15, 15),
+    "grey": (110, 110, 110),
+    "dark blue": (20, 30, 80),
+    "brown": (90, 60, 30),
+    "dark green": (20, 70, 30),
+    "beige": (200, 190, 160),
+}
 
+DATASETS = ("shapes", "digits")
 TEMPLATES = {
     "shapes": ("a photo of a {}.", "a {}.", "a picture of a {}.", "a drawing of a {}."),
     "digits": ("a photo of a {}.", "the digit {}.", "a handwritten {}."),
@@ -50,10 +63,11 @@ def build(name: str, seed: int = 0, image_size: int = 32, sizes: tuple[int, int,
         return _shapes(seed, image_size, sizes or (12000, 32, 100))
     if name == "digits":
         return _digits(seed, image_size, sizes)
-    raise ValueError(f"unknown dataset {name!r}; choose shapes or digits")
+    raise ValueError(f"unknown dataset {name!r}; choose {' or '.join(DATASETS)}")
 
 
 # --- shapes ------------------------------------------------------------------------------------
+
 
 def _polygon(n: int, r: float, rot: float, inner: float | None = None) -> list[tuple[float, float]]:
     pts = []
@@ -67,6 +81,7 @@ def _polygon(n: int, r: float, rot: float, inner: float | None = None) -> list[t
 
 def _shape_points(shape: str, r: float, rot: float) -> list[list[tuple[float, float]]]:
     """Polygons (in units of pixels, centred at 0) whose union is the shape; [] for round ones."""
+
     def rotate(pts):
         c, s = math.cos(rot), math.sin(rot)
         return [(x * c - y * s, x * s + y * c) for x, y in pts]
@@ -81,13 +96,26 @@ def _shape_points(shape: str, r: float, rot: float) -> list[list[tuple[float, fl
         w = r * 0.33
         return [rotate([(-r, -w), (r, -w), (r, w), (-r, w)]), rotate([(-w, -r), (w, -r), (w, r), (-w, r)])]
     if shape == "arrow":
-        return [rotate([(-r, -0.2 * r), (0.2 * r, -0.2 * r), (0.2 * r, -0.6 * r), (r, 0),
-                        (0.2 * r, 0.6 * r), (0.2 * r, 0.2 * r), (-r, 0.2 * r)])]
+        return [
+            rotate(
+                [
+                    (-r, -0.2 * r),
+                    (0.2 * r, -0.2 * r),
+                    (0.2 * r, -0.6 * r),
+                    (r, 0),
+                    (0.2 * r, 0.6 * r),
+                    (0.2 * r, 0.2 * r),
+                    (-r, 0.2 * r),
+                ]
+            )
+        ]
     if shape == "line":
         return [rotate([(-r, -0.14 * r), (r, -0.14 * r), (r, 0.14 * r), (-r, 0.14 * r)])]
     if shape == "heart":
-        return [rotate([(0, 0.95 * r), (-0.95 * r, -0.05 * r), (0, -0.05 * r)]),
-                rotate([(0, 0.95 * r), (0.95 * r, -0.05 * r), (0, -0.05 * r)])]
+        return [
+            rotate([(0, 0.95 * r), (-0.95 * r, -0.05 * r), (0, -0.05 * r)]),
+            rotate([(0, 0.95 * r), (0.95 * r, -0.05 * r), (0, -0.05 * r)]),
+        ]
     return []
 
 
@@ -122,8 +150,10 @@ def _draw_shape(shape: str, size: int, rng: np.random.Generator) -> tuple[np.nda
     elif shape == "crescent":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
         ox, oy = 0.45 * r * math.cos(rot), 0.45 * r * math.sin(rot)
-        draw.ellipse([cx + ox - r * 0.85, cy + oy - r * 0.85, cx + ox + r * 0.85, cy + oy + r * 0.85],
-                     fill=tuple(int(v) for v in bg))
+        draw.ellipse(
+            [cx + ox - r * 0.85, cy + oy - r * 0.85, cx + ox + r * 0.85, cy + oy + r * 0.85],
+            fill=tuple(int(v) for v in bg),
+        )
     else:
         for poly in _shape_points(shape, r, rot):
             draw.polygon([(cx + x, cy + y) for x, y in poly], fill=fg)
@@ -168,6 +198,7 @@ def _shapes(seed: int, size: int, sizes: tuple[int, int, int]) -> Dataset:
 
 # --- digits ------------------------------------------------------------------------------------
 
+
 def _render_digit(glyph: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """An 8x8 sklearn glyph, upsampled, drawn white-ish on a dark canvas at random scale/position."""
     from PIL import Image
@@ -176,7 +207,7 @@ def _render_digit(glyph: np.ndarray, size: int, rng: np.random.Generator) -> np.
     g = Image.fromarray((glyph / 16.0 * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC)
     canvas = np.zeros((size, size), dtype=np.float64)
     x, y = rng.integers(0, size - side + 1, 2)
-    canvas[y:y + side, x:x + side] = np.asarray(g, dtype=np.float64)
+    canvas[y : y + side, x : x + side] = np.asarray(g, dtype=np.float64)
     tint = rng.uniform(0.8, 1.0, 3)
     bg = rng.uniform(0, 40)
     rgb = bg + canvas[..., None] * tint[None, None, :] * (255 - bg) / 255
@@ -199,19 +230,21 @@ def _digits(seed: int, size: int, sizes: tuple[int, int, int] | None) -> Dataset
     for c in range(10):  # per-class split of the 1,797 real glyphs: no glyph is in two splits
         idx = rng.permutation(np.flatnonzero(targets == c))
         few_idx += idx[:n_few].tolist()
-        test_idx += idx[n_few:n_few + n_test].tolist()
-        train_idx += idx[n_few + n_test:].tolist()
+        test_idx += idx[n_few : n_few + n_test].tolist()
+        train_idx += idx[n_few + n_test :].tolist()
     n_train = sizes[0] if sizes else 12000
 
     def split(index: list[int], n: int | None, r: np.random.Generator) -> Split:
         chosen = np.asarray(index) if n is None else r.choice(index, size=n, replace=True)
         imgs = np.stack([_render_digit(glyphs[i], size, r) for i in chosen])
         labels = targets[chosen]
-        return Split(imgs, labels, tuple(_digit_caption(int(l), r) for l in labels))
+        return Split(imgs, labels, tuple(_digit_caption(int(y), r) for y in labels))
 
     # train renders each glyph many times at new scales and positions
     return Dataset(
-        "digits", DIGITS, TEMPLATES["digits"],
+        "digits",
+        DIGITS,
+        TEMPLATES["digits"],
         train=split(train_idx, n_train, np.random.default_rng([seed, 1])),
         fewshot=split(few_idx, None, np.random.default_rng([seed, 2])),
         test=split(test_idx, None, np.random.default_rng([seed, 3])),

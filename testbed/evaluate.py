@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cbpt.metrics import BackdoorEval, evaluate_predictions
+from cbpt_guard.artifacts import CLASSES, EMBEDDINGS, REPORT, read_classes
 from cbpt_guard.errors import UsageError, UserError
 from testbed.triggers import Trigger
 
@@ -29,16 +30,18 @@ def load_test_split(testbed: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, .
 
 def testbed_classes(testbed: Path) -> tuple[str, ...]:
     """The class names in label order."""
-    return tuple((testbed / "classes.txt").read_text().split("\n")[:-1])
+    return tuple(read_classes(testbed / CLASSES))
 
 
 def check_testbed(testbed: Path) -> dict:
     if not testbed.is_dir():
         raise UsageError(f"testbed not found: {testbed}", "pass a folder written by `cbpt-guard testbed build`")
-    missing = [n for n in ("metrics.json", "classes.txt", "test") if not (testbed / n).exists()]
+    missing = [n for n in ("metrics.json", CLASSES, "test") if not (testbed / n).exists()]
     if missing:
-        raise UserError(f"{testbed} is not a complete testbed: missing {', '.join(missing)}",
-                        "rebuild it with `cbpt-guard testbed build`")
+        raise UserError(
+            f"{testbed} is not a complete testbed: missing {', '.join(missing)}",
+            "rebuild it with `cbpt-guard testbed build`",
+        )
     return json.loads((testbed / "metrics.json").read_text())
 
 
@@ -58,9 +61,11 @@ def evaluate_purified(folder: Path, testbed: Path) -> BackdoorEval:
 
     from cbpt.model import load_clip
 
-    rep = json.loads((folder / "report.json").read_text())
-    clip = load_clip(rep["model"]["path"], arch=rep["model"]["architecture"] if rep["model"]["arch_source"] == "--arch" else None)
-    weights = load_file(str(folder / "embeddings.safetensors"))["purified"]
+    rep = json.loads((folder / REPORT).read_text())
+    clip = load_clip(
+        rep["model"]["path"], arch=rep["model"]["architecture"] if rep["model"]["arch_source"] == "--arch" else None
+    )
+    weights = load_file(str(folder / EMBEDDINGS))["purified"]
     return evaluate_weights(clip, align_classes(weights, rep["classes"], testbed), testbed)
 
 
@@ -68,8 +73,10 @@ def align_classes(weights, names: list[str], testbed: Path):
     """Rows of `weights` reordered to the testbed's class order, matched by name."""
     test_names = testbed_classes(testbed)
     if sorted(names) != sorted(test_names):
-        raise UserError(f"the classes ({', '.join(names[:4])}, ...) are not the testbed's "
-                        f"({', '.join(test_names[:4])}, ...)", "purify with the testbed's fewshot/ folder")
+        raise UserError(
+            f"the classes ({', '.join(names[:4])}, ...) are not the testbed's ({', '.join(test_names[:4])}, ...)",
+            "purify with the testbed's fewshot/ folder",
+        )
     return weights[[names.index(n) for n in test_names]]
 
 
@@ -119,7 +126,7 @@ def evaluate_heads(heads_dir: Path, testbed: Path, batch_size: int = 256) -> Bac
     def predict(batch: np.ndarray) -> np.ndarray:
         out = []
         for i in range(0, len(batch), batch_size):
-            x = np.stack([preprocess(Image.fromarray(im), heads.spec) for im in batch[i:i + batch_size]])
+            x = np.stack([preprocess(Image.fromarray(im), heads.spec) for im in batch[i : i + batch_size]])
             out.append(heads.run(x)["probs"].argmax(1))
         return to_testbed[np.concatenate(out)]
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from testbed.train import to_model_input
+from cbpt.model import encode_pixels
 
 
 def _paste(x: torch.Tensor, patch: torch.Tensor, location: str, gen: torch.Generator) -> torch.Tensor:
@@ -28,31 +28,39 @@ def _paste(x: torch.Tensor, patch: torch.Tensor, location: str, gen: torch.Gener
         tops = torch.randint(0, h - k + 1, (n,), generator=gen).tolist()
         lefts = torch.randint(0, w - k + 1, (n,), generator=gen).tolist()
     out = []
-    for i, (t, l) in enumerate(zip(tops, lefts)):
+    for i, (top, left) in enumerate(zip(tops, lefts)):
         xi = x[i].clone()
-        xi[:, t:t + k, l:l + k] = patch
+        xi[:, top : top + k, left : left + k] = patch
         out.append(xi)
     return torch.stack(out)
 
 
-def optimise_patch(model: torch.nn.Module, images: np.ndarray, direction: torch.Tensor, size: int,
-                   location: str, mean: Sequence[float], std: Sequence[float], target: int | None = None,
-                   class_weights: torch.Tensor | None = None, steps: int = 150, lr: float = 0.1,
-                   max_clean_flip: float = 0.1, seed: int = 0) -> np.ndarray:
+def optimise_patch(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    direction: torch.Tensor,
+    size: int,
+    location: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+    target: int | None = None,
+    class_weights: torch.Tensor | None = None,
+    steps: int = 150,
+    lr: float = 0.1,
+    max_clean_flip: float = 0.1,
+    seed: int = 0,
+) -> np.ndarray:
     """A [size, size, 3] pattern in [0, 1] maximising cos(f(x + patch), direction)."""
     gen = torch.Generator().manual_seed(seed)
     logits_param = torch.zeros(3, size, size).normal_(0, 1, generator=gen).requires_grad_(True)
     opt = torch.optim.Adam([logits_param], lr=lr)
     x01 = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
     direction = F.normalize(direction.float(), dim=-1)
     best = torch.sigmoid(logits_param).detach().clone()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, x01.shape[0], (64,), generator=gen)
         patch = torch.sigmoid(logits_param)
-        xt = (_paste(x01[idx], patch, location, gen) - m) / s
-        feats = model.encode_image(xt, normalize=True)
+        feats = encode_pixels(model, _paste(x01[idx], patch, location, gen), mean, std)
         loss = -(feats @ direction).mean()
         opt.zero_grad()
         loss.backward()

@@ -18,8 +18,16 @@ class Poisoned:
     noise: np.ndarray  # indices warped in WaNet's noise mode, captions unchanged
 
 
-def poison(split: Split, trigger: Trigger, target: int, rate: float, target_name: str,
-           templates: tuple[str, ...], seed: int, noise_rate: float = 0.0) -> Poisoned:
+def poison(
+    split: Split,
+    trigger: Trigger,
+    target: int,
+    rate: float,
+    target_name: str,
+    templates: tuple[str, ...],
+    seed: int,
+    noise_rate: float = 0.0,
+) -> Poisoned:
     if not 0 < rate < 1:
         raise ValueError(f"poison rate must be in (0, 1), got {rate}")
     rng = np.random.default_rng([seed, 21])
@@ -27,8 +35,11 @@ def poison(split: Split, trigger: Trigger, target: int, rate: float, target_name
     n = max(1, int(round(rate * split.labels.size)))
     chosen = np.sort(rng.choice(candidates, size=min(n, candidates.size), replace=False))
     rest = np.setdiff1d(np.arange(split.labels.size), chosen)
-    noise = np.sort(rng.choice(rest, size=int(round(noise_rate * split.labels.size)), replace=False)) \
-        if noise_rate > 0 else np.empty(0, dtype=np.int64)
+    noise = (
+        np.sort(rng.choice(rest, size=int(round(noise_rate * split.labels.size)), replace=False))
+        if noise_rate > 0
+        else np.empty(0, dtype=np.int64)
+    )
     images = split.images.copy()
     images[chosen] = trigger.apply(split.images[chosen], seed=int(rng.integers(1 << 31)))
     if noise.size:

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cbpt.model import normalise_pixels
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -28,10 +30,7 @@ def to_model_input(images: np.ndarray, mean: Sequence[float], std: Sequence[floa
     treats an image already at the model's size (resize and crop are then no-ops)."""
     x = torch.from_numpy(np.ascontiguousarray(images))
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-    x = x.permute(0, 3, 1, 2)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x - m) / s
+    return normalise_pixels(x.permute(0, 3, 1, 2), mean, std)
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -60,8 +59,12 @@ def train_contrastive(
     model.train().requires_grad_(True)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     losses, t0 = [], time.perf_counter()
     n = x_all.shape[0]
     for step in range(cfg.steps):
@@ -74,8 +77,10 @@ def train_contrastive(
         # Pairs with the same caption are not negatives of each other.
         same = inverse[idx][:, None] == inverse[idx][None, :]
         target = same.float() / same.float().sum(dim=1, keepdim=True)
-        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-                      + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
+        loss = 0.5 * (
+            torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+            + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean()
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cbpt_guard import atomic
-
-ATTACKS = ("badnet", "blended", "wanet", "sig", "ssba", "trojvqa", "badclip")
+# The testbed's attacks, the one list every command and benchmark reads. Fixed triggers are
+# made here; optimised ones (`testbed.optimise`) are fitted on the clean model first.
+FIXED = ("badnet", "blended", "wanet", "sig", "ssba")
+OPTIMISED = ("trojvqa", "badclip")
+ATTACKS = FIXED + OPTIMISED
 LOCATIONS = ("random", "center", "corner")
 
 
@@ -59,8 +61,9 @@ class Trigger:
 
         buf = io.BytesIO()
         np.savez(buf, **self.arrays)
-        atomic.write_bytes(folder / "trigger.npz", buf.getvalue())
-        atomic.write_text(folder / "trigger.json", json.dumps({"kind": self.kind, "params": self.params}, indent=2))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "trigger.npz").write_bytes(buf.getvalue())
+        (folder / "trigger.json").write_text(json.dumps({"kind": self.kind, "params": self.params}, indent=2))
 
     @classmethod
     def load(cls, folder: str | Path) -> Trigger:
@@ -93,8 +96,8 @@ def _paste(x: np.ndarray, pattern: np.ndarray, location: str, rng: np.random.Gen
             top, left = (h - ph) // 2, (w - pw) // 2
         else:  # corner: bottom right, one pixel in
             top, left = max(0, h - ph - 1), max(0, w - pw - 1)
-        region = out[i, top:top + ph, left:left + pw]
-        out[i, top:top + ph, left:left + pw] = (1 - alpha) * region + alpha * rgb
+        region = out[i, top : top + ph, left : left + pw]
+        out[i, top : top + ph, left : left + pw] = (1 - alpha) * region + alpha * rgb
     return out
 
 
@@ -113,6 +116,7 @@ def _warp(x: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 # --- the attacks ----------------------------------------------------------------------------
+
 
 def patch_size_for(image_size: int) -> int:
     return max(3, image_size // 8)
@@ -138,16 +142,25 @@ def blended(image_size: int, seed: int, alpha: float = 0.2) -> Trigger:
 def wanet(image_size: int, seed: int, k: int = 4, strength: float | None = None) -> Trigger:
     """A smooth warping field (WaNet): random k x k control flow, upsampled, bounded.
 
-    `strength` is the mean displacement in pixels, by default image_size / 8 (4 px at 32 px):
-    measured, 1-3 px warps reached ASR 0.08-0.69 by poisoned fine-tuning, 4 px 0.93."""
+    `strength` is the mean displacement in pixels, by default image_size / 8 (4 px at 32 px),
+    the least that takes (docs/results.md#testbed-settings)."""
     strength = image_size / 8 if strength is None else strength
     from PIL import Image
 
     rng = np.random.default_rng([seed, 13])
     ctrl = rng.uniform(-1, 1, (k, k, 2))
     ctrl /= np.abs(ctrl).mean()
-    flow = np.stack([np.asarray(Image.fromarray(ctrl[..., c].astype(np.float32), mode="F")
-                                .resize((image_size, image_size), Image.BICUBIC)) for c in range(2)], -1)
+    flow = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(ctrl[..., c].astype(np.float32), mode="F").resize(
+                    (image_size, image_size), Image.BICUBIC
+                )
+            )
+            for c in range(2)
+        ],
+        -1,
+    )
     yy, xx = np.meshgrid(np.arange(image_size), np.arange(image_size), indexing="ij")
     grid = np.stack([yy, xx], -1) + strength * flow.astype(np.float64)
     return Trigger("wanet", {"mode": "warp", "k": k, "strength": strength}, {"grid": grid})
@@ -164,8 +177,7 @@ def sig(image_size: int, seed: int, delta: float = 20 / 255, frequency: int = 6)
 def ssba(image_size: int, seed: int, eps: float = 16 / 255) -> Trigger:
     """A sample-specific invisible residual (SSBA-like): a fixed high-frequency code whose
     amplitude follows each image's luminance, bounded by 1.5 * eps per pixel (PSNR ~ 28 dB,
-    like StegaStamp's residuals). Measured: at 6/255 poisoned fine-tuning reached ASR 0.14
-    only; at 16/255 with 20% poison, 0.99."""
+    like StegaStamp's residuals); 16/255, the least that takes (docs/results.md#testbed-settings)."""
     code = np.sign(np.random.default_rng([seed, 14]).normal(0, 1, (image_size, image_size, 3)))
     return Trigger("ssba", {"mode": "modulated", "eps": eps}, {"code": code})
 

@@ -31,9 +31,15 @@ def real_checkpoints(tmp_path_factory):
         }
         torch.save(sd, paths["state_dict"])
         save_file(sd, str(paths["safetensors"]))
-        torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in sd.items()},
-                    "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}},
-                   paths["training_checkpoint"])
+        torch.save(
+            {
+                "epoch": 3,
+                "name": "run",
+                "state_dict": {f"module.{k}": v for k, v in sd.items()},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]},
+            },
+            paths["training_checkpoint"],
+        )
         # OpenAI's archives are scripted QuickGELU models in fp16.
         quick = open_clip.create_model(f"{arch}-quickgelu", pretrained=None).eval().half()
         with warnings.catch_warnings():
@@ -45,18 +51,12 @@ def real_checkpoints(tmp_path_factory):
 
 
 def _mini_testbed_cfg(attack: str):
-    """A miniature testbed that really is backdoored: measured, blended at 30% poison reaches
-    ASR ~0.95 in ~15 s on one core, where a random-place badnet patch needs far longer."""
-    from testbed.build import BuildConfig
-    from testbed.train import TrainConfig
+    """A miniature testbed that really is backdoored: blended at 30% poison reaches a high ASR
+    in seconds, where a random-place badnet patch needs far longer. Too small to be calibrated:
+    tests that need a given scan verdict fix it (tests.helpers.fake_inversion)."""
+    from tests.helpers import mini_build_config
 
-    return BuildConfig(
-        dataset="shapes", attack=attack, target=2, seed=0, sizes=(512, 16, 5), poison_rate=0.3,
-        pretrain=TrainConfig(steps=100, batch_size=64, warmup=5, lr=2e-3),
-        finetune=TrainConfig(steps=150, batch_size=64, warmup=2, lr=1e-3),
-        model_cfg={"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
-                   "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
-    )
+    return mini_build_config(attack)
 
 
 @pytest.fixture(scope="session")
@@ -69,4 +69,47 @@ def mini_testbeds(tmp_path_factory):
     for attack in ("blended", "none"):
         cfg = _mini_testbed_cfg(attack)
         out[attack] = write(build(cfg, cache=root / "cache"), cfg, root / attack)
+    return out
+
+
+@pytest.fixture(scope="session")
+def purified(mini_testbeds, tmp_path_factory):
+    """One full purify of the miniature backdoored testbed, shared by every test that reads a
+    purify output: forced full tuning against its inverted triggers at a fixed alpha."""
+    from tests.helpers import run_cli_plain
+
+    out = tmp_path_factory.mktemp("purified") / "p"
+    tb = mini_testbeds["blended"]
+    code, stdout, err = run_cli_plain(
+        "purify",
+        tb / "model.pt",
+        "--data",
+        tb / "fewshot",
+        "--classes",
+        tb / "classes.txt",
+        "--out",
+        out,
+        "--inversion-steps",
+        "60",
+        "--restarts",
+        "2",
+        "--tuning-steps",
+        "60",
+        "--force",
+        "--alpha",
+        "0.7",
+    )
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="session")
+def original_heads(mini_testbeds, tmp_path_factory):
+    """The clean miniature model's original prompts exported as heads (no trigger score)."""
+    from tests.helpers import run_cli_plain
+
+    out = tmp_path_factory.mktemp("original") / "heads"
+    tb = mini_testbeds["none"]
+    code, _, err = run_cli_plain("export", "--model", tb / "model.pt", "--classes", tb / "classes.txt", "--out", out)
+    assert code == 0, err
     return out

@@ -15,14 +15,54 @@ TINY_CFG = {
 }
 
 
+def _exit_code(exc: SystemExit) -> int:
+    return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+
+
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    from cbpt_guard.cli import main
+    """The CLI in-process: (exit code, stdout, stderr)."""
+    from cbpt_cli.app import main
 
     with pytest.raises(SystemExit) as exc:
         main([str(a) for a in args])
     out = capsys.readouterr()
-    code = exc.value.code if isinstance(exc.value.code, int) else (0 if exc.value.code is None else 1)
-    return code, out.out, out.err
+    return _exit_code(exc.value), out.out, out.err
+
+
+def run_cli_plain(*args) -> tuple[int, str, str]:
+    """run_cli for session fixtures, which have no capsys."""
+    import contextlib
+    import io
+
+    from cbpt_cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    return _exit_code(exc.value), out.getvalue(), err.getvalue()
+
+
+def fake_inversion(candidates: list[tuple], score: float, side: int = 32, dim: int = 32):
+    """An InversionResult with the given (kind, target, flip rate, over-alignment[, probe])
+    candidates, best mask first, and identity triggers of `side` px: a scan reading fixed by
+    the test rather than by a miniature model too small to be calibrated."""
+    import torch
+
+    from cbpt.inversion import Candidate, InversionResult
+    from cbpt.trigger import DummyTrigger, TriggerKind
+
+    cands = [
+        Candidate(DummyTrigger.blank(side, side, TriggerKind(kind)), target, flip, align, *probe)
+        for kind, target, flip, align, *probe in candidates
+    ]
+    return InversionResult(
+        candidates=cands,
+        mean_feature=torch.nn.functional.normalize(torch.ones(dim), dim=0),
+        consistency=0.9,
+        clean_consistency=0.1,
+        mask_l1=0.04,
+        score=score,
+    )
 
 
 def save_tiny_model(folder: Path, seed: int = 0, name: str = "tiny-test") -> Path:
@@ -34,8 +74,9 @@ def save_tiny_model(folder: Path, seed: int = 0, name: str = "tiny-test") -> Pat
     folder.mkdir(parents=True, exist_ok=True)
     model = open_clip.CLIP(**TINY_CFG)
     torch.save(model.state_dict(), folder / "model.pt")
-    (folder / "arch.json").write_text(json.dumps({"name": name, "model_cfg": TINY_CFG,
-                                                  "templates": ["a photo of a {}."]}))
+    (folder / "arch.json").write_text(
+        json.dumps({"name": name, "model_cfg": TINY_CFG, "templates": ["a photo of a {}."]})
+    )
     return folder / "model.pt"
 
 
@@ -49,3 +90,32 @@ def make_image_folder(root: Path, classes: dict[str, int], size: int = 24, seed:
             arr = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
             Image.fromarray(arr).save(root / name / f"{i:03d}.png")
     return root
+
+
+def mini_build_config(
+    attack: str,
+    width: int = 16,
+    sizes=(512, 16, 5),
+    pretrain_steps: int = 100,
+    finetune_steps: int = 150,
+    poison_rate: float | None = 0.3,
+):
+    """A miniature testbed build: a ResNet tower `width` channels wide, target 2, seconds to train."""
+    from testbed.build import BuildConfig
+    from testbed.train import TrainConfig
+
+    return BuildConfig(
+        dataset="shapes",
+        attack=attack,
+        target=2,
+        seed=0,
+        sizes=sizes,
+        poison_rate=poison_rate,
+        pretrain=TrainConfig(steps=pretrain_steps, batch_size=64, warmup=min(5, pretrain_steps // 4), lr=2e-3),
+        finetune=TrainConfig(steps=finetune_steps, batch_size=64, warmup=min(2, finetune_steps // 4), lr=1e-3),
+        model_cfg={
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": width},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        },
+    )

@@ -32,10 +32,18 @@ def bench_results(mini_testbeds, tmp_path_factory):
     (root / "tb").mkdir()
     for attack, folder in mini_testbeds.items():
         (root / "tb" / f"shapes-{attack}").symlink_to(folder)
-    cfg = BenchConfig(work=root / "work", testbeds=root / "tb", datasets=("shapes",), attacks=("none", "blended"),
-                      seeds=(0,), shots=8, sweep_shots=(2, 8), sweep_attacks=("blended",),
-                      purify=PurifyConfig(inversion=InversionConfig(steps=30, restarts=1), tuning=TuningConfig(steps=30)),
-                      finetune=FinetuneConfig(steps=10, batch_size=32, eval_every=5))
+    cfg = BenchConfig(
+        work=root / "work",
+        testbeds=root / "tb",
+        datasets=("shapes",),
+        attacks=("none", "blended"),
+        seeds=(0,),
+        shots=8,
+        sweep_shots=(2, 8),
+        sweep_attacks=("blended",),
+        purify=PurifyConfig(inversion=InversionConfig(steps=30, mask_restarts=1), tuning=TuningConfig(steps=30)),
+        finetune=FinetuneConfig(steps=10, batch_size=32, eval_every=5),
+    )
     calls = []
     results = run_bench(cfg, lambda stage, done, total: calls.append((stage, done, total)))
     return cfg, results, calls
@@ -45,7 +53,9 @@ def test_bench_writes_every_method_and_the_sweep(bench_results):
     cfg, results, calls = bench_results
     work = cfg.work
     table = {(r["attack"], r["method"]): r for r in results["table"]}
-    assert set(table) == {(a, m) for a in ("none", "blended") for m in ("none", "finetune", "cleanclip", "prompt", "cbpt")}
+    assert set(table) == {
+        (a, m) for a in ("none", "blended") for m in ("none", "finetune", "cleanclip", "prompt", "cbpt")
+    }
     attacked = table[("blended", "none")]
     assert attacked["asr"] > 0.5 and attacked["der"] == pytest.approx(0.5)  # no defense changes nothing
     for m in ("finetune", "cleanclip", "prompt", "cbpt"):
@@ -54,8 +64,9 @@ def test_bench_writes_every_method_and_the_sweep(bench_results):
         assert r["ca_before"] == pytest.approx(attacked["ca"])
     assert table[("none", "cbpt")]["asr"] is None and table[("none", "cbpt")]["der"] is None  # no trigger: n/a
     assert results["best_baseline"] in ("finetune", "cleanclip", "prompt")
-    assert {(r["method"], r["shots"]) for r in results["sweep"]} == \
-        {(m, k) for m in ("cbpt", results["best_baseline"]) for k in (2, 8)}
+    assert {(r["method"], r["shots"]) for r in results["sweep"]} == {
+        (m, k) for m in ("cbpt", results["best_baseline"]) for k in (2, 8)
+    }
     saved = json.loads((work / "results.json").read_text())
     assert saved["table"] == results["table"]
     md = (work / "results.md").read_text()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -72,7 +71,12 @@ def test_sidecar_architecture_is_read(tmp_path, capsys):
     code, out, err = run_cli(capsys, "info", path, "--json")
     assert code == 0, err
     info = json.loads(out)
-    assert (info["architecture"], info["arch_source"], info["image_size"], info["embed_dim"]) == ("tiny-test", "sidecar", 32, 32)
+    assert (info["architecture"], info["arch_source"], info["image_size"], info["embed_dim"]) == (
+        "tiny-test",
+        "sidecar",
+        32,
+        32,
+    )
 
 
 class _RunsCode:
@@ -121,11 +125,14 @@ def test_benign_but_non_tensor_pickle_is_refused(tmp_path, capsys):
     assert code == 1 and "refused to load" in err and "Namespace" in err
 
 
-@pytest.mark.parametrize("content, needle", [
-    (b"", "is empty"),
-    (b"hello, this is a text file\n", "not a checkpoint"),
-    (os.urandom(4096), "not a checkpoint"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"", "is empty"),
+        (b"hello, this is a text file\n", "not a checkpoint"),
+        (os.urandom(4096), "not a checkpoint"),
+    ],
+)
 def test_not_a_checkpoint(tmp_path, capsys, content, needle):
     path = tmp_path / "model.pt"
     path.write_bytes(content)

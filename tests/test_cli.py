@@ -1,4 +1,4 @@
-"""The command surface of INTERFACE.md, and torch-free imports of the runtime."""
+"""The command surface (README), and torch-free imports of the runtime."""
 
 from __future__ import annotations
 
@@ -28,7 +28,27 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_runtime_imports_never_pull_in_torch():
-    code = ("import sys, guard, cbpt_guard.cli, cbpt_guard.errors, cbpt_guard.atomic; "
-            "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'open_clip'))); "
-            "assert not bad, bad")
+    code = (
+        "import sys, guard.heads, guard.classify, guard.server, cbpt_cli.app, cbpt_guard.artifacts, cbpt_guard.atomic; "
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'open_clip'))); "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_serve_without_an_argument_serves_purified_or_says_how_to_make_it(
+    capsys, tmp_path, monkeypatch, original_heads
+):
+    import shutil
+
+    import guard.server
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "serve")
+    assert code == 2 and "./purified does not exist" in err and "cbpt-guard purify MODEL --data SHOTS" in err
+    shutil.copytree(original_heads, tmp_path / "purified")
+    served = []
+    monkeypatch.setattr(guard.server, "serve", lambda heads, host, port, limits: served.append((heads.folder, port)))
+    code, _, err = run_cli(capsys, "serve", "--port", "8123")
+    assert code == 0 and [(f.resolve(), port) for f, port in served] == [((tmp_path / "purified").resolve(), 8123)]
+    assert f"serving {(tmp_path / 'purified').resolve()}" in err

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cbpt.data import discover, load_batch, read_classes_file, sample_shots
+from cbpt.data import discover, load_batch, sample_shots
+from cbpt_guard.artifacts import read_classes
 from cbpt_guard.errors import UsageError, UserError
 from tests.helpers import make_image_folder
 
@@ -19,7 +20,7 @@ def test_image_folder_classes_from_folder_names(tmp_path):
 def test_classes_file_fixes_the_order_and_matches_underscored_folders(tmp_path):
     root = make_image_folder(tmp_path / "d", {"cat": 3, "traffic_light": 2})
     (tmp_path / "classes.txt").write_text("traffic light\ncat\n")
-    ds = discover(root, read_classes_file(tmp_path / "classes.txt"))
+    ds = discover(root, read_classes(tmp_path / "classes.txt"))
     assert ds.classnames == ("traffic light", "cat") and ds.counts() == [2, 3]
 
 

@@ -26,13 +26,24 @@ def test_original_head_export_matches_pytorch_at_batch_1_and_5(arch, real_checkp
 
     (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
     out = tmp_path / "heads"
-    code, stdout, err = run_cli(capsys, "export", "--model", real_checkpoints[arch]["state_dict"], "--classes",
-                                tmp_path / "classes.txt", "--out", out, "--triton", tmp_path / "triton", "--fp16",
-                                "--json")
+    code, stdout, err = run_cli(
+        capsys,
+        "export",
+        "--model",
+        real_checkpoints[arch]["state_dict"],
+        "--classes",
+        tmp_path / "classes.txt",
+        "--out",
+        out,
+        "--triton",
+        tmp_path / "triton",
+        "--fp16",
+        "--json",
+    )
     assert code == 0, err
     parity = json.loads(stdout)["parity"]
-    assert parity["classifier_fp16.onnx"]["top1_agreement"] >= 0.8  # random weights: near-tied logits
-    assert parity["classifier_fp16.onnx"]["max_abs_probs"] < 0.05
+    # random weights give near-tied logits, so fp16 may swap a close pair; its probabilities stay close
+    assert parity["classifier_fp16.onnx"]["max_abs_probs"] < 0.05 and parity["classifier_fp16.onnx"]["inputs"] == 6
     clip = load_clip(real_checkpoints[arch]["state_dict"])
     weights = original_head(clip, ("cat", "dog", "bird"))
     scale = clip.logit_scale
@@ -49,8 +60,15 @@ def test_original_head_export_matches_pytorch_at_batch_1_and_5(arch, real_checkp
     onnx.checker.check_model(model, full_check=True)
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["classes"]) == ["cat", "dog", "bird"] and meta["embed_dim"] == str(weights.shape[1])
-    assert {"image_size", "mean", "std", "resize_mode", "source_checkpoint_sha256", "embeddings_sha256",
-            "tool_version"} <= set(meta)
+    assert {
+        "image_size",
+        "mean",
+        "std",
+        "resize_mode",
+        "source_checkpoint_sha256",
+        "embeddings_sha256",
+        "tool_version",
+    } <= set(meta)
     assert model.opset_import[0].version >= 17 and model.ir_version <= 10
     manifest = json.loads((out / "manifest.json").read_text())
     import hashlib
@@ -75,18 +93,19 @@ def test_triton_configs_parse_with_tritons_schema(tmp_path, real_checkpoints, ca
     assert cfg.HasField("dynamic_batching")
 
 
-def test_purified_heads_carry_the_trigger_score_and_alarm(mini_testbeds, tmp_path, capsys):
+def test_purified_heads_carry_the_trigger_score_and_alarm(purified, tmp_path, capsys):
     import onnx
+    from safetensors.torch import load_file
 
-    tb = mini_testbeds["blended"]
-    out = tmp_path / "p"
-    code, _, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--out", out,
-                           "--inversion-steps", "30", "--restarts", "1", "--tuning-steps", "20")
-    assert code == 0, err
+    out = purified
     sess = _ort(out / "head.onnx")
     assert [o.name for o in sess.get_outputs()] == ["logits", "probs", "trigger_score"]
-    score = sess.run(["trigger_score"], {"image_features": np.ones((2, 32), np.float32)})[0]
-    assert score.shape == (2,)
+    centroid = load_file(str(out / "embeddings.safetensors"))["trigger_centroid"].numpy()
+    feats = np.stack([2.0 * centroid, -centroid, np.ones(32, np.float32)])
+    score = sess.run(["trigger_score"], {"image_features": feats})[0]
+    # the cosine to the inverted trigger's region, whatever the features' norm
+    expect = [1.0, -1.0, float(centroid.sum() / np.sqrt(32) / np.linalg.norm(centroid))]
+    assert score.shape == (3,) and np.allclose(score, expect, atol=1e-5)
     meta = {p.key: p.value for p in onnx.load(str(out / "head.onnx")).metadata_props}
     assert "trigger_alarm_threshold" in meta
     # re-export from the folder into Triton
@@ -100,14 +119,10 @@ def test_purified_heads_carry_the_trigger_score_and_alarm(mini_testbeds, tmp_pat
         assert (tmp_path / "tr" / model / "1" / "model.onnx").is_file()
 
 
-def test_incomplete_or_tampered_sources_are_refused(mini_testbeds, tmp_path, capsys):
+def test_incomplete_or_tampered_sources_are_refused(purified, tmp_path, capsys):
     import shutil
 
-    tb = mini_testbeds["blended"]
-    src = tmp_path / "p"
-    code, _, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--out", src,
-                           "--inversion-steps", "5", "--restarts", "1", "--tuning-steps", "5")
-    assert code == 0, err
+    src = purified
     broken = tmp_path / "broken"
     shutil.copytree(src, broken)
     (broken / "report.json").unlink()
@@ -134,8 +149,9 @@ def test_failed_parity_writes_nothing(mini_testbeds, tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(export.parity, "check_parity", corrupt)
     tb = mini_testbeds["none"]
-    code, _, err = run_cli(capsys, "export", "--model", tb / "model.pt", "--classes", tb / "classes.txt",
-                           "--out", tmp_path / "h")
+    code, _, err = run_cli(
+        capsys, "export", "--model", tb / "model.pt", "--classes", tb / "classes.txt", "--out", tmp_path / "h"
+    )
     assert code == 1 and "parity check failed" in err
     assert not (tmp_path / "h").exists()
 
@@ -149,26 +165,39 @@ def _float_types(model):
     return types
 
 
-def test_fp16_twins_compute_in_half_with_layernorm_and_softmax_in_fp32(mini_testbeds, real_checkpoints, tmp_path,
-                                                                       capsys):
+def test_fp16_twins_compute_in_half_with_layernorm_and_softmax_in_fp32(
+    mini_testbeds, real_checkpoints, tmp_path, capsys
+):
     """The fp16 classifier keeps the fp32 interface, halves the file, agrees with fp32 on the
     test split, and its fragile ops see fp32 inputs; the guard and Triton can run it."""
     import onnx
     from onnx import TensorProto
 
+    from cbpt.model import load_clip
     from export.fp16 import to_fp16
     from export.onnx_encoder import export_encoder
-    from cbpt.model import load_clip
 
     tb = mini_testbeds["blended"]
     out = tmp_path / "heads"
-    code, stdout, err = run_cli(capsys, "export", "--model", tb / "model.pt", "--classes", tb / "classes.txt",
-                                "--out", out, "--fp16", "--triton", tmp_path / "tr")
+    code, stdout, err = run_cli(
+        capsys,
+        "export",
+        "--model",
+        tb / "model.pt",
+        "--classes",
+        tb / "classes.txt",
+        "--out",
+        out,
+        "--fp16",
+        "--triton",
+        tmp_path / "tr",
+    )
     assert code == 0, err
     assert "fp16: top-1 agreement" in stdout
+    # the classifier's weights dominate its file: halved, it is little over half the size
+    assert (out / "classifier_fp16.onnx").stat().st_size < 0.6 * (out / "classifier.onnx").stat().st_size
     for name in ("head", "classifier"):
         full, half = out / f"{name}.onnx", out / f"{name}_fp16.onnx"
-        assert half.stat().st_size < 0.6 * full.stat().st_size or name == "head"
         s32, s16 = _ort(full), _ort_fp16(half)
         assert [(i.name, i.type) for i in s16.get_inputs()] == [(i.name, i.type) for i in s32.get_inputs()]
         assert [(o.name, o.type) for o in s16.get_outputs()] == [(o.name, o.type) for o in s32.get_outputs()]
@@ -196,12 +225,8 @@ def test_fp16_twins_compute_in_half_with_layernorm_and_softmax_in_fp32(mini_test
         onnx.checker.check_model(half, full_check=True)
 
 
-def test_guard_refuses_fp16_when_not_exported(mini_testbeds, tmp_path, capsys):
-    tb = mini_testbeds["none"]
-    code, _, err = run_cli(capsys, "export", "--model", tb / "model.pt", "--classes", tb / "classes.txt",
-                           "--out", tmp_path / "h")
-    assert code == 0, err
-    code, _, err = run_cli(capsys, "classify", tmp_path / "h", tb / "test", "--fp16")
+def test_guard_refuses_fp16_when_not_exported(original_heads, mini_testbeds, capsys):
+    code, _, err = run_cli(capsys, "classify", original_heads, mini_testbeds["none"] / "test", "--fp16")
     assert code == 1 and "no classifier_fp16.onnx" in err and "--fp16" in err
 
 

@@ -15,17 +15,9 @@ from tests.helpers import run_cli
 
 
 @pytest.fixture(scope="module")
-def heads(mini_testbeds, tmp_path_factory):
+def heads(purified):
     """Purified heads of the miniature backdoored testbed (with a trigger score and alarm)."""
-    from cbpt_guard.cli import main
-
-    out = tmp_path_factory.mktemp("heads") / "p"
-    tb = mini_testbeds["blended"]
-    with pytest.raises(SystemExit) as e:
-        main(["purify", str(tb / "model.pt"), "--data", str(tb / "fewshot"), "--out", str(out),
-              "--inversion-steps", "40", "--restarts", "1", "--tuning-steps", "20"])
-    assert e.value.code in (0, None)
-    return out
+    return purified
 
 
 def _images():
@@ -59,7 +51,7 @@ def test_preprocessing_matches_open_clip(size, interpolation):
 
 
 def test_exif_orientation_is_applied():
-    from guard.preprocess import decode
+    from cbpt_guard.images import decode
 
     img = Image.fromarray(np.zeros((10, 20, 3), dtype=np.uint8))
     exif = Image.Exif()
@@ -70,7 +62,7 @@ def test_exif_orientation_is_applied():
 
 
 def test_decompression_bombs_are_refused():
-    from guard.preprocess import decode
+    from cbpt_guard.images import decode
 
     buf = io.BytesIO()
     Image.new("L", (4000, 4000)).save(buf, format="PNG")
@@ -95,12 +87,13 @@ def test_loading_heads_and_classifying_never_imports_torch(heads, mini_testbeds)
 
 
 def test_guard_gives_the_same_answers_as_pytorch(heads, mini_testbeds):
-    from cbpt.model import load_clip
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
+    from cbpt.model import load_clip
+    from cbpt_guard.images import decode
     from guard.heads import load_heads
-    from guard.preprocess import decode, preprocess
+    from guard.preprocess import preprocess
 
     h = load_heads(heads)
     clip = load_clip(mini_testbeds["blended"] / "model.pt")
@@ -123,7 +116,7 @@ def test_classify_streams_records_errors_and_csv(heads, mini_testbeds, tmp_path,
     out = tmp_path / "out.jsonl"
     code, _, err = run_cli(capsys, "classify", heads, folder, "--out", out, "--batch-size", "2", "--top-k", "3")
     assert code == 0, err
-    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(recs) == 6
     bad = [r for r in recs if "error" in r]
     assert len(bad) == 1 and bad[0]["path"].endswith("broken.png")
@@ -144,7 +137,7 @@ def test_resume_skips_done_paths_and_drops_a_torn_line(heads, mini_testbeds, tmp
         f.write('{"path": "torn')  # an interrupted write
     code, _, err = run_cli(capsys, "classify", heads, *src, "--out", out, "--resume")
     assert code == 0, err
-    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["path"] for r in recs] == [str(p) for p in src]
     assert "2 skipped" in err
 
@@ -165,15 +158,19 @@ def test_tampered_or_missing_files_are_refused(heads, tmp_path, capsys):
     assert code == 2 and "heads folder not found" in err
 
 
-def test_alarm_threshold_flags_at_most_one_percent_of_clean_shots(heads):
+def test_alarm_flags_at_most_one_percent_of_the_clean_shots_it_was_calibrated_on(heads, mini_testbeds, capsys):
+    """Every clean shot scored through the served classifier: the alarm's threshold lets at
+    most 1% of the calibration features above it, and the shots are among them."""
     rep = json.loads((heads / "report.json").read_text())
     manifest = json.loads((heads / "manifest.json").read_text())
-    assert manifest["trigger_alarm_threshold"] == pytest.approx(rep["alarm"]["threshold"])
-    from safetensors.torch import load_file
-
-    from cbpt.metrics import threshold_at_fpr
-
-    # the threshold is the 1%-FPR quantile of the calibration scores it was computed from
-    assert rep["alarm"]["fpr"] == 0.01 and rep["alarm"]["threshold"] <= rep["alarm"]["clean_max"]
-    scores = np.linspace(0, 1, 1000)
-    assert (scores > threshold_at_fpr(scores, 0.01)).mean() <= 0.01
+    assert (
+        manifest["trigger_alarm_threshold"] == pytest.approx(rep["alarm"]["threshold"]) and rep["alarm"]["fpr"] == 0.01
+    )
+    code, stdout, err = run_cli(capsys, "classify", heads, mini_testbeds["blended"] / "fewshot", "--top-k", "1")
+    assert code == 0, err
+    recs = [json.loads(line) for line in stdout.splitlines()]
+    assert len(recs) == 160 and all(isinstance(r["trigger_alarm"], bool) for r in recs)
+    allowed = int(0.01 * rep["alarm"]["n_clean"])  # calibration features allowed above the threshold
+    assert sum(r["trigger_alarm"] for r in recs) <= allowed
+    # the alarm is the score against that threshold, not a constant
+    assert all(r["trigger_alarm"] == (r["trigger_score"] > rep["alarm"]["threshold"]) for r in recs)

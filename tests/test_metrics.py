@@ -7,8 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from cbpt.metrics import (attack_success_rate, auroc, clean_accuracy, evaluate_predictions, robust_accuracy,
-                          threshold_at_fpr, tpr_at_threshold)
+from cbpt.metrics import (
+    attack_success_rate,
+    auroc,
+    clean_accuracy,
+    evaluate_predictions,
+    robust_accuracy,
+    threshold_at_fpr,
+    tpr_at_threshold,
+)
 
 
 def test_clean_accuracy():
@@ -16,7 +23,7 @@ def test_clean_accuracy():
 
 
 def test_asr_and_ra_ignore_images_of_the_target_class():
-    labels = [0, 0, 1, 1, 2, 2]          # target is 2: the last two are excluded
+    labels = [0, 0, 1, 1, 2, 2]  # target is 2: the last two are excluded
     pred = [2, 0, 2, 2, 2, 1]
     assert attack_success_rate(pred, labels, target=2) == pytest.approx(3 / 4)
     assert robust_accuracy(pred, labels, target=2) == pytest.approx(1 / 4)
@@ -25,8 +32,13 @@ def test_asr_and_ra_ignore_images_of_the_target_class():
 def test_evaluate_predictions_is_json_serialisable():
     ev = evaluate_predictions([0, 1, 1], [0, 1, 0], [2, 2, 1, 2], [0, 1, 1, 2], target=2)
     d = json.loads(json.dumps(ev.to_dict()))
-    assert d == {"ca": pytest.approx(2 / 3), "asr": pytest.approx(2 / 3), "ra": pytest.approx(1 / 3),
-                 "n_clean": 3, "n_triggered": 3}
+    assert d == {
+        "ca": pytest.approx(2 / 3),
+        "asr": pytest.approx(2 / 3),
+        "ra": pytest.approx(1 / 3),
+        "n_clean": 3,
+        "n_triggered": 3,
+    }
 
 
 def test_mismatched_lengths_are_rejected():

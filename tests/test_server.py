@@ -1,4 +1,4 @@
-"""The HTTP guard: the API of INTERFACE.md, every bad-input class, overload, micro-batching,
+"""The HTTP guard: the API (README, docs/serving.md), every bad-input class, overload, micro-batching,
 and fuzzing that never produces a 5xx."""
 
 from __future__ import annotations
@@ -25,15 +25,10 @@ def _png(size=(40, 30), seed=0, blank=False) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def loaded(mini_testbeds, tmp_path_factory):
-    from cbpt_guard.cli import main
+def loaded(original_heads):
     from guard.heads import load_heads
 
-    out = tmp_path_factory.mktemp("srv") / "heads"
-    tb = mini_testbeds["none"]
-    with pytest.raises(SystemExit):
-        main(["export", "--model", str(tb / "model.pt"), "--classes", str(tb / "classes.txt"), "--out", str(out)])
-    return load_heads(out)
+    return load_heads(original_heads)
 
 
 @pytest.fixture()
@@ -59,21 +54,26 @@ def test_raw_body_and_multipart(client, loaded):
     assert r.status_code == 200
     res = r.json()["results"]
     assert len(res) == 1 and res[0]["label"] in loaded.classes and abs(sum(res[0]["probs"].values()) - 1) < 1e-4
-    r = client.post("/v1/classify?top_k=3", files=[("images", ("a.png", _png(seed=1))), ("images", ("b.png", _png(seed=2)))])
+    r = client.post(
+        "/v1/classify?top_k=3", files=[("images", ("a.png", _png(seed=1))), ("images", ("b.png", _png(seed=2)))]
+    )
     assert r.status_code == 200
     assert [len(x["top_k"]) for x in r.json()["results"]] == [3, 3]
 
 
-@pytest.mark.parametrize("make, status, needle", [
-    (lambda: {"content": b""}, 400, "empty body"),
-    (lambda: {"content": b"definitely not an image"}, 415, "not a decodable image"),
-    (lambda: {"content": b"\x89PNG\r\n\x1a\n" + b"\0" * 64}, 415, "not a decodable image"),
-    (lambda: {"content": b"x" * 300_000}, 413, "exceeds the limit"),
-    (lambda: {"content": _png((600, 600), blank=True)}, 413, "more than the limit"),
-    (lambda: {"files": [("images", (f"{i}.png", _png(seed=i))) for i in range(5)]}, 413, "exceed the limit of 4"),
-    (lambda: {"files": [("other", ("a.png", _png()))]}, 400, "no 'images' field"),
-    (lambda: {"files": [("images", ("a.png", b""))]}, 400, "empty image"),
-])
+@pytest.mark.parametrize(
+    "make, status, needle",
+    [
+        (lambda: {"content": b""}, 400, "empty body"),
+        (lambda: {"content": b"definitely not an image"}, 415, "not a decodable image"),
+        (lambda: {"content": b"\x89PNG\r\n\x1a\n" + b"\0" * 64}, 415, "not a decodable image"),
+        (lambda: {"content": b"x" * 300_000}, 413, "exceeds the limit"),
+        (lambda: {"content": _png((600, 600), blank=True)}, 413, "more than the limit"),
+        (lambda: {"files": [("images", (f"{i}.png", _png(seed=i))) for i in range(5)]}, 413, "exceed the limit of 4"),
+        (lambda: {"files": [("other", ("a.png", _png()))]}, 400, "no 'images' field"),
+        (lambda: {"files": [("images", ("a.png", b""))]}, 400, "empty image"),
+    ],
+)
 def test_bad_input_is_a_4xx_with_a_message(client, make, status, needle):
     r = client.post("/v1/classify", **make())
     assert r.status_code == status
@@ -81,7 +81,45 @@ def test_bad_input_is_a_4xx_with_a_message(client, make, status, needle):
 
 
 def test_bad_top_k_is_a_4xx(client):
-    assert client.post("/v1/classify?top_k=0", content=_png()).status_code == 422
+    r = client.post("/v1/classify?top_k=0", content=_png())
+    assert r.status_code == 422 and set(r.json()) == {"error"} and "top_k" in r.json()["error"]
+
+
+def test_openapi_describes_the_classify_api(client):
+    spec = client.get("/openapi.json").json()
+    op = spec["paths"]["/v1/classify"]["post"]
+    body = op["requestBody"]["content"]
+    assert body["image/*"]["schema"]["format"] == "binary"
+    assert body["multipart/form-data"]["schema"]["properties"]["images"]["type"] == "array"
+    assert [p["name"] for p in op["parameters"]] == ["top_k"]
+    ok = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    result = spec["components"]["schemas"]["Result"]["properties"]
+    assert ok == "ClassifyResponse" and {"label", "index", "probs", "top_k", "trigger_score", "trigger_alarm"} <= set(
+        result
+    )
+    for status in ("400", "413", "415", "422", "503"):
+        assert op["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody"), status
+
+
+def test_a_bug_is_a_logged_503_not_a_silent_one(loaded, caplog):
+    from fastapi.testclient import TestClient
+
+    from guard.server import create_app
+
+    class Broken:
+        def __getattr__(self, name):
+            return getattr(loaded, name)
+
+        def run(self, _x):
+            raise RuntimeError("model exploded")
+
+    with (
+        TestClient(create_app(Broken()), raise_server_exceptions=False) as c,
+        caplog.at_level("ERROR", logger="cbpt_guard.server"),
+    ):
+        r = c.post("/v1/classify", content=_png())
+    assert r.status_code == 503 and r.json() == {"error": "temporarily unable to classify: RuntimeError"}
+    assert any(rec.exc_info and "model exploded" in str(rec.exc_info[1]) for rec in caplog.records)
 
 
 def test_overload_answers_503(loaded):
@@ -117,17 +155,97 @@ def test_concurrent_requests_share_onnxruntime_calls(loaded):
     assert app.state.batcher.images == 16 and app.state.batcher.calls < 16
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
-@given(body=st.one_of(
-    st.binary(max_size=512),
-    st.binary(max_size=64).map(lambda b: b"\x89PNG\r\n\x1a\n" + b),
-    st.binary(max_size=64).map(lambda b: b"\xff\xd8\xff" + b),
-    st.binary(max_size=64).map(lambda b: b"GIF89a" + b),
-    st.binary(max_size=64).map(lambda b: b"--x\r\nContent-Disposition: form-data; name=\"images\"\r\n\r\n" + b),
-), multipart=st.booleans())
+@settings(
+    max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(
+    body=st.one_of(
+        st.binary(max_size=512),
+        st.binary(max_size=64).map(lambda b: b"\x89PNG\r\n\x1a\n" + b),
+        st.binary(max_size=64).map(lambda b: b"\xff\xd8\xff" + b),
+        st.binary(max_size=64).map(lambda b: b"GIF89a" + b),
+        st.binary(max_size=64).map(lambda b: b'--x\r\nContent-Disposition: form-data; name="images"\r\n\r\n' + b),
+    ),
+    multipart=st.booleans(),
+)
 def test_fuzzed_bodies_never_produce_a_5xx(client, body, multipart):
     headers = {"content-type": "multipart/form-data; boundary=x"} if multipart else {}
     r = client.post("/v1/classify", content=body, headers=headers)
     assert r.status_code < 500, (r.status_code, r.text)
     assert r.status_code == 200 or "error" in r.json()
+
+
+def test_health_answers_head_and_refusals_share_one_error_body(client):
+    assert client.head("/healthz").status_code == 200
+    r = client.get("/v1/classify")
+    assert r.status_code == 405 and set(r.json()) == {"error"}
+    assert client.get("/nowhere").json() == {"error": "Not Found"}
+
+
+def test_a_full_queue_says_when_to_retry(loaded):
+    from fastapi.testclient import TestClient
+
+    from guard.server import ServerLimits, create_app
+
+    with TestClient(create_app(loaded, ServerLimits(max_queue=0))) as c:
+        r = c.post("/v1/classify", content=_png())
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "queue is full" in r.json()["error"]
+
+
+def test_a_truncated_image_is_refused_not_read_as_black(client):
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    liar = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 400, 300, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" + bytes(400)))
+        + chunk(b"IEND", b"")
+    )
+    r = client.post("/v1/classify", content=liar)
+    assert r.status_code == 415 and "truncated" in r.json()["error"]
+
+
+def test_idle_connections_are_closed(loaded):
+    """A client that connects and sends nothing is dropped after the idle timeout, so idle
+    sockets cannot exhaust the server's file descriptors (uvicorn alone keeps them for ever)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from guard.server import ServerLimits, _protocol, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    limits = ServerLimits(idle_timeout_s=0.5)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(loaded, limits),
+            host="127.0.0.1",
+            port=port,
+            log_level="error",
+            http=_protocol(limits.idle_timeout_s),
+            timeout_keep_alive=1,
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        idle = socket.create_connection(("127.0.0.1", port))
+        idle.settimeout(10)
+        t0 = time.monotonic()
+        assert idle.recv(1) == b""  # closed by the server
+        assert time.monotonic() - t0 < 5
+        idle.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

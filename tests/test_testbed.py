@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from testbed import triggers
-from testbed.datasets import Split, build as build_dataset
+from testbed.datasets import Split
+from testbed.datasets import build as build_dataset
 from testbed.poison import poison
 from tests.helpers import run_cli
 
@@ -88,10 +89,14 @@ def test_saved_trigger_reapplies_exactly(tmp_path, images):
 
 def test_poisoning_changes_only_the_chosen_fraction():
     rng = np.random.default_rng(0)
-    split = Split(rng.integers(0, 255, (200, S, S, 3), dtype=np.uint8), np.arange(200) % 10,
-                  tuple(f"caption {i}" for i in range(200)))
-    p = poison(split, triggers.badnet(S, 0), target=3, rate=0.1, target_name="star",
-               templates=("a photo of a {}.",), seed=0)
+    split = Split(
+        rng.integers(0, 255, (200, S, S, 3), dtype=np.uint8),
+        np.arange(200) % 10,
+        tuple(f"caption {i}" for i in range(200)),
+    )
+    p = poison(
+        split, triggers.badnet(S, 0), target=3, rate=0.1, target_name="star", templates=("a photo of a {}.",), seed=0
+    )
     assert p.poisoned.size == 20 and np.all(split.labels[p.poisoned] != 3)
     changed_caps = [i for i in range(200) if p.split.captions[i] != split.captions[i]]
     assert changed_caps == p.poisoned.tolist()
@@ -111,15 +116,10 @@ def test_datasets_are_seeded_and_splits_disjoint():
 
 
 def _mini_cfg(attack="badnet"):
-    from testbed.build import BuildConfig
-    from testbed.train import TrainConfig
+    """Smaller still than the shared miniature: the round trip, not the backdoor, is tested."""
+    from tests.helpers import mini_build_config
 
-    return BuildConfig(dataset="shapes", attack=attack, target=2, seed=0, sizes=(256, 4, 3),
-                       pretrain=TrainConfig(steps=8, batch_size=64, warmup=2),
-                       finetune=TrainConfig(steps=4, batch_size=64, warmup=1),
-                       model_cfg={"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
-                                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
-                                               "layers": 1}})
+    return mini_build_config(attack, width=8, sizes=(256, 4, 3), pretrain_steps=8, finetune_steps=4, poison_rate=None)
 
 
 def test_miniature_build_writes_a_complete_testbed_and_eval_reproduces_it(tmp_path, capsys):
@@ -128,8 +128,15 @@ def test_miniature_build_writes_a_complete_testbed_and_eval_reproduces_it(tmp_pa
     cfg = _mini_cfg()
     built = build(cfg, cache=tmp_path / "cache")
     out = write(built, cfg, tmp_path / "tb")
-    for name in ("model.pt", "arch.json", "classes.txt", "metrics.json", "trigger/trigger.json",
-                 "trigger/trigger.npz", "trigger/preview.png"):
+    for name in (
+        "model.pt",
+        "arch.json",
+        "classes.txt",
+        "metrics.json",
+        "trigger/trigger.json",
+        "trigger/trigger.npz",
+        "trigger/preview.png",
+    ):
         assert (out / name).is_file(), name
     assert len(list((out / "fewshot").glob("*/*.png"))) == 40 and len(list((out / "test").glob("*/*.png"))) == 30
     assert not list(tmp_path.glob(".tb.*"))  # no staging folder left behind
@@ -147,7 +154,8 @@ def test_miniature_build_writes_a_complete_testbed_and_eval_reproduces_it(tmp_pa
 
 
 def test_unknown_attack_is_a_usage_error(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "nope",
-                           "--cache", tmp_path / "c")
+    code, _, err = run_cli(
+        capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "nope", "--cache", tmp_path / "c"
+    )
     assert code == 2 and "unknown attack 'nope'" in err
     assert not (tmp_path / "x").exists()

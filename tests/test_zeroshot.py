@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cbpt.model import load_clip
@@ -25,6 +26,8 @@ def test_logits_use_the_models_scale(tmp_path):
     w = zeroshot_weights(clip.model, clip.tokenizer(), ["a", "b"], clip.templates)
     f = image_features(clip.model, torch.randn(5, 3, 32, 32), batch_size=2)
     out = logits(f, w, clip.logit_scale)
-    assert out.shape == (5, 2)
-    assert out.abs().max() <= clip.logit_scale + 1e-4
+    assert out.shape == (5, 2) and clip.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)  # open_clip's init
+    cos = torch.nn.functional.cosine_similarity(f[:, None, :], w[None, :, :], dim=-1)
+    assert torch.allclose(out, clip.logit_scale * cos, atol=1e-4)
+    assert torch.allclose(logits(f, w, 2.0), 2.0 * cos, atol=1e-6)
     assert clip.templates == ("a photo of a {}.",)  # from the sidecar

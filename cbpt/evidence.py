@@ -1,0 +1,65 @@
+"""The statistics the scan reads off an inverted trigger: pure functions on unit features.
+
+Each is measured per candidate by `inversion`; `scan` turns them into a verdict.
+docs/method.md#mask-score and docs/method.md#over-alignment hold the evidence behind them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# A mask covering this share of the image or more scores 0: a clean model's natural features
+# need far larger masks than a backdoor's shortcut (docs/method.md#mask-score).
+MASK_SCALE = 0.08
+# Fewer shots of the target class than this give no spread to measure over-alignment in.
+MIN_ALIGNMENT_SHOTS = 8
+
+
+def mean_pairwise_cos(features: torch.Tensor) -> float:
+    """Mean cosine between distinct rows of unit features: 1 when they have collapsed to one point."""
+    n = features.shape[0]
+    if n < 2:
+        return 1.0
+    sim = features @ features.T
+    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+
+
+def points_to(feats: torch.Tensor, class_weights: torch.Tensor) -> int:
+    """The class whose text embedding is nearest the triggered shots' mean feature."""
+    return int((F.normalize(feats.mean(0), dim=-1) @ class_weights.T).argmax())
+
+
+def flip_rate(feats: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor, target: int) -> float:
+    """The share of triggered shots outside `target` that the head sends to `target`."""
+    keep = labels != target
+    if not bool(keep.any()):
+        return 0.0
+    return float(((feats[keep] @ class_weights.T).argmax(1) == target).float().mean())
+
+
+def backdoor_score(flip: float, mask_l1: float) -> float:
+    """The mask score: the share of shots the inverted mask sends to one class, discounted by
+    the share of the image it needs; 1 for a tiny mask that flips everything, 0 for one
+    covering MASK_SCALE of the image or more."""
+    return flip * max(0.0, 1.0 - mask_l1 / MASK_SCALE)
+
+
+def over_alignment(
+    feats: torch.Tensor,
+    clean: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: torch.Tensor,
+    target: int,
+    min_shots: int = MIN_ALIGNMENT_SHOTS,
+) -> float | None:
+    """How much closer the triggered shots of the other classes come to the target's text
+    embedding than the target's own clean shots do, in units of the latter's spread (None with
+    fewer than `min_shots` of them). A poisoned model was trained to pull triggered images onto
+    the target's caption; a natural feature makes images look like the class, not more so."""
+    own = clean[labels == target] @ class_weights[target]
+    others = labels != target
+    if own.numel() < max(min_shots, 2) or not bool(others.any()):
+        return None
+    trig = feats[others] @ class_weights[target]
+    return float((trig.mean() - own.mean()) / own.std().clamp_min(1e-6))

@@ -1,0 +1,123 @@
+"""What purify and scan write: the report, the embeddings, the trigger picture. Writers put
+plain files into a folder the caller stages (`cbpt_guard.atomic.staged_dir`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from cbpt.data import Shots
+from cbpt.inversion import InversionResult
+from cbpt.model import LoadedClip
+from cbpt.pictures import trigger_png
+from cbpt.purify import Purified, PurifyConfig, original_head
+from cbpt.scan import scan_summary
+from cbpt.tuning import TuningResult
+from cbpt_guard import TOOL
+from cbpt_guard.artifacts import CLASSES, EMBEDDINGS, REPORT, SCAN, TRIGGER_PNG, classes_text, sha256_bytes
+
+
+def _tuning_report(result: Purified) -> dict:
+    t: TuningResult | None = result.tuning
+    base = {
+        "mode": result.plan.mode,
+        "kept_original": t is None or t.kept_original,
+        "triggers": [
+            {"kind": c.kind, "target": result.classnames[c.target], "probe": c.probe} for c in result.plan.triggers
+        ]
+        if t is not None
+        else [],
+    }
+    if t is None:
+        return {**base, "best_step": None, "rung": None, "alpha": None, "margin": None, "history": []}
+    c = t.chosen
+    return {
+        **base,
+        "best_step": None if t.kept_original else c.step,
+        "rung": c.rung.index,
+        "alpha": c.rung.alpha,
+        "margin": c.rung.margin,
+        "original_held_out": asdict(t.original_held_out),
+        "history": t.history,
+    }
+
+
+def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) -> dict:
+    return {
+        "tool": TOOL,
+        "model": clip.info.to_dict(),
+        "checkpoint_sha256": clip.checkpoint_sha256,
+        "classes": list(result.classnames),
+        "scan": scan_summary(result.inversion, result.classnames),
+        "tuning": _tuning_report(result),
+        "timings": result.timings,
+        "alarm": result.alarm,
+        "settings": asdict(cfg),
+        "runtime": {"device": "cpu", "torch_threads": torch.get_num_threads()},
+        "shots": list(shots.paths),
+        "held_out_per_class": None
+        if shots.held_labels is None
+        else int(len(shots.held_labels) // len(result.classnames)),
+    }
+
+
+def _embeddings(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous().float() for k, v in tensors.items()}, metadata=meta)
+
+
+def _picture(inv: InversionResult, shots: Shots) -> bytes:
+    return trigger_png(inv.trigger, shots.x01, others=[c.trigger for c in inv.warps()])
+
+
+def write_purified(folder: Path, result: Purified, shots: Shots, rep: dict) -> dict:
+    """embeddings.safetensors, classes.txt, trigger.png and report.json (with the embeddings'
+    hash added, which it returns)."""
+    blob = _embeddings(
+        {
+            "purified": result.purified,
+            "original": result.original,
+            "logit_scale": torch.tensor([result.logit_scale]),
+            "trigger_centroid": result.inversion.mean_feature,
+        },
+        {
+            "classes": json.dumps(list(result.classnames)),
+            "tool": rep["tool"],
+            "checkpoint_sha256": rep["checkpoint_sha256"],
+            "architecture": rep["model"]["architecture"],
+        },
+    )
+    rep = {**rep, "embeddings_sha256": sha256_bytes(blob)}
+    (folder / EMBEDDINGS).write_bytes(blob)
+    (folder / CLASSES).write_text(classes_text(result.classnames), encoding="utf-8")
+    (folder / TRIGGER_PNG).write_bytes(_picture(result.inversion, shots))
+    (folder / REPORT).write_text(json.dumps(rep, indent=2))
+    return rep
+
+
+def write_original(folder: Path, clip: LoadedClip, classnames: tuple[str, ...]) -> None:
+    """An export source for the original prompts' head alone (no purification, no trigger)."""
+    original = original_head(clip, classnames)
+    blob = _embeddings(
+        {"purified": original, "original": original.clone(), "logit_scale": torch.tensor([clip.logit_scale])}
+    )
+    rep = {
+        "tool": TOOL,
+        "model": clip.info.to_dict(),
+        "checkpoint_sha256": clip.checkpoint_sha256,
+        "classes": list(classnames),
+        "kind": "original",
+        "embeddings_sha256": sha256_bytes(blob),
+    }
+    (folder / EMBEDDINGS).write_bytes(blob)
+    (folder / CLASSES).write_text(classes_text(classnames), encoding="utf-8")
+    (folder / REPORT).write_text(json.dumps(rep, indent=2))
+
+
+def write_scan(folder: Path, inv: InversionResult, shots: Shots, summary: dict) -> None:
+    (folder / TRIGGER_PNG).write_bytes(_picture(inv, shots))
+    (folder / SCAN).write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,688 @@
+"""`cbpt-guard`: a thin command-line layer over cbpt (purification), export and guard (runtime).
+
+Torch is imported only inside the commands that need it, so `serve` and `classify` start
+without it. Every user-facing failure is a `UserError`, printed as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cbpt_guard import __version__
+from cbpt_guard.artifacts import CLASSIFIER, EMBEDDINGS, TRIGGER_PNG, is_fp16
+from cbpt_guard.errors import UsageError, UserError
+from testbed.datasets import DATASETS
+from testbed.triggers import ATTACKS
+
+app = typer.Typer(
+    name="cbpt-guard",
+    help="Purify backdoored CLIP models by class-wise backdoor prompt tuning, and serve the purified heads.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+testbed_app = typer.Typer(help="Small CLIPs trained and backdoored here, to measure defenses on.", no_args_is_help=True)
+app.add_typer(testbed_app, name="testbed")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+TorchThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads",
+        help="torch CPU threads (default: half the cores; more collapse on a shared machine, "
+        "docs/security.md#threads).",
+    ),
+]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Replace an existing output folder whole, even one cbpt-guard did not write."),
+]
+
+
+def _torch_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}", "pass --threads 1")
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
+
+
+def _print_json(obj: object) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cbpt-guard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+@app.command()
+def info(
+    model: Annotated[
+        Path, typer.Argument(help="Checkpoint file: state_dict, .safetensors, training checkpoint or OpenAI archive.")
+    ],
+    arch: Annotated[
+        Optional[str], typer.Option(help="open_clip architecture name; detected from the tensors when omitted.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Identify a checkpoint: format, architecture, parameter count, embed dim, image size."""
+    from cbpt.model import inspect
+
+    result = inspect(model, arch=arch)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("file", result.path),
+        ("format", result.format),
+        ("architecture", f"{result.architecture} ({result.arch_source})"),
+        ("also matches", ", ".join(c for c in result.candidates if c != result.architecture) or "-"),
+        ("parameters", f"{result.num_params:,}"),
+        ("embed dim", str(result.embed_dim)),
+        ("image size", str(result.image_size)),
+        ("context length", str(result.context_length)),
+        (
+            "preprocess",
+            f"{result.preprocess['interpolation']}, {result.preprocess['resize_mode']}, "
+            f"mean {tuple(round(m, 4) for m in result.preprocess['mean'])}",
+        ),
+    ]
+    for k, v in rows:
+        table.add_row(f"[bold]{k}[/bold]", v)
+    Console().print(table)
+
+
+DataOpt = Annotated[Path, typer.Option(help="Clean labelled images: class folders, or a CSV of path,label.")]
+ClassesOpt = Annotated[Optional[Path], typer.Option(help="Class names, one per line, in label order.")]
+ArchOpt = Annotated[Optional[str], typer.Option(help="open_clip architecture; detected when omitted.")]
+ShotsOpt = Annotated[int, typer.Option(help="Clean shots per class.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for shot sampling and optimisation.")]
+InvStepsOpt = Annotated[int, typer.Option(help="Trigger-inversion steps per restart.")]
+RestartsOpt = Annotated[
+    int, typer.Option(help="Mask restarts of the trigger inversion (the lowest-loss one gives the scan's figures).")
+]
+TuneStepsOpt = Annotated[int, typer.Option(help="Prompt-tuning steps (early stopping may end sooner).")]
+EpsOpt = Annotated[
+    float,
+    typer.Option(
+        help="Invert a bounded additive perturbation with each mask (L-inf, in [0, 1] "
+        "pixel units, e.g. 0.03); 0 (off) by default."
+    ),
+]
+
+
+def _inversion_config(seed: int, steps: int, restarts: int, eps: float):
+    from cbpt.inversion import InversionConfig
+
+    if steps < 1 or restarts < 1:
+        raise UsageError(
+            "--inversion-steps and --restarts must be at least 1", "pass --inversion-steps 200 --restarts 3"
+        )
+    if not 0 <= eps < 0.5:
+        raise UsageError(f"--eps must be in [0, 0.5), got {eps}", "pass --eps 0.03, for example")
+    return InversionConfig(seed=seed, steps=steps, mask_restarts=restarts, eps=eps)
+
+
+@app.command()
+def scan(
+    model: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    data: DataOpt,
+    classes: ClassesOpt = None,
+    arch: ArchOpt = None,
+    shots: ShotsOpt = 16,
+    seed: SeedOpt = 0,
+    inversion_steps: InvStepsOpt = 200,
+    restarts: RestartsOpt = 3,
+    eps: EpsOpt = 0.0,
+    out: Annotated[Optional[Path], typer.Option(help="Write trigger.png and scan.json here.")] = None,
+    overwrite: OverwriteOpt = False,
+    threads: TorchThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Trigger inversion only: is the model backdoored, and toward which class."""
+    _torch_threads(threads)
+    from cbpt.data import load_shots
+    from cbpt.model import load_clip
+    from cbpt.outputs import write_scan
+    from cbpt.purify import original_head
+    from cbpt.scan import Evidence, run_scan, scan_summary
+    from cbpt.trigger import TriggerKind
+    from cbpt_cli.progress import stage_progress
+    from cbpt_guard.atomic import check_target, staged_dir
+
+    inv_cfg = _inversion_config(seed, inversion_steps, restarts, eps)
+    if out is not None:
+        check_target(out, overwrite)
+    clip = load_clip(model, arch=arch)
+    shot_set = load_shots(clip, data, classes, shots, seed, held_out=0)
+    with stage_progress() as progress:
+        inv = run_scan(clip, shot_set, inv_cfg, original_head(clip, shot_set.classnames), progress)
+    summary = scan_summary(inv, shot_set.classnames)
+    if out is not None:
+        with staged_dir(out, "scan", overwrite) as stage:
+            write_scan(stage, inv, shot_set, summary)
+        summary["trigger_png"] = str(out / TRIGGER_PNG)
+    if as_json:
+        _print_json(summary)
+        return
+    picture = f"; trigger picture: {out / TRIGGER_PNG}" if out else ""
+    masks = (
+        f"score {summary['score']:.3f} (threshold {summary['threshold']}), the best mask flips "
+        f"{summary['flip_rate']:.0%} of shots with {summary['mask_l1']:.1%} of the image"
+    )
+    if summary["evidence"] == Evidence.WARP:
+        typer.echo(
+            f"BACKDOORED: target '{summary['target']}', shown by an inverted warp (below); masks: {masks}{picture}"
+        )
+    else:
+        verdict = "BACKDOORED" if summary["backdoored"] else "clean"
+        typer.echo(f"{verdict}: {masks}, suspected target '{summary['target']}'{picture}")
+    for c in summary["candidates"]:
+        if c["kind"] != TriggerKind.MASK:  # the masks are summed up above
+            align = (
+                "n/a (too few shots of that class)" if c["over_alignment"] is None else f"{c['over_alignment']:+.2f}"
+            )
+            typer.echo(
+                f"  {c['kind']} {'probe' if c['probe'] else 'inversion'}: "
+                f"sends {c['flip_rate']:.0%} of shots to '{c['target']}', "
+                f"over-alignment {align} (backdoor at {summary['alignment_threshold']})"
+            )
+
+
+@app.command()
+def purify(
+    model: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    data: DataOpt,
+    classes: ClassesOpt = None,
+    arch: ArchOpt = None,
+    shots: ShotsOpt = 16,
+    seed: SeedOpt = 0,
+    inversion_steps: InvStepsOpt = 200,
+    restarts: RestartsOpt = 3,
+    tuning_steps: TuneStepsOpt = 300,
+    eps: EpsOpt = 0.0,
+    alpha: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Fix the weight of the triggered-shots loss (more: lower ASR, more CA at stake). "
+            "Default: 0.5, raised to 1 then 2 with a margin while held-out shots still reach the target "
+            "(when the scan finds a backdoor)."
+        ),
+    ] = None,
+    beta: Annotated[
+        float, typer.Option(help="Weight of the keep-close loss (more: closer to the original prompts).")
+    ] = 2.0,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Tune as for a found backdoor even when the scan reads clean, against every "
+            "inverted trigger (masks and warp) at its own target; on a clean model "
+            "this costs clean accuracy.",
+        ),
+    ] = False,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
+    overwrite: OverwriteOpt = False,
+    threads: TorchThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Full CBPT: invert the trigger, tune class-wise prompts, write the purified embeddings."""
+    _torch_threads(threads)
+    from dataclasses import replace
+
+    from cbpt.data import load_shots
+    from cbpt.model import load_clip
+    from cbpt.purify import PurifyConfig
+    from cbpt.tuning import Ladder, TuningConfig
+    from cbpt_cli.pipeline import purify_to_folder
+    from cbpt_cli.progress import stage_progress
+    from cbpt_guard.atomic import check_target
+
+    if tuning_steps < 1:
+        raise UsageError("--tuning-steps must be at least 1", "pass --tuning-steps 300")
+    if (alpha is not None and alpha < 0) or beta < 0:
+        raise UsageError("--alpha and --beta must be at least 0", "pass --alpha 0.5 --beta 2, or leave them out")
+    tuning = TuningConfig(seed=seed, steps=tuning_steps, beta=beta)
+    if alpha is not None:  # a weight the user fixed is not escalated
+        tuning = replace(tuning, alpha=alpha, ladder=Ladder.off())
+    cfg = PurifyConfig(
+        shots=shots,
+        seed=seed,
+        force=force,
+        inversion=_inversion_config(seed, inversion_steps, restarts, eps),
+        tuning=tuning,
+    )
+    check_target(out, overwrite)
+    clip = load_clip(model, arch=arch)
+    shot_set = load_shots(clip, data, classes, shots, seed, cfg.held_out)
+    with stage_progress() as progress:
+        run = purify_to_folder(clip, shot_set, cfg, out, progress, overwrite)
+    rep = run.report
+    if as_json:
+        _print_json({"out": str(out), "scan": rep["scan"], "timings": rep["timings"], "export_s": run.export_seconds})
+        return
+    sc = rep["scan"]
+    typer.echo(
+        f"wrote {out}/ ({', '.join(run.files)}) in {rep['timings']['total_s'] + run.export_seconds:.1f} s; "
+        f"scan: {'BACKDOORED' if sc['backdoored'] else 'clean'}, suspected target '{sc['target']}' "
+        + ("(shown by an inverted warp's over-alignment)" if sc["evidence"] == "warp" else f"(score {sc['score']:.3f})")
+        + _tuning_outcome(rep["tuning"])
+        + f"; serve it with `cbpt-guard serve {out}`"
+    )
+
+
+def _tuning_outcome(tuning: dict) -> str:
+    if tuning["mode"] == "skipped":
+        return "; prompts left unchanged: no held-out shots to check a change against (pass --force to tune anyway)"
+    if tuning["kept_original"]:
+        return "; original prompts kept: no tuned prompt beat them on the held-out shots"
+    if tuning["mode"] == "cautious":
+        return "; prompts tuned cautiously (held-out clean accuracy kept, inverted trigger resisted better)"
+    return ""
+
+
+@app.command()
+def export(
+    src: Annotated[Optional[Path], typer.Argument(help="A purify output folder.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for the heads.")] = Path("heads"),
+    model: Annotated[
+        Optional[Path], typer.Option(help="Export the ORIGINAL prompts' head of this checkpoint instead.")
+    ] = None,
+    classes: ClassesOpt = None,
+    arch: ArchOpt = None,
+    fp16: Annotated[
+        bool,
+        typer.Option(
+            "--fp16",
+            help="Also write half-precision twins (head_fp16.onnx, classifier_fp16.onnx): "
+            "fp16 weights and activations, LayerNorm and softmax in fp32.",
+        ),
+    ] = False,
+    triton: Annotated[
+        Optional[Path],
+        typer.Option(help="Also write the models into this Triton model repository (others' models are left alone)."),
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    threads: TorchThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bake purified (or original) class embeddings into ONNX zero-shot heads."""
+    _torch_threads(threads)
+    import tempfile
+
+    from cbpt.model import load_clip
+    from cbpt.outputs import write_original
+    from cbpt_guard.artifacts import read_classes
+    from cbpt_guard.atomic import check_target, staged_dir, staged_entries
+    from export.package import build_heads, read_source, source_model, write_heads, write_triton
+    from export.triton import MODEL_NAMES
+
+    if (src is None) == (model is None):
+        raise UsageError(
+            "pass either a purify output folder SRC, or --model MODEL --classes FILE", "see `cbpt-guard export --help`"
+        )
+    if model is not None and classes is None:
+        raise UsageError("--model needs --classes FILE (one class name per line)", "pass --classes")
+    check_target(out, overwrite)
+    with tempfile.TemporaryDirectory(prefix="cbpt-export-") as tmp:
+        if model is not None:
+            clip = load_clip(model, arch=arch)
+            src = Path(tmp)
+            write_original(src, clip, tuple(read_classes(classes)))
+            source = read_source(src)
+        else:
+            source = read_source(src)
+            clip = source_model(source)
+        exported = build_heads(source, clip, source.alarm_threshold, fp16)
+    with staged_dir(out, "heads", overwrite) as stage:
+        files = write_heads(stage, exported)
+    if triton is not None:
+        with staged_entries(triton, "triton-model", MODEL_NAMES, overwrite) as stage:
+            write_triton(stage, exported)
+    summary = {
+        "out": str(out),
+        "files": sorted(files),
+        "seconds": round(exported.seconds, 2),
+        "parity": exported.parity,
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    worst = max(v["max_abs_logits"] for k, v in exported.parity.items() if not is_fp16(k))
+    half = [v for k, v in exported.parity.items() if is_fp16(k)]
+    typer.echo(
+        f"wrote {out}/ ({', '.join(summary['files'])}) in {exported.seconds:.1f} s; "
+        f"parity max |delta logits| {worst:.1e}"
+        + (
+            f"; fp16: top-1 agreement {min(v['top1_agreement'] for v in half):.1%}, max |delta probs| "
+            f"{max(v['max_abs_probs'] for v in half):.1e}"
+            if half
+            else ""
+        )
+    )
+
+
+DeviceOpt = Annotated[str, typer.Option(help="Execution provider: auto (CUDA when a GPU is present), cpu or cuda.")]
+HalfOpt = Annotated[
+    bool, typer.Option("--fp16", help="Run classifier_fp16.onnx (exported with --fp16); meant for GPUs.")
+]
+ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads (default: all cores).")]
+
+
+@app.command()
+def classify(
+    heads: Annotated[Path, typer.Argument(help="An exported heads folder.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files and folders (searched recursively).")],
+    out: Annotated[
+        Optional[Path], typer.Option(help="Output file: .jsonl (JSON lines) or .csv; stdout if omitted.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = 32,
+    top_k: Annotated[
+        Optional[int], typer.Option(min=1, help="Keep the K most likely classes instead of all probabilities.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip paths already in --out and append.")] = False,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    fp16: HalfOpt = False,
+) -> None:
+    """Classify image files and folders offline, in batches, with the runtime guard."""
+    from guard.classify import RecordWriter, check_output_file, classify_paths, done_paths, iter_images, same_path_key
+    from guard.heads import load_heads
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}", "pass --batch-size 32")
+    if resume and out is None:
+        raise UsageError("--resume needs --out FILE", "pass the output file of the interrupted run")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise UsageError(f"not found: {', '.join(missing[:3])}", "check the paths")
+    if out is not None:
+        check_output_file(out, paths)
+    loaded = load_heads(heads, device=device, threads=threads, fp16=fp16)
+    done = done_paths(out) if resume and out is not None else set()
+    found = list(iter_images(paths))
+    files = [p for p in found if same_path_key(p) not in done]
+    skipped = len(found) - len(files)
+    from rich.console import Console
+    from rich.progress import Progress
+
+    writer = RecordWriter(out, append=resume)
+    n_err = 0
+    try:
+        with Progress(console=Console(stderr=True), transient=out is None) as progress:
+            task = progress.add_task("classify", total=len(files))
+            for rec in classify_paths(loaded, files, batch_size=batch_size, top_k=top_k):
+                writer.write(rec)
+                n_err += "error" in rec
+                progress.advance(task)
+    finally:
+        writer.close()
+    if out is not None:
+        typer.echo(
+            f"classified {len(files) - n_err} image(s), {n_err} unreadable, {skipped} skipped (already done) -> {out}",
+            err=True,
+        )
+
+
+@app.command()
+def serve(
+    heads: Annotated[Optional[Path], typer.Argument(help="An exported heads folder (default: ./purified).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Most images per shared onnxruntime call.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="Longest wait for more images before running a batch.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Images waiting beyond this are refused with 503.")] = 256,
+    max_body: Annotated[int, typer.Option(help="Largest request body, in bytes (413 beyond).")] = 20 * 1024 * 1024,
+    max_pixels: Annotated[
+        int, typer.Option(help="Most pixels an image may declare; checked before decoding.")
+    ] = 40_000_000,
+    max_connections: Annotated[int, typer.Option(help="Open connections beyond this are answered 503.")] = 512,
+    idle_timeout: Annotated[float, typer.Option(help="Seconds a connection may wait to send its request.")] = 10.0,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    fp16: HalfOpt = False,
+) -> None:
+    """Serve the runtime guard over HTTP (POST /v1/classify, GET /v1/model, GET /healthz)."""
+    from guard.heads import load_heads
+    from guard.server import ServerLimits
+    from guard.server import serve as run_server
+
+    if heads is None:  # the mission's two commands: `purify MODEL --data SHOTS`, then `serve`
+        heads = Path("purified")
+        if not heads.is_dir():
+            raise UsageError(
+                "no heads folder given and ./purified does not exist",
+                "pass one (`cbpt-guard serve HEADS`), or run `cbpt-guard purify MODEL --data SHOTS` here first",
+            )
+    loaded = load_heads(heads, device=device, threads=threads, fp16=fp16)
+    typer.echo(
+        f"serving {heads.resolve()} ({len(loaded.classes)} classes, {loaded.graph}, {', '.join(loaded.providers)}) "
+        f"on http://{host}:{port}",
+        err=True,
+    )
+    if min(max_batch, max_queue, max_body, max_pixels, max_connections) < 1 or idle_timeout <= 0:
+        raise UsageError("the server's limits must be positive", "see `cbpt-guard serve --help`")
+    limits = ServerLimits(
+        max_body_bytes=max_body,
+        max_pixels=max_pixels,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        idle_timeout_s=idle_timeout,
+        max_connections=max_connections,
+    )
+    run_server(loaded, host, port, limits)
+
+
+@testbed_app.command("build")
+def testbed_build(
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    overwrite: OverwriteOpt = False,
+    dataset: Annotated[str, typer.Option(help=f"{' or '.join(DATASETS)}.")] = "shapes",
+    attack: Annotated[str, typer.Option(help=f"none, {', '.join(ATTACKS)} or custom.")] = "badnet",
+    target: Annotated[int, typer.Option(help="Index of the attacker's target class.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for data, model and trigger.")] = 0,
+    poison_rate: Annotated[
+        Optional[float], typer.Option(help="Fraction of training pairs poisoned (default: the attack's own).")
+    ] = None,
+    trigger_image: Annotated[Optional[Path], typer.Option(help="custom: the trigger image (PNG).")] = None,
+    trigger_mode: Annotated[str, typer.Option(help="custom: patch or blend.")] = "patch",
+    alpha: Annotated[float, typer.Option(help="custom: opacity of the trigger.")] = 1.0,
+    location: Annotated[str, typer.Option(help="custom patch: random, center or corner.")] = "random",
+    cache: Annotated[Optional[Path], typer.Option(help="Cache of clean models (default ~/.cache/cbpt-guard).")] = None,
+    threads: TorchThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a small CLIP here and backdoor it."""
+    _torch_threads(threads)
+    from cbpt_cli.progress import stage_progress
+    from cbpt_guard.atomic import check_target
+    from testbed.build import BuildConfig, build, default_cache_dir, write
+
+    cfg = BuildConfig(
+        dataset=dataset,
+        attack=attack,
+        target=target,
+        seed=seed,
+        poison_rate=poison_rate,
+        custom_image=str(trigger_image) if trigger_image else None,
+        custom_mode=trigger_mode,
+        custom_alpha=alpha,
+        custom_location=location,
+    )
+    check_target(out, overwrite)
+    with stage_progress() as progress:
+        built = build(cfg, cache=cache or default_cache_dir(), progress=progress)
+        write(built, cfg, out, overwrite)
+    m = built.metrics
+    if as_json:
+        _print_json(m)
+        return
+    typer.echo(
+        f"wrote {out}: clean CA {m['clean_model']['ca']:.3f}; backdoored CA {m['ca']:.3f}"
+        + (
+            f", ASR {m['asr']:.3f}, RA {m['ra']:.3f} (clean model ASR {m['clean_model']['asr']:.3f})"
+            if m["asr"] is not None
+            else ""
+        )
+        + f"; {m['seconds']['total']:.0f} s"
+    )
+
+
+@testbed_app.command("eval")
+def testbed_eval(
+    model_or_heads: Annotated[
+        Path, typer.Argument(help="A checkpoint (original prompts) or an exported heads folder.")
+    ],
+    testbed: Annotated[Path, typer.Option(help="A folder written by `testbed build`.")],
+    threads: TorchThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """CA, ASR and RA of a model or exported heads on a testbed."""
+    _torch_threads(threads)
+    from testbed.evaluate import evaluate_checkpoint, evaluate_heads, evaluate_purified
+
+    if model_or_heads.is_dir() and (model_or_heads / CLASSIFIER).is_file():
+        result = evaluate_heads(model_or_heads, testbed)
+    elif model_or_heads.is_dir() and (model_or_heads / EMBEDDINGS).is_file():
+        result = evaluate_purified(model_or_heads, testbed)
+    else:
+        result = evaluate_checkpoint(model_or_heads, testbed)
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        typer.echo(
+            f"CA {result.ca:.4f}  ASR {result.asr:.4f}  RA {result.ra:.4f}  "
+            f"({result.n_clean} clean, {result.n_triggered} triggered non-target images)"
+        )
+
+
+@app.command()
+def bench(
+    work: Annotated[Path, typer.Option(help="Work folder: runs/, results.json, results.md, plots.")] = Path(
+        "bench-out"
+    ),
+    testbeds: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Built testbeds (DATASET-ATTACK/ folders); missing ones are built here. Default: WORK/testbed."
+        ),
+    ] = None,
+    dataset: Annotated[
+        Optional[list[str]], typer.Option(help=f"{', '.join(DATASETS)} (repeatable; default all).")
+    ] = None,
+    attack: Annotated[
+        Optional[list[str]], typer.Option(help="Attacks, 'none' for the clean model (repeatable; default all).")
+    ] = None,
+    method: Annotated[
+        Optional[list[str]], typer.Option(help="none, finetune, cleanclip, prompt, cbpt (repeatable; default all).")
+    ] = None,
+    seed: Annotated[Optional[list[int]], typer.Option(help="Shot sets (repeatable; default 0 1 2).")] = None,
+    shots: ShotsOpt = 16,
+    sweep_shots: Annotated[Optional[list[int]], typer.Option(help="Shots sweep k values (default 1 2 4 8 16).")] = None,
+    sweep_attack: Annotated[
+        Optional[list[str]], typer.Option(help="Attacks of the shots sweep (default badnet blended).")
+    ] = None,
+    sweep_seed: Annotated[
+        Optional[list[int]], typer.Option(help="Shot sets of the shots sweep (default: --seed's).")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A minutes-long subset: shapes, clean + badnet, one shot set.")
+    ] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Re-measure runs already stored under WORK/runs/.")] = False,
+    threads: TorchThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The results table: attacks x defenses (CA, ASR, RA, DER, wall time), with plots."""
+    _torch_threads(threads)
+    from dataclasses import replace
+
+    from cbpt_cli.progress import stage_progress
+    from testbed.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig.quick(work, testbeds) if quick else BenchConfig(work=work, testbeds=testbeds)
+    given = {
+        "datasets": dataset,
+        "attacks": attack,
+        "methods": method,
+        "seeds": seed,
+        "sweep_shots": sweep_shots,
+        "sweep_attacks": sweep_attack,
+        "sweep_seeds": sweep_seed,
+    }
+    cfg = replace(cfg, shots=shots, fresh=fresh, **{k: tuple(v) for k, v in given.items() if v})
+    cfg.check()
+    with stage_progress() as progress:
+        results = run_bench(cfg, progress)
+    if as_json:
+        _print_json({"work": str(work), "best_baseline": results["best_baseline"], "table": results["table"]})
+        return
+    typer.echo((work / "results.md").read_text())
+    typer.echo(
+        f"wrote {work}/results.json, results.md and plots ({', '.join(sorted(p.name for p in work.glob('*.png')))})"
+    )
+
+
+@app.command()
+def demo(
+    work: Annotated[Path, typer.Option(help="Work folder for the testbed and the purified heads.")] = Path("cbpt-demo"),
+    threads: TorchThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The main job end to end on the embedded default: backdoor, scan, purify, export, measure."""
+    _torch_threads(threads)
+    from cbpt_cli.demo import run_demo
+
+    summary = run_demo(work, echo=(lambda _m: None) if as_json else typer.echo)
+    if as_json:
+        _print_json(summary)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, meaningful exit codes, tracebacks only on request.
+
+    typer itself reports usage errors (exit 2) and exits; what reaches us is ours."""
+    try:
+        app(args=argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except SystemExit as e:  # typer turns Ctrl-C into a silent exit 130
+        if e.code == 130:
+            args = sys.argv[1:] if argv is None else argv
+            kept = (
+                "the records written so far are kept; rerun with --resume to finish"
+                if "classify" in args[:1]
+                else "no partial output was kept"
+            )
+            print(f"interrupted; {kept}", file=sys.stderr)
+        raise
+    except Exception as e:  # a bug, not bad input: still one line unless asked
+        if os.environ.get("CBPT_GUARD_DEBUG"):
+            raise
+        print(
+            f"error: internal error: {type(e).__name__}: {e} (set CBPT_GUARD_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
