@@ -121,6 +121,7 @@ def _torch_load(path: Path) -> object:
         raise UserError(f"not a checkpoint: {path} is not a PyTorch or safetensors file", "pass a model file") from None
     except Exception as e:  # arbitrary bytes make the legacy loader raise almost anything
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first.split(". ")[0]  # torch's reader appends advice that does not apply here
         raise UserError(
             f"not a checkpoint: {path} could not be read as PyTorch or safetensors ({first[:160]})",
             "pass an open_clip state_dict, .safetensors, training checkpoint or OpenAI archive",

@@ -35,9 +35,14 @@ def check_parity(
             feed = {"pixel_values": x.numpy()} if name.startswith("classifier") else {"image_features": f.numpy()}
             out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
             if not all(np.isfinite(v).all() for v in out.values()):
+                if half:
+                    raise UserError(
+                        f"parity check failed for {name}: non-finite outputs (fp16 overflow); nothing was written",
+                        "export without --fp16",
+                    )
                 raise UserError(
-                    f"parity check failed for {name}: non-finite outputs (fp16 overflow); nothing was written",
-                    "export without --fp16",
+                    f"parity check failed for {name}: non-finite outputs; nothing was written",
+                    "check the model's weights and the class embeddings for NaN or inf",
                 )
             worst_logits = max(worst_logits, float(np.abs(out["logits"] - ref_logits.numpy()).max()))
             worst_probs = max(worst_probs, float(np.abs(out["probs"] - ref_probs).max()))

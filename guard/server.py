@@ -337,17 +337,36 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits()):
 
 
 def _protocol(idle_timeout_s: float):
-    """uvicorn's h11 protocol, with the idle timeout also running before a connection's first
-    request: uvicorn starts it only after a response, so a client that connects and sends
-    nothing would hold its socket (and a file descriptor) for ever."""
+    """uvicorn's h11 protocol with one deadline per request: its headers must be in within
+    `idle_timeout_s` of the connection opening (or of the last response). uvicorn starts its
+    idle timer only after a response and cancels it on every byte, so a client that connects
+    and sends nothing, or trickles its headers, would hold a socket (a file descriptor) for ever."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class IdleTimeoutProtocol(H11Protocol):
+    class DeadlineProtocol(H11Protocol):
+        def _arm(self, delay: float) -> None:
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(delay, self.timeout_keep_alive_handler)
+
+        def _awaiting_request(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self.timeout_keep_alive_task = self.loop.call_later(idle_timeout_s, self.timeout_keep_alive_handler)
+            self._deadline = self.loop.time() + idle_timeout_s
+            self._arm(idle_timeout_s)
 
-    return IdleTimeoutProtocol
+        def data_received(self, data: bytes) -> None:
+            waiting = self._awaiting_request()
+            super().data_received(data)  # cancels the timer
+            if waiting and self._awaiting_request() and not self.transport.is_closing():
+                self._arm(max(0.0, self._deadline - self.loop.time()))  # still no whole request: same deadline
+
+        def on_response_complete(self) -> None:
+            self._deadline = self.loop.time() + idle_timeout_s
+            super().on_response_complete()
+
+    return DeadlineProtocol
 
 
 def serve(heads: Heads, host: str, port: int, limits: ServerLimits) -> None:

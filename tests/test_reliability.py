@@ -286,3 +286,25 @@ def test_classify_says_its_records_are_kept_when_interrupted(
     code, _, err = run_cli(capsys, "classify", original_heads, mini_testbeds["none"] / "test", "--out", out)
     assert code == 130 and "records written so far are kept; rerun with --resume" in err
     assert len(out.read_text().splitlines()) == 1
+
+
+def test_classify_names_what_it_cannot_read_without_hanging(original_heads, tmp_path, capsys):
+    import os
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    code, stdout, err = run_cli(capsys, "classify", original_heads, fifo)
+    assert code == 0, err
+    rec = json.loads(stdout.splitlines()[0])
+    assert rec["path"] == str(fifo) and "not a regular file" in rec["error"]
+    code, _, err = run_cli(capsys, "classify", original_heads, fifo, "--top-k", "-3")
+    assert code == 2
+
+
+def test_cuda_asked_for_and_not_there_is_refused_not_silently_cpu(original_heads, tmp_path, capsys):
+    from guard.heads import _cuda_device_present
+
+    if _cuda_device_present():
+        pytest.skip("a GPU is present: CUDA is really used")
+    code, _, err = run_cli(capsys, "classify", original_heads, tmp_path, "--device", "cuda")
+    assert code == 2 and "--device cuda" in err and "--device cpu" in err

@@ -249,3 +249,60 @@ def test_idle_connections_are_closed(loaded):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_client_that_trickles_its_headers_is_cut_off(loaded):
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from guard.server import ServerLimits, _protocol, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    limits = ServerLimits(idle_timeout_s=0.6)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(loaded, limits),
+            host="127.0.0.1",
+            port=port,
+            log_level="error",
+            http=_protocol(limits.idle_timeout_s),
+            timeout_keep_alive=1,
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # a polite client is served, and may send a second request on the same connection
+        with socket.create_connection(("127.0.0.1", port)) as polite:
+            for _ in range(2):
+                polite.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = b""
+                while b'"ok"}' not in answer:
+                    answer += polite.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 200")
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.settimeout(10)
+        t0 = time.monotonic()
+        slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+        closed = False
+        for _ in range(40):  # one header byte every 0.1 s: each resets uvicorn's own timer
+            try:
+                slow.sendall(b"X")
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.1)
+        assert closed or slow.recv(1) == b""
+        assert time.monotonic() - t0 < 3
+        slow.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
