@@ -53,6 +53,18 @@ def _torch_threads(threads: int | None) -> None:
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
 
 
+def _api_key(path: Path | None) -> str | None:
+    """The server's API key: from a file (first line), or CBPT_GUARD_API_KEY; None: no key."""
+    if path is None:
+        return os.environ.get("CBPT_GUARD_API_KEY") or None
+    if not path.is_file():
+        raise UsageError(f"API key file not found: {path}", "pass a file holding the key")
+    key = path.read_text(encoding="utf-8").strip().splitlines()[0].strip() if path.read_text().strip() else ""
+    if len(key) < 16:
+        raise UsageError(f"the API key in {path} is shorter than 16 characters", "use a long random key")
+    return key
+
+
 def _print_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=False))
 
@@ -459,13 +471,21 @@ def serve(
     ] = 40_000_000,
     max_connections: Annotated[int, typer.Option(help="Open connections beyond this are answered 503.")] = 512,
     idle_timeout: Annotated[float, typer.Option(help="Seconds a connection may wait to send its request.")] = 10.0,
+    api_key_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="A file holding the API key every endpoint but /healthz then requires "
+            "(Authorization: Bearer KEY); or set CBPT_GUARD_API_KEY."
+        ),
+    ] = None,
+    root_path: Annotated[str, typer.Option(help="The path prefix a reverse proxy serves this under.")] = "",
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     fp16: HalfOpt = False,
 ) -> None:
     """Serve the runtime guard over HTTP (POST /v1/classify, GET /v1/model, GET /healthz)."""
     from guard.heads import load_heads
-    from guard.server import ServerLimits
+    from guard.server import Access, ServerLimits
     from guard.server import serve as run_server
 
     if heads is None:  # the mission's two commands: `purify MODEL --data SHOTS`, then `serve`
@@ -475,7 +495,13 @@ def serve(
                 "no heads folder given and ./purified does not exist",
                 "pass one (`cbpt-guard serve HEADS`), or run `cbpt-guard purify MODEL --data SHOTS` here first",
             )
+    access = Access(_api_key(api_key_file))
     loaded = load_heads(heads, device=device, threads=threads, fp16=fp16)
+    if access.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(
+            f"warning: serving on {host} with no API key: anyone who can reach it can use it (pass --api-key-file)",
+            err=True,
+        )
     typer.echo(
         f"serving {heads.resolve()} ({len(loaded.classes)} classes, {loaded.graph}, {', '.join(loaded.providers)}) "
         f"on http://{host}:{port}",
@@ -492,7 +518,7 @@ def serve(
         idle_timeout_s=idle_timeout,
         max_connections=max_connections,
     )
-    run_server(loaded, host, port, limits)
+    run_server(loaded, host, port, limits, access, root_path)
 
 
 @testbed_app.command("build")

@@ -10,6 +10,7 @@ bounded: when it is full the answer is 503 at once. Bad input is always a 4xx wi
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -26,6 +28,7 @@ from cbpt_guard.images import TruncatedImage, decode
 from guard.classify import make_record
 from guard.heads import Heads
 from guard.preprocess import preprocess
+from guard.telemetry import Metrics, log_access
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ CLASSIFY_BODY = {
 }
 ERRORS = {
     400: {"model": ErrorBody, "description": "Empty or malformed body."},
+    401: {"model": ErrorBody, "description": "Missing or wrong API key (when the server has one)."},
     408: {"model": ErrorBody, "description": "The body arrived too slowly."},
     413: {"model": ErrorBody, "description": "Body, image or image count over the server's limits."},
     415: {"model": ErrorBody, "description": "Not a decodable image."},
@@ -122,8 +126,9 @@ class Overloaded(Exception):
 class MicroBatcher:
     """Packs queued images into shared onnxruntime calls on one worker thread."""
 
-    def __init__(self, heads: Heads, limits: ServerLimits):
+    def __init__(self, heads: Heads, limits: ServerLimits, metrics: Metrics | None = None):
         self.heads, self.limits = heads, limits
+        self.metrics = metrics or Metrics()
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
         self.calls = 0
@@ -143,8 +148,9 @@ class MicroBatcher:
             raise Overloaded()
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in arrays]
+        now = time.perf_counter()
         for arr, fut in zip(arrays, futures):
-            self.queue.put_nowait((arr, fut))
+            self.queue.put_nowait((arr, fut, now))
         return list(await asyncio.gather(*futures))
 
     async def _loop(self) -> None:
@@ -160,25 +166,50 @@ class MicroBatcher:
                     items.append(await asyncio.wait_for(self.queue.get(), timeout))
                 except TimeoutError:
                     break
-            batch = np.stack([a for a, _ in items])
+            start = time.perf_counter()
+            for *_, queued in items:
+                self.metrics.queue_seconds.observe(start - queued)
+            self.metrics.batch_size.observe(len(items))
+            batch = np.stack([a for a, *_ in items])
             try:
                 out = await asyncio.to_thread(self.heads.run, batch)
             except Exception as e:  # the model failed: fail these requests, keep serving
-                for _, fut in items:
+                for _, fut, _ in items:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
+            self.metrics.inference_seconds.observe(time.perf_counter() - start)
             self.calls += 1
             self.images += len(items)
-            for i, (_, fut) in enumerate(items):
+            for i, (_, fut, _) in enumerate(items):
                 if not fut.done():
                     fut.set_result({k: v[i : i + 1] for k, v in out.items()})
 
 
-def create_app(heads: Heads, limits: ServerLimits = ServerLimits()):
+@dataclass(frozen=True)
+class Access:
+    """Who may call the server: with an API key, every endpoint but /healthz needs
+    `Authorization: Bearer KEY` (docs/serving.md#access)."""
+
+    api_key: str | None = None
+
+    def allows(self, authorization: str | None) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, given = (authorization or "").partition(" ")
+        # compared in constant time whatever the scheme: no timing oracle on the key
+        return hmac.compare_digest(given.strip().encode(), self.api_key.encode()) and scheme.lower() == "bearer"
+
+
+OPEN_PATHS = frozenset({"/healthz"})
+KNOWN_PATHS = frozenset({"/healthz", "/v1/classify", "/v1/model", "/metrics", "/openapi.json", "/docs"})
+
+
+def create_app(heads: Heads, limits: ServerLimits = ServerLimits(), access: Access = Access()):
     from contextlib import asynccontextmanager
 
-    batcher = MicroBatcher(heads, limits)
+    metrics = Metrics(queue_depth=lambda: batcher.queue.qsize() if batcher.queue is not None else 0)
+    batcher = MicroBatcher(heads, limits, metrics)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -190,6 +221,26 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits()):
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
+
+    @app.middleware("http")
+    async def _guard_and_account(request: Request, call_next):
+        start = time.perf_counter()
+        path = request.url.path
+        if path not in OPEN_PATHS and not access.allows(request.headers.get("authorization")):
+            response = JSONResponse(
+                {"error": "missing or wrong API key"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+            )
+        else:
+            response = await call_next(request)
+        images, alarms = getattr(request.state, "images", 0), getattr(request.state, "alarms", 0)
+        metrics.requests.labels(path=path if path in KNOWN_PATHS else "other", status=str(response.status_code)).inc()
+        client = request.client.host if request.client else "-"
+        log_access(request.method, path, response.status_code, time.perf_counter() - start, images, alarms, client)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request, exc):  # 404, 405, ...: the same error body as every other refusal
@@ -322,7 +373,7 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits()):
                 headers={"Retry-After": "1"},
             )
         except ClientDisconnect:  # the client left mid-body: one line, not a traceback
-            log.info("client %s disconnected before its request was read", request.client)
+            log.warning("client %s disconnected before its request was read", request.client)
             return error(400, "client disconnected")
         k = min(top_k, len(heads.classes)) if top_k else None
         results = []
@@ -330,9 +381,13 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits()):
             rec = make_record(heads, name, out, 0, k)
             rec.pop("path")
             results.append(rec)
+            metrics.classified(rec["label"], rec.get("trigger_alarm"))
+        request.state.images = len(results)
+        request.state.alarms = sum(bool(r.get("trigger_alarm")) for r in results)
         return {"results": results}
 
     app.state.batcher = batcher
+    app.state.metrics = metrics
     return app
 
 
@@ -369,11 +424,21 @@ def _protocol(idle_timeout_s: float):
     return DeadlineProtocol
 
 
-def serve(heads: Heads, host: str, port: int, limits: ServerLimits) -> None:
+def serve(
+    heads: Heads, host: str, port: int, limits: ServerLimits, access: Access = Access(), root_path: str = ""
+) -> None:
     import uvicorn
 
+    handler = logging.StreamHandler()  # the access log: one JSON line per request, on stderr
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name, level in (("cbpt_guard.access", logging.INFO), ("cbpt_guard.server", logging.WARNING)):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
     uvicorn.run(
-        create_app(heads, limits),
+        create_app(heads, limits, access),
+        root_path=root_path,
         host=host,
         port=port,
         log_level="warning",

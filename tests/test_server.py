@@ -306,3 +306,93 @@ def test_a_client_that_trickles_its_headers_is_cut_off(loaded):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_metrics_count_requests_images_alarms_and_batches(purified):
+    from fastapi.testclient import TestClient
+
+    from guard.heads import load_heads
+    from guard.server import create_app
+
+    heads = load_heads(purified)
+    with TestClient(create_app(heads)) as c:
+        before = c.get("/metrics").text
+        results = c.post("/v1/classify", files=[("images", (f"{i}.png", _png(seed=i))) for i in range(3)]).json()
+        assert c.post("/v1/classify", content=b"junk").status_code == 415
+        text = c.get("/metrics").text
+    assert _metric(before, "cbpt_guard_images_total") == 0
+    labels = [r["label"] for r in results["results"]]
+    for label in set(labels):
+        assert _metric(text, "cbpt_guard_images_total", label=label) == labels.count(label)
+    alarms = sum(r["trigger_alarm"] for r in results["results"])
+    assert _metric(text, "cbpt_guard_trigger_alarms_total") == alarms
+    assert _metric(text, "cbpt_guard_trigger_alarm_rate") == pytest.approx(alarms / 3)
+    assert _metric(text, "cbpt_guard_requests_total", path="/v1/classify", status="200") == 1
+    assert _metric(text, "cbpt_guard_requests_total", path="/v1/classify", status="415") == 1
+    assert _metric(text, "cbpt_guard_batch_size_sum") == 3 and _metric(text, "cbpt_guard_inference_seconds_count") >= 1
+    assert _metric(text, "cbpt_guard_queue_seconds_count") == 3 and _metric(text, "cbpt_guard_queue_depth") == 0
+
+
+def test_the_alarm_rate_is_over_a_recent_window():
+    from guard.telemetry import AlarmWindow
+
+    w = AlarmWindow(seconds=60)
+    for t, alarm in ((0, True), (10, False), (50, True), (60, True)):
+        w.add(alarm, now=t)
+    assert w.rate(now=65) == pytest.approx(2 / 3)  # the alarm at t=0 has left the window
+    assert w.rate(now=75) == pytest.approx(1.0)  # and the quiet image at t=10
+    assert w.rate(now=1000) == 0.0
+
+
+def test_an_api_key_guards_every_endpoint_but_health(loaded, monkeypatch):
+    import hmac
+
+    from fastapi.testclient import TestClient
+
+    import guard.server
+    from guard.server import Access, create_app
+
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(guard.server.hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
+    key = "k" * 32
+    with TestClient(create_app(loaded, access=Access(key))) as c:
+        assert c.get("/healthz").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+            for path in ("/v1/model", "/metrics", "/openapi.json"):
+                r = c.get(path, headers=headers)
+                assert r.status_code == 401 and r.json() == {"error": "missing or wrong API key"}, (path, headers)
+        assert c.post("/v1/classify", content=_png()).status_code == 401
+        ok = {"Authorization": f"Bearer {key}"}
+        assert c.get("/v1/model", headers=ok).status_code == 200
+        assert c.post("/v1/classify", content=_png(), headers=ok).status_code == 200
+    assert compared  # the comparison is hmac's constant-time one
+
+
+def test_each_request_leaves_one_access_log_line(loaded, caplog):
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from guard.server import create_app
+
+    with TestClient(create_app(loaded)) as c, caplog.at_level("INFO", logger="cbpt_guard.access"):
+        c.post("/v1/classify", files=[("images", ("a.png", _png(seed=1))), ("images", ("b.png", _png(seed=2)))])
+        c.get("/healthz")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "cbpt_guard.access"]
+    assert [(x["method"], x["path"], x["status"], x["images"]) for x in lines] == [
+        ("POST", "/v1/classify", 200, 2),
+        ("GET", "/healthz", 200, 0),
+    ]
+    assert set(lines[0]) == {"method", "path", "status", "images", "alarms", "latency_ms", "client"}
+    assert lines[0]["latency_ms"] > 0 and "png" not in json.dumps(lines)
