@@ -32,10 +32,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("heads", type=Path)
     ap.add_argument("--testbed", type=Path, required=True)
+    ap.add_argument("--int8", action="store_true", help="score with classifier_int8.onnx")
     args = ap.parse_args()
     meta = check_testbed(args.testbed)
     images, labels, _ = load_test_split(args.testbed)
-    heads = load_heads(args.heads)
+    heads = load_heads(args.heads, int8=args.int8)
     keep = labels != meta["target"]
     triggered = Trigger.load(args.testbed / "trigger").apply(images[keep], seed=meta["eval_seed"])
     clean_s, trig_s = scores(heads, images), scores(heads, triggered)

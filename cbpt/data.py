@@ -232,6 +232,12 @@ def pixel_transform(clip: LoadedClip) -> Callable:
     return Compose([t for t in tf.transforms if not isinstance(t, Normalize)])
 
 
+def load_pixels(clip: LoadedClip, paths: Sequence[Path]) -> torch.Tensor:
+    """Images at the model's size, in [0, 1] before normalisation."""
+    x, _ = load_batch(LabelledImages(tuple(paths), (0,) * len(paths), ("",)), pixel_transform(clip))
+    return x
+
+
 def load_shots(
     clip: LoadedClip, data: str | Path, classes: str | Path | None, shots: int, seed: int, held_out: int
 ) -> Shots:

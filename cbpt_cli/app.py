@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from cbpt_guard import __version__
-from cbpt_guard.artifacts import CLASSIFIER, EMBEDDINGS, TRIGGER_PNG, is_fp16
+from cbpt_guard.artifacts import CLASSIFIER, EMBEDDINGS, TRIGGER_PNG, int8_name, is_fp16, is_int8
 from cbpt_guard.errors import UsageError, UserError
 from testbed.datasets import DATASETS
 from testbed.triggers import ATTACKS
@@ -37,6 +37,14 @@ TorchThreadsOpt = Annotated[
         "--threads",
         help="torch CPU threads (default: half the cores; more collapse on a shared machine, "
         "docs/security.md#threads).",
+    ),
+]
+Int8ExportOpt = Annotated[
+    bool,
+    typer.Option(
+        "--int8",
+        help="Also write classifier_int8.onnx: static int8 quantisation calibrated on the shots "
+        "and their triggered copies; refused under 99% top-1 agreement with fp32.",
     ),
 ]
 OverwriteOpt = Annotated[
@@ -255,6 +263,7 @@ def purify(
         ),
     ] = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
+    int8: Int8ExportOpt = False,
     overwrite: OverwriteOpt = False,
     threads: TorchThreadsOpt = None,
     as_json: JsonOpt = False,
@@ -289,7 +298,7 @@ def purify(
     clip = load_clip(model, arch=arch)
     shot_set = load_shots(clip, data, classes, shots, seed, cfg.held_out)
     with stage_progress() as progress:
-        run = purify_to_folder(clip, shot_set, cfg, out, progress, overwrite)
+        run = purify_to_folder(clip, shot_set, cfg, out, progress, overwrite, int8)
     rep = run.report
     if as_json:
         _print_json({"out": str(out), "scan": rep["scan"], "timings": rep["timings"], "export_s": run.export_seconds})
@@ -335,6 +344,7 @@ def export(
         Optional[Path],
         typer.Option(help="Also write the models into this Triton model repository (others' models are left alone)."),
     ] = None,
+    int8: Int8ExportOpt = False,
     overwrite: OverwriteOpt = False,
     threads: TorchThreadsOpt = None,
     as_json: JsonOpt = False,
@@ -347,7 +357,7 @@ def export(
     from cbpt.outputs import write_original
     from cbpt_guard.artifacts import read_classes
     from cbpt_guard.atomic import check_target, staged_dir, staged_entries
-    from export.package import build_heads, read_source, source_model, write_heads, write_triton
+    from export.package import build_heads, read_source, source_int8_inputs, source_model, write_heads, write_triton
     from export.triton import MODEL_NAMES
 
     if (src is None) == (model is None):
@@ -356,6 +366,11 @@ def export(
         )
     if model is not None and classes is None:
         raise UsageError("--model needs --classes FILE (one class name per line)", "pass --classes")
+    if model is not None and int8:
+        raise UsageError(
+            "--int8 calibrates on the defender's shots, which --model has not",
+            "export --int8 from a purify output folder, or pass --int8 to purify",
+        )
     check_target(out, overwrite)
     with tempfile.TemporaryDirectory(prefix="cbpt-export-") as tmp:
         if model is not None:
@@ -366,7 +381,8 @@ def export(
         else:
             source = read_source(src)
             clip = source_model(source)
-        exported = build_heads(source, clip, source.alarm_threshold, fp16)
+        quantise = source_int8_inputs(source, clip) if int8 else None
+        exported = build_heads(source, clip, source.alarm_threshold, fp16, quantise)
     with staged_dir(out, "heads", overwrite) as stage:
         files = write_heads(stage, exported)
     if triton is not None:
@@ -381,8 +397,9 @@ def export(
     if as_json:
         _print_json(summary)
         return
-    worst = max(v["max_abs_logits"] for k, v in exported.parity.items() if not is_fp16(k))
+    worst = max(v["max_abs_logits"] for k, v in exported.parity.items() if not is_fp16(k) and not is_int8(k))
     half = [v for k, v in exported.parity.items() if is_fp16(k)]
+    q = exported.parity.get(int8_name(CLASSIFIER))
     typer.echo(
         f"wrote {out}/ ({', '.join(summary['files'])}) in {exported.seconds:.1f} s; "
         f"parity max |delta logits| {worst:.1e}"
@@ -392,10 +409,17 @@ def export(
             if half
             else ""
         )
+        + (
+            f"; int8: top-1 agreement {q['top1_agreement']:.1%} on {q['n_clean']} held-out images, trigger-score "
+            f"AUROC {q['trigger_auroc_int8']:.3f} (fp32 {q['trigger_auroc_fp32']:.3f})"
+            if q
+            else ""
+        )
     )
 
 
 DeviceOpt = Annotated[str, typer.Option(help="Execution provider: auto (CUDA when a GPU is present), cpu or cuda.")]
+Int8RunOpt = Annotated[bool, typer.Option("--int8", help="Run classifier_int8.onnx (exported with --int8): for CPUs.")]
 HalfOpt = Annotated[
     bool, typer.Option("--fp16", help="Run classifier_fp16.onnx (exported with --fp16); meant for GPUs.")
 ]
@@ -416,6 +440,7 @@ def classify(
     resume: Annotated[bool, typer.Option("--resume", help="Skip paths already in --out and append.")] = False,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
+    int8: Int8RunOpt = False,
     fp16: HalfOpt = False,
 ) -> None:
     """Classify image files and folders offline, in batches, with the runtime guard."""
@@ -431,7 +456,7 @@ def classify(
         raise UsageError(f"not found: {', '.join(missing[:3])}", "check the paths")
     if out is not None:
         check_output_file(out, paths)
-    loaded = load_heads(heads, device=device, threads=threads, fp16=fp16)
+    loaded = load_heads(heads, device=device, threads=threads, fp16=fp16, int8=int8)
     done = done_paths(out) if resume and out is not None else set()
     found = list(iter_images(paths))
     files = [p for p in found if same_path_key(p) not in done]
@@ -481,6 +506,7 @@ def serve(
     root_path: Annotated[str, typer.Option(help="The path prefix a reverse proxy serves this under.")] = "",
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
+    int8: Int8RunOpt = False,
     fp16: HalfOpt = False,
 ) -> None:
     """Serve the runtime guard over HTTP (POST /v1/classify, GET /v1/model, GET /healthz)."""
@@ -496,7 +522,7 @@ def serve(
                 "pass one (`cbpt-guard serve HEADS`), or run `cbpt-guard purify MODEL --data SHOTS` here first",
             )
     access = Access(_api_key(api_key_file))
-    loaded = load_heads(heads, device=device, threads=threads, fp16=fp16)
+    loaded = load_heads(heads, device=device, threads=threads, fp16=fp16, int8=int8)
     if access.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(
             f"warning: serving on {host} with no API key: anyone who can reach it can use it (pass --api-key-file)",
@@ -582,6 +608,7 @@ def testbed_eval(
         Path, typer.Argument(help="A checkpoint (original prompts) or an exported heads folder.")
     ],
     testbed: Annotated[Path, typer.Option(help="A folder written by `testbed build`.")],
+    int8: Annotated[bool, typer.Option("--int8", help="Heads: evaluate classifier_int8.onnx.")] = False,
     threads: TorchThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -590,7 +617,7 @@ def testbed_eval(
     from testbed.evaluate import evaluate_checkpoint, evaluate_heads, evaluate_purified
 
     if model_or_heads.is_dir() and (model_or_heads / CLASSIFIER).is_file():
-        result = evaluate_heads(model_or_heads, testbed)
+        result = evaluate_heads(model_or_heads, testbed, int8=int8)
     elif model_or_heads.is_dir() and (model_or_heads / EMBEDDINGS).is_file():
         result = evaluate_purified(model_or_heads, testbed)
     else:

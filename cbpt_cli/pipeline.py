@@ -12,6 +12,7 @@ from cbpt.model import LoadedClip
 from cbpt.outputs import report, write_purified
 from cbpt.purify import Progress, Purified, PurifyConfig, run_purify
 from cbpt_guard.atomic import staged_dir
+from export.int8 import int8_inputs
 from export.package import build_heads, read_source, write_heads
 
 
@@ -30,13 +31,15 @@ def purify_to_folder(
     out: Path,
     progress: Progress | None = None,
     overwrite: bool = False,
+    int8: bool = False,
 ) -> PurifyRun:
     """Run CBPT and write embeddings, report, trigger picture and exported heads to `out`:
     all of them land together, or nothing does."""
     result = run_purify(clip, shots, cfg, progress)
     with staged_dir(out, "purify", overwrite) as stage:
         rep = write_purified(stage, result, shots, report(clip, shots, cfg, result))
-        exported = build_heads(read_source(stage), clip, result.alarm["threshold"])
+        quantise = int8_inputs(clip, shots.x01, result.inversion.trigger, shots.held_x01) if int8 else None
+        exported = build_heads(read_source(stage), clip, result.alarm["threshold"], int8=quantise)
         write_heads(stage, exported)
         files = sorted(p.name for p in stage.iterdir())
     return PurifyRun(report=rep, result=result, files=files, export_seconds=exported.seconds)

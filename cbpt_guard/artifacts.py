@@ -40,6 +40,15 @@ def is_fp16(graph: str) -> bool:
     return graph.endswith("_fp16.onnx")
 
 
+def int8_name(graph: str) -> str:
+    """`classifier.onnx` -> `classifier_int8.onnx`: the quantised twin's file name."""
+    return graph.removesuffix(".onnx") + "_int8.onnx"
+
+
+def is_int8(graph: str) -> bool:
+    return graph.endswith("_int8.onnx")
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -26,7 +26,7 @@ def head_nodes(
         numpy_helper.from_array(np.array(1e-12, dtype=np.float32), f"{prefix}eps"),
     ]
     nodes = [
-        helper.make_node("ReduceL2", [features], [f"{prefix}norm"], axes=[1], keepdims=1),  # opset 17: axes attr
+        helper.make_node("ReduceL2", [features], [f"{prefix}norm"], axes=[1], keepdims=1),  # opset 17: axes
         helper.make_node("Max", [f"{prefix}norm", f"{prefix}eps"], [f"{prefix}norm_safe"]),
         helper.make_node("Div", [features, f"{prefix}norm_safe"], [f"{prefix}unit"]),
         helper.make_node("MatMul", [f"{prefix}unit", f"{prefix}class_embeddings_T"], [f"{prefix}cos"]),
@@ -44,6 +44,8 @@ def head_nodes(
             helper.make_node("Squeeze", [f"{prefix}tscore", f"{prefix}axis1"], ["trigger_score"]),
         ]
         outputs.append("trigger_score")
+    for node in nodes:  # named, so that passes over the graph (int8) can tell the head apart
+        node.name = f"{prefix}{node.output[0].removeprefix(prefix)}"
     return nodes, inits, outputs
 
 

@@ -27,11 +27,13 @@ from cbpt_guard.artifacts import (
     SOURCE_FILES,
     classes_text,
     fp16_name,
+    int8_name,
     is_fp16,
     read_classes,
     sha256_bytes,
 )
 from cbpt_guard.errors import UsageError, UserError
+from export.int8 import Int8Inputs, int8_twin
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Source:
     centroid: np.ndarray | None
     report: dict
     embeddings_sha256: str
+    trigger: dict[str, np.ndarray] | None = None  # the best inverted mask: mask, pattern, delta
 
     @property
     def alarm_threshold(self) -> float | None:
@@ -102,6 +105,9 @@ def read_source(folder: Path, which: str = "purified") -> Source:
         original=tensors["original"].astype(np.float32),
         logit_scale=float(tensors["logit_scale"].ravel()[0]),
         centroid=tensors.get("trigger_centroid"),
+        trigger={k: tensors[f"trigger_{k}"] for k in ("mask", "pattern", "delta")}
+        if "trigger_mask" in tensors
+        else None,
         report=report,
         embeddings_sha256=actual,
     )
@@ -135,6 +141,31 @@ def source_model(source: Source):
             "restore it, or re-run purify with the checkpoint's new path",
         )
     return load_clip(model_path, arch=source.report["model"]["architecture"])
+
+
+def source_int8_inputs(source: Source, clip) -> Int8Inputs:
+    """What `export --int8` calibrates and checks on: the shots purify drew (their paths are in
+    report.json) and the inverted mask kept with the embeddings."""
+    import torch
+
+    from cbpt.data import load_pixels
+    from cbpt.trigger import DummyTrigger
+    from export.int8 import int8_inputs
+
+    paths = [Path(p) for p in source.report.get("shots", [])]
+    if source.trigger is None or len(paths) < 2:
+        raise UsageError(
+            f"{source.folder} keeps no shots or inverted trigger to calibrate int8 on",
+            "export --int8 from a folder written by `cbpt-guard purify` (0.2 or later)",
+        )
+    gone = [str(p) for p in paths if not p.is_file()]
+    if gone:
+        raise UserError(
+            f"{len(gone)} of the shots purify used are gone, e.g. {gone[0]}",
+            "restore them, or re-run `cbpt-guard purify --int8`",
+        )
+    trigger = DummyTrigger(*(torch.from_numpy(np.asarray(source.trigger[k])) for k in ("mask", "pattern", "delta")))
+    return int8_inputs(clip, load_pixels(clip, paths), trigger)
 
 
 def _metadata(source: Source, clip, pre: dict, alarm_threshold: float | None) -> dict[str, str]:
@@ -174,9 +205,12 @@ def _graphs(source: Source, clip, centroid: np.ndarray | None, fp16: bool) -> di
     return graphs
 
 
-def build_heads(source: Source, clip, alarm_threshold: float | None = None, fp16: bool = False) -> Exported:
+def build_heads(
+    source: Source, clip, alarm_threshold: float | None = None, fp16: bool = False, int8: Int8Inputs | None = None
+) -> Exported:
     """The heads for `source` on `clip` (the model it was purified from), parity-checked.
-    `fp16` adds a half-precision twin of each graph."""
+    `fp16` adds a half-precision twin of each graph; `int8` an int8 classifier, calibrated and
+    checked on those images (export/int8.py)."""
     import onnx
 
     from export.graphs import set_metadata
@@ -200,6 +234,11 @@ def build_heads(source: Source, clip, alarm_threshold: float | None = None, fp16
         onnx.checker.check_model(graph, full_check=True)
     blobs = {name: g.SerializeToString() for name, g in graphs.items()}
     parity = check_parity(clip, blobs, source.weights, source.logit_scale, centroid)
+    if int8 is not None:
+        blob, parity[int8_name(CLASSIFIER)] = int8_twin(blobs[CLASSIFIER], int8)
+        graph = onnx.load_from_string(blob)
+        set_metadata(graph, {**meta, "precision": "int8 (QDQ: matrix products and convolutions; the rest float)"})
+        blobs[int8_name(CLASSIFIER)] = graph.SerializeToString()
     manifest = {
         "tool": TOOL,
         "classes": source.classes,

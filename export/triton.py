@@ -3,11 +3,11 @@ labels for the classification extension)."""
 
 from __future__ import annotations
 
-from cbpt_guard.artifacts import CLASSIFIER, HEAD, classes_text, fp16_name
+from cbpt_guard.artifacts import CLASSIFIER, HEAD, classes_text, fp16_name, int8_name
 
 MAX_BATCH = 64
 # Every model an export may write: the repository's folders of these names are ours to replace.
-MODEL_NAMES = ("cbpt_head", "cbpt_classifier", "cbpt_head_fp16", "cbpt_classifier_fp16")
+MODEL_NAMES = ("cbpt_head", "cbpt_classifier", "cbpt_head_fp16", "cbpt_classifier_fp16", "cbpt_classifier_int8")
 
 
 def _tensor(name: str, dims: list[int], labels: bool = False, reshape_scalar: bool = False) -> str:
@@ -56,6 +56,7 @@ def triton_repository(
     specs.update(
         {f"{model}_fp16": (fp16_name(graph), inputs, feats) for model, (graph, inputs, feats) in specs.items()}
     )
+    specs["cbpt_classifier_int8"] = (int8_name(CLASSIFIER), specs["cbpt_classifier"][1], True)
     files: dict[str, bytes] = {}
     for model, (graph, inputs, feats) in specs.items():
         if graph not in blobs:

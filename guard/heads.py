@@ -14,7 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cbpt_guard.artifacts import CLASSIFIER, HEADS_REQUIRED, MANIFEST, PREPROCESS, fp16_name, ort_session, sha256_file
+from cbpt_guard.artifacts import (
+    CLASSIFIER,
+    HEADS_REQUIRED,
+    MANIFEST,
+    PREPROCESS,
+    fp16_name,
+    int8_name,
+    ort_session,
+    sha256_file,
+)
 from cbpt_guard.errors import UsageError, UserError
 from guard.preprocess import PreprocessSpec
 
@@ -148,12 +157,18 @@ def _warm_up(heads: Heads) -> None:
         )
 
 
-def load_heads(folder: str | Path, device: str = "auto", threads: int | None = None, fp16: bool = False) -> Heads:
+def load_heads(
+    folder: str | Path, device: str = "auto", threads: int | None = None, fp16: bool = False, int8: bool = False
+) -> Heads:
+    """Verified heads, ready to run: classifier.onnx, or its fp16 or int8 twin."""
     folder = Path(folder)
+    if fp16 and int8:
+        raise UsageError("--fp16 and --int8 name two different graphs", "pass one of them")
     manifest = verify(folder)
-    graph = fp16_name(CLASSIFIER) if fp16 else CLASSIFIER
+    graph = fp16_name(CLASSIFIER) if fp16 else int8_name(CLASSIFIER) if int8 else CLASSIFIER
     if graph not in manifest["files"]:
-        raise UserError(f"{folder} has no {graph}", "re-export with `cbpt-guard export --fp16`")
+        flag = "--fp16" if fp16 else "--int8"
+        raise UserError(f"{folder} has no {graph}", f"re-export with `cbpt-guard export {flag}`")
     spec = PreprocessSpec.from_dict(_json(folder / PREPROCESS))
     session = ort_session(folder / graph, choose_providers(device), threads, fp16)
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():

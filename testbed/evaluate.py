@@ -109,8 +109,9 @@ def evaluate_weights(clip, weights, testbed: Path, batch_size: int = 256) -> Bac
     return _score(predict, testbed)
 
 
-def evaluate_heads(heads_dir: Path, testbed: Path, batch_size: int = 256) -> BackdoorEval:
-    """Exported heads served by the runtime guard (onnxruntime, no torch in the loop)."""
+def evaluate_heads(heads_dir: Path, testbed: Path, batch_size: int = 256, int8: bool = False) -> BackdoorEval:
+    """Exported heads served by the runtime guard (onnxruntime, no torch in the loop); `int8`:
+    their classifier_int8.onnx."""
     from PIL import Image
 
     from guard.heads import load_heads
@@ -118,7 +119,7 @@ def evaluate_heads(heads_dir: Path, testbed: Path, batch_size: int = 256) -> Bac
 
     check_testbed(testbed)
     test_names = testbed_classes(testbed)
-    heads = load_heads(heads_dir)
+    heads = load_heads(heads_dir, int8=int8)
     if sorted(heads.classes) != sorted(test_names):
         raise UserError("the heads' classes are not the testbed's", "export heads for this testbed's classes")
     to_testbed = np.argsort([heads.classes.index(n) for n in test_names])  # head index -> testbed index

@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-# Tests run on 2 cores; more threads only thrash.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One torch thread: on a shared 2-core machine more collapse (docs/security.md#threads), and the
+# CLI's own default (half the cores) is one here too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
