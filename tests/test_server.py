@@ -4,6 +4,7 @@ and fuzzing that never produces a 5xx."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 
 import numpy as np
@@ -213,73 +214,22 @@ def test_idle_connections_are_closed(loaded):
     """A client that connects and sends nothing is dropped after the idle timeout, so idle
     sockets cannot exhaust the server's file descriptors (uvicorn alone keeps them for ever)."""
     import socket
-    import threading
     import time
 
-    import uvicorn
-
-    from guard.server import ServerLimits, _protocol, create_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    limits = ServerLimits(idle_timeout_s=0.5)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(loaded, limits),
-            host="127.0.0.1",
-            port=port,
-            log_level="error",
-            http=_protocol(limits.idle_timeout_s),
-            timeout_keep_alive=1,
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with _live_server(loaded, 0.5) as port:
         idle = socket.create_connection(("127.0.0.1", port))
         idle.settimeout(10)
         t0 = time.monotonic()
         assert idle.recv(1) == b""  # closed by the server
         assert time.monotonic() - t0 < 5
         idle.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_a_client_that_trickles_its_headers_is_cut_off(loaded):
     import socket
-    import threading
     import time
 
-    import uvicorn
-
-    from guard.server import ServerLimits, _protocol, create_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    limits = ServerLimits(idle_timeout_s=0.6)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(loaded, limits),
-            host="127.0.0.1",
-            port=port,
-            log_level="error",
-            http=_protocol(limits.idle_timeout_s),
-            timeout_keep_alive=1,
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with _live_server(loaded, 0.6) as port:
         # a polite client is served, and may send a second request on the same connection
         with socket.create_connection(("127.0.0.1", port)) as polite:
             for _ in range(2):
@@ -303,9 +253,6 @@ def test_a_client_that_trickles_its_headers_is_cut_off(loaded):
         assert closed or slow.recv(1) == b""
         assert time.monotonic() - t0 < 3
         slow.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def _metric(text: str, name: str, **labels) -> float:
@@ -396,3 +343,39 @@ def test_each_request_leaves_one_access_log_line(loaded, caplog):
     ]
     assert set(lines[0]) == {"method", "path", "status", "images", "alarms", "latency_ms", "client"}
     assert lines[0]["latency_ms"] > 0 and "png" not in json.dumps(lines)
+
+
+@contextlib.contextmanager
+def _live_server(loaded, idle_timeout_s: float):
+    """The guard on a real uvicorn (with our protocol) on a free loopback port; yields the port."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from guard.server import ServerLimits, _protocol, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    limits = ServerLimits(idle_timeout_s=idle_timeout_s)
+    config = uvicorn.Config(
+        create_app(loaded, limits),
+        host="127.0.0.1",
+        port=port,
+        log_level="error",
+        http=_protocol(limits.idle_timeout_s),
+        timeout_keep_alive=1,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
