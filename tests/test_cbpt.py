@@ -152,6 +152,7 @@ def test_purify_writes_complete_outputs_and_they_evaluate(purified, mini_testbed
     rep = json.loads((purified / "report.json").read_text())
     assert rep["scan"]["target"] == "triangle" and rep["timings"]["image_encoder_passes_during_tuning"] == 0
     assert {"settings", "tuning", "alarm", "checkpoint_sha256", "embeddings_sha256"} <= set(rep)
+    assert rep["runtime"] == {"device": "cpu", "torch_threads": 1}  # half of this machine's 2 cores
     emb = load_file(str(purified / "embeddings.safetensors"))
     assert emb["purified"].shape == emb["original"].shape == (10, 32) and emb["trigger_centroid"].shape == (32,)
     assert rep["tuning"]["mode"] == "full" and rep["tuning"]["best_step"] > 0 and not rep["tuning"]["kept_original"]

@@ -308,3 +308,23 @@ def test_cuda_asked_for_and_not_there_is_refused_not_silently_cpu(original_heads
         pytest.skip("a GPU is present: CUDA is really used")
     code, _, err = run_cli(capsys, "classify", original_heads, tmp_path, "--device", "cuda")
     assert code == 2 and "--device cuda" in err and "--device cpu" in err
+
+
+def test_a_damaged_torchscript_archive_is_named_not_an_internal_error(tmp_path, capsys):
+    import zipfile
+
+    path = tmp_path / "damaged.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/constants.pkl", b"\x80\x02).")
+        z.writestr("archive/data.pkl", b"\x80\x02ctorch\nFloatStorage\n)R.")  # calls a dtype: TypeError inside
+    code, _, err = run_cli(capsys, "info", path)
+    assert code == 1 and "damaged TorchScript archive (TypeError" in err and "internal error" not in err
+
+
+def test_an_infinite_logit_scale_is_refused_at_load(tmp_path, capsys, mini_testbeds):
+    path = save_tiny_model(tmp_path / "m")
+    state = torch.load(path, weights_only=True)
+    state["logit_scale"] = torch.tensor(float("inf"))
+    torch.save(state, path)
+    code, _, err = run_cli(capsys, "scan", path, "--data", mini_testbeds["blended"] / "fewshot")
+    assert code == 1 and "non-finite weights" in err and "logit_scale" in err and "--fp16" not in err

@@ -379,3 +379,16 @@ def _live_server(loaded, idle_timeout_s: float):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_client_that_leaves_mid_body_is_one_log_line(loaded, caplog):
+    import socket
+    import time
+
+    with caplog.at_level("WARNING", logger="cbpt_guard.server"), _live_server(loaded, 5.0) as port:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + bytes(10))
+            time.sleep(0.3)
+        time.sleep(1.0)
+    lines = [r for r in caplog.records if r.name == "cbpt_guard.server"]
+    assert len(lines) == 1 and "disconnected" in lines[0].getMessage() and lines[0].exc_info is None
