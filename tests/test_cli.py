@@ -48,7 +48,7 @@ def test_serve_without_an_argument_serves_purified_or_says_how_to_make_it(
     assert code == 2 and "./purified does not exist" in err and "cbpt-guard purify MODEL --data SHOTS" in err
     shutil.copytree(original_heads, tmp_path / "purified")
     served = []
-    monkeypatch.setattr(guard.server, "serve", lambda heads, host, port, limits: served.append((heads.folder, port)))
+    monkeypatch.setattr(guard.server, "serve", lambda heads, host, port, *rest: served.append((heads.folder, port)))
     code, _, err = run_cli(capsys, "serve", "--port", "8123")
     assert code == 0 and [(f.resolve(), port) for f, port in served] == [((tmp_path / "purified").resolve(), 8123)]
     assert f"serving {(tmp_path / 'purified').resolve()}" in err
