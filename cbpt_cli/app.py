@@ -67,7 +67,8 @@ def _api_key(path: Path | None) -> str | None:
         return os.environ.get("CBPT_GUARD_API_KEY") or None
     if not path.is_file():
         raise UsageError(f"API key file not found: {path}", "pass a file holding the key")
-    key = path.read_text(encoding="utf-8").strip().splitlines()[0].strip() if path.read_text().strip() else ""
+    lines = path.read_text(encoding="utf-8").strip().splitlines()
+    key = lines[0].strip() if lines else ""
     if len(key) < 16:
         raise UsageError(f"the API key in {path} is shorter than 16 characters", "use a long random key")
     return key

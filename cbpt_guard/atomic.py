@@ -157,7 +157,8 @@ def staged_entries(repo: str | Path, kind: str, owned: Iterable[str], overwrite:
     a namesake cbpt-guard did not write is refused unless `overwrite`."""
     repo = Path(repo)
     owned = list(owned)
-    check_target(repo / "x", option="--triton")  # only refuses a file in the way
+    if repo.exists() and not repo.is_dir():
+        raise UsageError(f"--triton {repo} is a file, not a folder", "pass a folder path to --triton")
     clash = foreign_entries(repo, owned)
     if clash and not overwrite:
         raise UsageError(

@@ -19,6 +19,10 @@ class TruncatedImage(ValueError):
     pass
 
 
+class TooManyPixels(ValueError):
+    pass
+
+
 def _png_shortfall(data: bytes) -> int:
     """Bytes of pixel data a non-interlaced PNG promises in its header but does not hold
     (0 for a complete one, or one this check cannot judge). Pillow decodes such a file as if
@@ -69,10 +73,10 @@ def decode(data: bytes | str | Path, max_pixels: int | None = None) -> Image.Ima
     try:
         img = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError as e:  # Pillow's own bound, far above ours
-        raise ValueError(f"image has more pixels than the limit ({e})") from None
+        raise TooManyPixels(f"image has more pixels than the limit ({e})") from None
     with img:
         if max_pixels is not None and img.width * img.height > max_pixels:
-            raise ValueError(f"image has {img.width}x{img.height} pixels, more than the limit of {max_pixels}")
+            raise TooManyPixels(f"image has {img.width}x{img.height} pixels, more than the limit of {max_pixels}")
         missing = _png_shortfall(bytes(raw)) if img.format == "PNG" else 0
         if missing:
             raise TruncatedImage(f"truncated image: {missing} bytes of its pixel data are missing")

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from cbpt_guard.images import TruncatedImage, decode
+from cbpt_guard.images import TooManyPixels, TruncatedImage, decode
 from guard.classify import make_record
 from guard.heads import Heads
 from guard.preprocess import preprocess
@@ -219,17 +219,15 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits(), access: Acce
 
     app = FastAPI(title="cbpt-guard", version=heads.manifest.get("tool", ""), lifespan=lifespan)
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     @app.middleware("http")
     async def _guard_and_account(request: Request, call_next):
         start = time.perf_counter()
         path = request.url.path
         if path not in OPEN_PATHS and not access.allows(request.headers.get("authorization")):
-            response = JSONResponse(
-                {"error": "missing or wrong API key"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-            )
+            response = error(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
         else:
             response = await call_next(request)
         images, alarms = getattr(request.state, "images", 0), getattr(request.state, "alarms", 0)
@@ -244,7 +242,7 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits(), access: Acce
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request, exc):  # 404, 405, ...: the same error body as every other refusal
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        return error(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request, exc):
@@ -335,10 +333,8 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits(), access: Acce
             img = decode(data, limits.max_pixels)
         except TruncatedImage as e:
             raise ClientError(415, f"{name}: {e}") from None
-        except ValueError as e:
-            if "more pixels than the limit" in str(e) or "more than the limit" in str(e):
-                raise ClientError(413, f"{name}: {e}") from None
-            raise ClientError(415, f"{name}: not a decodable image") from None
+        except TooManyPixels as e:
+            raise ClientError(413, f"{name}: {e}") from None
         except Exception:  # Pillow raises many types on hostile data
             raise ClientError(415, f"{name}: not a decodable image") from None
         try:
@@ -367,11 +363,7 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits(), access: Acce
         except ClientError as e:
             return error(e.status, str(e))
         except Overloaded:
-            return JSONResponse(
-                {"error": "server overloaded: the queue is full; retry shortly"},
-                status_code=503,
-                headers={"Retry-After": "1"},
-            )
+            return error(503, "server overloaded: the queue is full; retry shortly", {"Retry-After": "1"})
         except ClientDisconnect:  # the client left mid-body: one line, not a traceback
             log.warning("client %s disconnected before its request was read", request.client)
             return error(400, "client disconnected")

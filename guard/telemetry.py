@@ -24,13 +24,17 @@ class AlarmWindow:
         self.seconds = seconds
         self.events: deque[tuple[float, bool]] = deque()
 
+    def _prune(self, now: float) -> None:
+        while self.events and self.events[0][0] < now - self.seconds:
+            self.events.popleft()
+
     def add(self, alarm: bool, now: float | None = None) -> None:
-        self.events.append((time.monotonic() if now is None else now, alarm))
+        now = time.monotonic() if now is None else now
+        self.events.append((now, alarm))
+        self._prune(now)  # bounded by the window whether or not /metrics is scraped
 
     def rate(self, now: float | None = None) -> float:
-        cutoff = (time.monotonic() if now is None else now) - self.seconds
-        while self.events and self.events[0][0] < cutoff:
-            self.events.popleft()
+        self._prune(time.monotonic() if now is None else now)
         return sum(a for _, a in self.events) / len(self.events) if self.events else 0.0
 
 
