@@ -17,6 +17,8 @@ import typer
 from cbpt_guard import __version__
 from cbpt_guard.artifacts import CLASSIFIER, EMBEDDINGS, TRIGGER_PNG, int8_name, is_fp16, is_int8
 from cbpt_guard.errors import UsageError, UserError
+from guard.batch import Engine
+from guard.results import ROWS_PER_PART
 from testbed.datasets import DATASETS
 from testbed.triggers import ATTACKS
 
@@ -430,55 +432,72 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intr
 @app.command()
 def classify(
     heads: Annotated[Path, typer.Argument(help="An exported heads folder.")],
-    paths: Annotated[list[Path], typer.Argument(help="Image files and folders (searched recursively).")],
+    paths: Annotated[
+        list[str], typer.Argument(help="Image files and folders (searched recursively), or URIs (s3://...).")
+    ],
     out: Annotated[
-        Optional[Path], typer.Option(help="Output file: .jsonl (JSON lines) or .csv; stdout if omitted.")
+        Optional[Path],
+        typer.Option(help="Output: .jsonl (JSON lines), .csv, or .parquet (a folder of parts); stdout if omitted."),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = 32,
     top_k: Annotated[
         Optional[int], typer.Option(min=1, help="Keep the K most likely classes instead of all probabilities.")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip paths already in --out and append.")] = False,
+    engine: Annotated[
+        Engine, typer.Option(help="local: this process; ray: Ray Data over a cluster (the distributed extra).")
+    ] = Engine.LOCAL,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(min=0, help="Local engine: threads decoding ahead of the model (default: cores / 4)."),
+    ] = None,
+    address: Annotated[
+        Optional[str], typer.Option(help="Ray engine: the cluster to join (auto, or HOST:PORT); default: a local one.")
+    ] = None,
+    actors: Annotated[int, typer.Option(min=1, help="Ray engine: model replicas.")] = 1,
+    actor_cpus: Annotated[
+        float, typer.Option(min=0.1, help="Ray engine: CPUs (onnxruntime threads) per replica.")
+    ] = 1.0,
+    rows_per_part: Annotated[int, typer.Option(min=1, help="Parquet output: rows per part file.")] = ROWS_PER_PART,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     int8: Int8RunOpt = False,
     fp16: HalfOpt = False,
 ) -> None:
     """Classify image files and folders offline, in batches, with the runtime guard."""
-    from guard.classify import RecordWriter, check_output_file, classify_paths, done_paths, iter_images, same_path_key
-    from guard.heads import load_heads
-
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}", "pass --batch-size 32")
-    if resume and out is None:
-        raise UsageError("--resume needs --out FILE", "pass the output file of the interrupted run")
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise UsageError(f"not found: {', '.join(missing[:3])}", "check the paths")
-    if out is not None:
-        check_output_file(out, paths)
-    loaded = load_heads(heads, device=device, threads=threads, fp16=fp16, int8=int8)
-    done = done_paths(out) if resume and out is not None else set()
-    found = list(iter_images(paths))
-    files = [p for p in found if same_path_key(p) not in done]
-    skipped = len(found) - len(files)
     from rich.console import Console
     from rich.progress import Progress
 
-    writer = RecordWriter(out, append=resume)
-    n_err = 0
-    try:
-        with Progress(console=Console(stderr=True), transient=out is None) as progress:
-            task = progress.add_task("classify", total=len(files))
-            for rec in classify_paths(loaded, files, batch_size=batch_size, top_k=top_k):
-                writer.write(rec)
-                n_err += "error" in rec
-                progress.advance(task)
-    finally:
-        writer.close()
+    from guard.batch import BatchJob, Graph, run_batch
+    from guard.loading import default_workers
+
+    job = BatchJob(
+        heads=heads,
+        inputs=[str(p) for p in paths],
+        out=out,
+        resume=resume,
+        batch_size=batch_size,
+        top_k=top_k,
+        graph=Graph(device=device, threads=threads, int8=int8, fp16=fp16),
+        engine=engine,
+        workers=default_workers() if workers is None else workers,
+        address=address,
+        actors=actors,
+        actor_cpus=actor_cpus,
+        rows_per_part=rows_per_part,
+    )
+    job.check()  # bad options are refused before a progress bar appears
+    with Progress(console=Console(stderr=True), transient=out is None) as progress:
+        task = progress.add_task("classify", total=None)
+        summary = run_batch(
+            job,
+            started=lambda total: progress.update(task, total=total),
+            advance=lambda n: progress.advance(task, n),
+        )
     if out is not None:
         typer.echo(
-            f"classified {len(files) - n_err} image(s), {n_err} unreadable, {skipped} skipped (already done) -> {out}",
+            f"classified {summary.classified} image(s), {summary.unreadable} unreadable, "
+            f"{summary.skipped} skipped (already done) -> {out}",
             err=True,
         )
 

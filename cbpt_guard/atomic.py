@@ -104,8 +104,13 @@ def _new_sibling(target: Path, suffix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=f".{suffix}", dir=target.parent))
 
 
+def mark_folder(folder: Path, kind: str) -> None:
+    """Say that cbpt-guard wrote `folder` (and may replace it)."""
+    (folder / MARKER).write_text(json.dumps({"tool": TOOL, "kind": kind}) + "\n")
+
+
 def _publish(stage: Path, kind: str) -> None:
-    (stage / MARKER).write_text(json.dumps({"tool": TOOL, "kind": kind}) + "\n")
+    mark_folder(stage, kind)
     mask = _umask()  # mkdtemp's 0700 would hide the folder from other users (a Triton server, a service account)
     for p in [stage, *stage.rglob("*")]:
         if p.is_dir():

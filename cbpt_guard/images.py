@@ -9,7 +9,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # PNG colour type -> channels (docs: PNG spec, IHDR)
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
@@ -20,6 +20,10 @@ class TruncatedImage(ValueError):
 
 
 class TooManyPixels(ValueError):
+    pass
+
+
+class NotAnImage(ValueError):
     pass
 
 
@@ -74,6 +78,8 @@ def decode(data: bytes | str | Path, max_pixels: int | None = None) -> Image.Ima
         img = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError as e:  # Pillow's own bound, far above ours
         raise TooManyPixels(f"image has more pixels than the limit ({e})") from None
+    except UnidentifiedImageError:  # Pillow's message names a memory address, not the file
+        raise NotAnImage("not an image file Pillow can read (unknown format, or corrupt header)") from None
     with img:
         if max_pixels is not None and img.width * img.height > max_pixels:
             raise TooManyPixels(f"image has {img.width}x{img.height} pixels, more than the limit of {max_pixels}")

@@ -21,6 +21,19 @@ ALLOWED = {
 # The base install (the guard) has none of the purify extra: these never load in its layers.
 PURIFY_ONLY = {"torch", "torchvision", "open_clip", "onnx", "safetensors", "sklearn", "matplotlib"}
 TORCH_FREE = {"cbpt_guard", "guard"}
+# The distributed extra: loaded only inside the functions that need it, so the base install
+# (and every command but `classify --engine ray` and Parquet output) starts without it.
+DISTRIBUTED_ONLY = {"ray", "pyarrow"}
+
+
+def _module_level_imports(path: Path) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name.split(".")[0]) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.append((node.lineno, node.module.split(".")[0]))
+    return out
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
@@ -43,6 +56,11 @@ def violations(root: Path) -> list[str]:
                     found.append(f"{where} imports {top}, against the layers")
                 if package in TORCH_FREE and top in PURIFY_ONLY:
                     found.append(f"{where} imports {top}, which the base install does not have")
+            for line, top in _module_level_imports(path):
+                if top in DISTRIBUTED_ONLY:
+                    found.append(
+                        f"{path.relative_to(root)}:{line} imports {top} at load time, outside the base install"
+                    )
     return found
 
 
@@ -56,8 +74,10 @@ def test_the_layer_check_fails_on_a_forbidden_import(tmp_path):
     (tmp_path / "guard" / "extra.py").write_text("def f():\n    import torch\n    from cbpt.model import load_clip\n")
     (tmp_path / "cbpt" / "extra.py").write_text("from export.package import read_source\n")
     (tmp_path / "cbpt_guard" / "extra.py").write_text("import cbpt_cli.app\n")
+    (tmp_path / "cbpt_cli" / "extra.py").write_text("import ray\n\n\ndef f():\n    import pyarrow\n")
     assert sorted(violations(tmp_path)) == [
         "cbpt/extra.py:1 imports export, against the layers",
+        "cbpt_cli/extra.py:1 imports ray at load time, outside the base install",
         "cbpt_guard/extra.py:1 imports cbpt_cli, against the layers",
         "guard/extra.py:2 imports torch, which the base install does not have",
         "guard/extra.py:3 imports cbpt, against the layers",

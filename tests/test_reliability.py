@@ -35,7 +35,7 @@ def test_classify_never_writes_over_an_input(original_heads, tmp_path, capsys, m
     victim = folder / src[0].name
     before = victim.read_bytes()
     code, _, err = run_cli(capsys, "classify", original_heads, folder, "--out", victim)
-    assert code == 2 and "must end in .jsonl or .csv" in err
+    assert code == 2 and "must end in .jsonl, .csv or .parquet" in err
     listed = tmp_path / "list.jsonl"
     listed.write_text("")
     code, _, err = run_cli(capsys, "classify", original_heads, folder, listed, "--out", listed)
