@@ -18,6 +18,7 @@ from cbpt_guard import __version__
 from cbpt_guard.artifacts import CLASSIFIER, EMBEDDINGS, TRIGGER_PNG, int8_name, is_fp16, is_int8
 from cbpt_guard.errors import UsageError, UserError
 from guard.batch import Engine
+from guard.classify import OnAlarm
 from guard.results import ROWS_PER_PART
 from testbed.datasets import DATASETS
 from testbed.triggers import ATTACKS
@@ -426,6 +427,13 @@ Int8RunOpt = Annotated[bool, typer.Option("--int8", help="Run classifier_int8.on
 HalfOpt = Annotated[
     bool, typer.Option("--fp16", help="Run classifier_fp16.onnx (exported with --fp16); meant for GPUs.")
 ]
+OnAlarmOpt = Annotated[
+    OnAlarm,
+    typer.Option(
+        help="An image that raises the trigger alarm: flag it (answer as usual), reject it (an error; "
+        "the server answers 422) or abstain (answer without a label)."
+    ),
+]
 ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads (default: all cores).")]
 
 
@@ -459,6 +467,7 @@ def classify(
         float, typer.Option(min=0.1, help="Ray engine: CPUs (onnxruntime threads) per replica.")
     ] = 1.0,
     rows_per_part: Annotated[int, typer.Option(min=1, help="Parquet output: rows per part file.")] = ROWS_PER_PART,
+    on_alarm: OnAlarmOpt = OnAlarm.FLAG,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     int8: Int8RunOpt = False,
@@ -485,6 +494,7 @@ def classify(
         actors=actors,
         actor_cpus=actor_cpus,
         rows_per_part=rows_per_part,
+        on_alarm=on_alarm,
     )
     job.check()  # bad options are refused before a progress bar appears
     with Progress(console=Console(stderr=True), transient=out is None) as progress:
@@ -497,7 +507,7 @@ def classify(
     if out is not None:
         typer.echo(
             f"classified {summary.classified} image(s), {summary.unreadable} unreadable, "
-            f"{summary.skipped} skipped (already done) -> {out}",
+            f"{summary.skipped} skipped (already done), {summary.alarms} raised the trigger alarm -> {out}",
             err=True,
         )
 
@@ -528,8 +538,10 @@ def serve(
     threads: ThreadsOpt = None,
     int8: Int8RunOpt = False,
     fp16: HalfOpt = False,
+    on_alarm: OnAlarmOpt = OnAlarm.FLAG,
 ) -> None:
     """Serve the runtime guard over HTTP (POST /v1/classify, GET /v1/model, GET /healthz)."""
+    from guard.classify import check_on_alarm
     from guard.heads import load_heads
     from guard.server import Access, ServerLimits
     from guard.server import serve as run_server
@@ -543,6 +555,7 @@ def serve(
             )
     access = Access(_api_key(api_key_file))
     loaded = load_heads(heads, device=device, threads=threads, fp16=fp16, int8=int8)
+    check_on_alarm(loaded, on_alarm)
     if access.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(
             f"warning: serving on {host} with no API key: anyone who can reach it can use it (pass --api-key-file)",
@@ -550,7 +563,7 @@ def serve(
         )
     typer.echo(
         f"serving {heads.resolve()} ({len(loaded.classes)} classes, {loaded.graph}, {', '.join(loaded.providers)}) "
-        f"on http://{host}:{port}",
+        f"on http://{host}:{port}; trigger alarms: {on_alarm.value}",
         err=True,
     )
     if min(max_batch, max_queue, max_body, max_pixels, max_connections) < 1 or idle_timeout <= 0:
@@ -564,7 +577,7 @@ def serve(
         idle_timeout_s=idle_timeout,
         max_connections=max_connections,
     )
-    run_server(loaded, host, port, limits, access, root_path)
+    run_server(loaded, host, port, limits, access, root_path, on_alarm)
 
 
 @testbed_app.command("build")

@@ -9,6 +9,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from cbpt_guard.errors import UsageError
+from guard.classify import OnAlarm, check_on_alarm, is_unreadable
 from guard.loading import is_uri, list_images
 from guard.results import ROWS_PER_PART, TableShape, check_output, done_paths, open_sink, same_path_key
 
@@ -43,6 +44,7 @@ class BatchJob:
     actors: int = 1
     actor_cpus: float = 1.0
     rows_per_part: int = ROWS_PER_PART
+    on_alarm: OnAlarm = OnAlarm.FLAG
 
     def check(self) -> None:
         """Refuse bad options before loading anything or touching the output."""
@@ -63,9 +65,10 @@ class BatchJob:
 
 @dataclass(frozen=True)
 class BatchSummary:
-    classified: int
+    classified: int  # images the model answered for (alarmed ones included)
     unreadable: int
-    skipped: int
+    skipped: int  # already in a resumed output
+    alarms: int = 0  # images that raised the trigger alarm
     ray_startup_s: float | None = None
 
 
@@ -76,33 +79,36 @@ def run_batch(job: BatchJob, started: Callable[[int], None], advance: Callable[[
     job.check()
     if job.engine is Engine.LOCAL:
         local = load_heads(job.heads, **vars(job.graph))
+        check_on_alarm(local, job.on_alarm)
         shape = TableShape(tuple(local.classes), job.top_k, local.manifest.get("embeddings_sha256"))
     else:
         from guard.distributed import HeadsBundle, require_ray
 
         require_ray()
         local, bundle = None, HeadsBundle.read(job.heads)
+        bundle.check_on_alarm(job.on_alarm)
         shape = bundle.shape(job.top_k)
     done = done_paths(job.out) if job.resume and job.out is not None else set()
     found = list(list_images(job.inputs))
     todo = [p for p in found if same_path_key(p) not in done]
     started(len(todo))
     sink = open_sink(job.out, job.resume, shape, job.rows_per_part)
-    errors, startup = 0, None
+    errors, alarms, startup = 0, 0, None
     try:
         if local is not None:
             from guard.classify import classify_paths
 
-            for rec in classify_paths(local, todo, job.batch_size, job.top_k, job.workers):
+            for rec in classify_paths(local, todo, job.batch_size, job.top_k, job.workers, job.on_alarm):
                 sink.write(rec)
-                errors += "error" in rec
+                errors += is_unreadable(rec)
+                alarms += bool(rec.get("trigger_alarm"))
                 advance(1)
         else:
             run = _run_ray(job, bundle, todo, sink.write_table, advance)
-            errors, startup = run.errors, run.startup_s
+            errors, alarms, startup = run.errors, run.alarms, run.startup_s
     finally:
         sink.close()
-    return BatchSummary(len(todo) - errors, errors, len(found) - len(todo), startup)
+    return BatchSummary(len(todo) - errors, errors, len(found) - len(todo), alarms, startup)
 
 
 def _run_ray(job: BatchJob, bundle, todo: list[str], write, advance):
@@ -126,5 +132,6 @@ def _run_ray(job: BatchJob, bundle, todo: list[str], write, advance):
         device=device,
         int8=g.int8,
         fp16=g.fp16,
+        on_alarm=job.on_alarm,
         progress=advance,
     )

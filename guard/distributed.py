@@ -28,7 +28,7 @@ import numpy as np
 
 from cbpt_guard.artifacts import MANIFEST, PREPROCESS
 from cbpt_guard.errors import UsageError
-from guard.classify import make_record
+from guard.classify import OnAlarm, make_record
 from guard.heads import load_heads, verify
 from guard.loading import load_image
 from guard.preprocess import PreprocessSpec
@@ -73,6 +73,16 @@ class HeadsBundle:
     def shape(self, top_k: int | None) -> TableShape:
         m = self.manifest
         return TableShape(tuple(m["classes"]), top_k, m.get("embeddings_sha256"))
+
+    def check_on_alarm(self, on_alarm: OnAlarm) -> None:
+        m = self.manifest
+        if on_alarm is not OnAlarm.FLAG and not (
+            m.get("trigger_score") and m.get("trigger_alarm_threshold") is not None
+        ):
+            raise UsageError(
+                f"--on-alarm {on_alarm.value}: these heads have no trigger score or alarm threshold",
+                "use heads written by `cbpt-guard purify` on a backdoored model, or --on-alarm flag",
+            )
 
     def unpack(self) -> Path:
         folder = Path(tempfile.mkdtemp(prefix="cbpt-guard-heads-"))
@@ -134,12 +144,22 @@ class GuardPredictor:
     pixels -> result rows (an Arrow table in the schema of `guard.results`), run through the
     model `batch_size` images a call."""
 
-    def __init__(self, bundle, top_k: int | None, threads: int, device: str, int8: bool, fp16: bool, batch_size: int):
+    def __init__(
+        self,
+        bundle,
+        top_k: int | None,
+        threads: int,
+        device: str,
+        int8: bool,
+        fp16: bool,
+        batch_size: int,
+        on_alarm: str = OnAlarm.FLAG.value,
+    ):
         import ray
 
         bundle = ray.get(bundle) if isinstance(bundle, ray.ObjectRef) else bundle
         self.heads = load_heads(bundle.unpack(), device=device, threads=threads, fp16=fp16, int8=int8)
-        self.top_k, self.batch_size = top_k, batch_size
+        self.top_k, self.batch_size, self.on_alarm = top_k, batch_size, OnAlarm(on_alarm)
         self.shape = bundle.shape(top_k)
 
     def __call__(self, batch: dict[str, np.ndarray]):
@@ -150,7 +170,7 @@ class GuardPredictor:
             rows = ok[start : start + self.batch_size]
             out = self.heads.run(np.ascontiguousarray(batch["pixels"][rows]))
             for j, i in enumerate(rows):
-                records[i] = make_record(self.heads, paths[i], out, j, self.top_k)
+                records[i] = make_record(self.heads, paths[i], out, j, self.top_k, self.on_alarm)
         return records_table(records, self.shape)
 
 
@@ -166,6 +186,7 @@ def classify_dataset(
     device: str = "cpu",
     int8: bool = False,
     fp16: bool = False,
+    on_alarm: OnAlarm = OnAlarm.FLAG,
 ):
     """A Ray Dataset of images -> a Ray Dataset of results, one row per image (path, label,
     index, top_k or probs, trigger_score, trigger_alarm, error). `ds` needs a `path` column
@@ -176,10 +197,13 @@ def classify_dataset(
     if ray.is_initialized():
         sizing = sizing.fitted(ray.cluster_resources().get("CPU", 0.0))
     bundle = heads if isinstance(heads, HeadsBundle) else HeadsBundle.read(heads)
-    return _classify(ds, bundle, sizing, top_k, device, int8, fp16)
+    bundle.check_on_alarm(OnAlarm(on_alarm))
+    return _classify(ds, bundle, sizing, top_k, device, int8, fp16, OnAlarm(on_alarm))
 
 
-def _classify(ds, bundle: HeadsBundle, sizing: RaySizing, top_k, device: str, int8: bool, fp16: bool):
+def _classify(
+    ds, bundle: HeadsBundle, sizing: RaySizing, top_k, device: str, int8: bool, fp16: bool, on_alarm: OnAlarm
+):
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -203,6 +227,7 @@ def _classify(ds, bundle: HeadsBundle, sizing: RaySizing, top_k, device: str, in
             "int8": int8,
             "fp16": fp16,
             "batch_size": sizing.batch_size,
+            "on_alarm": on_alarm.value,
         },
         batch_size=sizing.rows_per_task,
         compute=ActorPoolStrategy(size=sizing.actors),
@@ -213,10 +238,12 @@ def _classify(ds, bundle: HeadsBundle, sizing: RaySizing, top_k, device: str, in
 
 @dataclass(frozen=True)
 class RayRun:
-    """What `run_on_ray` did: rows written, and the seconds Ray took to start."""
+    """What `run_on_ray` did: rows written, unreadable images, alarms, and the seconds Ray took
+    to start."""
 
     written: int
     errors: int
+    alarms: int
     startup_s: float
 
 
@@ -231,6 +258,7 @@ def run_on_ray(
     device: str = "cpu",
     int8: bool = False,
     fp16: bool = False,
+    on_alarm: OnAlarm = OnAlarm.FLAG,
     progress: Callable[[int], None] = lambda n: None,
 ) -> RayRun:
     """Classify `paths` on a Ray cluster (`address`; a local one started here and stopped after
@@ -240,7 +268,7 @@ def run_on_ray(
 
     bundle = heads if isinstance(heads, HeadsBundle) else HeadsBundle.read(heads)  # bad heads: refused first
     if not paths:
-        return RayRun(0, 0, 0.0)
+        return RayRun(0, 0, 0, 0.0)
     ray = require_ray()
     t0 = time.perf_counter()
     started = not ray.is_initialized()
@@ -252,7 +280,7 @@ def run_on_ray(
         ctx.enable_progress_bars = False
         ctx.enable_auto_log_stats = False
         ds = ray.data.from_arrow(_path_blocks(paths, sizing.rows_per_task))
-        results = _classify(ds, bundle, sizing, top_k, device, int8, fp16)
+        results = _classify(ds, bundle, sizing, top_k, device, int8, fp16, on_alarm)
         startup = time.perf_counter() - t0
         return _drain(results, write, progress, startup)
     finally:
@@ -267,15 +295,19 @@ def _path_blocks(paths: list[str], rows: int) -> list:
 
 
 def _drain(results, write, progress, startup: float) -> RayRun:
+    import pyarrow.compute as pc
+
     seen: set[str] = set()
-    errors = 0
+    errors = alarms = 0
     for table in results.iter_batches(batch_format="pyarrow", batch_size=None):
         fresh = _unseen(table, seen)
         if fresh.num_rows:
             write(fresh)
-            errors += fresh.num_rows - fresh["error"].null_count
+            alarmed = pc.fill_null(fresh["trigger_alarm"], False)
+            errors += pc.sum(pc.and_(pc.is_valid(fresh["error"]), pc.invert(alarmed))).as_py() or 0
+            alarms += pc.sum(alarmed).as_py() or 0
             progress(fresh.num_rows)
-    return RayRun(len(seen), errors, startup)
+    return RayRun(len(seen), errors, alarms, startup)
 
 
 def _unseen(table, seen: set[str]):

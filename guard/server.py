@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cbpt_guard.images import TooManyPixels, TruncatedImage, decode
-from guard.classify import make_record
+from guard.classify import OnAlarm, make_record
 from guard.heads import Heads
 from guard.preprocess import preprocess
 from guard.telemetry import Metrics, log_access
@@ -58,8 +58,10 @@ class TopK(BaseModel):
 class Result(BaseModel):
     """One image's answer."""
 
-    label: str = Field(description="The most likely class.")
-    index: int = Field(description="Its index in /v1/model's classes.")
+    label: str | None = Field(
+        None, description="The most likely class; absent when the server abstains on a trigger alarm."
+    )
+    index: int | None = Field(None, description="Its index in /v1/model's classes.")
     probs: dict[str, float] | None = Field(None, description="Every class's probability (without top_k).")
     top_k: list[TopK] | None = Field(None, description="The K most likely classes (with top_k).")
     trigger_score: float | None = Field(
@@ -76,6 +78,15 @@ class ClassifyResponse(BaseModel):
 
 class ErrorBody(BaseModel):
     error: str = Field(description="What was wrong with the request, or why it could not be served.")
+
+
+class Alarm(BaseModel):
+    image: str = Field(description="The image's name: its multipart file name, or 'image' for a raw body.")
+    trigger_score: float
+
+
+class RejectedBody(ErrorBody):
+    alarms: list[Alarm] = Field(description="The images whose trigger score raised the alarm.")
 
 
 # The body is read as a stream (to enforce the size limit before buffering it all), so FastAPI
@@ -108,7 +119,11 @@ ERRORS = {
     408: {"model": ErrorBody, "description": "The body arrived too slowly."},
     413: {"model": ErrorBody, "description": "Body, image or image count over the server's limits."},
     415: {"model": ErrorBody, "description": "Not a decodable image."},
-    422: {"model": ErrorBody, "description": "Bad query parameter (top_k)."},
+    422: {
+        "model": RejectedBody,
+        "description": "Bad query parameter (top_k); or, with --on-alarm reject, an image raised the trigger alarm "
+        "(the body lists them in `alarms`).",
+    },
     503: {"model": ErrorBody, "description": "Queue full or model failure: retry shortly."},
 }
 
@@ -205,7 +220,10 @@ OPEN_PATHS = frozenset({"/healthz"})
 KNOWN_PATHS = frozenset({"/healthz", "/v1/classify", "/v1/model", "/metrics", "/openapi.json", "/docs"})
 
 
-def create_app(heads: Heads, limits: ServerLimits = ServerLimits(), access: Access = Access()):
+def create_app(
+    heads: Heads, limits: ServerLimits = ServerLimits(), access: Access = Access(), on_alarm: OnAlarm = OnAlarm.FLAG
+):
+    on_alarm = OnAlarm(on_alarm)
     from contextlib import asynccontextmanager
 
     metrics = Metrics(queue_depth=lambda: batcher.queue.qsize() if batcher.queue is not None else 0)
@@ -368,14 +386,20 @@ def create_app(heads: Heads, limits: ServerLimits = ServerLimits(), access: Acce
             log.warning("client %s disconnected before its request was read", request.client)
             return error(400, "client disconnected")
         k = min(top_k, len(heads.classes)) if top_k else None
-        results = []
-        for (name, _), out in zip(files, outs):
-            rec = make_record(heads, name, out, 0, k)
-            rec.pop("path")
-            results.append(rec)
-            metrics.classified(rec["label"], rec.get("trigger_alarm"))
+        results = [make_record(heads, name, out, 0, k, on_alarm) for (name, _), out in zip(files, outs)]
+        for rec in results:
+            metrics.classified(rec.get("label"), rec.get("trigger_alarm"))
         request.state.images = len(results)
         request.state.alarms = sum(bool(r.get("trigger_alarm")) for r in results)
+        rejected = [r for r in results if r.get("trigger_alarm") and "error" in r]
+        if rejected:  # --on-alarm reject: the whole request, naming each image that raised it
+            body = {
+                "error": f"{len(rejected)} image(s) raised the trigger alarm; rejected ({rejected[0]['error']})",
+                "alarms": [{"image": r["path"], "trigger_score": r["trigger_score"]} for r in rejected],
+            }
+            return JSONResponse(body, status_code=422)
+        for rec in results:
+            rec.pop("path")
         return {"results": results}
 
     app.state.batcher = batcher
@@ -417,7 +441,13 @@ def _protocol(idle_timeout_s: float):
 
 
 def serve(
-    heads: Heads, host: str, port: int, limits: ServerLimits, access: Access = Access(), root_path: str = ""
+    heads: Heads,
+    host: str,
+    port: int,
+    limits: ServerLimits,
+    access: Access = Access(),
+    root_path: str = "",
+    on_alarm: OnAlarm = OnAlarm.FLAG,
 ) -> None:
     import uvicorn
 
@@ -429,7 +459,7 @@ def serve(
         logger.setLevel(level)
         logger.propagate = False
     uvicorn.run(
-        create_app(heads, limits, access),
+        create_app(heads, limits, access, on_alarm),
         root_path=root_path,
         host=host,
         port=port,

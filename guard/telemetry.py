@@ -67,12 +67,16 @@ class Metrics:
             "cbpt_guard_batch_size", "Images per onnxruntime call", buckets=BATCH_BUCKETS, registry=r
         )
 
-    def classified(self, label: str, alarm: bool | None) -> None:
-        self.images.labels(label=label).inc()
+    def classified(self, label: str | None, alarm: bool | None) -> None:
+        """One image answered; label None when the alarm withheld it (--on-alarm reject/abstain)."""
+        self.images.labels(label=WITHHELD if label is None else label).inc()
         if alarm is not None:
             self.window.add(alarm)
             if alarm:
                 self.alarms.inc()
+
+
+WITHHELD = "(withheld)"  # the images_classified label of an image answered without a class
 
 
 def log_access(method: str, path: str, status: int, seconds: float, images: int, alarms: int, client: str) -> None:

@@ -209,3 +209,67 @@ def test_the_base_install_never_imports_torch_ray_or_pyarrow(purified, images, t
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture(scope="module")
+def triggered(mini_testbeds, tmp_path_factory):
+    """12 test images of the backdoored miniature carrying its trigger, and 12 clean ones (the
+    miniature's alarm, calibrated on few shots, flags a clean one now and then)."""
+    from PIL import Image
+
+    from testbed.triggers import Trigger
+
+    tb = mini_testbeds["blended"]
+    files = sorted((tb / "test").glob("*/*.png"))[:12]
+    clean = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    folder = tmp_path_factory.mktemp("alarm")
+    for i, (c, t) in enumerate(zip(clean, Trigger.load(tb / "trigger").apply(clean, seed=0))):
+        Image.fromarray(c).save(folder / f"clean-{i:02d}.png")
+        Image.fromarray(t).save(folder / f"trig-{i:02d}.png")
+    return folder
+
+
+def test_on_alarm_flags_rejects_or_abstains_in_classify(purified, triggered, tmp_path, capsys):
+    results = {}
+    for policy in ("flag", "reject", "abstain"):
+        out = tmp_path / f"{policy}.jsonl"
+        code, _, err = run_cli(capsys, "classify", purified, triggered, "--out", out, "--on-alarm", policy)
+        assert code == 0, err
+        results[policy] = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    flagged = {n for n, r in results["flag"].items() if r["trigger_alarm"]}
+    assert sum(n.startswith("trig") for n in flagged) >= 9 and sum(n.startswith("clean") for n in flagged) <= 3
+    assert f"0 unreadable, 0 skipped (already done), {len(flagged)} raised the trigger alarm" in err
+    for name, flag in results["flag"].items():
+        rejected, abstained = results["reject"][name], results["abstain"][name]
+        if name in flagged:
+            assert "label" not in rejected and rejected["error"].startswith("rejected: trigger alarm (trigger_score")
+            assert "label" not in abstained and "error" not in abstained and abstained["trigger_alarm"]
+        else:
+            assert rejected == abstained == flag
+
+
+def test_on_alarm_reject_answers_422_naming_the_images(purified, triggered, capsys):
+    from fastapi.testclient import TestClient
+
+    from guard.heads import load_heads
+    from guard.server import create_app
+
+    heads = load_heads(purified)
+    files = [("images", (p.name, p.read_bytes())) for p in sorted(triggered.glob("trig-*.png"))[:3]]
+    with TestClient(create_app(heads, on_alarm="reject")) as c:
+        r = c.post("/v1/classify", files=files)
+        assert r.status_code == 422
+        body = r.json()
+        assert "raised the trigger alarm; rejected" in body["error"]
+        assert {a["image"] for a in body["alarms"]} <= {f[1][0] for f in files} and body["alarms"]
+        clean = (triggered / "clean-00.png").read_bytes()
+        assert c.post("/v1/classify", content=clean).status_code == 200
+    with TestClient(create_app(heads, on_alarm="abstain")) as c:
+        res = c.post("/v1/classify", files=files).json()["results"]
+        assert any("label" not in r and r["trigger_alarm"] for r in res)
+        assert 'label="(withheld)"' in c.get("/metrics").text
+
+
+def test_on_alarm_needs_heads_that_raise_alarms(original_heads, triggered, capsys):
+    code, _, err = run_cli(capsys, "classify", original_heads, triggered, "--on-alarm", "abstain")
+    assert code == 2 and "has no trigger score or alarm threshold" in err

@@ -98,8 +98,11 @@ def test_openapi_describes_the_classify_api(client):
     assert ok == "ClassifyResponse" and {"label", "index", "probs", "top_k", "trigger_score", "trigger_alarm"} <= set(
         result
     )
-    for status in ("400", "413", "415", "422", "503"):
+    for status in ("400", "413", "415", "503"):
         assert op["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody"), status
+    rejected = spec["components"]["schemas"]["RejectedBody"]["properties"]  # 422: a bad top_k, or --on-alarm reject
+    assert op["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/RejectedBody")
+    assert {"error", "alarms"} <= set(rejected)
 
 
 def test_a_bug_is_a_logged_503_not_a_silent_one(loaded, caplog):
