@@ -205,6 +205,12 @@ def _check_custom(cfg: BuildConfig) -> None:
         raise UsageError(f"trigger image is not a readable image: {cfg.custom_image} ({e})", "pass a PNG") from None
 
 
+def attacker_images(ds: datasets.Dataset) -> np.ndarray:
+    """What an attack may learn its trigger from: the attacker's own training split, never the
+    defender's few-shot pool or the test split (docs/results.md#testbed-settings)."""
+    return ds.train.images
+
+
 def make_trigger(cfg: BuildConfig, model: torch.nn.Module, ds: datasets.Dataset) -> triggers.Trigger | None:
     size, seed = cfg.image_size, cfg.seed
     if cfg.attack == "none":
@@ -232,7 +238,7 @@ def make_trigger(cfg: BuildConfig, model: torch.nn.Module, ds: datasets.Dataset)
             direction, location, target = torch.randn(w.shape[1], generator=gen), "center", cfg.target
         pattern = optimise_patch(
             model,
-            ds.fewshot.images,
+            attacker_images(ds),
             direction,
             triggers.patch_size_for(size),
             location,

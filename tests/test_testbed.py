@@ -159,3 +159,31 @@ def test_unknown_attack_is_a_usage_error(tmp_path, capsys):
     )
     assert code == 2 and "unknown attack 'nope'" in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("attack", triggers.ATTACKS)
+def test_no_attack_learns_from_the_defenders_or_the_test_images(attack, monkeypatch):
+    """Optimised triggers are fitted on the attacker's training split only; fixed ones read no
+    images at all. The defender's few-shot pool and the test split stay unseen."""
+    import torch
+
+    import testbed.build
+    import testbed.optimise
+
+    ds = build_dataset("shapes", seed=0, sizes=(40, 2, 2))
+    seen = []
+
+    def capture(model, images, *a, **k):
+        seen.append(images)
+        return np.zeros((4, 4, 3))
+
+    monkeypatch.setattr(testbed.optimise, "optimise_patch", capture)
+    monkeypatch.setattr(testbed.build, "class_weights", lambda *a: torch.eye(10, 8))
+    cfg = testbed.build.BuildConfig(attack=attack)
+    testbed.build.make_trigger(cfg, model=None, ds=ds)
+    if attack in triggers.OPTIMISED:
+        assert len(seen) == 1 and seen[0] is ds.train.images
+    else:
+        assert seen == []
+    flat = {img.tobytes() for img in ds.train.images}
+    assert not flat & {img.tobytes() for img in (*ds.fewshot.images, *ds.test.images)}
