@@ -1,5 +1,7 @@
 """The runtime trigger alarm on a testbed: AUROC and TPR at the stored 1%-FPR threshold,
-clean test images vs their triggered versions (non-target classes), through the guard.
+clean test images vs their triggered versions (non-target classes), through the guard; and
+the attack's success through the guard under `--on-alarm reject|abstain`: triggered images
+that get the target label and are not flagged, beside the plain ASR of the same heads.
 
     python benchmarks/alarm_quality.py HEADS --testbed TESTBED
 """
@@ -20,12 +22,15 @@ from testbed.evaluate import check_testbed, load_test_split
 from testbed.triggers import Trigger
 
 
-def scores(heads, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    out = []
+def run(heads, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted labels, trigger scores) of `images` through the heads."""
+    labels, scores = [], []
     for i in range(0, len(images), batch):
         x = np.stack([preprocess(Image.fromarray(im), heads.spec) for im in images[i : i + batch]])
-        out.append(heads.run(x)["trigger_score"])
-    return np.concatenate(out)
+        out = heads.run(x)
+        labels.append(out["probs"].argmax(1))
+        scores.append(out["trigger_score"])
+    return np.concatenate(labels), np.concatenate(scores)
 
 
 def main() -> None:
@@ -35,12 +40,14 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="score with classifier_int8.onnx")
     args = ap.parse_args()
     meta = check_testbed(args.testbed)
-    images, labels, _ = load_test_split(args.testbed)
+    images, labels, names = load_test_split(args.testbed)
     heads = load_heads(args.heads, int8=args.int8)
     keep = labels != meta["target"]
-    triggered = Trigger.load(args.testbed / "trigger").apply(images[keep], seed=meta["eval_seed"])
-    clean_s, trig_s = scores(heads, images), scores(heads, triggered)
+    # placed as `testbed eval` places it: over the whole split, then the non-target images kept
+    triggered = Trigger.load(args.testbed / "trigger").apply(images, seed=meta["eval_seed"])[keep]
+    (_, clean_s), (trig_pred, trig_s) = run(heads, images), run(heads, triggered)
     t = heads.alarm_threshold
+    hit = trig_pred == heads.classes.index(names[meta["target"]])  # the heads' label order, not the testbed's
     print(
         json.dumps(
             {
@@ -48,6 +55,9 @@ def main() -> None:
                 "threshold": t,
                 "tpr_at_threshold": round(tpr_at_threshold(trig_s, t), 4),
                 "fpr_at_threshold_on_test": round(float((clean_s > t).mean()), 4),
+                "tpr_at_1pct_fpr_on_test": round(tpr_at_threshold(trig_s, float(np.quantile(clean_s, 0.99))), 4),
+                "asr": round(float(hit.mean()), 4),
+                "asr_through_guard": round(float((hit & (trig_s <= t)).mean()), 4),
                 "n_clean": int(clean_s.size),
                 "n_triggered": int(trig_s.size),
             }
