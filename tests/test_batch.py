@@ -273,3 +273,30 @@ def test_on_alarm_reject_answers_422_naming_the_images(purified, triggered, caps
 def test_on_alarm_needs_heads_that_raise_alarms(original_heads, triggered, capsys):
     code, _, err = run_cli(capsys, "classify", original_heads, triggered, "--on-alarm", "abstain")
     assert code == 2 and "has no trigger score or alarm threshold" in err
+
+
+def test_uris_are_read_through_pyarrow(purified, images, tmp_path, capsys):
+    out = tmp_path / "u.jsonl"
+    code, _, err = run_cli(capsys, "classify", purified, f"file://{images}", "--out", out, "--top-k", "1")
+    assert code == 0, err
+    by_uri = {r["path"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(by_uri) == 42 and all(p.startswith(f"file://{images}/") for p in by_uri)
+    code, _, err = run_cli(capsys, "classify", purified, images, "--out", tmp_path / "p.jsonl", "--top-k", "1")
+    by_path = {r["path"]: r for r in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines())}
+    assert {p.removeprefix("file://"): r.get("label") for p, r in by_uri.items()} == {
+        p: r.get("label") for p, r in by_path.items()
+    }
+
+
+def test_the_ray_engine_starts_and_stops_its_own_local_ray(purified, images, tmp_path):
+    out = tmp_path / "own.parquet"
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "cbpt-guard"), "classify", str(purified), str(images), "--engine", "ray",
+         "--out", str(out), "--top-k", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "classified 40 image(s), 2 unreadable" in run.stderr
+    assert len(pq.read_table(out)) == 42
