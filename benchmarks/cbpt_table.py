@@ -1,6 +1,8 @@
 """CBPT on every testbed: CA / ASR / RA before and after, purify time, scan verdict.
 
-    python benchmarks/cbpt_table.py bench-out/testbed/shapes-* --seeds 0 1 2 --shots 16
+    python benchmarks/cbpt_table.py bench-out/testbed/shapes-* --seeds 0 1 2 --shots 16 --out runs.json
+
+With --out the runs are stored as they finish and an interrupted table resumes.
 
 Each testbed is purified from its own `fewshot/` with each seed (a different shot set) and
 scored on its `test/` split with its own trigger: one `testbed.bench.measure` run per pair,
@@ -15,7 +17,8 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from testbed.bench import measure
+from cbpt.runtime import Runtime
+from testbed.bench import Run, measure
 
 
 def _mean(xs: list[float]) -> float:
@@ -33,15 +36,27 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", help="the frozen encoders' precision (cbpt.runtime.Precision)")
     args = ap.parse_args()
-    runs = []
+    runtime = Runtime.of(args.device, args.precision)
+    # resumable: runs already in --out are read back, not re-measured; --out is rewritten after each run
+    stored = json.loads(args.out.read_text()) if args.out and args.out.is_file() else []
+    runs = [(d.pop("testbed"), Run(**d)) for d in stored]
     for tb in args.testbeds:
         meta = json.loads((tb / "metrics.json").read_text())
         for seed in args.seeds:
-            runs.append((tb.name, measure(tb, meta["dataset"], meta["attack"], "cbpt", args.shots, seed)))
+            if any(name == tb.name and r.seed == seed and r.shots == args.shots for name, r in runs):
+                continue
+            runs.append(
+                (tb.name, measure(tb, meta["dataset"], meta["attack"], "cbpt", args.shots, seed, runtime=runtime))
+            )
             print(json.dumps({"testbed": tb.name, **asdict(runs[-1][1])}), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps([{"testbed": n, **asdict(r)} for n, r in runs], indent=2))
+            if args.out:
+                tmp = args.out.with_suffix(".tmp")
+                tmp.write_text(json.dumps([{"testbed": n, **asdict(r)} for n, r in runs], indent=2))
+                tmp.replace(args.out)
+    runs = [(n, r) for n, r in runs if n in {tb.name for tb in args.testbeds} and r.shots == args.shots]
     print(
         f"\n| testbed (k={args.shots}, {len(args.seeds)} shot sets) | CA before | ASR before | CA after | "
         "ASR after (max) | RA after | purify s | scan |"

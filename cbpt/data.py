@@ -194,46 +194,55 @@ def sample_shots(ds: LabelledImages, shots: int, seed: int = 0) -> tuple[Labelle
 
 
 def load_batch(ds: LabelledImages, transform: Callable):
-    """Preprocess every image with the model's transform; name every unreadable file at once."""
+    """Preprocess every image with `transform` into one preallocated tensor (no second copy
+    while stacking); name every unreadable file at once."""
     import torch
 
-    tensors, bad = [], []
-    for p in ds.paths:
+    out, bad = None, []
+    for i, p in enumerate(ds.paths):
         try:
-            tensors.append(transform(decode(p)))
+            x = transform(decode(p))
         except Exception as e:  # PIL raises many types for corrupt data; name the file, not the type
             bad.append(f"{p} ({type(e).__name__})")
+            continue
+        if out is None:
+            out = torch.empty((len(ds), *x.shape), dtype=x.dtype)
+        out[i] = x
     if bad:
         raise UserError(
             f"{len(bad)} unreadable image(s): {'; '.join(bad[:3])}" + (" ..." if len(bad) > 3 else ""),
             "remove or replace them",
         )
-    return torch.stack(tensors), torch.tensor(ds.labels, dtype=torch.long)
+    assert out is not None  # discover() and sample_shots() never give an empty set
+    return out, torch.tensor(ds.labels, dtype=torch.long)
 
 
 @dataclass
 class Shots:
-    """The defender's shots, loaded: pixels after the model's resize and crop, before its
-    normalisation (triggers live in pixel space), and the held-out shots when there are any."""
+    """The defender's shots, loaded: uint8 pixels after the model's resize and crop, before its
+    normalisation (triggers live in pixel space; `cbpt.encoding.to_x01` makes them floats a
+    batch at a time), and the held-out shots when there are any."""
 
-    x01: torch.Tensor  # [N, 3, H, W] in [0, 1]
+    pixels: torch.Tensor  # [N, 3, H, W] uint8
     labels: torch.Tensor
     classnames: tuple[str, ...]
-    held_x01: torch.Tensor | None = None
+    held_pixels: torch.Tensor | None = None
     held_labels: torch.Tensor | None = None
     paths: tuple[str, ...] = ()
 
 
 def pixel_transform(clip: LoadedClip) -> Callable:
-    """The model's eval transform without its final Normalize."""
-    from torchvision.transforms import Compose, Normalize
+    """The model's eval transform up to its pixels: uint8 [3, H, W], no division, no Normalize.
+    uint8 / 255 is exactly what its ToTensor gives, so nothing is lost."""
+    from torchvision.transforms import Compose, Normalize, PILToTensor, ToTensor
 
     tf = clip.transform()
-    return Compose([t for t in tf.transforms if not isinstance(t, Normalize)])
+    steps = [PILToTensor() if isinstance(t, ToTensor) else t for t in tf.transforms if not isinstance(t, Normalize)]
+    return Compose(steps)
 
 
 def load_pixels(clip: LoadedClip, paths: Sequence[Path]) -> torch.Tensor:
-    """Images at the model's size, in [0, 1] before normalisation."""
+    """Images at the model's size, uint8, before normalisation."""
     x, _ = load_batch(LabelledImages(tuple(paths), (0,) * len(paths), ("",)), pixel_transform(clip))
     return x
 

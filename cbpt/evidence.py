@@ -21,8 +21,10 @@ def mean_pairwise_cos(features: torch.Tensor) -> float:
     n = features.shape[0]
     if n < 2:
         return 1.0
-    sim = features @ features.T
-    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+    # sum over i != j of <f_i, f_j> = |sum_i f_i|^2 - sum_i |f_i|^2: linear in n, no n x n matrix
+    f = features.double()
+    total = f.sum(0)
+    return float((total @ total - (f * f).sum()) / (n * (n - 1)))
 
 
 def points_to(feats: torch.Tensor, class_weights: torch.Tensor) -> int:

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cbpt.inversion import Candidate, Encode
-
-ENCODE_BATCH = 128  # images per image-encoder call while caching
+from cbpt.encoding import ImageEncoder
+from cbpt.inversion import Candidate
 
 
 @dataclass(frozen=True)
@@ -26,25 +25,44 @@ class FeatureCache:
     encoder_passes: int  # images pushed through the image encoder to build the cache
 
 
-def augment(x01: torch.Tensor, gen: torch.Generator, pad_frac: float = 0.125) -> torch.Tensor:
-    """A random translation (pad + crop) and horizontal flip of each image."""
-    n, _, h, w = x01.shape
-    p = max(1, int(round(h * pad_frac)))
-    padded = F.pad(x01, (p, p, p, p), mode="replicate")
-    out = torch.empty_like(x01)
-    tops = torch.randint(0, 2 * p + 1, (n,), generator=gen).tolist()
-    lefts = torch.randint(0, 2 * p + 1, (n,), generator=gen).tolist()
-    flips = torch.rand(n, generator=gen) < 0.5
-    for i in range(n):
-        img = padded[i, :, tops[i] : tops[i] + h, lefts[i] : lefts[i] + w]
-        out[i] = img.flip(-1) if flips[i] else img
-    return out
+@dataclass(frozen=True)
+class Augment:
+    """A random translation (pad + crop) and horizontal flip per shot, drawn once for all shots
+    so a pass a batch at a time applies the same ones as a pass over all of them."""
+
+    pad: int
+    tops: torch.Tensor  # [N]
+    lefts: torch.Tensor  # [N]
+    flips: torch.Tensor  # [N] bool
+
+    @classmethod
+    def draw(cls, n: int, h: int, gen: torch.Generator, pad_frac: float = 0.125) -> Augment:
+        p = max(1, int(round(h * pad_frac)))
+        tops = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        lefts = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        return cls(p, tops, lefts, torch.rand(n, generator=gen) < 0.5)
+
+    def __call__(self, x01: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The views of shots `rows` (their indices into the shots), given their pixels `x01`."""
+        _, _, h, w = x01.shape
+        p = self.pad
+        padded = F.pad(x01, (p, p, p, p), mode="replicate")
+        out = torch.empty_like(x01)
+        for i, (top, left, flip) in enumerate(
+            zip(self.tops[rows].tolist(), self.lefts[rows].tolist(), self.flips[rows].tolist())
+        ):
+            img = padded[i, :, top : top + h, left : left + w]
+            out[i] = img.flip(-1) if flip else img
+        return out
 
 
-@torch.no_grad()
+def _identity(x01: torch.Tensor, _rows: torch.Tensor) -> torch.Tensor:
+    return x01
+
+
 def cache_features(
-    encode: Encode,
-    x01: torch.Tensor,
+    encoder: ImageEncoder,
+    pixels: torch.Tensor,
     labels: torch.Tensor,
     triggers: Sequence[Candidate],
     views: int,
@@ -53,13 +71,16 @@ def cache_features(
 ) -> FeatureCache:
     """The shots and `views` augmented views of them; each trigger applied to all of those at
     `shifts` places (the first where it was found), skipping the shots of its own target
-    (docs/method.md#target-shot-exclusion)."""
+    (docs/method.md#target-shot-exclusion). Pixels go through the encoder a batch at a time:
+    memory holds the features, never every view's pixels (docs/scale.md#memory)."""
     gen = torch.Generator().manual_seed(seed + 1)
-    _, _, h, w = x01.shape
-    imgs = [x01] + [augment(x01, gen) for _ in range(views)]
-    trig_imgs, trig_labels, trig_targets = [], [], []
+    n, _, h, w = pixels.shape
+    looks = [_identity] + [Augment.draw(n, h, gen) for _ in range(views)]
+    everyone = torch.arange(n)
+    clean = torch.cat([encoder.all(pixels, everyone, look) for look in looks])
+    trig_feats, trig_labels, trig_targets = [], [], []
     for cand in triggers:
-        keep = labels != cand.target
+        keep = everyone[labels != cand.target]
         for s in range(shifts):
             t = (
                 cand.trigger
@@ -68,22 +89,18 @@ def cache_features(
                     int(torch.randint(0, h, (1,), generator=gen)), int(torch.randint(0, w, (1,), generator=gen))
                 )
             )
-            trig_imgs += [t.apply(v[keep]) for v in imgs]
-        trig_labels.append(labels[keep].repeat(shifts * len(imgs)))
+            for look in looks:
+                trig_feats.append(encoder.all(pixels, keep, lambda x, rows, t=t, look=look: t.apply(look(x, rows))))
+        trig_labels.append(labels[keep].repeat(shifts * len(looks)))
         trig_targets.append(torch.full_like(trig_labels[-1], cand.target))
-
-    def encoded(batches: list[torch.Tensor]) -> torch.Tensor:
-        x = torch.cat(batches)
-        return torch.cat([encode(x[i : i + ENCODE_BATCH]) for i in range(0, x.shape[0], ENCODE_BATCH)])
-
-    clean = encoded(imgs)
-    triggered = encoded(trig_imgs) if trig_imgs else clean.new_zeros((0, clean.shape[1]))
+    triggered = torch.cat(trig_feats) if trig_feats else clean.new_zeros((0, clean.shape[1]))
     empty = labels.new_zeros((0,))
+    device = clean.device
     return FeatureCache(
         clean=clean,
-        clean_labels=labels.repeat(len(imgs)),
+        clean_labels=labels.repeat(len(looks)).to(device),
         triggered=triggered,
-        triggered_labels=torch.cat(trig_labels) if trig_labels else empty,
-        triggered_targets=torch.cat(trig_targets) if trig_targets else empty,
+        triggered_labels=(torch.cat(trig_labels) if trig_labels else empty).to(device),
+        triggered_targets=(torch.cat(trig_targets) if trig_targets else empty).to(device),
         encoder_passes=clean.shape[0] + triggered.shape[0],
     )

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from cbpt.encoding import ImageEncoder
 from cbpt.evidence import backdoor_score, flip_rate, mean_pairwise_cos, over_alignment, points_to
 from cbpt.losses import contrastive_inversion_loss
 from cbpt.trigger import DummyTrigger, TriggerKind, smooth_flow
 from cbpt_guard.errors import UserError
 
-Encode = Callable[[torch.Tensor], torch.Tensor]  # [0, 1] pixels -> unit image features
 Tick = Callable[[], None]
 
 
@@ -120,22 +120,27 @@ class _Restart:
     feats: torch.Tensor  # the triggered shots' features
 
 
-def _init_mask(h: int, w: int, cfg: InversionConfig, gen: torch.Generator):
-    a = torch.full((h, w), -3.0).add_(torch.randn(h, w, generator=gen) * 0.5).requires_grad_(True)
-    b = torch.randn(3, h, w, generator=gen).requires_grad_(True)
-    d = torch.zeros(3, h, w, requires_grad=cfg.eps > 0)
+def _leaf(x: torch.Tensor, device: torch.device, grad: bool = True) -> torch.Tensor:
+    """A parameter drawn on the host (the same numbers on every device) and moved to `device`."""
+    return x.to(device).requires_grad_(grad)
+
+
+def _init_mask(h: int, w: int, cfg: InversionConfig, gen: torch.Generator, device: torch.device):
+    a = _leaf(torch.full((h, w), -3.0).add_(torch.randn(h, w, generator=gen) * 0.5), device)
+    b = _leaf(torch.randn(3, h, w, generator=gen), device)
+    d = _leaf(torch.zeros(3, h, w), device, cfg.eps > 0)
 
     def build() -> tuple[DummyTrigger, torch.Tensor]:
         mask = torch.sigmoid(a)
-        delta = cfg.eps * torch.tanh(d) if cfg.eps > 0 else torch.zeros(3, h, w)
+        delta = cfg.eps * torch.tanh(d) if cfg.eps > 0 else torch.zeros(3, h, w, device=device)
         return DummyTrigger(mask, torch.sigmoid(b), delta), mask.mean()
 
     return [a, b] + ([d] if cfg.eps > 0 else []), build
 
 
 def _warp_init(spread: float):
-    def init(h: int, w: int, cfg: InversionConfig, gen: torch.Generator):
-        ctrl = (torch.randn(2, cfg.warp.grid, cfg.warp.grid, generator=gen) * spread).requires_grad_(True)
+    def init(h: int, w: int, cfg: InversionConfig, gen: torch.Generator, device: torch.device):
+        ctrl = _leaf(torch.randn(2, cfg.warp.grid, cfg.warp.grid, generator=gen) * spread, device)
         side = float(max(h, w))
 
         def build() -> tuple[DummyTrigger, torch.Tensor]:
@@ -148,8 +153,8 @@ def _warp_init(spread: float):
 
 
 def _one_restart(
-    encode: Encode,
-    x01: torch.Tensor,
+    encoder: ImageEncoder,
+    pixels: torch.Tensor,
     clean: torch.Tensor,
     cfg: InversionConfig,
     gen: torch.Generator,
@@ -157,16 +162,18 @@ def _one_restart(
     init: Callable = _init_mask,
 ) -> _Restart:
     """One inversion from a random start; `clean`: the shots' clean features. The penalty is
-    the trigger's size: the mask's mean, or a warp's mean displacement over the image side."""
-    _, _, h, w = x01.shape
-    params, build = init(h, w, cfg, gen)
+    the trigger's size: the mask's mean, or a warp's mean displacement over the image side.
+    Each step sees `cfg.batch_size` shots; the final figures are taken over all of them, a
+    batch at a time."""
+    _, _, h, w = pixels.shape
+    params, build = init(h, w, cfg, gen, encoder.device)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     lam, history = cfg.lam, []
     for step in range(cfg.steps):
-        idx = torch.randperm(x01.shape[0], generator=gen)[: cfg.batch_size]
+        idx = torch.randperm(pixels.shape[0], generator=gen)[: cfg.batch_size]
         trigger, size = build()
-        trig = encode(trigger.apply(x01[idx]))
-        con = contrastive_inversion_loss(trig, clean[idx], cfg.tau)
+        trig = encoder(trigger.apply(encoder.load(pixels[idx])))
+        con = contrastive_inversion_loss(trig, clean[idx.to(clean.device)], cfg.tau)
         loss = con + lam * size
         if not bool(torch.isfinite(loss)):
             raise UserError(
@@ -182,7 +189,7 @@ def _one_restart(
         tick()
     with torch.no_grad():  # built here, the trigger's tensors carry no graph
         trigger, size = build()
-        feats = encode(trigger.apply(x01))
+        feats = encoder.all(pixels, view=lambda x, _rows: trigger.apply(x))
         final = float(contrastive_inversion_loss(feats, clean, cfg.tau)) + cfg.lam * float(size)
     return _Restart(trigger, final, history, feats)
 
@@ -212,24 +219,26 @@ def _ticker(progress: Callable[[int, int], None] | None, total: int) -> Tick:
 
 
 def invert(
-    encode: Encode,
-    x01: torch.Tensor,
+    encoder: ImageEncoder,
+    pixels: torch.Tensor,
     labels: torch.Tensor,
     class_weights: torch.Tensor,
     cfg: InversionConfig = InversionConfig(),
     progress: Callable[[int, int], None] | None = None,
 ) -> InversionResult:
-    """Invert the trigger on clean shots `x01` ([N, 3, H, W] in [0, 1]). `class_weights`: the
-    original prompts' class embeddings [C, D], which name where triggered features point."""
+    """Invert the trigger on clean shots `pixels` ([N, 3, H, W], uint8 or [0, 1], on the host).
+    `class_weights`: the original prompts' class embeddings [C, D] on the model's device, which
+    name where triggered features point."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
     tick = _ticker(progress, cfg.steps * (cfg.mask_restarts + cfg.warp.restarts))
-    with torch.no_grad():  # once: every restart contrasts against the same clean features
-        clean = encode(x01)
+    labels = labels.to(encoder.device)
+    clean = encoder.all(pixels)  # once: every restart contrasts against the same clean features
     masks = sorted(
-        (_one_restart(encode, x01, clean, cfg, gen, tick) for _ in range(cfg.mask_restarts)), key=lambda r: r.loss
+        (_one_restart(encoder, pixels, clean, cfg, gen, tick) for _ in range(cfg.mask_restarts)),
+        key=lambda r: r.loss,
     )
-    warps = [_one_restart(encode, x01, clean, cfg, gen, tick, _warp_init(0.1)) for _ in range(cfg.warp.restarts)]
+    warps = [_one_restart(encoder, pixels, clean, cfg, gen, tick, _warp_init(0.1)) for _ in range(cfg.warp.restarts)]
     candidates = [_describe(r, clean, labels, class_weights) for r in masks + warps]
     best, feats = candidates[0], masks[0].feats
     mask_l1 = float(best.trigger.mask.mean())
@@ -246,8 +255,8 @@ def invert(
 
 
 def probe_warps(
-    encode: Encode,
-    x01: torch.Tensor,
+    encoder: ImageEncoder,
+    pixels: torch.Tensor,
     labels: torch.Tensor,
     class_weights: torch.Tensor,
     result: InversionResult,
@@ -258,10 +267,10 @@ def probe_warps(
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # its own stream: the restarts stay as they were
     tick = _ticker(progress, cfg.steps * cfg.warp.probes)
-    with torch.no_grad():
-        clean = encode(x01)
+    labels = labels.to(encoder.device)
+    clean = encoder.all(pixels)
     runs = [
-        _one_restart(encode, x01, clean, cfg, gen, tick, _warp_init(cfg.warp.probe_spread))
+        _one_restart(encoder, pixels, clean, cfg, gen, tick, _warp_init(cfg.warp.probe_spread))
         for _ in range(cfg.warp.probes)
     ]
     probes = [_describe(r, clean, labels, class_weights, probe=True) for r in runs]

@@ -32,21 +32,29 @@ def keep_loss(text_features: torch.Tensor, original_features: torch.Tensor) -> t
     return (1 - (F.normalize(text_features, dim=-1) * F.normalize(original_features, dim=-1)).sum(-1)).mean()
 
 
-def contrastive_inversion_loss(triggered: torch.Tensor, clean: torch.Tensor, tau: float) -> torch.Tensor:
+def contrastive_inversion_loss(
+    triggered: torch.Tensor, clean: torch.Tensor, tau: float, rows: int = 1024
+) -> torch.Tensor:
     """InfoNCE for trigger inversion. Anchor i = f(T(x_i)); positives: the other triggered
     features f(T(x_j)), j != i (a backdoor maps every triggered image to one region);
     negatives: the clean features f(x_k) of the batch (the trigger must leave the clean
-    manifold). Inputs are L2-normalised [B, D]; B >= 2."""
+    manifold). Inputs are L2-normalised [B, D]; B >= 2. Anchors are taken `rows` at a time,
+    so memory grows with B, not B^2 (a pass over every shot of 1,000 classes)."""
     b = triggered.shape[0]
     if b < 2:
         raise ValueError("contrastive inversion needs at least 2 images per batch")
-    pos = triggered @ triggered.T / tau  # [B, B]
-    neg = triggered @ clean.T / tau  # [B, B]
-    eye = torch.eye(b, dtype=torch.bool, device=triggered.device)
-    pos = pos.masked_fill(eye, float("-inf"))
-    denom = torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1, keepdim=True)  # [B, 1]
-    log_prob = (pos - denom).masked_fill(eye, 0.0)
-    return -(log_prob.sum(dim=1) / (b - 1)).mean()
+    per_anchor = []
+    for r0 in range(0, b, rows):
+        anchors = triggered[r0 : r0 + rows]
+        pos = anchors @ triggered.T / tau  # [R, B]
+        neg = anchors @ clean.T / tau  # [R, B]
+        own = torch.arange(r0, r0 + anchors.shape[0], device=triggered.device)
+        eye = own[:, None] == torch.arange(b, device=triggered.device)[None, :]
+        pos = pos.masked_fill(eye, float("-inf"))
+        denom = torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1, keepdim=True)  # [R, 1]
+        log_prob = (pos - denom).masked_fill(eye, 0.0)
+        per_anchor.append(-(log_prob.sum(dim=1) / (b - 1)))
+    return torch.cat(per_anchor).mean()
 
 
 def keep_kl_loss(

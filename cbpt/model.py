@@ -11,6 +11,8 @@ import torch
 
 from cbpt.architecture import ArchSpec, build_model, resolve
 from cbpt.checkpoint import Checkpoint, read_checkpoint
+from cbpt.encoding import ImageEncoder
+from cbpt.runtime import Runtime
 from cbpt_guard.artifacts import sha256_file
 from cbpt_guard.errors import UserError
 
@@ -42,6 +44,7 @@ class LoadedClip:
     spec: ArchSpec
     info: ModelInfo
     checkpoint_sha256: str
+    runtime: Runtime = Runtime()  # the model lives on runtime.device
 
     @property
     def preprocess_cfg(self) -> dict:
@@ -62,10 +65,21 @@ class LoadedClip:
 
         return SimpleTokenizer(context_length=self.info.context_length)
 
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
     def encode_pixels(self, x01: torch.Tensor) -> torch.Tensor:
-        """Unit image features of pixels in [0, 1] ([N, 3, H, W], already at the model's size)."""
+        """Unit fp32 image features of pixels in [0, 1] ([N, 3, H, W] on the model's device,
+        already at the model's size), the tower under the run's precision."""
         pp = self.preprocess_cfg
-        return encode_pixels(self.model, x01, pp["mean"], pp["std"])
+        with self.runtime.autocast():
+            feats = encode_pixels(self.model, x01, pp["mean"], pp["std"])
+        return feats.float()
+
+    def encoder(self) -> ImageEncoder:
+        """The image tower for passes over the shots, `runtime.encode_batch` images at a time."""
+        return ImageEncoder(self.encode_pixels, self.device, self.runtime.encode_batch)
 
     def transform(self) -> Callable:
         """open_clip's own eval transform for this model (PIL image -> normalised tensor)."""
@@ -86,8 +100,8 @@ class LoadedClip:
 def normalise_pixels(x01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """The last step of open_clip's eval transform: per-channel (x - mean) / std on [0, 1] pixels.
     Triggers live in pixel space, so every encoder call on a triggered image goes through here."""
-    m = torch.tensor(mean, dtype=x01.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x01.dtype).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=x01.dtype, device=x01.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x01.dtype, device=x01.device).view(1, 3, 1, 1)
     return (x01 - m) / s
 
 
@@ -105,7 +119,9 @@ def inspect(path: str | Path, arch: str | None = None) -> ModelInfo:
     return info
 
 
-def load_clip(path: str | Path, arch: str | None = None) -> LoadedClip:
+def load_clip(path: str | Path, arch: str | None = None, runtime: Runtime | None = None) -> LoadedClip:
+    """The checkpoint's model, frozen, on `runtime.device` (the CPU when None)."""
+    runtime = runtime or Runtime()
     ckpt = read_checkpoint(path)
     info, spec = _identify(ckpt, arch)
     _require_finite(ckpt)
@@ -116,8 +132,8 @@ def load_clip(path: str | Path, arch: str | None = None) -> LoadedClip:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:  # resolve() matched shapes, so this is a bug, not bad input
         raise UserError(f"internal: weights did not load cleanly (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.eval().requires_grad_(False)
-    return LoadedClip(model=model, spec=spec, info=info, checkpoint_sha256=sha256_file(ckpt.path))
+    model.eval().requires_grad_(False).to(runtime.device)
+    return LoadedClip(model=model, spec=spec, info=info, checkpoint_sha256=sha256_file(ckpt.path), runtime=runtime)
 
 
 def _require_finite(ckpt: Checkpoint) -> None:

@@ -56,7 +56,7 @@ def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) 
         "timings": result.timings,
         "alarm": result.alarm,
         "settings": asdict(cfg),
-        "runtime": {"device": "cpu", "torch_threads": torch.get_num_threads()},
+        "runtime": clip.runtime.describe(),
         "shots": list(shots.paths),
         "held_out_per_class": None
         if shots.held_labels is None
@@ -67,11 +67,11 @@ def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) 
 def _embeddings(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> bytes:
     from safetensors.torch import save
 
-    return save({k: v.contiguous().float() for k, v in tensors.items()}, metadata=meta)
+    return save({k: v.detach().cpu().contiguous().float() for k, v in tensors.items()}, metadata=meta)
 
 
 def _picture(inv: InversionResult, shots: Shots) -> bytes:
-    return trigger_png(inv.trigger, shots.x01, others=[c.trigger for c in inv.warps()])
+    return trigger_png(inv.trigger, shots.pixels, others=[c.trigger for c in inv.warps()])
 
 
 def write_purified(folder: Path, result: Purified, shots: Shots, rep: dict) -> dict:

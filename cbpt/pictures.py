@@ -21,7 +21,7 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def trigger_png(
-    trigger: DummyTrigger, shots01: torch.Tensor, n_shots: int = 8, tile: int = 96, others: Sequence[DummyTrigger] = ()
+    trigger: DummyTrigger, shots: torch.Tensor, n_shots: int = 8, tile: int = 96, others: Sequence[DummyTrigger] = ()
 ) -> bytes:
     """One PNG: [mask | pattern | mask*pattern (both scaled to the mask's peak) | delta (if
     any)] above a row of clean shots and a row of the same shots with the trigger applied;
@@ -29,6 +29,9 @@ def trigger_png(
     perturbation and the shots with it applied."""
     from PIL import Image
 
+    from cbpt.encoding import to_x01
+
+    trigger, others = trigger.to("cpu"), [o.to("cpu") for o in others]
     # A backdoor's mask covers ~1-3% of the image at low opacity: scaled to its own maximum,
     # the user sees where it sits; the third tile shows what it really adds.
     peak = float(trigger.mask.max()) or 1.0
@@ -36,8 +39,8 @@ def trigger_png(
     if float(trigger.delta.abs().max()) > 0:
         d = trigger.delta
         top.append(0.5 + d / (2 * float(d.abs().max())))
-    idx = torch.linspace(0, shots01.shape[0] - 1, min(n_shots, shots01.shape[0])).round().long()
-    clean = shots01[idx]
+    idx = torch.linspace(0, shots.shape[0] - 1, min(n_shots, shots.shape[0])).round().long()
+    clean = to_x01(shots[idx])
     rows = [top, list(clean), list(trigger.apply(clean))]
     for other in others:
         if other.flow is not None:  # displacement magnitude, scaled to its peak

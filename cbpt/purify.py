@@ -95,12 +95,11 @@ def tuning_data(
     clip: LoadedClip, shots: Shots, triggers: list[Candidate], tuning: TuningConfig, original: torch.Tensor
 ) -> TuningData:
     """The feature caches of the tuning shots (with augmented views) and of the held-out ones."""
-    cache = cache_features(
-        clip.encode_pixels, shots.x01, shots.labels, triggers, tuning.views, tuning.shifts, tuning.seed
-    )
+    encoder = clip.encoder()
+    cache = cache_features(encoder, shots.pixels, shots.labels, triggers, tuning.views, tuning.shifts, tuning.seed)
     held = None
-    if shots.held_x01 is not None:
-        held = cache_features(clip.encode_pixels, shots.held_x01, shots.held_labels, triggers, 0, 1, tuning.seed)
+    if shots.held_pixels is not None:
+        held = cache_features(encoder, shots.held_pixels, shots.held_labels, triggers, 0, 1, tuning.seed)
     return TuningData(cache, held, original, clip.logit_scale)
 
 
@@ -112,14 +111,16 @@ def tune_prompts(
     acceptance: Acceptance,
     progress: Callable[[int, int], None] | None = None,
 ) -> TuningResult:
-    prompts = ClassPrompts(clip.model, clip.tokenizer(), classnames, n_ctx=tuning.n_ctx, seed=tuning.seed)
+    prompts = ClassPrompts(
+        clip.model, clip.tokenizer(), classnames, n_ctx=tuning.n_ctx, seed=tuning.seed, autocast=clip.runtime.autocast
+    )
     return tune(prompts, data, tuning, acceptance, progress)
 
 
 def alarm_threshold(clean: torch.Tensor, centroid: torch.Tensor, fpr: float = 0.01) -> dict:
     """Cosine-to-the-backdoor-region threshold flagging at most `fpr` of the clean shots
     (docs/method.md#trigger-alarm)."""
-    scores = (clean @ centroid).numpy()
+    scores = (clean @ centroid).cpu().numpy()
     return {
         "threshold": threshold_at_fpr(scores, fpr),
         "fpr": fpr,
@@ -134,13 +135,12 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
     original = original_head(clip, shots.classnames)
     inversion = run_scan(clip, shots, cfg.inversion, original, progress)
     t1 = time.perf_counter()
-    plan = plan_tuning(read_scan(inversion), inversion, cfg, shots.held_x01 is not None)
+    plan = plan_tuning(read_scan(inversion), inversion, cfg, shots.held_pixels is not None)
     done = dict(
         classnames=shots.classnames, original=original, logit_scale=clip.logit_scale, inversion=inversion, plan=plan
     )
     if plan.mode is TuningMode.SKIPPED:
-        with torch.no_grad():
-            clean = clip.encode_pixels(shots.x01)
+        clean = clip.encoder().all(shots.pixels)
         return Purified(
             **done,
             purified=original.clone(),

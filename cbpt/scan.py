@@ -90,10 +90,11 @@ def run_scan(
     def stage(name: str):
         return (lambda d, t: progress(name, d, t)) if progress else None
 
-    inv = invert(clip.encode_pixels, shots.x01, shots.labels, original, cfg, stage("invert"))
+    encoder = clip.encoder()
+    inv = invert(encoder, shots.pixels, shots.labels, original, cfg, stage("invert"))
     if masks_found(inv) or not cfg.warp.probes:
         return inv
-    return probe_warps(clip.encode_pixels, shots.x01, shots.labels, original, inv, cfg, stage("probe"))
+    return probe_warps(encoder, shots.pixels, shots.labels, original, inv, cfg, stage("probe"))
 
 
 def scan_summary(inv: InversionResult, classnames: tuple[str, ...]) -> dict:

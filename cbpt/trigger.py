@@ -40,8 +40,23 @@ class DummyTrigger:
         delta: torch.Tensor | None = None,
     ) -> DummyTrigger:
         """No mask, no pattern: the identity unless `flow` or `delta` says otherwise."""
+        dev = flow.device if flow is not None else delta.device if delta is not None else None
         return cls(
-            torch.zeros(h, w), torch.zeros(3, h, w), torch.zeros(3, h, w) if delta is None else delta, flow, kind
+            torch.zeros(h, w, device=dev),
+            torch.zeros(3, h, w, device=dev),
+            torch.zeros(3, h, w, device=dev) if delta is None else delta,
+            flow,
+            kind,
+        )
+
+    def to(self, device: torch.device | str) -> DummyTrigger:
+        """The same trigger, its tensors on `device` (detached: a finished trigger)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to(device)
+
+        return replace(
+            self, mask=move(self.mask), pattern=move(self.pattern), delta=move(self.delta), flow=move(self.flow)
         )
 
     def apply(self, x01: torch.Tensor) -> torch.Tensor:
@@ -64,7 +79,11 @@ def warp(x01: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(flow).all()):  # grid_sample's backward reads out of bounds on NaN
         raise FloatingPointError("the warp field is not finite")
     n, _, h, w = x01.shape
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=x01.dtype), torch.arange(w, dtype=x01.dtype), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=x01.dtype, device=x01.device),
+        torch.arange(w, dtype=x01.dtype, device=x01.device),
+        indexing="ij",
+    )
     gy = (ys + flow[..., 0]) * (2 / max(h - 1, 1)) - 1
     gx = (xs + flow[..., 1]) * (2 / max(w - 1, 1)) - 1
     grid = torch.stack([gx, gy], -1).expand(n, h, w, 2)  # grid_sample reads (x, y)

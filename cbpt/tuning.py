@@ -5,6 +5,8 @@ Only the context vectors learn; the losses are `losses.clean_loss`, `losses.trig
 what is kept (docs/method.md#acceptance, docs/method.md#escalation):
 - an `Acceptance` policy says which tuned checkpoints may replace the original prompts;
 - a `Ladder` says how hard the trigger loss may push, rung by rung, on held-out evidence.
+A `ClassSchedule` bounds what one step costs when there are many classes
+(docs/scale.md#class-bounded-tuning).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from typing import Protocol
 import torch
 
 from cbpt.features import FeatureCache
-from cbpt.losses import clean_loss, keep_kl_loss, keep_loss, trigger_loss
+from cbpt.losses import class_logits, clean_loss, keep_kl_loss, keep_loss, trigger_loss
 from cbpt.prompts import ClassPrompts
+
+EVAL_ROWS = 8192  # image features per matrix product while evaluating a head
 
 
 class KeepLoss(StrEnum):
@@ -140,6 +144,23 @@ class CautiousAcceptance:
 
 
 @dataclass(frozen=True)
+class ClassSchedule:
+    """Which classes' prompts one tuning step runs through the text tower. With at most
+    `max_classes` classes, all of them, every step (the step is then the full one). With
+    more: the triggers' targets, the `confusers` classes the last evaluation found taking the
+    most images of other classes, and the rest in turn from a shuffled cycle over every
+    class; the step's loss reads the shots of those classes, and every other class's text
+    feature comes from a cache kept exact (a class's feature is recomputed after its context
+    changed). A step's cost then follows `max_classes`, not the label set."""
+
+    max_classes: int = 16
+    confusers: int = 4
+
+    def covers(self, num_classes: int) -> bool:
+        return num_classes <= self.max_classes
+
+
+@dataclass(frozen=True)
 class TuningConfig:
     n_ctx: int = 4
     steps: int = 300
@@ -154,6 +175,7 @@ class TuningConfig:
     patience: int = 10  # evaluations without held-out improvement before a rung stops
     clean_tolerance: float = 0.015  # held-out clean accuracy a checkpoint may lose
     ladder: Ladder = field(default_factory=Ladder)
+    classes: ClassSchedule = field(default_factory=ClassSchedule)
     seed: int = 0
 
 
@@ -181,43 +203,148 @@ class TuningResult:
         return self.chosen.ctx is None
 
 
+class TextCache:
+    """Every class's current text feature [C, D], exact at all times: a class's row is
+    recomputed (without gradients) only after its context changed, and only when a step or an
+    evaluation reads it from here."""
+
+    def __init__(self, prompts: ClassPrompts):
+        self.prompts = prompts
+        self.feats = prompts.features()
+        self.stale = torch.zeros(prompts.num_classes, dtype=torch.bool)
+
+    def _refresh(self, rows: torch.Tensor) -> None:
+        if rows.numel():
+            with torch.no_grad():
+                self.feats[rows.to(self.feats.device)] = torch.cat(
+                    [self.prompts(classes=rows[i : i + 256]) for i in range(0, rows.numel(), 256)]
+                )
+            self.stale[rows] = False
+
+    def step(self, classes: torch.Tensor) -> torch.Tensor:
+        """[C, D]: `classes` through the text tower with gradients, the others from the cache."""
+        outside = self.stale.clone()
+        outside[classes] = False
+        self._refresh(outside.nonzero().flatten())
+        live = self.prompts(classes=classes)
+        if classes.numel() == self.prompts.num_classes:
+            return live  # `classes` is every class, in order
+        return self.feats.index_put((classes.to(self.feats.device),), live)
+
+    def changed(self, classes: torch.Tensor) -> None:
+        self.stale[classes] = True
+
+    def current(self) -> torch.Tensor:
+        self._refresh(self.stale.nonzero().flatten())
+        return self.feats
+
+    def reset(self) -> None:
+        """After the context was set from outside (a new rung, a checkpoint)."""
+        self.stale[:] = True
+
+
+class _ClassPicker:
+    """`ClassSchedule` made concrete for one model: the classes of each step, in turn."""
+
+    def __init__(self, schedule: ClassSchedule, num_classes: int, targets: torch.Tensor, seed: int):
+        self.schedule, self.num_classes = schedule, num_classes
+        self.targets = sorted(set(targets.tolist()))
+        self.order = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed + 2)).tolist()
+        self.at = 0
+        self.hard: list[int] = []
+
+    def next(self) -> torch.Tensor:
+        if self.schedule.covers(self.num_classes):
+            return torch.arange(self.num_classes)
+        m = self.schedule.max_classes
+        picked = list(dict.fromkeys(self.targets + self.hard))[:m]
+        taken = set(picked)
+        while len(picked) < m:
+            c = self.order[self.at % self.num_classes]
+            self.at += 1
+            if c not in taken:
+                picked.append(c)
+                taken.add(c)
+        return torch.tensor(sorted(picked))
+
+    def confused(self, wrong_by_class: torch.Tensor) -> None:
+        """`wrong_by_class` [C]: images of other classes each class took at the last evaluation."""
+        k = min(self.schedule.confusers, self.num_classes)
+        top = torch.topk(wrong_by_class.float().cpu(), k)
+        self.hard = [int(c) for c, n in zip(top.indices, top.values) if n > 0]
+
+
+def _rows_of(labels: torch.Tensor, classes: torch.Tensor, all_classes: bool) -> torch.Tensor | None:
+    """The rows whose label is in `classes` (None: every row)."""
+    return None if all_classes else torch.isin(labels, classes.to(labels.device)).nonzero().flatten()
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return x if rows is None else x[rows]
+
+
 class _Tuner:
     """Trains the context vectors rung by rung under one acceptance policy, logging each evaluation."""
 
     def __init__(self, prompts: ClassPrompts, data: TuningData, cfg: TuningConfig, acceptance: Acceptance):
         self.prompts, self.data, self.cfg, self.acceptance = prompts, data, cfg, acceptance
         self.check = data.held_out or data.cache
+        self.texts = TextCache(prompts)
+        self.picker = _ClassPicker(cfg.classes, prompts.num_classes, data.cache.triggered_targets, cfg.seed)
         self.original = self.validate(data.original, cfg.alpha)
         self.log: list[dict] = []
 
     @torch.no_grad()
     def validate(self, g: torch.Tensor, alpha: float) -> HeldOut:
+        """The head `g` on the held-out shots, `EVAL_ROWS` image features at a time; also tells
+        the class picker which classes took the most images of others."""
         d, scale = self.check, self.data.scale
-        c = clean_loss(d.clean, g, d.clean_labels, scale)
-        acc = float(((d.clean @ g.T).argmax(1) == d.clean_labels).float().mean())
-        kl = float(keep_kl_loss(d.clean, g, self.data.original, scale))
+        wrong = torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
+        c, kl, right = 0.0, 0.0, 0
+        for i in range(0, d.clean.shape[0], EVAL_ROWS):
+            f, y = d.clean[i : i + EVAL_ROWS], d.clean_labels[i : i + EVAL_ROWS]
+            c += float(clean_loss(f, g, y, scale)) * f.shape[0]
+            kl += float(keep_kl_loss(f, g, self.data.original, scale)) * f.shape[0]
+            pred = class_logits(f, g, scale).argmax(1)
+            right += int((pred == y).sum())
+            wrong += torch.bincount(pred[pred != y], minlength=g.shape[0])
+        n = d.clean.shape[0]
+        acc, c, kl = right / n, c / n, kl / n
         if not len(d.triggered):
-            return HeldOut(acc, 0.0, float(c), kl)
-        t = trigger_loss(d.triggered, g, d.triggered_labels, scale)
-        pred = (d.triggered @ g.T).argmax(1)
-        return HeldOut(
-            acc,
-            float((pred == d.triggered_labels).float().mean()),
-            float(c + alpha * t),
-            kl,
-            float((pred == d.triggered_targets).float().mean()),
-        )
+            self.picker.confused(wrong)
+            return HeldOut(acc, 0.0, c, kl)
+        t, trig_right, reached = 0.0, 0, 0
+        for i in range(0, d.triggered.shape[0], EVAL_ROWS):
+            f, y = d.triggered[i : i + EVAL_ROWS], d.triggered_labels[i : i + EVAL_ROWS]
+            t += float(trigger_loss(f, g, y, scale)) * f.shape[0]
+            pred = class_logits(f, g, scale).argmax(1)
+            trig_right += int((pred == y).sum())
+            reached += int((pred == d.triggered_targets[i : i + EVAL_ROWS]).sum())
+            wrong += torch.bincount(pred[pred != y], minlength=g.shape[0])
+        m = d.triggered.shape[0]
+        self.picker.confused(wrong)
+        return HeldOut(acc, trig_right / m, c + alpha * t / m, kl, reached / m)
 
-    def loss(self, g: torch.Tensor, rung: Rung) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, g: torch.Tensor, rung: Rung, classes: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's loss on the shots of `classes` (all of them when the schedule covers
+        every class), against every class's text feature `g`."""
         c, cfg, scale = self.data.cache, self.cfg, self.data.scale
-        l_clean = clean_loss(c.clean, g, c.clean_labels, scale)
+        every = classes.numel() == g.shape[0]
+        rows = _rows_of(c.clean_labels, classes, every)
+        clean, clean_labels = _take(c.clean, rows), _take(c.clean_labels, rows)
+        l_clean = clean_loss(clean, g, clean_labels, scale)
+        trig_rows = _rows_of(c.triggered_labels, classes, every)
+        triggered = _take(c.triggered, trig_rows)
         # no triggered features: prompt tuning without the dummy trigger (a baseline)
         l_trig = (
-            trigger_loss(c.triggered, g, c.triggered_labels, scale, rung.margin)
-            if len(c.triggered)
+            trigger_loss(triggered, g, _take(c.triggered_labels, trig_rows), scale, rung.margin)
+            if len(triggered)
             else g.new_zeros(())
         )
-        l_keep = _keep(cfg.keep, g, self.data.original, c.clean, scale)
+        on = classes.to(g.device)
+        g_on = g if every else g[on]
+        original_on = self.data.original if every else self.data.original[on]
+        l_keep = _keep(cfg.keep, g, g_on, self.data.original, original_on, clean, scale)
         loss = l_clean + rung.alpha * l_trig + cfg.beta * l_keep
         return loss, {"loss": loss, "clean": l_clean, "trig": l_trig, "keep": l_keep}
 
@@ -225,24 +352,26 @@ class _Tuner:
         """One rung from the current context: its best checkpoint, ranked eligible first, then
         most robust, then lowest objective; early stopping only against held-out shots."""
         cfg, prompts = self.cfg, self.prompts
-        opt = torch.optim.Adam([prompts.ctx], lr=cfg.lr)
+        opt = torch.optim.Adam(prompts.parameters(), lr=cfg.lr)
+        self.texts.reset()
         best = self.acceptance.start(self.original, rung)
         best_key = None if best is None else (True, best.held_out.trig_acc, -best.held_out.objective)
         stale = 0
         for step in range(1, cfg.steps + 1):
-            loss, parts = self.loss(prompts(), rung)
+            classes = self.picker.next()
+            loss, parts = self.loss(self.texts.step(classes), rung, classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            self.texts.changed(classes)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                with torch.no_grad():
-                    h = self.validate(prompts(), rung.alpha)
+                h = self.validate(self.texts.current(), rung.alpha)
                 terms = {k: v.item() for k, v in parts.items()}
                 self.log.append({"rung": rung.index, "step": step, **terms, "held_out": asdict(h)})
                 key = (self.acceptance.eligible(h, self.original), h.trig_acc, -h.objective)
                 if best_key is None or key > best_key:
                     best_key, stale = key, 0
-                    best = Checkpoint(prompts.ctx.detach().clone(), step, h, rung)
+                    best = Checkpoint(prompts.snapshot(), step, h, rung)
                 else:
                     stale += 1
                     if self.data.held_out is not None and stale >= cfg.patience:
@@ -252,12 +381,22 @@ class _Tuner:
         return best
 
 
-def _keep(kind: KeepLoss, g: torch.Tensor, original: torch.Tensor, clean: torch.Tensor, scale: float) -> torch.Tensor:
+def _keep(
+    kind: KeepLoss,
+    g: torch.Tensor,
+    g_on: torch.Tensor,
+    original: torch.Tensor,
+    original_on: torch.Tensor,
+    clean: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """L_keep: the cosine term over the step's classes (`*_on`; the others do not move), the
+    decision term over the step's clean shots against every class."""
     if kind is KeepLoss.COSINE:
-        return keep_loss(g, original)
+        return keep_loss(g_on, original_on)
     if kind is KeepLoss.KL:
         return keep_kl_loss(clean, g, original, scale)
-    return keep_loss(g, original) + keep_kl_loss(clean, g, original, scale)
+    return keep_loss(g_on, original_on) + keep_kl_loss(clean, g, original, scale)
 
 
 def tune(
@@ -272,7 +411,7 @@ def tune(
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     tuner = _Tuner(prompts, data, cfg, acceptance)
-    init = prompts.ctx.detach().clone()
+    init = prompts.snapshot()
     climbs = data.held_out is not None and len(data.held_out.triggered) > 0
     rungs = [Rung(0, cfg.alpha, cfg.margin)] + [
         Rung(i + 1, a, m) for i, (a, m) in enumerate(cfg.ladder.rungs) if climbs
@@ -280,8 +419,7 @@ def tune(
     total = cfg.steps * len(rungs)
     chosen, floor = None, 0.0
     for rung in rungs:
-        with torch.no_grad():
-            prompts.ctx.copy_(init)
+        prompts.restore(init)
         run = tuner.train_rung(
             rung, (lambda d, off=rung.index * cfg.steps: progress(off + d, total)) if progress else (lambda _d: None)
         )
@@ -298,9 +436,8 @@ def tune(
             break
     if progress:  # the rungs not needed are skipped: the bar ends full
         progress(total, total)
-    with torch.no_grad():
-        final = data.original.clone() if chosen.ctx is None else prompts(chosen.ctx).detach()
-        prompts.ctx.copy_(init if chosen.ctx is None else chosen.ctx)
+    final = data.original.clone() if chosen.ctx is None else prompts.features(chosen.ctx)
+    prompts.restore(init if chosen.ctx is None else chosen.ctx)
     return TuningResult(
         text_features=final,
         original=data.original,

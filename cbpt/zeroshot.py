@@ -25,11 +25,22 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 def text_features(
     model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], batch_size: int = 256
 ) -> torch.Tensor:
+    device = next(model.parameters()).device
     out = [
-        model.encode_text(tokenizer(list(texts[i : i + batch_size])), normalize=True)
+        _encode_tokens(model, tokenizer(list(texts[i : i + batch_size])).to(device))
         for i in range(0, len(texts), batch_size)
     ]
     return torch.cat(out)
+
+
+def _encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's `encode_text`, cut at the longest caption's end token where the tower is
+    open_clip's causal transformer pooling there (the same features, docs/scale.md#text-length)."""
+    from cbpt.prompts import encode_embedded, is_standard_text_tower
+
+    if is_standard_text_tower(model) and getattr(model, "text_pool_type", "argmax") == "argmax":
+        return encode_embedded(model, model.token_embedding(tokens), tokens.argmax(dim=-1))
+    return model.encode_text(tokens, normalize=True)
 
 
 @torch.no_grad()
@@ -46,9 +57,9 @@ def zeroshot_weights(
 def image_features(
     model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64, progress: Callable[[int], None] | None = None
 ) -> torch.Tensor:
-    out = []
+    out, device = [], next(model.parameters()).device
     for i in range(0, images.shape[0], batch_size):
-        out.append(model.encode_image(images[i : i + batch_size], normalize=True))
+        out.append(model.encode_image(images[i : i + batch_size].to(device), normalize=True))
         if progress:
             progress(min(batch_size, images.shape[0] - i))
     return torch.cat(out) if out else torch.empty(0)

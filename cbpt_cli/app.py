@@ -56,12 +56,41 @@ OverwriteOpt = Annotated[
 ]
 
 
+TorchDeviceOpt = Annotated[
+    str, typer.Option("--device", help="Where torch runs: auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N.")
+]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        help="The frozen encoders' arithmetic: fp32, or bf16 / fp16 under autocast (meant for GPUs; "
+        "prompts and losses stay fp32; docs/scale.md#precision)."
+    ),
+]
+EncodeBatchOpt = Annotated[
+    int,
+    typer.Option(
+        "--batch-size",
+        help="Most images through the image encoder at once: memory follows it, not the number of classes.",
+    ),
+]
+
+
 def _torch_threads(threads: int | None) -> None:
     import torch
 
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}", "pass --threads 1")
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
+
+
+def _runtime(threads: int | None, device: str, precision: str = "fp32", batch_size: int = 128):
+    """torch's threads, then where and how this command runs (cbpt.runtime.Runtime)."""
+    _torch_threads(threads)
+    from cbpt.runtime import Runtime
+
+    runtime = Runtime.of(device, precision, batch_size)
+    runtime.start()
+    return runtime
 
 
 def _api_key(path: Path | None) -> str | None:
@@ -181,11 +210,14 @@ def scan(
     eps: EpsOpt = 0.0,
     out: Annotated[Optional[Path], typer.Option(help="Write trigger.png and scan.json here.")] = None,
     overwrite: OverwriteOpt = False,
+    device: TorchDeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    batch_size: EncodeBatchOpt = 128,
     threads: TorchThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Trigger inversion only: is the model backdoored, and toward which class."""
-    _torch_threads(threads)
+    runtime = _runtime(threads, device, precision, batch_size)
     from cbpt.data import load_shots
     from cbpt.model import load_clip
     from cbpt.outputs import write_scan
@@ -198,7 +230,7 @@ def scan(
     inv_cfg = _inversion_config(seed, inversion_steps, restarts, eps)
     if out is not None:
         check_target(out, overwrite)
-    clip = load_clip(model, arch=arch)
+    clip = load_clip(model, arch=arch, runtime=runtime)
     shot_set = load_shots(clip, data, classes, shots, seed, held_out=0)
     with stage_progress() as progress:
         inv = run_scan(clip, shot_set, inv_cfg, original_head(clip, shot_set.classnames), progress)
@@ -266,20 +298,31 @@ def purify(
             "this costs clean accuracy.",
         ),
     ] = False,
+    classes_per_step: Annotated[
+        int,
+        typer.Option(
+            help="Most classes whose prompts one tuning step runs through the text tower; the rest "
+            "come from a cache (docs/scale.md#class-bounded-tuning). Label sets this size or smaller "
+            "tune every class at every step."
+        ),
+    ] = 16,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
     int8: Int8ExportOpt = False,
     overwrite: OverwriteOpt = False,
+    device: TorchDeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    batch_size: EncodeBatchOpt = 128,
     threads: TorchThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Full CBPT: invert the trigger, tune class-wise prompts, write the purified embeddings."""
-    _torch_threads(threads)
+    runtime = _runtime(threads, device, precision, batch_size)
     from dataclasses import replace
 
     from cbpt.data import load_shots
     from cbpt.model import load_clip
     from cbpt.purify import PurifyConfig
-    from cbpt.tuning import Ladder, TuningConfig
+    from cbpt.tuning import ClassSchedule, Ladder, TuningConfig
     from cbpt_cli.pipeline import purify_to_folder
     from cbpt_cli.progress import stage_progress
     from cbpt_guard.atomic import check_target
@@ -288,7 +331,9 @@ def purify(
         raise UsageError("--tuning-steps must be at least 1", "pass --tuning-steps 300")
     if (alpha is not None and alpha < 0) or beta < 0:
         raise UsageError("--alpha and --beta must be at least 0", "pass --alpha 0.5 --beta 2, or leave them out")
-    tuning = TuningConfig(seed=seed, steps=tuning_steps, beta=beta)
+    if classes_per_step < 1:
+        raise UsageError("--classes-per-step must be at least 1", "pass --classes-per-step 16")
+    tuning = TuningConfig(seed=seed, steps=tuning_steps, beta=beta, classes=ClassSchedule(max_classes=classes_per_step))
     if alpha is not None:  # a weight the user fixed is not escalated
         tuning = replace(tuning, alpha=alpha, ladder=Ladder.off())
     cfg = PurifyConfig(
@@ -299,7 +344,7 @@ def purify(
         tuning=tuning,
     )
     check_target(out, overwrite)
-    clip = load_clip(model, arch=arch)
+    clip = load_clip(model, arch=arch, runtime=runtime)
     shot_set = load_shots(clip, data, classes, shots, seed, cfg.held_out)
     with stage_progress() as progress:
         run = purify_to_folder(clip, shot_set, cfg, out, progress, overwrite, int8)
@@ -350,11 +395,12 @@ def export(
     ] = None,
     int8: Int8ExportOpt = False,
     overwrite: OverwriteOpt = False,
+    device: TorchDeviceOpt = "auto",
     threads: TorchThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Bake purified (or original) class embeddings into ONNX zero-shot heads."""
-    _torch_threads(threads)
+    runtime = _runtime(threads, device)
     import tempfile
 
     from cbpt.model import load_clip
@@ -378,13 +424,13 @@ def export(
     check_target(out, overwrite)
     with tempfile.TemporaryDirectory(prefix="cbpt-export-") as tmp:
         if model is not None:
-            clip = load_clip(model, arch=arch)
+            clip = load_clip(model, arch=arch, runtime=runtime)
             src = Path(tmp)
             write_original(src, clip, tuple(read_classes(classes)))
             source = read_source(src)
         else:
             source = read_source(src)
-            clip = source_model(source)
+            clip = source_model(source, runtime)
         quantise = source_int8_inputs(source, clip) if int8 else None
         exported = build_heads(source, clip, source.alarm_threshold, fp16, quantise)
     with staged_dir(out, "heads", overwrite) as stage:
@@ -596,11 +642,12 @@ def testbed_build(
     alpha: Annotated[float, typer.Option(help="custom: opacity of the trigger.")] = 1.0,
     location: Annotated[str, typer.Option(help="custom patch: random, center or corner.")] = "random",
     cache: Annotated[Optional[Path], typer.Option(help="Cache of clean models (default ~/.cache/cbpt-guard).")] = None,
+    device: TorchDeviceOpt = "auto",
     threads: TorchThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a small CLIP here and backdoor it."""
-    _torch_threads(threads)
+    runtime = _runtime(threads, device)
     from cbpt_cli.progress import stage_progress
     from cbpt_guard.atomic import check_target
     from testbed.build import BuildConfig, build, default_cache_dir, write
@@ -618,7 +665,7 @@ def testbed_build(
     )
     check_target(out, overwrite)
     with stage_progress() as progress:
-        built = build(cfg, cache=cache or default_cache_dir(), progress=progress)
+        built = build(cfg, cache=cache or default_cache_dir(), progress=progress, device=runtime.device)
         write(built, cfg, out, overwrite)
     m = built.metrics
     if as_json:
@@ -642,19 +689,20 @@ def testbed_eval(
     ],
     testbed: Annotated[Path, typer.Option(help="A folder written by `testbed build`.")],
     int8: Annotated[bool, typer.Option("--int8", help="Heads: evaluate classifier_int8.onnx.")] = False,
+    device: TorchDeviceOpt = "auto",
     threads: TorchThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """CA, ASR and RA of a model or exported heads on a testbed."""
-    _torch_threads(threads)
+    """CA, ASR and RA of a model or exported heads on a testbed (heads run on onnxruntime's CPU)."""
+    runtime = _runtime(threads, device)
     from testbed.evaluate import evaluate_checkpoint, evaluate_heads, evaluate_purified
 
     if model_or_heads.is_dir() and (model_or_heads / CLASSIFIER).is_file():
         result = evaluate_heads(model_or_heads, testbed, int8=int8)
     elif model_or_heads.is_dir() and (model_or_heads / EMBEDDINGS).is_file():
-        result = evaluate_purified(model_or_heads, testbed)
+        result = evaluate_purified(model_or_heads, testbed, runtime)
     else:
-        result = evaluate_checkpoint(model_or_heads, testbed)
+        result = evaluate_checkpoint(model_or_heads, testbed, runtime)
     if as_json:
         _print_json(result.to_dict())
     else:
@@ -697,11 +745,14 @@ def bench(
         bool, typer.Option("--quick", help="A minutes-long subset: shapes, clean + badnet, one shot set.")
     ] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Re-measure runs already stored under WORK/runs/.")] = False,
+    device: TorchDeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    batch_size: EncodeBatchOpt = 128,
     threads: TorchThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The results table: attacks x defenses (CA, ASR, RA, DER, wall time), with plots."""
-    _torch_threads(threads)
+    runtime = _runtime(threads, device, precision, batch_size)
     from dataclasses import replace
 
     from cbpt_cli.progress import stage_progress
@@ -717,7 +768,7 @@ def bench(
         "sweep_attacks": sweep_attack,
         "sweep_seeds": sweep_seed,
     }
-    cfg = replace(cfg, shots=shots, fresh=fresh, **{k: tuple(v) for k, v in given.items() if v})
+    cfg = replace(cfg, shots=shots, fresh=fresh, runtime=runtime, **{k: tuple(v) for k, v in given.items() if v})
     cfg.check()
     with stage_progress() as progress:
         results = run_bench(cfg, progress)
@@ -733,14 +784,15 @@ def bench(
 @app.command()
 def demo(
     work: Annotated[Path, typer.Option(help="Work folder for the testbed and the purified heads.")] = Path("cbpt-demo"),
+    device: TorchDeviceOpt = "auto",
     threads: TorchThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The main job end to end on the embedded default: backdoor, scan, purify, export, measure."""
-    _torch_threads(threads)
+    runtime = _runtime(threads, device)
     from cbpt_cli.demo import run_demo
 
-    summary = run_demo(work, echo=(lambda _m: None) if as_json else typer.echo)
+    summary = run_demo(work, echo=(lambda _m: None) if as_json else typer.echo, runtime=runtime)
     if as_json:
         _print_json(summary)
 

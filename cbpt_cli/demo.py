@@ -10,22 +10,32 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cbpt.runtime import Runtime
 
 DEFAULT_ATTACK = "badnet"
 
 
 def run_demo(
-    work: Path, attack: str = DEFAULT_ATTACK, dataset: str = "shapes", echo: Callable[[str], None] = print
+    work: Path,
+    attack: str = DEFAULT_ATTACK,
+    dataset: str = "shapes",
+    echo: Callable[[str], None] = print,
+    runtime: Runtime | None = None,
 ) -> dict:
     from cbpt.data import load_shots
     from cbpt.model import load_clip
     from cbpt.purify import PurifyConfig, original_head
+    from cbpt.runtime import Runtime
     from cbpt_cli.pipeline import purify_to_folder
     from cbpt_cli.progress import stage_progress
     from cbpt_guard.artifacts import CLASSES, REPORT, TRIGGER_PNG
     from testbed.build import BuildConfig, build, config_dict, default_cache_dir, write
     from testbed.evaluate import align_classes, evaluate_heads, evaluate_weights
 
+    runtime = runtime or Runtime()
     t0 = time.perf_counter()
     tb = work / f"testbed-{dataset}-{attack}"
     purified = work / "purified"
@@ -40,8 +50,9 @@ def run_demo(
                 f"1/4 training a small CLIP on '{dataset}' and backdooring it with '{attack}' "
                 "(about 5 minutes the first time on 2 cores; cached afterwards)"
             )
-            write(build(cfg, cache=default_cache_dir(), progress=progress), cfg, tb, overwrite=True)
-        clip = load_clip(tb / "model.pt")
+            built = build(cfg, cache=default_cache_dir(), progress=progress, device=runtime.device)
+            write(built, cfg, tb, overwrite=True)
+        clip = load_clip(tb / "model.pt", runtime=runtime)
         shots = load_shots(clip, tb / "fewshot", tb / CLASSES, 16, 0, PurifyConfig().held_out)
         echo("2/4 scanning and purifying with CBPT (16 clean shots per class); 3/4 exporting ONNX heads")
         run = purify_to_folder(clip, shots, PurifyConfig(), purified, progress, overwrite=True)

@@ -38,7 +38,7 @@ def purify_to_folder(
     result = run_purify(clip, shots, cfg, progress)
     with staged_dir(out, "purify", overwrite) as stage:
         rep = write_purified(stage, result, shots, report(clip, shots, cfg, result))
-        quantise = int8_inputs(clip, shots.x01, result.inversion.trigger, shots.held_x01) if int8 else None
+        quantise = int8_inputs(clip, shots.pixels, result.inversion.trigger, shots.held_pixels) if int8 else None
         exported = build_heads(read_source(stage), clip, result.alarm["threshold"], int8=quantise)
         write_heads(stage, exported)
         files = sorted(p.name for p in stage.iterdir())

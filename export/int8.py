@@ -20,6 +20,7 @@ from cbpt.metrics import auroc
 from cbpt_guard.artifacts import ort_session
 from cbpt_guard.errors import UserError
 
+CALIBRATION_LIMIT = 512  # shots per role (calibrate, check): a sample, spread over the classes
 AGREEMENT_BAR = 0.99
 QUANTISED_OPS = ("MatMul", "Gemm", "Conv")
 OP_SETS = (QUANTISED_OPS, ("MatMul", "Gemm"))  # tried in turn: the first that keeps the bar is written
@@ -126,20 +127,31 @@ def int8_twin(fp32: bytes, inputs: Int8Inputs) -> tuple[bytes, dict]:
     )
 
 
-def int8_inputs(clip, x01, trigger, held_x01=None) -> Int8Inputs:
-    """From the defender's shots (`x01`, [N, 3, H, W] in [0, 1]) and the inverted trigger:
-    every other shot and its triggered copy calibrate; the rest, and any held-out shots,
-    check (clean and triggered)."""
+def int8_inputs(clip, pixels, trigger, held_pixels=None, limit: int = CALIBRATION_LIMIT) -> Int8Inputs:
+    """From the defender's shots (`pixels`, [N, 3, H, W], uint8 or [0, 1]) and the inverted
+    trigger: every other shot and its triggered copy calibrate; the rest, and any held-out
+    shots, check (clean and triggered). At most `limit` shots of each, spread over the set:
+    calibration needs a sample, not 1,000 classes of shots in memory."""
     import torch
 
+    from cbpt.encoding import to_x01
     from cbpt.model import normalise_pixels
 
     pp = clip.preprocess_cfg
+    trigger = trigger.to("cpu")
 
-    def pixels(x: torch.Tensor) -> np.ndarray:
+    def spread(x: torch.Tensor) -> torch.Tensor:
+        return x if x.shape[0] <= limit else x[torch.linspace(0, x.shape[0] - 1, limit).round().long()]
+
+    def normalised(x: torch.Tensor) -> np.ndarray:
         return normalise_pixels(x, pp["mean"], pp["std"]).numpy().astype(np.float32)
 
     with torch.no_grad():
-        calib = torch.cat([x01[0::2], trigger.apply(x01[0::2])])
-        held = x01[1::2] if held_x01 is None else torch.cat([x01[1::2], held_x01])
-        return Int8Inputs(calibration=pixels(calib), clean=pixels(held), triggered=pixels(trigger.apply(held)))
+        fit = to_x01(spread(pixels[0::2]))
+        check = spread(pixels[1::2] if held_pixels is None else torch.cat([pixels[1::2], held_pixels]))
+        check = to_x01(check)
+        return Int8Inputs(
+            calibration=normalised(torch.cat([fit, trigger.apply(fit)])),
+            clean=normalised(check),
+            triggered=normalised(trigger.apply(check)),
+        )

@@ -25,7 +25,7 @@ def export_encoder(clip) -> onnx.ModelProto:
     """pixel_values [N, 3, H, W] (preprocessed) -> image_features [N, D] (open_clip's
     `encode_image`, before normalisation)."""
     size = clip.info.image_size
-    dummy = torch.zeros(2, 3, size, size)
+    dummy = torch.zeros(2, 3, size, size, device=next(clip.model.parameters()).device)
     buf = io.BytesIO()
     # With no gradients anywhere, torch routes attention pooling (RN50's attnpool) to a fused
     # kernel that has no ONNX export; tracing with gradients on keeps the exportable path.

@@ -130,8 +130,9 @@ def preprocess_spec(pp: dict) -> dict:
     }
 
 
-def source_model(source: Source):
-    """The checkpoint a purify output was made from, loaded and checked against its hash."""
+def source_model(source: Source, runtime=None):
+    """The checkpoint a purify output was made from, loaded (on `runtime`'s device) and checked
+    against its hash."""
     from cbpt.model import load_clip
 
     model_path = Path(source.report["model"]["path"])
@@ -140,7 +141,7 @@ def source_model(source: Source):
             f"the purified model's checkpoint is gone: {model_path}",
             "restore it, or re-run purify with the checkpoint's new path",
         )
-    return load_clip(model_path, arch=source.report["model"]["architecture"])
+    return load_clip(model_path, arch=source.report["model"]["architecture"], runtime=runtime)
 
 
 def source_int8_inputs(source: Source, clip) -> Int8Inputs:
@@ -150,7 +151,7 @@ def source_int8_inputs(source: Source, clip) -> Int8Inputs:
 
     from cbpt.data import load_pixels
     from cbpt.trigger import DummyTrigger
-    from export.int8 import int8_inputs
+    from export.int8 import CALIBRATION_LIMIT, int8_inputs
 
     paths = [Path(p) for p in source.report.get("shots", [])]
     if source.trigger is None or len(paths) < 2:
@@ -165,6 +166,8 @@ def source_int8_inputs(source: Source, clip) -> Int8Inputs:
             "restore them, or re-run `cbpt-guard purify --int8`",
         )
     trigger = DummyTrigger(*(torch.from_numpy(np.asarray(source.trigger[k])) for k in ("mask", "pattern", "delta")))
+    if len(paths) > 2 * CALIBRATION_LIMIT:  # the sample int8_inputs would take, read alone
+        paths = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, 2 * CALIBRATION_LIMIT).round()]
     return int8_inputs(clip, load_pixels(clip, paths), trigger)
 
 

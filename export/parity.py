@@ -19,6 +19,7 @@ def check_parity(
     agreement and max |delta probs| are reported, and only non-finite outputs fail them.
     """
     size = clip.info.image_size
+    device = next(clip.model.parameters()).device  # the reference runs where the model is
     gen = torch.Generator().manual_seed(seed)
     w = torch.from_numpy(weights)
     report: dict = {}
@@ -29,7 +30,7 @@ def check_parity(
         for batch in BATCHES:
             x = torch.randn(batch, 3, size, size, generator=gen)
             with torch.no_grad():
-                f = clip.model.encode_image(x)
+                f = clip.model.encode_image(x.to(device)).float().cpu()
             ref_logits = scale * torch.nn.functional.normalize(f, dim=-1) @ w.T
             ref_probs = ref_logits.softmax(-1).numpy()
             feed = {"pixel_values": x.numpy()} if name.startswith("classifier") else {"image_features": f.numpy()}

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from cbpt.data import Shots
-from cbpt.features import augment
+from cbpt.encoding import to_x01
+from cbpt.features import Augment
 from cbpt.model import LoadedClip, encode_pixels
 from cbpt.purify import PurifyConfig, original_head, run_purify, tune_prompts, tuning_data
 from cbpt.scan import scan_summary
@@ -72,7 +73,7 @@ def finetune_image_encoder(clip: LoadedClip, shots: Shots, cfg: FinetuneConfig =
     scale = clip.logit_scale
 
     def loss_fn(model: torch.nn.Module, x01: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        f = _encode(model, clip, augment(x01, gen))
+        f = _encode(model, clip, _augment(x01, gen))
         return F.cross_entropy(scale * f @ head.T, y)
 
     return _finetune(clip, shots, cfg, loss_fn, trainable="visual", head_fn=lambda _m: head)
@@ -87,17 +88,17 @@ def cleanclip(clip: LoadedClip, shots: Shots, cfg: FinetuneConfig = FinetuneConf
 
     def captions(y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         picks = torch.randint(0, len(templates), (len(y),), generator=gen).tolist()
-        return tokenizer([templates[t].format(names[c]) for t, c in zip(picks, y.tolist())])
+        return tokenizer([templates[t].format(names[c]) for t, c in zip(picks, y.tolist())]).to(y.device)
 
     def loss_fn(model: torch.nn.Module, x01: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         scale = model.logit_scale.exp()
-        img1, img2 = _encode(model, clip, augment(x01, gen)), _encode(model, clip, augment(x01, gen))
+        img1, img2 = _encode(model, clip, _augment(x01, gen)), _encode(model, clip, _augment(x01, gen))
         txt1 = model.encode_text(captions(y, gen), normalize=True)
         txt2 = model.encode_text(captions(y, gen), normalize=True)
         # Few classes, many shots per batch: pairs sharing a class are positives, not negatives.
         same = (y[:, None] == y[None, :]).float()
         multimodal = (_soft_ce(scale * img1 @ txt1.T, same) + _soft_ce(scale * txt1 @ img1.T, same)) / 2
-        eye = torch.eye(len(y))
+        eye = torch.eye(len(y), device=y.device)
         tau = cfg.temperature
         image_ssl = (_soft_ce(img1 @ img2.T / tau, eye) + _soft_ce(img2 @ img1.T / tau, eye)) / 2
         text_ssl = (_soft_ce(txt1 @ txt2.T / tau, same) + _soft_ce(txt2 @ txt1.T / tau, same)) / 2
@@ -153,10 +154,15 @@ def defend(
     raise ValueError(f"unknown method {method!r}: {', '.join(METHODS)}")
 
 
-def _encode(model: torch.nn.Module, clip: LoadedClip, x01: torch.Tensor) -> torch.Tensor:
+def _encode(model: torch.nn.Module, clip: LoadedClip, pixels: torch.Tensor) -> torch.Tensor:
     """`clip`'s preprocessing on a (possibly fine-tuned) copy of its model."""
     pp = clip.preprocess_cfg
-    return encode_pixels(model, x01, pp["mean"], pp["std"])
+    return encode_pixels(model, to_x01(pixels.to(clip.device)), pp["mean"], pp["std"])
+
+
+def _augment(x01: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    n, _, h, _ = x01.shape
+    return Augment.draw(n, h, gen)(to_x01(x01), torch.arange(n))
 
 
 def _soft_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -179,8 +185,8 @@ def _finetune(clip: LoadedClip, shots: Shots, cfg: FinetuneConfig, loss_fn, trai
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    check_x = shots.held_x01 if shots.held_x01 is not None else shots.x01
-    check_y = shots.held_labels if shots.held_labels is not None else shots.labels
+    check_x = shots.held_pixels if shots.held_pixels is not None else shots.pixels
+    check_y = (shots.held_labels if shots.held_labels is not None else shots.labels).to(clip.device)
 
     def held_acc() -> float:
         with torch.no_grad():
@@ -192,7 +198,7 @@ def _finetune(clip: LoadedClip, shots: Shots, cfg: FinetuneConfig, loss_fn, trai
     n = len(shots.labels)
     for step in range(1, cfg.steps + 1):
         idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
-        loss = loss_fn(model, shots.x01[idx], shots.labels[idx], gen)
+        loss = loss_fn(model, shots.pixels[idx], shots.labels[idx].to(clip.device), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

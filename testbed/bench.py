@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cbpt.purify import PurifyConfig
+from cbpt.runtime import Runtime
 from cbpt_guard import TOOL, atomic
 from cbpt_guard.artifacts import CLASSES
 from cbpt_guard.errors import UsageError
@@ -41,6 +42,7 @@ class BenchConfig:
     fresh: bool = False
     purify: PurifyConfig = field(default_factory=PurifyConfig)  # CBPT; (d) shares its tuning part
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # (b) and (c)
+    runtime: Runtime = field(default_factory=Runtime)  # where testbeds are built and defenses run
 
     @classmethod
     def quick(cls, work: Path, testbeds: Path | None = None) -> BenchConfig:
@@ -108,7 +110,7 @@ def ensure_testbed(cfg: BenchConfig, dataset: str, attack: str, progress) -> Pat
     tb = testbed_dir(cfg, dataset, attack)
     if not (tb / "metrics.json").is_file():
         bcfg = BuildConfig(dataset=dataset, attack=attack)
-        write(build(bcfg, cache=default_cache_dir(), progress=progress), bcfg, tb)
+        write(build(bcfg, cache=default_cache_dir(), progress=progress, device=cfg.runtime.device), bcfg, tb)
     return tb
 
 
@@ -126,6 +128,7 @@ def measure(
     seed: int,
     purify: PurifyConfig = PurifyConfig(),
     finetune: FinetuneConfig = FinetuneConfig(),
+    runtime: Runtime | None = None,
 ) -> Run:
     from cbpt.data import load_shots
     from cbpt.metrics import defense_effectiveness_rate
@@ -133,7 +136,7 @@ def measure(
     from testbed.baselines import defend
     from testbed.evaluate import align_classes, evaluate_weights
 
-    clip = load_clip(tb / "model.pt")
+    clip = load_clip(tb / "model.pt", runtime=runtime)
     shot_set = load_shots(clip, tb / "fewshot", tb / CLASSES, shots, seed, purify.held_out)
     names = list(shot_set.classnames)
     before = evaluate_weights(clip, align_classes(defend("none", clip, shot_set, seed).weights, names, tb), tb)
@@ -189,7 +192,7 @@ def _run_all(
         if key not in runs:
             run = _stored(cfg, key)
             if run is None:
-                run = measure(ensure_testbed(cfg, d, a, progress), d, a, m, k, s, cfg.purify, cfg.finetune)
+                run = measure(ensure_testbed(cfg, d, a, progress), d, a, m, k, s, cfg.purify, cfg.finetune, cfg.runtime)
                 atomic.write_text(cfg.work / "runs" / f"{key}.json", json.dumps(_nan_to_none(asdict(run)), indent=1))
             runs[key] = run
         progress(label, i + 1, len(todo))

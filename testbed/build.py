@@ -120,10 +120,10 @@ def class_weights(model: torch.nn.Module, cfg: dict, ds: datasets.Dataset) -> to
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, weights: torch.Tensor, images: np.ndarray, batch: int = 500) -> np.ndarray:
-    out = []
+    out, device = [], next(model.parameters()).device
     for i in range(0, images.shape[0], batch):
-        f = model.encode_image(to_model_input(images[i : i + batch], MEAN, STD), normalize=True)
-        out.append((f @ weights.T).argmax(1).numpy())
+        f = model.encode_image(to_model_input(images[i : i + batch], MEAN, STD).to(device), normalize=True)
+        out.append((f @ weights.T).argmax(1).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -141,14 +141,20 @@ def measure(
 
 
 def clean_model(
-    cfg: BuildConfig, ds: datasets.Dataset, cache: Path | None, progress: Callable[[str, int, int], None] | None = None
+    cfg: BuildConfig,
+    ds: datasets.Dataset,
+    cache: Path | None,
+    progress: Callable[[str, int, int], None] | None = None,
+    device: torch.device = torch.device("cpu"),
 ) -> tuple[torch.nn.Module, float, bool]:
-    """The clean pretrained model: from the cache when this configuration was built before."""
+    """The clean pretrained model, on `device`: from the cache when this configuration was built
+    before (on any device: the cache is keyed by configuration)."""
     path = cache / f"clean-{cfg.dataset}-{cfg.clean_key()}.pt" if cache else None
     model = _new_model(cfg.model_cfg, cfg.seed)
     if path is not None and path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval().requires_grad_(False), 0.0, True
+        return model.eval().requires_grad_(False).to(device), 0.0, True
+    model.to(device)
     t0 = time.perf_counter()
     train_contrastive(
         model,
@@ -165,7 +171,7 @@ def clean_model(
         import io
 
         buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
         atomic.write_bytes(path, buf.getvalue())
     return model, seconds, False
 
@@ -253,8 +259,13 @@ def make_trigger(cfg: BuildConfig, model: torch.nn.Module, ds: datasets.Dataset)
 
 
 def build(
-    cfg: BuildConfig, cache: Path | None = None, progress: Callable[[str, int, int], None] | None = None
+    cfg: BuildConfig,
+    cache: Path | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    device: torch.device = torch.device("cpu"),
 ) -> Built:
+    """Pretrain (or take from the cache) the clean model and poison it, on `device`; the
+    returned models stay there."""
     if cfg.dataset not in datasets.DATASETS:
         raise UsageError(f"unknown dataset '{cfg.dataset}'", f"choose {' or '.join(datasets.DATASETS)}")
     if not 0 <= cfg.target < 10:
@@ -269,7 +280,7 @@ def build(
         )
     t_start = time.perf_counter()
     ds = datasets.build(cfg.dataset, cfg.seed, cfg.image_size, cfg.sizes)
-    clean, pretrain_s, cached = clean_model(cfg, ds, cache, progress)
+    clean, pretrain_s, cached = clean_model(cfg, ds, cache, progress, device)
     trigger = make_trigger(cfg, clean, ds)
     clean_metrics = measure(clean, cfg.model_cfg, ds, trigger, cfg.target)
     model, finetune_s, info = clean, 0.0, {}
@@ -345,7 +356,7 @@ def write(built: Built, cfg: BuildConfig, out: Path, overwrite: bool = False) ->
     ds = built.data
     with atomic.staged_dir(out, "testbed", overwrite) as stage:
         buf = io.BytesIO()
-        torch.save(built.model.state_dict(), buf)
+        torch.save({k: v.cpu() for k, v in built.model.state_dict().items()}, buf)
         (stage / "model.pt").write_bytes(buf.getvalue())
         arch = {
             "name": f"testbed-{cfg.dataset}-rn",

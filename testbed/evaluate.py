@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,6 +13,9 @@ from cbpt.metrics import BackdoorEval, evaluate_predictions
 from cbpt_guard.artifacts import CLASSES, EMBEDDINGS, REPORT, read_classes
 from cbpt_guard.errors import UsageError, UserError
 from testbed.triggers import Trigger
+
+if TYPE_CHECKING:
+    from cbpt.runtime import Runtime
 
 
 def load_test_split(testbed: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
@@ -45,17 +49,17 @@ def check_testbed(testbed: Path) -> dict:
     return json.loads((testbed / "metrics.json").read_text())
 
 
-def evaluate_checkpoint(model_path: Path, testbed: Path) -> BackdoorEval:
+def evaluate_checkpoint(model_path: Path, testbed: Path, runtime: Runtime | None = None) -> BackdoorEval:
     """The original prompts' head of a checkpoint."""
     from cbpt.model import load_clip
     from cbpt.zeroshot import zeroshot_weights
 
-    clip = load_clip(model_path)
+    clip = load_clip(model_path, runtime=runtime)
     weights = zeroshot_weights(clip.model, clip.tokenizer(), testbed_classes(testbed), clip.templates)
     return evaluate_weights(clip, weights, testbed)
 
 
-def evaluate_purified(folder: Path, testbed: Path) -> BackdoorEval:
+def evaluate_purified(folder: Path, testbed: Path, runtime: Runtime | None = None) -> BackdoorEval:
     """The purified class embeddings of a `purify` output folder, on the model it purified."""
     from safetensors.torch import load_file
 
@@ -63,9 +67,11 @@ def evaluate_purified(folder: Path, testbed: Path) -> BackdoorEval:
 
     rep = json.loads((folder / REPORT).read_text())
     clip = load_clip(
-        rep["model"]["path"], arch=rep["model"]["architecture"] if rep["model"]["arch_source"] == "--arch" else None
+        rep["model"]["path"],
+        arch=rep["model"]["architecture"] if rep["model"]["arch_source"] == "--arch" else None,
+        runtime=runtime,
     )
-    weights = load_file(str(folder / EMBEDDINGS))["purified"]
+    weights = load_file(str(folder / EMBEDDINGS))["purified"].to(clip.device)
     return evaluate_weights(clip, align_classes(weights, rep["classes"], testbed), testbed)
 
 
@@ -104,7 +110,7 @@ def evaluate_weights(clip, weights, testbed: Path, batch_size: int = 256) -> Bac
 
     def predict(batch: np.ndarray) -> np.ndarray:
         x = torch.stack([transform(Image.fromarray(im)) for im in batch])
-        return (image_features(clip.model, x, batch_size) @ weights.T).argmax(1).numpy()
+        return (image_features(clip.model, x, batch_size) @ weights.to(clip.device).T).argmax(1).cpu().numpy()
 
     return _score(predict, testbed)
 

@@ -52,15 +52,16 @@ def optimise_patch(
 ) -> np.ndarray:
     """A [size, size, 3] pattern in [0, 1] maximising cos(f(x + patch), direction)."""
     gen = torch.Generator().manual_seed(seed)
-    logits_param = torch.zeros(3, size, size).normal_(0, 1, generator=gen).requires_grad_(True)
+    device = next(model.parameters()).device  # the patch and the images follow the model
+    logits_param = torch.zeros(3, size, size).normal_(0, 1, generator=gen).to(device).requires_grad_(True)
     opt = torch.optim.Adam([logits_param], lr=lr)
     x01 = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
-    direction = F.normalize(direction.float(), dim=-1)
+    direction = F.normalize(direction.float().to(device), dim=-1)
     best = torch.sigmoid(logits_param).detach().clone()
     for _ in range(steps):
         idx = torch.randint(0, x01.shape[0], (64,), generator=gen)
         patch = torch.sigmoid(logits_param)
-        feats = encode_pixels(model, _paste(x01[idx], patch, location, gen), mean, std)
+        feats = encode_pixels(model, _paste(x01[idx].to(device), patch, location, gen), mean, std)
         loss = -(feats @ direction).mean()
         opt.zero_grad()
         loss.backward()
@@ -71,4 +72,4 @@ def optimise_patch(
             if flip > max_clean_flip:
                 break
         best = torch.sigmoid(logits_param).detach().clone()
-    return best.permute(1, 2, 0).numpy().astype(np.float64)
+    return best.permute(1, 2, 0).cpu().numpy().astype(np.float64)

@@ -52,10 +52,11 @@ def train_contrastive(
 ) -> dict:
     """Symmetric InfoNCE over random batches; returns the loss curve and wall time."""
     gen = torch.Generator().manual_seed(cfg.seed)
+    device = next(model.parameters()).device  # the data follows the model
     uniq, inverse = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
-    tokens = tokenizer(list(uniq))  # tokenise each distinct caption once
-    inverse = torch.from_numpy(inverse.astype(np.int64))
-    x_all = to_model_input(images, mean, std)
+    tokens = tokenizer(list(uniq)).to(device)  # tokenise each distinct caption once
+    inverse = torch.from_numpy(inverse.astype(np.int64)).to(device)
+    x_all = to_model_input(images, mean, std).to(device)
     model.train().requires_grad_(True)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -70,7 +71,7 @@ def train_contrastive(
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
+        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen).to(device)
         img_f = model.encode_image(x_all[idx], normalize=True)
         txt_f = model.encode_text(tokens[inverse[idx]], normalize=True)
         logits = model.logit_scale.exp() * img_f @ txt_f.T

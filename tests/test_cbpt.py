@@ -84,7 +84,8 @@ def test_prompt_learner_reproduces_the_original_prompts_exactly(tmp_path):
     direct = clip.model.encode_text(clip.tokenizer()([f"a photo of a {n}." for n in names]), normalize=True)
     with torch.no_grad():
         assert torch.allclose(prompts(), direct, atol=1e-6)
-    assert [p for p in prompts.parameters()] == [prompts.ctx] and prompts.ctx.shape == (3, 4, 32)
+    # one learned context per class, and nothing else
+    assert [p.shape for p in prompts.parameters()] == [(4, 32)] * 3 and prompts.snapshot().shape == (3, 4, 32)
     # another context length still yields unit class features, one set of vectors per class
     other = ClassPrompts(clip.model, clip.tokenizer(), names, n_ctx=8)
     with torch.no_grad():
@@ -123,10 +124,13 @@ def scans(mini_testbeds):
 def _sent_to(clip, trigger, shots, target: int) -> float:
     """The share of shots outside `target` that `clip`'s original head puts in `target` once
     `trigger` is applied."""
+    from cbpt.encoding import to_x01
     from cbpt.purify import original_head
 
     with torch.no_grad():
-        pred = (clip.encode_pixels(trigger.apply(shots.x01)) @ original_head(clip, shots.classnames).T).argmax(1)
+        pred = (
+            clip.encode_pixels(trigger.apply(to_x01(shots.pixels))) @ original_head(clip, shots.classnames).T
+        ).argmax(1)
     return float((pred[shots.labels != target] == target).float().mean())
 
 
@@ -152,7 +156,10 @@ def test_purify_writes_complete_outputs_and_they_evaluate(purified, mini_testbed
     rep = json.loads((purified / "report.json").read_text())
     assert rep["scan"]["target"] == "triangle" and rep["timings"]["image_encoder_passes_during_tuning"] == 0
     assert {"settings", "tuning", "alarm", "checkpoint_sha256", "embeddings_sha256"} <= set(rep)
-    assert rep["runtime"] == {"device": "cpu", "torch_threads": 1}  # half of this machine's 2 cores
+    # where and how it ran, and what it cost: half of this machine's 2 cores, the peak resident memory
+    rt = rep["runtime"]
+    assert (rt["device"], rt["precision"], rt["encode_batch"], rt["torch_threads"]) == ("cpu", "fp32", 128, 1)
+    assert rt["peak_rss_mb"] > 100
     emb = load_file(str(purified / "embeddings.safetensors"))
     assert emb["purified"].shape == emb["original"].shape == (10, 32) and emb["trigger_centroid"].shape == (32,)
     assert rep["tuning"]["mode"] == "full" and rep["tuning"]["best_step"] > 0 and not rep["tuning"]["kept_original"]
@@ -438,7 +445,7 @@ def test_each_triggers_target_shots_get_no_triggered_copies(tmp_path):
         torch.zeros(32, 32).index_fill_(0, torch.arange(3), 1.0), torch.ones(3, 32, 32), torch.zeros(3, 32, 32)
     )
     cache = cache_features(
-        clip.encode_pixels,
+        clip.encoder(),
         x,
         y,
         [Candidate(patch, 1, 1.0, None), Candidate(patch, 2, 1.0, None)],

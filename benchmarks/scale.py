@@ -1,0 +1,343 @@
+"""What a purify costs as the label set grows: per stage seconds and peak memory, side by side.
+
+    python benchmarks/scale.py                       # C = 10, 100, 1000 at k = 16, and k = 4
+    python benchmarks/scale.py --classes 10 --shots 16 --state /tmp/scale.json
+
+ViT-B-32 with random weights at 224 px (loaded through `cbpt.model.load_clip` from a saved
+state_dict, as a user's checkpoint would be), synthetic shots (smooth random images, uint8),
+C class names, k shots per class plus the default 8 held out. Each (C, k) case runs in a
+fresh process so its peak resident memory is its own. What is measured:
+
+- original head: the C x 8 template captions through the text tower (timed on the first 64
+  classes, projected linearly beyond);
+- inversion step: one step of a mask restart (32 shots forward and backward), timed over 3;
+- shot passes: images per second through the image encoder, timed on the first batches of a
+  pass over every shot (the rest of the pass runs with a stand-in encoder returning random
+  features, so memory covers the whole pass but the clock does not wait an hour);
+- feature cache: the same, for the default cache (3 inverted masks, 2 augmented views);
+- tuning step and evaluation: real steps of `cbpt.tuning` on the cache (all C classes);
+- export: `export.package.build_heads` with its parity check, timed whole.
+
+The projection of a full default run is: original head + 200 steps x 4 restarts + 5 passes
+over the shots (the clean features, then one per restart) + the cache + 300 tuning steps and
+30 evaluations (one rung; escalation can add two more) + export. Warp probes (2 x 200 steps
+more) run only where the masks read clean and are not counted.
+
+Results are appended to --state (resumable: finished cases are not re-run) and printed as a
+markdown table. The numbers are this machine's; run it idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_STATE = ROOT / "docs" / "bench" / "scale.json"
+HELD_OUT = 8
+TIMED_BATCHES = 1  # image-encoder batches timed per pass
+SMALL_HEAD = 64  # classes the original head is timed on
+
+
+def _synthetic_pixels(n: int, size: int, seed: int):
+    """Smooth random uint8 images [n, 3, size, size], made a chunk at a time."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    for i in range(0, n, 256):
+        m = min(256, n - i)
+        low = torch.rand(m, 3, 8, 8, generator=gen)
+        out[i : i + m] = (F.interpolate(low, size=(size, size), mode="bilinear") * 255).round().to(torch.uint8)
+    return out
+
+
+def _model_file(folder: Path, arch: str) -> Path:
+    import open_clip
+    import torch
+
+    path = folder / f"{arch}-random.pt"
+    if not path.is_file():
+        torch.manual_seed(0)
+        model = open_clip.create_model(arch, pretrained=None)
+        torch.save(model.state_dict(), path)
+    return path
+
+
+def run_case(classes: int, shots: int, arch: str, model_dir: Path, threads: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    from cbpt.data import Shots
+    from cbpt.encoding import ImageEncoder
+    from cbpt.features import cache_features
+    from cbpt.inversion import Candidate, InversionConfig, WarpSearch, invert
+    from cbpt.model import load_clip
+    from cbpt.prompts import ClassPrompts
+    from cbpt.purify import original_head
+    from cbpt.runtime import Runtime, peak_rss_mb
+    from cbpt.tuning import FullAcceptance, Rung, TuningConfig, TuningData, _Tuner
+    from export.package import Source, build_heads
+
+    out: dict = {"classes": classes, "shots": shots, "arch": arch, "threads": threads}
+    clip = load_clip(_model_file(model_dir, arch), runtime=Runtime())
+    size = clip.info.image_size
+    names = tuple(f"class number {i}" for i in range(classes))
+    n, n_held = classes * shots, classes * HELD_OUT
+    t0 = time.perf_counter()
+    shot_set = Shots(
+        _synthetic_pixels(n, size, 0),
+        torch.arange(classes).repeat_interleave(shots),
+        names,
+        _synthetic_pixels(n_held, size, 1),
+        torch.arange(classes).repeat_interleave(HELD_OUT),
+    )
+    out["shots_mb"] = round((shot_set.pixels.numel() + shot_set.held_pixels.numel()) / 2**20, 1)
+    out["make_shots_s"] = round(time.perf_counter() - t0, 2)
+
+    # the original head, timed on the first SMALL_HEAD classes
+    t0 = time.perf_counter()
+    small = original_head(clip, names[: min(classes, SMALL_HEAD)])
+    out["original_head_s"] = round((time.perf_counter() - t0) * classes / small.shape[0], 2)
+    d = small.shape[1]
+    original = F.normalize(torch.cat([small, torch.randn(classes - small.shape[0], d)]), dim=-1)
+
+    timing = {"seconds": 0.0, "images": 0}
+
+    class Timed(ImageEncoder):
+        """The real encoder for the first TIMED_BATCHES batches of each pass, a stand-in after."""
+
+        def all(self, pixels, rows=None, view=None):
+            rows = torch.arange(pixels.shape[0]) if rows is None else rows
+            feats = []
+            for b, i in enumerate(range(0, rows.shape[0], self.batch)):
+                idx = rows[i : i + self.batch]
+                x = self.load(pixels[idx])
+                x = view(x, idx) if view is not None else x
+                if b < TIMED_BATCHES:
+                    t = time.perf_counter()
+                    with torch.no_grad():
+                        feats.append(self.encode(x))
+                    timing["seconds"] += time.perf_counter() - t
+                    timing["images"] += x.shape[0]
+                else:
+                    feats.append(F.normalize(torch.randn(x.shape[0], d), dim=-1))
+            return torch.cat(feats)
+
+    encoder = Timed(clip.encode_pixels, clip.device, clip.runtime.encode_batch)
+
+    # inversion: 3 steps of one mask restart (the first pays for warm-up: the last 2 are kept)
+    steps = []
+    cfg = InversionConfig(steps=3, mask_restarts=1, warp=WarpSearch(restarts=0, probes=0))
+    last = [time.perf_counter()]
+
+    def tick(done: int, _total: int) -> None:
+        now = time.perf_counter()
+        steps.append(now - last[0])
+        last[0] = now
+
+    t0 = time.perf_counter()
+    inv = invert(encoder, shot_set.pixels, shot_set.labels, original, cfg, tick)
+    out["inversion_step_s"] = round(sum(steps[1:]) / len(steps[1:]), 3)
+    out["encode_s_per_image"] = round(timing["seconds"] / timing["images"], 4)
+    out["inversion_sample_s"] = round(time.perf_counter() - t0, 2)
+    out["peak_rss_after_inversion_mb"] = peak_rss_mb()
+
+    # the feature cache of a found backdoor: the 3 masks, 2 views, and the held-out shots
+    triggers = [Candidate(inv.trigger, 0, 1.0, None)] * 3
+    tc = TuningConfig()
+    t0 = time.perf_counter()
+    timing.update(seconds=0.0, images=0)
+    cache = cache_features(encoder, shot_set.pixels, shot_set.labels, triggers, tc.views, tc.shifts, 0)
+    held = cache_features(encoder, shot_set.held_pixels, shot_set.held_labels, triggers, 0, 1, 0)
+    out["cache_images"] = cache.encoder_passes + held.encoder_passes
+    out["cache_sample_s"] = round(time.perf_counter() - t0, 2)
+    out["peak_rss_after_cache_mb"] = peak_rss_mb()
+
+    # tuning: real steps on every class
+    prompts = ClassPrompts(clip.model, clip.tokenizer(), names)
+    t0 = time.perf_counter()
+    tuner = _Tuner(prompts, TuningData(cache, held, original, clip.logit_scale), tc, FullAcceptance())
+    out["tuning_setup_s"] = round(time.perf_counter() - t0, 2)
+    opt = torch.optim.Adam(prompts.parameters(), lr=tc.lr)
+    rung, times = Rung(0, tc.alpha, tc.margin), []
+    for _ in range(4):
+        t = time.perf_counter()
+        classes_now = tuner.picker.next()
+        loss, _ = tuner.loss(tuner.texts.step(classes_now), rung, classes_now)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tuner.texts.changed(classes_now)
+        times.append(time.perf_counter() - t)
+    out["tuning_step_s"] = round(sum(times[1:]) / 3, 3)
+    out["classes_per_step"] = int(classes_now.numel())
+    t = time.perf_counter()
+    tuner.validate(tuner.texts.current(), rung.alpha)
+    out["evaluation_s"] = round(time.perf_counter() - t, 3)
+    out["peak_rss_after_tuning_mb"] = peak_rss_mb()
+
+    # export: the heads of the tuned prompts, parity-checked
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Source(
+            folder=Path(tmp),
+            report={"classes": list(names)},
+            classes=list(names),
+            weights=prompts.features().numpy(),
+            original=original.numpy(),
+            logit_scale=clip.logit_scale,
+            centroid=inv.mean_feature.numpy(),
+            embeddings_sha256="0" * 64,
+            trigger=None,
+        )
+        t = time.perf_counter()
+        build_heads(source, clip, 0.5)
+        out["export_s"] = round(time.perf_counter() - t, 2)
+    out["peak_rss_mb"] = peak_rss_mb()
+    passes = 5 * (n)  # the clean features and one pass per restart (3 masks + 1 warp)
+    out["projected"] = {
+        "original_head_s": out["original_head_s"],
+        "inversion_s": round(200 * 4 * out["inversion_step_s"] + passes * out["encode_s_per_image"], 1),
+        "cache_s": round(out["cache_images"] * out["encode_s_per_image"], 1),
+        "tuning_s": round(300 * out["tuning_step_s"] + 30 * out["evaluation_s"] + out["tuning_setup_s"], 1),
+        "export_s": out["export_s"],
+    }
+    out["projected"]["total_s"] = round(sum(out["projected"].values()), 1)
+    return out
+
+
+COMPARE_ARGS = ["--inversion-steps", "5", "--restarts", "1", "--tuning-steps", "20", "--threads", "2"]
+
+
+def _shot_folder(root: Path, classes: int, per_class: int) -> Path:
+    """Class folders of smooth random 64-px PNGs (the model's transform resizes them)."""
+    import numpy as np
+    from PIL import Image
+
+    if (root / "done").is_file():
+        return root
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class_{c:04d}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(low).resize((64, 64), Image.BILINEAR).save(root / f"class_{c:04d}" / f"{i:02d}.png")
+    (root / "done").write_text("")
+    return root
+
+
+def cli_compare(ref: str, classes: int, arch: str, models: Path) -> list[dict]:
+    """`cbpt-guard purify` of the code at git `ref` and of this tree, same short settings, same
+    shots, one after the other: report.json's stage timings and the process's peak memory."""
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], capture_output=True, text=True, cwd=ROOT, check=True)
+    sha = sha.stdout.strip()
+    old = Path(tempfile.gettempdir()) / f"cbpt-ref-{sha}"
+    if not old.is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", str(old), sha], cwd=ROOT, check=True, capture_output=True)
+    data = _shot_folder(models / f"shots-{classes}", classes, 24)
+    model = _model_file(models, arch)
+    rows = []
+    for label, root in ((f"before ({sha})", old), ("now", ROOT)):
+        out = models / f"purified-{classes}-{label.split()[0]}"
+        peak_file = out.with_suffix(".peak")
+        code = (
+            "import atexit, resource, sys; atexit.register(lambda: open(sys.argv.pop(), 'w').write("
+            "str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))); "
+            "from cbpt_cli.app import main; main(sys.argv[1:-1])"
+        )
+        cmd = [sys.executable, "-c", code, "purify", str(model), "--data", str(data), "--out", str(out)]
+        cmd += [*COMPARE_ARGS, "--overwrite", "--json", str(peak_file)]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}
+        )
+        if proc.returncode != 0:
+            raise SystemExit(f"{label}: {proc.stderr[-2000:]}")
+        rep = json.loads((out / "report.json").read_text())
+        peak = int(peak_file.read_text()) / 1024
+        rows.append({"code": label, "classes": classes, "timings": rep["timings"], "peak_rss_mb": round(peak, 1)})
+    return rows
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
+
+
+def table(results: list[dict]) -> str:
+    rows = [
+        "| C | k | classes per tuning step | original head | inversion step | encoder s/image | cache images "
+        "| tuning step | evaluation | export | peak RSS | projected default run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: (r["shots"] != 16, r["classes"])):
+        p = r["projected"]
+        rows.append(
+            f"| {r['classes']} | {r['shots']} | {r['classes_per_step']} | {_fmt_s(r['original_head_s'])} | "
+            f"{r['inversion_step_s']:.2f} s | {r['encode_s_per_image']:.3f} | {r['cache_images']:,} | "
+            f"{r['tuning_step_s']:.2f} s | {r['evaluation_s']:.2f} s | {r['export_s']:.0f} s | "
+            f"{r['peak_rss_mb'] / 1024:.2f} GB | {_fmt_s(p['total_s'])} (inversion {_fmt_s(p['inversion_s'])}, "
+            f"cache {_fmt_s(p['cache_s'])}, tuning {_fmt_s(p['tuning_s'])}) |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--shots", type=int, nargs="+", default=[16, 4])
+    ap.add_argument("--arch", default="ViT-B-32")
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)))
+    ap.add_argument("--state", type=Path, default=DEFAULT_STATE)
+    ap.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "cbpt-scale-models")
+    ap.add_argument(
+        "--against", metavar="GIT_REF", help="also purify end to end with the code at GIT_REF and this tree (C=10)"
+    )
+    ap.add_argument("--case", nargs=2, type=int, help=argparse.SUPPRESS)  # one case, in this process
+    args = ap.parse_args()
+    args.models.mkdir(parents=True, exist_ok=True)
+    if args.case:
+        print(json.dumps(run_case(args.case[0], args.case[1], args.arch, args.models, args.threads)))
+        return
+    if args.against:
+        rows = cli_compare(args.against, 10, args.arch, args.models)
+        compare = args.state.with_name(args.state.stem + "-compare.json")
+        compare.write_text(json.dumps(rows, indent=1))
+        print("| code | inversion s | feature cache s | tuning s (20 steps) | total s | peak RSS |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            t = r["timings"]
+            print(
+                f"| {r['code']} | {t['inversion_s']} | {t.get('feature_cache_s', '-')} | {t['tuning_s']} | "
+                f"{t['total_s']} | {r['peak_rss_mb'] / 1024:.2f} GB |"
+            )
+        return
+    state = json.loads(args.state.read_text()) if args.state.is_file() else []
+    done = {(r["classes"], r["shots"], r["arch"]) for r in state}
+    cases = [(c, k) for k in args.shots for c in args.classes]
+    for c, k in cases:
+        if (c, k, args.arch) in done:
+            continue
+        cmd = [sys.executable, __file__, "--case", str(c), str(k), "--arch", args.arch, "--threads", str(args.threads)]
+        cmd += ["--models", str(args.models)]
+        print(f"C={c} k={k} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"case C={c} k={k} failed")
+        state.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        args.state.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(args.state)
+    print(table([r for r in state if r["arch"] == args.arch]))
+
+
+if __name__ == "__main__":
+    main()
