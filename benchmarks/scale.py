@@ -46,16 +46,25 @@ SMALL_HEAD = 64  # classes the original head is timed on
 
 
 def _synthetic_pixels(n: int, size: int, seed: int):
-    """Smooth random uint8 images [n, 3, size, size], made a chunk at a time."""
+    """Smooth random uint8 images [n, 3, size, size], made a chunk at a time and kept as
+    `load_shots` keeps shots: in memory, or past SPILL_BYTES in a PixelStore."""
     import torch
     import torch.nn.functional as F
 
+    from cbpt.data import SPILL_BYTES, PixelStore
+
     gen = torch.Generator().manual_seed(seed)
-    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    shape = (n, 3, size, size)
+    big = n * 3 * size * size > SPILL_BYTES
+    out = PixelStore(shape) if big else torch.empty(shape, dtype=torch.uint8)
     for i in range(0, n, 256):
         m = min(256, n - i)
         low = torch.rand(m, 3, 8, 8, generator=gen)
-        out[i : i + m] = (F.interpolate(low, size=(size, size), mode="bilinear") * 255).round().to(torch.uint8)
+        chunk = (F.interpolate(low, size=(size, size), mode="bilinear") * 255).round().to(torch.uint8)
+        if big:
+            out.write(i, chunk)
+        else:
+            out[i : i + m] = chunk
     return out
 
 
@@ -84,7 +93,7 @@ def run_case(classes: int, shots: int, arch: str, model_dir: Path, threads: int)
     from cbpt.prompts import ClassPrompts
     from cbpt.purify import original_head
     from cbpt.runtime import Runtime, peak_rss_mb
-    from cbpt.tuning import FullAcceptance, Rung, TuningConfig, TuningData, _Tuner
+    from cbpt.tuning import FullAcceptance, Rung, Tuner, TuningConfig, TuningData
     from export.package import Source, build_heads
 
     out: dict = {"classes": classes, "shots": shots, "arch": arch, "threads": threads}
@@ -100,7 +109,8 @@ def run_case(classes: int, shots: int, arch: str, model_dir: Path, threads: int)
         _synthetic_pixels(n_held, size, 1),
         torch.arange(classes).repeat_interleave(HELD_OUT),
     )
-    out["shots_mb"] = round((shot_set.pixels.numel() + shot_set.held_pixels.numel()) / 2**20, 1)
+    out["shots_mb"] = round((n + n_held) * 3 * size * size / 2**20, 1)
+    out["shots_in_file"] = not isinstance(shot_set.pixels, torch.Tensor)
     out["make_shots_s"] = round(time.perf_counter() - t0, 2)
 
     # the original head, timed on the first SMALL_HEAD classes
@@ -165,21 +175,16 @@ def run_case(classes: int, shots: int, arch: str, model_dir: Path, threads: int)
     # tuning: real steps on every class
     prompts = ClassPrompts(clip.model, clip.tokenizer(), names)
     t0 = time.perf_counter()
-    tuner = _Tuner(prompts, TuningData(cache, held, original, clip.logit_scale), tc, FullAcceptance())
+    tuner = Tuner(prompts, TuningData(cache, held, original, clip.logit_scale), tc, FullAcceptance())
     out["tuning_setup_s"] = round(time.perf_counter() - t0, 2)
     opt = torch.optim.Adam(prompts.parameters(), lr=tc.lr)
     rung, times = Rung(0, tc.alpha, tc.margin), []
     for _ in range(4):
         t = time.perf_counter()
-        classes_now = tuner.picker.next()
-        loss, _ = tuner.loss(tuner.texts.step(classes_now), rung, classes_now)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        tuner.texts.changed(classes_now)
+        tuner.step(opt, rung)
         times.append(time.perf_counter() - t)
     out["tuning_step_s"] = round(sum(times[1:]) / 3, 3)
-    out["classes_per_step"] = int(classes_now.numel())
+    out["classes_per_step"] = min(classes, tc.classes.max_classes)
     t = time.perf_counter()
     tuner.validate(tuner.texts.current(), rung.alpha)
     out["evaluation_s"] = round(time.perf_counter() - t, 3)

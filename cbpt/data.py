@@ -8,6 +8,7 @@ Class names come from `--classes FILE` (one per line, in label order) or the fol
 from __future__ import annotations
 
 import csv
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -193,9 +194,57 @@ def sample_shots(ds: LabelledImages, shots: int, seed: int = 0) -> tuple[Labelle
     return ds.subset(picked), ds.subset(rest)
 
 
-def load_batch(ds: LabelledImages, transform: Callable):
+# uint8 shots larger than this are kept in a file and read a batch at a time (PixelStore)
+SPILL_BYTES = 1 << 30
+
+
+class PixelStore:
+    """uint8 images [N, C, H, W] kept in an unlinked temporary file and read a batch at a time
+    with pread: the process holds a batch, the kernel's page cache the rest
+    (docs/scale.md#memory). Indexed like a tensor (an int, a slice, a list or a tensor of
+    rows), it returns tensors."""
+
+    def __init__(self, shape: tuple[int, int, int, int], folder: str | Path | None = None):
+        import tempfile
+
+        import torch
+
+        self.shape = torch.Size(shape)
+        self.dtype = torch.uint8
+        self._row = int(np.prod(shape[1:]))
+        fd, name = tempfile.mkstemp(prefix="cbpt-shots-", suffix=".u8", dir=folder)
+        os.unlink(name)  # the data lives as long as the descriptor: nothing to clean up
+        os.ftruncate(fd, shape[0] * self._row)
+        self._fd = fd
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def write(self, start: int, rows) -> None:
+        """Rows `start`, `start + 1`, ... from a uint8 tensor [M, C, H, W]."""
+        os.pwrite(self._fd, rows.contiguous().numpy().tobytes(), start * self._row)
+
+    def __getitem__(self, index):
+        import torch
+
+        if isinstance(index, int):
+            return self[[index]][0]
+        rows = range(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index).reshape(-1)
+        out = np.empty((len(rows), self._row), dtype=np.uint8)
+        for j, r in enumerate(rows):
+            out[j] = np.frombuffer(os.pread(self._fd, self._row, int(r) * self._row), dtype=np.uint8)
+        return torch.from_numpy(out).view(len(rows), *self.shape[1:])
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def load_batch(ds: LabelledImages, transform: Callable, spill_bytes: int | None = None):
     """Preprocess every image with `transform` into one preallocated tensor (no second copy
-    while stacking); name every unreadable file at once."""
+    while stacking), or, past `spill_bytes` of uint8 pixels, into a `PixelStore`; name every
+    unreadable file at once."""
     import torch
 
     out, bad = None, []
@@ -206,8 +255,12 @@ def load_batch(ds: LabelledImages, transform: Callable):
             bad.append(f"{p} ({type(e).__name__})")
             continue
         if out is None:
-            out = torch.empty((len(ds), *x.shape), dtype=x.dtype)
-        out[i] = x
+            spill = spill_bytes is not None and x.dtype == torch.uint8 and len(ds) * x.numel() > spill_bytes
+            out = PixelStore((len(ds), *x.shape)) if spill else torch.empty((len(ds), *x.shape), dtype=x.dtype)
+        if isinstance(out, PixelStore):
+            out.write(i, x[None])
+        else:
+            out[i] = x
     if bad:
         raise UserError(
             f"{len(bad)} unreadable image(s): {'; '.join(bad[:3])}" + (" ..." if len(bad) > 3 else ""),
@@ -223,10 +276,10 @@ class Shots:
     normalisation (triggers live in pixel space; `cbpt.encoding.to_x01` makes them floats a
     batch at a time), and the held-out shots when there are any."""
 
-    pixels: torch.Tensor  # [N, 3, H, W] uint8
+    pixels: torch.Tensor | PixelStore  # [N, 3, H, W] uint8
     labels: torch.Tensor
     classnames: tuple[str, ...]
-    held_pixels: torch.Tensor | None = None
+    held_pixels: torch.Tensor | PixelStore | None = None
     held_labels: torch.Tensor | None = None
     paths: tuple[str, ...] = ()
 
@@ -248,16 +301,22 @@ def load_pixels(clip: LoadedClip, paths: Sequence[Path]) -> torch.Tensor:
 
 
 def load_shots(
-    clip: LoadedClip, data: str | Path, classes: str | Path | None, shots: int, seed: int, held_out: int
+    clip: LoadedClip,
+    data: str | Path,
+    classes: str | Path | None,
+    shots: int,
+    seed: int,
+    held_out: int,
+    spill_bytes: int | None = SPILL_BYTES,
 ) -> Shots:
     """`shots` images per class drawn with `seed`, and up to `held_out` more per class where
-    every class has some to spare."""
+    every class has some to spare; each set past `spill_bytes` is kept in a file."""
     ds = discover(data, read_classes(classes) if classes else None)
     chosen, rest = sample_shots(ds, shots, seed)
     tf = pixel_transform(clip)
-    x, y = load_batch(chosen, tf)
+    x, y = load_batch(chosen, tf, spill_bytes)
     held = _held_out(rest, held_out, seed)
-    hx, hy = load_batch(held, tf) if held is not None else (None, None)
+    hx, hy = load_batch(held, tf, spill_bytes) if held is not None else (None, None)
     return Shots(x, y, ds.classnames, hx, hy, tuple(str(p) for p in chosen.paths))
 
 

@@ -283,7 +283,7 @@ def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x[rows]
 
 
-class _Tuner:
+class Tuner:
     """Trains the context vectors rung by rung under one acceptance policy, logging each evaluation."""
 
     def __init__(self, prompts: ClassPrompts, data: TuningData, cfg: TuningConfig, acceptance: Acceptance):
@@ -348,6 +348,16 @@ class _Tuner:
         loss = l_clean + rung.alpha * l_trig + cfg.beta * l_keep
         return loss, {"loss": loss, "clean": l_clean, "trig": l_trig, "keep": l_keep}
 
+    def step(self, opt: torch.optim.Optimizer, rung: Rung) -> dict[str, torch.Tensor]:
+        """One optimiser step on the schedule's next classes; the loss terms."""
+        classes = self.picker.next()
+        loss, parts = self.loss(self.texts.step(classes), rung, classes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        self.texts.changed(classes)
+        return parts
+
     def train_rung(self, rung: Rung, tick: Callable[[int], None]) -> Checkpoint:
         """One rung from the current context: its best checkpoint, ranked eligible first, then
         most robust, then lowest objective; early stopping only against held-out shots."""
@@ -358,12 +368,7 @@ class _Tuner:
         best_key = None if best is None else (True, best.held_out.trig_acc, -best.held_out.objective)
         stale = 0
         for step in range(1, cfg.steps + 1):
-            classes = self.picker.next()
-            loss, parts = self.loss(self.texts.step(classes), rung, classes)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            self.texts.changed(classes)
+            parts = self.step(opt, rung)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 h = self.validate(self.texts.current(), rung.alpha)
                 terms = {k: v.item() for k, v in parts.items()}
@@ -410,7 +415,7 @@ def tune(
     triggered shots to judge it by) starts again from the initial context."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    tuner = _Tuner(prompts, data, cfg, acceptance)
+    tuner = Tuner(prompts, data, cfg, acceptance)
     init = prompts.snapshot()
     climbs = data.held_out is not None and len(data.held_out.triggered) > 0
     rungs = [Rung(0, cfg.alpha, cfg.margin)] + [

@@ -140,16 +140,23 @@ def int8_inputs(clip, pixels, trigger, held_pixels=None, limit: int = CALIBRATIO
     pp = clip.preprocess_cfg
     trigger = trigger.to("cpu")
 
-    def spread(x: torch.Tensor) -> torch.Tensor:
-        return x if x.shape[0] <= limit else x[torch.linspace(0, x.shape[0] - 1, limit).round().long()]
+    def spread(n: int) -> torch.Tensor:
+        """At most `limit` of n rows, evenly spread."""
+        return torch.arange(n) if n <= limit else torch.linspace(0, n - 1, limit).round().long()
 
     def normalised(x: torch.Tensor) -> np.ndarray:
         return normalise_pixels(x, pp["mean"], pp["std"]).numpy().astype(np.float32)
 
+    n = pixels.shape[0]
+    even, odd = torch.arange(0, n, 2), torch.arange(1, n, 2)
+    n_held = 0 if held_pixels is None else held_pixels.shape[0]
+    pick = spread(len(odd) + n_held)  # over the odd shots, then the held-out ones
     with torch.no_grad():
-        fit = to_x01(spread(pixels[0::2]))
-        check = spread(pixels[1::2] if held_pixels is None else torch.cat([pixels[1::2], held_pixels]))
-        check = to_x01(check)
+        fit = to_x01(pixels[even[spread(len(even))]])
+        parts = [pixels[odd[pick[pick < len(odd)]]]]
+        if n_held:
+            parts.append(held_pixels[pick[pick >= len(odd)] - len(odd)])
+        check = to_x01(torch.cat(parts))
         return Int8Inputs(
             calibration=normalised(torch.cat([fit, trigger.apply(fit)])),
             clean=normalised(check),

@@ -185,7 +185,8 @@ def _finetune(clip: LoadedClip, shots: Shots, cfg: FinetuneConfig, loss_fn, trai
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    check_x = shots.held_pixels if shots.held_pixels is not None else shots.pixels
+    # every one of them at once: the baselines run on testbed-sized shot sets
+    check_x = (shots.held_pixels if shots.held_pixels is not None else shots.pixels)[:]
     check_y = (shots.held_labels if shots.held_labels is not None else shots.labels).to(clip.device)
 
     def held_acc() -> float:

@@ -97,7 +97,7 @@ def test_inversion_statistics_over_every_shot_need_no_n_by_n_matrix():
 def _tuner(clip, num_classes: int, max_classes: int):
     from cbpt.features import FeatureCache
     from cbpt.prompts import ClassPrompts
-    from cbpt.tuning import ClassSchedule, FullAcceptance, TuningConfig, TuningData, _Tuner
+    from cbpt.tuning import ClassSchedule, FullAcceptance, Tuner, TuningConfig, TuningData
 
     names = [f"thing {i}" for i in range(num_classes)]
     prompts = ClassPrompts(clip.model, clip.tokenizer(), names)
@@ -110,7 +110,7 @@ def _tuner(clip, num_classes: int, max_classes: int):
     trig = F.normalize(g0[0] + 0.3 * torch.randn(len(trig_labels), g0.shape[1], generator=gen), dim=-1)
     cache = FeatureCache(clean, labels, trig, trig_labels, torch.zeros_like(trig_labels), 0)
     cfg = TuningConfig(classes=ClassSchedule(max_classes=max_classes, confusers=1))
-    return _Tuner(prompts, TuningData(cache, None, g0, clip.logit_scale), cfg, FullAcceptance()), prompts
+    return Tuner(prompts, TuningData(cache, None, g0, clip.logit_scale), cfg, FullAcceptance()), prompts
 
 
 def _grads(prompts) -> list[torch.Tensor | None]:
@@ -170,16 +170,16 @@ def test_the_text_cache_stays_exact_while_steps_move_a_few_classes_at_a_time(tin
 
     tuner, prompts = _tuner(tiny, 12, 4)
     opt = torch.optim.Adam(prompts.parameters(), lr=0.05)
-    seen: set[int] = set()
-    for _ in range(5):
-        picked = tuner.picker.next()
-        seen |= set(picked.tolist())
-        loss, _ = tuner.loss(tuner.texts.step(picked), Rung(0, 0.5, 0.0), picked)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        tuner.texts.changed(picked)
-    assert len(seen) > 4  # the cycle reached classes beyond the first step's
+    before = prompts.snapshot()
+
+    def moved() -> int:
+        return int((prompts.snapshot() != before).flatten(1).any(1).sum())
+
+    tuner.step(opt, Rung(0, 0.5, 0.0))
+    assert moved() == 4  # a step moves its classes and no other
+    for _ in range(4):
+        tuner.step(opt, Rung(0, 0.5, 0.0))
+    assert moved() > 4  # the cycle reached classes beyond the first step's
     assert torch.allclose(tuner.texts.current(), prompts.features(), atol=1e-6)
 
 
@@ -192,3 +192,21 @@ def test_the_cli_refuses_a_gpu_it_does_not_have_before_reading_anything(command,
     assert code == 2 and "sees no CUDA device" in err and "--device cpu" in err
     code, _, err = run_cli(capsys, command, tmp_path / "missing.pt", "--data", tmp_path, "--batch-size", "0")
     assert code == 2 and "--batch-size must be at least 1" in err
+
+
+def test_shots_past_the_spill_size_live_in_a_file_and_read_back_the_same(tmp_path, tiny):
+    from cbpt.data import PixelStore, load_shots
+
+    data = make_image_folder(tmp_path / "d", {"cat": 5, "dog": 5}, size=40)
+    in_memory = load_shots(tiny, data, None, 3, 0, 2)
+    spilled = load_shots(tiny, data, None, 3, 0, 2, spill_bytes=0)
+    assert isinstance(spilled.pixels, PixelStore) and isinstance(spilled.held_pixels, PixelStore)
+    assert spilled.pixels.shape == in_memory.pixels.shape
+    rows = torch.tensor([4, 0, 5])
+    assert torch.equal(spilled.pixels[rows], in_memory.pixels[rows])
+    assert torch.equal(spilled.pixels[1::2], in_memory.pixels[1::2]) and torch.equal(
+        spilled.pixels[2], in_memory.pixels[2]
+    )
+    # the encoder's passes read it a batch at a time and give the same features
+    small = tiny.encoder().__class__(tiny.encode_pixels, tiny.device, 4)
+    assert torch.allclose(small.all(spilled.held_pixels), small.all(in_memory.held_pixels), atol=0)
