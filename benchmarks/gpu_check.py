@@ -1,7 +1,7 @@
 """The GPU check: purify at default settings on CUDA, and the guard on CUDA vs the CPU.
 
     bash benchmarks/gpu_check.sh              # on a machine with a GPU, under 10 minutes
-    python benchmarks/gpu_check.py --smoke    # the same steps, tiny, on this CPU (a dry run)
+    python benchmarks/gpu_check.py --smoke --model M.pt   # the same steps, tiny, on this CPU
 
 In one go, with ViT-B-32 at random weights (speed and memory only; no efficacy):
 1. purify on the CPU and on CUDA at C = 10 with short settings (the same on both): the ratio;
@@ -104,6 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("gpu-check"))
     ap.add_argument("--arch", default="ViT-B-32")
+    ap.add_argument("--model", type=Path, help="a checkpoint to use instead of --arch with random weights")
     ap.add_argument("--classes", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--precision", default="fp32")
@@ -114,7 +115,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.smoke else args.device
     classes = [3] if args.smoke else args.classes
-    model = model_file(args.out, args.arch)
+    model = args.model or model_file(args.out, args.arch)
     results: dict = {
         "arch": args.arch,
         "torch": torch.__version__,
@@ -143,15 +144,21 @@ def main() -> None:
     heads = args.out / f"purified-{classes[0]}"
     data = args.out / f"shots-{classes[0]}"
     eps = ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
+    from cbpt_guard.errors import UserError
+
     for ep in eps:
         print(f"classify on onnxruntime {ep}", flush=True)
-        results["classify"].append(classify_case(heads, data, ep))
+        try:
+            results["classify"].append(classify_case(heads, data, ep))
+        except UserError as e:  # onnxruntime-gpu lists CUDA even where it cannot load it
+            results["classify_note"] = f"classify on {ep}: {e}"
         save()
     if len(eps) == 1:
         results["classify_note"] = "onnxruntime here has no CUDAExecutionProvider (install onnxruntime-gpu)"
     save()
     lines = [
-        f"GPU check: {results['gpu'] or 'no GPU'}, torch {results['torch']}, {args.arch} random weights",
+        f"GPU check: {results['gpu'] or 'no GPU'}, torch {results['torch']}, "
+        + (str(args.model) if args.model else f"{args.arch} random weights"),
         "",
         "| run | device | classes | settings | inversion s | cache s | tuning s | export s | total s | peak |",
         "|---|---|---|---|---|---|---|---|---|---|",

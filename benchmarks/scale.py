@@ -271,6 +271,58 @@ def cli_compare(ref: str, classes: int, arch: str, models: Path) -> list[dict]:
     return rows
 
 
+def step_ratio(class_counts: list[int], shots: int, arch: str, models: Path, threads: int, rounds: int = 6) -> dict:
+    """Tuning-step seconds for each class count, measured in one process with the steps
+    interleaved (C1, C2, ..., C1, C2, ...), so a busy machine slows them alike: the median per
+    class count and its ratio to the first. Features are random unit vectors shaped like the
+    default cache (3 views, 3 masks) of `shots` shots per class; the text tower is the model's."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    from cbpt.features import FeatureCache
+    from cbpt.model import load_clip
+    from cbpt.prompts import ClassPrompts
+    from cbpt.tuning import FullAcceptance, Rung, Tuner, TuningConfig, TuningData
+
+    clip = load_clip(_model_file(models, arch))
+    tc = TuningConfig()
+    gen = torch.Generator().manual_seed(0)
+    tuners, opts = {}, {}
+    for c in class_counts:
+        names = tuple(f"class number {i}" for i in range(c))
+        prompts = ClassPrompts(clip.model, clip.tokenizer(), names)
+        d = prompts.features().shape[1]
+        labels = torch.arange(c).repeat(3 * shots)
+        trig_labels = torch.arange(1, c).repeat(9 * shots)
+
+        clean = F.normalize(torch.randn(len(labels), d, generator=gen), dim=-1)
+        trig = F.normalize(torch.randn(len(trig_labels), d, generator=gen), dim=-1)
+        cache = FeatureCache(clean, labels, trig, trig_labels, trig_labels * 0, 0)
+        data = TuningData(cache, None, prompts.features(), clip.logit_scale)
+        tuners[c] = Tuner(prompts, data, tc, FullAcceptance())
+        opts[c] = torch.optim.Adam(prompts.parameters(), lr=tc.lr)
+    times: dict[int, list[float]] = {c: [] for c in class_counts}
+    rung = Rung(0, tc.alpha, tc.margin)
+    for _ in range(rounds + 1):  # the first round warms up
+        for c in class_counts:
+            t = time.perf_counter()
+            tuners[c].step(opts[c], rung)
+            times[c].append(time.perf_counter() - t)
+    med = {c: statistics.median(v[1:]) for c, v in times.items()}
+    base = med[class_counts[0]]
+    return {
+        "arch": arch,
+        "shots": shots,
+        "threads": threads,
+        "classes_per_step": tc.classes.max_classes,
+        "median_step_s": {str(c): round(v, 3) for c, v in med.items()},
+        "ratio_to_first": {str(c): round(v / base, 2) for c, v in med.items()},
+    }
+
+
 def _fmt_s(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
 
@@ -304,11 +356,21 @@ def main() -> None:
     ap.add_argument(
         "--against", metavar="GIT_REF", help="also purify end to end with the code at GIT_REF and this tree (C=10)"
     )
+    ap.add_argument(
+        "--step-ratio", action="store_true", help="only the tuning step at each --classes, interleaved in one process"
+    )
     ap.add_argument("--case", nargs=2, type=int, help=argparse.SUPPRESS)  # one case, in this process
     args = ap.parse_args()
     args.models.mkdir(parents=True, exist_ok=True)
     if args.case:
         print(json.dumps(run_case(args.case[0], args.case[1], args.arch, args.models, args.threads)))
+        return
+    if args.step_ratio:
+        result = step_ratio(args.classes, args.shots[0], args.arch, args.models, args.threads)
+        args.state.with_name(args.state.stem + "-steps.json").write_text(json.dumps(result, indent=1))
+        print("| C | tuning step (median) | vs first |\n|---|---|---|")
+        for c in args.classes:
+            print(f"| {c} | {result['median_step_s'][str(c)]:.2f} s | {result['ratio_to_first'][str(c)]:.2f}x |")
         return
     if args.against:
         rows = cli_compare(args.against, 10, args.arch, args.models)

@@ -153,7 +153,7 @@ class ClassSchedule:
     feature comes from a cache kept exact (a class's feature is recomputed after its context
     changed). A step's cost then follows `max_classes`, not the label set."""
 
-    max_classes: int = 16
+    max_classes: int = 12
     confusers: int = 4
 
     def covers(self, num_classes: int) -> bool:

@@ -305,7 +305,7 @@ def purify(
             "come from a cache (docs/scale.md#class-bounded-tuning). Label sets this size or smaller "
             "tune every class at every step."
         ),
-    ] = 16,
+    ] = 12,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
     int8: Int8ExportOpt = False,
     overwrite: OverwriteOpt = False,
@@ -332,7 +332,7 @@ def purify(
     if (alpha is not None and alpha < 0) or beta < 0:
         raise UsageError("--alpha and --beta must be at least 0", "pass --alpha 0.5 --beta 2, or leave them out")
     if classes_per_step < 1:
-        raise UsageError("--classes-per-step must be at least 1", "pass --classes-per-step 16")
+        raise UsageError("--classes-per-step must be at least 1", "pass --classes-per-step 12")
     tuning = TuningConfig(seed=seed, steps=tuning_steps, beta=beta, classes=ClassSchedule(max_classes=classes_per_step))
     if alpha is not None:  # a weight the user fixed is not escalated
         tuning = replace(tuning, alpha=alpha, ladder=Ladder.off())
