@@ -219,7 +219,7 @@ def run_case(classes: int, shots: int, arch: str, model_dir: Path, threads: int)
     return out
 
 
-COMPARE_ARGS = ["--inversion-steps", "5", "--restarts", "1", "--tuning-steps", "20", "--threads", "2"]
+COMPARE_ARGS = ["--inversion-steps", "5", "--restarts", "1", "--tuning-steps", "20", "--threads", "1"]
 
 
 def _shot_folder(root: Path, classes: int, per_class: int) -> Path:
