@@ -20,38 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def shot_folder(root: Path, classes: int, per_class: int, size: int = 64, seed: int = 0) -> Path:
-    """`classes` folders of `per_class` smooth random PNGs (the model's transform resizes them)."""
-    from PIL import Image
-
-    if (root / "done").is_file():
-        return root
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        d = root / f"class_{c:04d}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-            Image.fromarray(low).resize((size, size), Image.BILINEAR).save(d / f"{i:02d}.png")
-    (root / "done").write_text("")
-    return root
-
-
-def model_file(folder: Path, arch: str) -> Path:
-    import open_clip
-    import torch
-
-    path = folder / f"{arch}-random.pt"
-    if not path.is_file():
-        torch.manual_seed(0)
-        torch.save(open_clip.create_model(arch, pretrained=None).state_dict(), path)
-    return path
+from scale import model_file, shot_folder  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def purify_case(model: Path, data: Path, device: str, out: Path, short: bool, precision: str = "fp32") -> dict:

@@ -68,7 +68,7 @@ def _synthetic_pixels(n: int, size: int, seed: int):
     return out
 
 
-def _model_file(folder: Path, arch: str) -> Path:
+def model_file(folder: Path, arch: str) -> Path:
     import open_clip
     import torch
 
@@ -97,7 +97,7 @@ def run_case(classes: int, shots: int, arch: str, model_dir: Path, threads: int)
     from export.package import Source, build_heads
 
     out: dict = {"classes": classes, "shots": shots, "arch": arch, "threads": threads}
-    clip = load_clip(_model_file(model_dir, arch), runtime=Runtime())
+    clip = load_clip(model_file(model_dir, arch), runtime=Runtime())
     size = clip.info.image_size
     names = tuple(f"class number {i}" for i in range(classes))
     n, n_held = classes * shots, classes * HELD_OUT
@@ -222,7 +222,7 @@ def run_case(classes: int, shots: int, arch: str, model_dir: Path, threads: int)
 COMPARE_ARGS = ["--inversion-steps", "5", "--restarts", "1", "--tuning-steps", "20", "--threads", "1"]
 
 
-def _shot_folder(root: Path, classes: int, per_class: int) -> Path:
+def shot_folder(root: Path, classes: int, per_class: int) -> Path:
     """Class folders of smooth random 64-px PNGs (the model's transform resizes them)."""
     import numpy as np
     from PIL import Image
@@ -247,8 +247,8 @@ def cli_compare(ref: str, classes: int, arch: str, models: Path) -> list[dict]:
     old = Path(tempfile.gettempdir()) / f"cbpt-ref-{sha}"
     if not old.is_dir():
         subprocess.run(["git", "worktree", "add", "--detach", str(old), sha], cwd=ROOT, check=True, capture_output=True)
-    data = _shot_folder(models / f"shots-{classes}", classes, 24)
-    model = _model_file(models, arch)
+    data = shot_folder(models / f"shots-{classes}", classes, 24)
+    model = model_file(models, arch)
     rows = []
     for label, root in ((f"before ({sha})", old), ("now", ROOT)):
         out = models / f"purified-{classes}-{label.split()[0]}"
@@ -287,7 +287,7 @@ def step_ratio(class_counts: list[int], shots: int, arch: str, models: Path, thr
     from cbpt.prompts import ClassPrompts
     from cbpt.tuning import FullAcceptance, Rung, Tuner, TuningConfig, TuningData
 
-    clip = load_clip(_model_file(models, arch))
+    clip = load_clip(model_file(models, arch))
     tc = TuningConfig()
     gen = torch.Generator().manual_seed(0)
     tuners, opts = {}, {}
