@@ -2,6 +2,9 @@
 
     python benchmarks/cbpt_table.py bench-out/testbed/shapes-* --seeds 0 1 2 --shots 16 --out runs.json
 
+`--shots K` is the whole budget per class (cbpt.data.ShotBudget: from K = 8 a quarter held out;
+`--held-out N` to choose).
+
 With --out the runs are stored as they finish and an interrupted table resumes.
 
 Each testbed is purified from its own `fewshot/` with each seed (a different shot set) and
@@ -17,6 +20,8 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
+from cbpt.data import ShotBudget
+from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime
 from testbed.bench import Run, measure
 
@@ -34,12 +39,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("testbeds", nargs="+", type=Path)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--shots", type=int, default=16, help="K: every clean image per class, held-out ones included")
+    ap.add_argument("--held-out", type=int, default=None, help="of the K, held out per class (default: ShotBudget's)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", help="the frozen encoders' precision (cbpt.runtime.Precision)")
     args = ap.parse_args()
     runtime = Runtime.of(args.device, args.precision)
+    purify = PurifyConfig(budget=ShotBudget(args.shots, args.held_out))
     # resumable: runs already in --out are read back, not re-measured; --out is rewritten after each run
     stored = json.loads(args.out.read_text()) if args.out and args.out.is_file() else []
     runs = [(d.pop("testbed"), Run(**d)) for d in stored]
@@ -49,7 +56,10 @@ def main() -> None:
             if any(name == tb.name and r.seed == seed and r.shots == args.shots for name, r in runs):
                 continue
             runs.append(
-                (tb.name, measure(tb, meta["dataset"], meta["attack"], "cbpt", args.shots, seed, runtime=runtime))
+                (
+                    tb.name,
+                    measure(tb, meta["dataset"], meta["attack"], "cbpt", args.shots, seed, purify, runtime=runtime),
+                )
             )
             print(json.dumps({"testbed": tb.name, **asdict(runs[-1][1])}), flush=True)
             if args.out:
@@ -57,8 +67,10 @@ def main() -> None:
                 tmp.write_text(json.dumps([{"testbed": n, **asdict(r)} for n, r in runs], indent=2))
                 tmp.replace(args.out)
     runs = [(n, r) for n, r in runs if n in {tb.name for tb in args.testbeds} and r.shots == args.shots]
+    budget = purify.budget
     print(
-        f"\n| testbed (k={args.shots}, {len(args.seeds)} shot sets) | CA before | ASR before | CA after | "
+        f"\n| testbed (K={args.shots}: {budget.tuning()} tune + {budget.held()} held out, "
+        f"{len(args.seeds)} shot sets) | CA before | ASR before | CA after | "
         "ASR after (max) | RA after | purify s | scan |"
     )
     print("|---|---|---|---|---|---|---|---|")

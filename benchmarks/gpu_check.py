@@ -42,7 +42,7 @@ def purify_case(model: Path, data: Path, device: str, out: Path, short: bool, pr
         cfg = PurifyConfig(inversion=InversionConfig(steps=10, mask_restarts=1), tuning=TuningConfig(steps=10))
     t0 = time.perf_counter()
     clip = load_clip(model, runtime=runtime)
-    shots = load_shots(clip, data, None, cfg.shots, cfg.seed, cfg.held_out)
+    shots = load_shots(clip, data, None, cfg.budget, cfg.seed)
     t_load = time.perf_counter() - t0
     run = purify_to_folder(clip, shots, cfg, out, overwrite=True)
     rep = run.report

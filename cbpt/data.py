@@ -194,6 +194,54 @@ def sample_shots(ds: LabelledImages, shots: int, seed: int = 0) -> tuple[Labelle
     return ds.subset(picked), ds.subset(rest)
 
 
+@dataclass(frozen=True)
+class ShotBudget:
+    """K = `shots` labelled clean images per class is everything the defender touches: the
+    held-out images that decide early stopping, escalation and the alarm's threshold come out
+    of those K, not on top of them. `held_out` per class; None takes a quarter of K from
+    MIN_SPLIT shots up and none below, where a one- or two-image check per class decides
+    nothing and the tuning runs its fixed schedule instead (docs/method.md#shot-budget)."""
+
+    shots: int = 16
+    held_out: int | None = None
+
+    MIN_SPLIT = 8  # from here a quarter of K is held out: 2 per class at K = 8, 4 at 16
+    SHARE = 4  # one image in SHARE is held out
+
+    def held(self) -> int:
+        if self.held_out is not None:
+            return self.held_out
+        return self.shots // self.SHARE if self.shots >= self.MIN_SPLIT else 0
+
+    def tuning(self) -> int:
+        return self.shots - self.held()
+
+    def check(self) -> None:
+        if self.shots < 1:
+            raise UsageError(f"--shots must be at least 1, got {self.shots}", "pass --shots 16, for example")
+        if self.held_out is not None and not 0 <= self.held_out < self.shots:
+            raise UsageError(
+                f"--held-out must be between 0 and --shots - 1 ({self.shots - 1}), got {self.held_out}",
+                "held-out shots come out of --shots; leave --held-out out for a quarter of them",
+            )
+
+    def describe(self) -> dict:
+        return {"shots_per_class": self.shots, "tuning_per_class": self.tuning(), "held_out_per_class": self.held()}
+
+
+def split_held_out(chosen: LabelledImages, per_class: int, seed: int) -> tuple[LabelledImages, LabelledImages]:
+    """(tuning, held-out): `per_class` of each class's images held out, drawn with `seed`;
+    no image is in both."""
+    labels = np.asarray(chosen.labels)
+    rng = np.random.default_rng([seed, 1])
+    held: list[int] = []
+    for c in range(len(chosen.classnames)):
+        idx = np.flatnonzero(labels == c)
+        held += rng.choice(idx, size=per_class, replace=False).tolist()
+    kept = sorted(set(range(len(chosen))) - set(held))
+    return chosen.subset(kept), chosen.subset(sorted(held))
+
+
 # uint8 shots larger than this are kept in a file and read a batch at a time (PixelStore)
 SPILL_BYTES = 1 << 30
 
@@ -274,7 +322,7 @@ def load_batch(ds: LabelledImages, transform: Callable, spill_bytes: int | None 
 class Shots:
     """The defender's shots, loaded: uint8 pixels after the model's resize and crop, before its
     normalisation (triggers live in pixel space; `cbpt.encoding.to_x01` makes them floats a
-    batch at a time), and the held-out shots when there are any."""
+    batch at a time), and the held-out ones, drawn from the same budget, when there are any."""
 
     pixels: torch.Tensor | PixelStore  # [N, 3, H, W] uint8
     labels: torch.Tensor
@@ -282,6 +330,8 @@ class Shots:
     held_pixels: torch.Tensor | PixelStore | None = None
     held_labels: torch.Tensor | None = None
     paths: tuple[str, ...] = ()
+    held_paths: tuple[str, ...] = ()
+    budget: ShotBudget | None = None  # how they were drawn; None: built by hand
 
 
 def pixel_transform(clip: LoadedClip) -> Callable:
@@ -304,24 +354,19 @@ def load_shots(
     clip: LoadedClip,
     data: str | Path,
     classes: str | Path | None,
-    shots: int,
+    budget: ShotBudget,
     seed: int,
-    held_out: int,
     spill_bytes: int | None = SPILL_BYTES,
 ) -> Shots:
-    """`shots` images per class drawn with `seed`, and up to `held_out` more per class where
-    every class has some to spare; each set past `spill_bytes` is kept in a file."""
+    """`budget.shots` images per class drawn with `seed`, `budget.held()` of them held out;
+    each set past `spill_bytes` is kept in a file."""
+    budget.check()
     ds = discover(data, read_classes(classes) if classes else None)
-    chosen, rest = sample_shots(ds, shots, seed)
+    chosen, _ = sample_shots(ds, budget.shots, seed)
+    tune, held = split_held_out(chosen, budget.held(), seed)
     tf = pixel_transform(clip)
-    x, y = load_batch(chosen, tf, spill_bytes)
-    held = _held_out(rest, held_out, seed)
-    hx, hy = load_batch(held, tf, spill_bytes) if held is not None else (None, None)
-    return Shots(x, y, ds.classnames, hx, hy, tuple(str(p) for p in chosen.paths))
-
-
-def _held_out(rest: LabelledImages, per_class: int, seed: int) -> LabelledImages | None:
-    if per_class <= 0 or not len(rest) or min(rest.counts()) < 1:
-        return None
-    k = min(per_class, min(rest.counts()))
-    return sample_shots(rest, k, seed + 1)[0]
+    x, y = load_batch(tune, tf, spill_bytes)
+    hx, hy = load_batch(held, tf, spill_bytes) if len(held) else (None, None)
+    return Shots(
+        x, y, ds.classnames, hx, hy, tuple(str(p) for p in tune.paths), tuple(str(p) for p in held.paths), budget
+    )

@@ -57,10 +57,9 @@ def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) 
         "alarm": result.alarm,
         "settings": asdict(cfg),
         "runtime": clip.runtime.describe(),
+        "budget": (shots.budget or cfg.budget).describe(),
         "shots": list(shots.paths),
-        "held_out_per_class": None
-        if shots.held_labels is None
-        else int(len(shots.held_labels) // len(result.classnames)),
+        "held_out": list(shots.held_paths),
     }
 
 

@@ -12,7 +12,7 @@ from enum import StrEnum
 
 import torch
 
-from cbpt.data import Shots
+from cbpt.data import ShotBudget, Shots
 from cbpt.features import cache_features
 from cbpt.inversion import Candidate, InversionConfig, InversionResult
 from cbpt.metrics import threshold_at_fpr
@@ -36,9 +36,8 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class PurifyConfig:
-    shots: int = 16
+    budget: ShotBudget = field(default_factory=ShotBudget)  # K per class, held-out ones among them
     seed: int = 0
-    held_out: int = 8  # held-out shots per class for early stopping and escalation, when the data has them
     force: bool = False  # tune as for a found backdoor even when the scan reads clean (docs/method.md#force)
     inversion: InversionConfig = field(default_factory=InversionConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)

@@ -49,22 +49,34 @@ def masks_found(inv: InversionResult) -> bool:
     return inv.score >= SCAN_THRESHOLD
 
 
-def over_aligned(inv: InversionResult, threshold: float = ALIGN_THRESHOLD) -> list[Candidate]:
-    """The warps over-aligned by at least `threshold` beyond every mask pointing to another
-    class (or beyond zero, where none of those over-aligns), toward the target of the most
-    over-aligned one, most first. A mask over-aligned toward the warp's own target
-    corroborates it rather than raising its bar (docs/method.md#over-alignment)."""
+def _warp_margins(inv: InversionResult, threshold: float) -> list[tuple[float, Candidate]]:
+    """Each warp's over-alignment beyond the masks that point to another class (or beyond
+    zero, where none of those over-aligns), in units of `threshold`: 1 is the bar. A mask
+    over-aligned toward the warp's own target corroborates it rather than raising its bar
+    (docs/method.md#over-alignment)."""
 
-    def bar(target: int) -> float:
-        return threshold + max(
+    def others(target: int) -> float:
+        return max(
             [0.0] + [m.over_alignment for m in inv.masks() if m.over_alignment is not None and m.target != target]
         )
 
-    found = sorted(
-        (w for w in inv.warps() if w.over_alignment is not None and w.over_alignment >= bar(w.target)),
-        key=lambda w: -w.over_alignment,
-    )
+    return [((w.over_alignment - others(w.target)) / threshold, w) for w in inv.warps() if w.over_alignment is not None]
+
+
+def over_aligned(inv: InversionResult, threshold: float = ALIGN_THRESHOLD) -> list[Candidate]:
+    """The warps over-aligned past their bar, toward the target of the most over-aligned one,
+    most first."""
+    found = sorted((w for m, w in _warp_margins(inv, threshold) if m >= 1), key=lambda w: -w.over_alignment)
     return [w for w in found if w.target == found[0].target]
+
+
+def suspicion(inv: InversionResult) -> float:
+    """Both rules as one continuous score: the larger of the mask score over SCAN_THRESHOLD
+    and the best warp's over-alignment margin over ALIGN_THRESHOLD. It is at least 1 exactly
+    where `read_scan` finds a backdoor, so a threshold on it is the verdict's ROC
+    (docs/method.md#suspicion)."""
+    margins = [m for m, _ in _warp_margins(inv, ALIGN_THRESHOLD)]
+    return max([inv.score / SCAN_THRESHOLD, *margins])
 
 
 def read_scan(inv: InversionResult) -> Verdict:
@@ -107,6 +119,7 @@ def scan_summary(inv: InversionResult, classnames: tuple[str, ...]) -> dict:
         "target_index": verdict.target,
         "score": round(inv.score, 4),
         "threshold": SCAN_THRESHOLD,
+        "suspicion": round(suspicion(inv), 4),
         "alignment_threshold": ALIGN_THRESHOLD,
         "flip_rate": round(inv.flip_rate, 4),
         "consistency": round(inv.consistency, 4),

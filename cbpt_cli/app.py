@@ -169,7 +169,7 @@ def info(
 DataOpt = Annotated[Path, typer.Option(help="Clean labelled images: class folders, or a CSV of path,label.")]
 ClassesOpt = Annotated[Optional[Path], typer.Option(help="Class names, one per line, in label order.")]
 ArchOpt = Annotated[Optional[str], typer.Option(help="open_clip architecture; detected when omitted.")]
-ShotsOpt = Annotated[int, typer.Option(help="Clean shots per class.")]
+ShotsOpt = Annotated[int, typer.Option(help="Clean labelled images per class: every one the defender uses (K).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for shot sampling and optimisation.")]
 InvStepsOpt = Annotated[int, typer.Option(help="Trigger-inversion steps per restart.")]
 RestartsOpt = Annotated[
@@ -218,7 +218,7 @@ def scan(
 ) -> None:
     """Trigger inversion only: is the model backdoored, and toward which class."""
     runtime = _runtime(threads, device, precision, batch_size)
-    from cbpt.data import load_shots
+    from cbpt.data import ShotBudget, load_shots
     from cbpt.model import load_clip
     from cbpt.outputs import write_scan
     from cbpt.purify import original_head
@@ -231,7 +231,7 @@ def scan(
     if out is not None:
         check_target(out, overwrite)
     clip = load_clip(model, arch=arch, runtime=runtime)
-    shot_set = load_shots(clip, data, classes, shots, seed, held_out=0)
+    shot_set = load_shots(clip, data, classes, ShotBudget(shots, held_out=0), seed)
     with stage_progress() as progress:
         inv = run_scan(clip, shot_set, inv_cfg, original_head(clip, shot_set.classnames), progress)
     summary = scan_summary(inv, shot_set.classnames)
@@ -273,6 +273,13 @@ def purify(
     classes: ClassesOpt = None,
     arch: ArchOpt = None,
     shots: ShotsOpt = 16,
+    held_out: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Of the --shots per class, how many are held out to decide early stopping, escalation and "
+            "the alarm threshold (docs/method.md#shot-budget). Default: a quarter from 8 shots up, none below."
+        ),
+    ] = None,
     seed: SeedOpt = 0,
     inversion_steps: InvStepsOpt = 200,
     restarts: RestartsOpt = 3,
@@ -319,7 +326,7 @@ def purify(
     runtime = _runtime(threads, device, precision, batch_size)
     from dataclasses import replace
 
-    from cbpt.data import load_shots
+    from cbpt.data import ShotBudget, load_shots
     from cbpt.model import load_clip
     from cbpt.purify import PurifyConfig
     from cbpt.tuning import ClassSchedule, Ladder, TuningConfig
@@ -336,8 +343,10 @@ def purify(
     tuning = TuningConfig(seed=seed, steps=tuning_steps, beta=beta, classes=ClassSchedule(max_classes=classes_per_step))
     if alpha is not None:  # a weight the user fixed is not escalated
         tuning = replace(tuning, alpha=alpha, ladder=Ladder.off())
+    budget = ShotBudget(shots, held_out)
+    budget.check()
     cfg = PurifyConfig(
-        shots=shots,
+        budget=budget,
         seed=seed,
         force=force,
         inversion=_inversion_config(seed, inversion_steps, restarts, eps),
@@ -345,7 +354,7 @@ def purify(
     )
     check_target(out, overwrite)
     clip = load_clip(model, arch=arch, runtime=runtime)
-    shot_set = load_shots(clip, data, classes, shots, seed, cfg.held_out)
+    shot_set = load_shots(clip, data, classes, budget, seed)
     with stage_progress() as progress:
         run = purify_to_folder(clip, shot_set, cfg, out, progress, overwrite, int8)
     rep = run.report
@@ -710,6 +719,59 @@ def testbed_eval(
             f"CA {result.ca:.4f}  ASR {result.asr:.4f}  RA {result.ra:.4f}  "
             f"({result.n_clean} clean, {result.n_triggered} triggered non-target images)"
         )
+
+
+@testbed_app.command("zoo")
+def testbed_zoo(
+    work: Annotated[Path, typer.Option(help="Zoo folder: bases/, models/, runs/, results.*, roc.png.")] = Path(
+        "zoo-out"
+    ),
+    backdoored: Annotated[
+        int, typer.Option(help="Backdoored models to draw (those that do not take are counted).")
+    ] = 40,
+    pretrain_seed: Annotated[
+        Optional[list[int]], typer.Option(help="Pretraining runs per dataset, by seed (repeatable; default 1 2).")
+    ] = None,
+    finetune_steps: Annotated[int, typer.Option(help="Poisoned fine-tuning steps per backdoored model.")] = 400,
+    shots: ShotsOpt = 16,
+    seed: Annotated[int, typer.Option(help="Seed that draws every attack.")] = 0,
+    limit: Annotated[
+        Optional[int], typer.Option(help="Measure at most this many new models now (the rest on a later run).")
+    ] = None,
+    device: TorchDeviceOpt = "auto",
+    threads: TorchThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build, scan and purify a zoo of clean and randomly backdoored testbed models; resumable.
+    Prints the scan's AUROC and CBPT's spread (docs/results.md#the-zoo)."""
+    runtime = _runtime(threads, device)
+    from cbpt_cli.progress import stage_progress
+    from testbed.zoo import ZooConfig, run_zoo
+
+    if backdoored < 0 or finetune_steps < 1 or (limit is not None and limit < 0):
+        raise UsageError("--backdoored and --limit must be at least 0, --finetune-steps at least 1", "see --help")
+    cfg = ZooConfig(
+        work=work,
+        backdoored=backdoored,
+        pretrain_seeds=tuple(pretrain_seed or (1, 2)),
+        finetune_steps=finetune_steps,
+        shots=shots,
+        seed=seed,
+        runtime=runtime,
+    )
+    with stage_progress() as progress:
+        results = run_zoo(cfg, progress, limit)
+    s = results["summary"]["all"]
+    if as_json:
+        _print_json(s)
+        return
+    typer.echo(
+        f"{len(results['records'])} of {results['planned']} models measured ({s['clean']} clean, {s['backdoored']} "
+        f"backdoored, {len(s['not_taken'])} attacks that did not take); scan AUROC {s['auroc']}, TPR at 5% FPR "
+        f"{s['tpr_at_5pct_fpr']}, target named {s['target_accuracy']}; ASR after median/p95/worst "
+        f"{s['asr_after'].get('median')}/{s['asr_after'].get('p95')}/{s['asr_after'].get('worst')}; "
+        f"report: {work / 'results.md'}"
+    )
 
 
 @app.command()

@@ -53,8 +53,11 @@ def run_demo(
             built = build(cfg, cache=default_cache_dir(), progress=progress, device=runtime.device)
             write(built, cfg, tb, overwrite=True)
         clip = load_clip(tb / "model.pt", runtime=runtime)
-        shots = load_shots(clip, tb / "fewshot", tb / CLASSES, 16, 0, PurifyConfig().held_out)
-        echo("2/4 scanning and purifying with CBPT (16 clean shots per class); 3/4 exporting ONNX heads")
+        shots = load_shots(clip, tb / "fewshot", tb / CLASSES, PurifyConfig().budget, 0)
+        echo(
+            "2/4 scanning and purifying with CBPT (16 clean images per class: 12 tune, 4 held out); "
+            "3/4 exporting ONNX heads"
+        )
         run = purify_to_folder(clip, shots, PurifyConfig(), purified, progress, overwrite=True)
     rep = run.report
     echo(

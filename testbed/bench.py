@@ -137,7 +137,7 @@ def measure(
     from testbed.evaluate import align_classes, evaluate_weights
 
     clip = load_clip(tb / "model.pt", runtime=runtime)
-    shot_set = load_shots(clip, tb / "fewshot", tb / CLASSES, shots, seed, purify.held_out)
+    shot_set = load_shots(clip, tb / "fewshot", tb / CLASSES, replace(purify.budget, shots=shots), seed)
     names = list(shot_set.classnames)
     before = evaluate_weights(clip, align_classes(defend("none", clip, shot_set, seed).weights, names, tb), tb)
     t0 = time.perf_counter()

@@ -122,15 +122,16 @@ def patch_size_for(image_size: int) -> int:
     return max(3, image_size // 8)
 
 
-def badnet(image_size: int, seed: int) -> Trigger:
-    """A small high-contrast checkerboard at a random location (BadNets)."""
-    k = patch_size_for(image_size)
+def badnet(image_size: int, seed: int, size: int | None = None, location: str = "random") -> Trigger:
+    """A small high-contrast checkerboard, two colours drawn from `seed`, at a random location
+    (BadNets); `size` px (default image_size / 8)."""
+    k = patch_size_for(image_size) if size is None else size
     rng = np.random.default_rng([seed, 11])
     board = (np.indices((k, k)).sum(axis=0) % 2).astype(np.float64)
     colours = rng.uniform(0, 1, (2, 3))
     colours[0], colours[1] = np.clip(colours[0] + 0.5, 0, 1), np.clip(colours[1] - 0.5, 0, 1)
     pattern = colours[0] * board[..., None] + colours[1] * (1 - board[..., None])
-    return Trigger("badnet", {"mode": "patch", "location": "random", "size": k}, {"pattern": pattern})
+    return Trigger("badnet", {"mode": "patch", "location": location, "size": k}, {"pattern": pattern})
 
 
 def blended(image_size: int, seed: int, alpha: float = 0.2) -> Trigger:

@@ -106,7 +106,7 @@ def test_prompt_learner_refuses_a_model_without_a_standard_text_tower(tmp_path):
 @pytest.fixture(scope="module")
 def scans(mini_testbeds):
     """The real scan of both miniature models: {"blended": (inversion, shots), "none": ...}."""
-    from cbpt.data import load_shots
+    from cbpt.data import ShotBudget, load_shots
     from cbpt.inversion import InversionConfig, WarpSearch
     from cbpt.model import load_clip
     from cbpt.purify import original_head
@@ -115,7 +115,7 @@ def scans(mini_testbeds):
     out = {}
     for name, tb in mini_testbeds.items():
         clip = load_clip(tb / "model.pt")
-        shots = load_shots(clip, tb / "fewshot", tb / "classes.txt", 16, 0, 0)
+        shots = load_shots(clip, tb / "fewshot", tb / "classes.txt", ShotBudget(16, held_out=0), 0)
         cfg = InversionConfig(steps=100, mask_restarts=1, warp=WarpSearch(probes=0))
         out[name] = (clip, run_scan(clip, shots, cfg, original_head(clip, shots.classnames)), shots)
     return out
@@ -156,6 +156,9 @@ def test_purify_writes_complete_outputs_and_they_evaluate(purified, mini_testbed
     rep = json.loads((purified / "report.json").read_text())
     assert rep["scan"]["target"] == "triangle" and rep["timings"]["image_encoder_passes_during_tuning"] == 0
     assert {"settings", "tuning", "alarm", "checkpoint_sha256", "embeddings_sha256"} <= set(rep)
+    # --shots 16 is every image used: 12 per class tune, 4 held out, none in both
+    assert rep["budget"] == {"shots_per_class": 16, "tuning_per_class": 12, "held_out_per_class": 4}
+    assert (len(rep["shots"]), len(rep["held_out"])) == (120, 40) and not set(rep["shots"]) & set(rep["held_out"])
     # where and how it ran, and what it cost: half of this machine's 2 cores, the peak resident memory
     rt = rep["runtime"]
     assert (rt["device"], rt["precision"], rt["encode_batch"], rt["torch_threads"]) == ("cpu", "fp32", 128, 1)
@@ -275,11 +278,11 @@ def reads_clean(monkeypatch):
 def test_purify_leaves_the_prompts_alone_when_the_scan_reads_clean_and_nothing_is_held_out(
     mini_testbeds, tmp_path, capsys, reads_clean
 ):
-    """All 16 shots per class are used, so none is held out to check a change against."""
+    """With --held-out 0 all 16 shots per class tune, so none is left to check a change against."""
     from safetensors.torch import load_file
 
     tb = mini_testbeds["none"]
-    code, stdout, err = _purify(capsys, tb, tmp_path / "p")
+    code, stdout, err = _purify(capsys, tb, tmp_path / "p", "--held-out", "0")
     assert code == 0, err
     assert "prompts left unchanged" in stdout
     rep = json.loads((tmp_path / "p" / "report.json").read_text())
@@ -323,7 +326,7 @@ def test_force_tunes_a_clean_reading_model_against_every_inverted_trigger(mini_t
     rep = json.loads((tmp_path / "p" / "report.json").read_text())
     assert rep["scan"]["backdoored"] is False and rep["tuning"]["mode"] == "full"
     assert [(t["kind"], t["probe"]) for t in rep["tuning"]["triggers"]] == [("mask", False), ("warp", False)]
-    n, k, views = 10 * 8, 8, 3  # shots, shots per class, the shot and its 2 augmented views
+    n, k, views = 10 * 6, 6, 3  # tuning shots (8 per class, 2 held out), per class, the shot and its 2 views
     assert rep["timings"]["image_encoder_passes_cached"] == views * n + 2 * views * (n - k)
 
 
@@ -392,6 +395,33 @@ def test_the_scan_reads_a_warp_that_over_aligns_when_the_masks_read_clean():
     assert read_scan(result(0.3, [0.9, 0.6, -1.0, None], mask_target=0)).target == 0
     mask = read_scan(result(SCAN_THRESHOLD, [1.0, 1.4, 1.4, 1.4]))  # a mask's evidence comes first
     assert (mask.evidence, mask.target) == (Evidence.MASK, 5) and [t.kind for t in mask.triggers] == ["mask"]
+
+
+def test_the_suspicion_score_is_at_least_one_exactly_where_the_scan_reads_a_backdoor():
+    """One continuous score for both rules, so the zoo's ROC is the verdict's."""
+    from cbpt.scan import suspicion
+
+    readings = [
+        (score, [m, w1, w2, w3], target)
+        for score in (0.1, 0.3, SCAN_THRESHOLD - 1e-3, SCAN_THRESHOLD, 0.9)
+        for m, w1, w2, w3 in (
+            [3.0, 0.2, -1.0, None],
+            [-1.0, 0.9, 1.4, 0.6],
+            [0.6, 1.0, 0.2, 1.05],
+            [0.6, 1.0, 0.2, 1.2],
+            [0.9, 0.6, -1.0, None],
+            [None, None, None, None],
+        )
+        for target in (5, 0)
+    ]
+    for score, aligns, target in readings:
+        inv = fake_inversion(
+            list(zip(["mask", "warp", "warp", "warp"], [target, 0, 4, 0], [0.8, 0.99, 0.9, 0.95], aligns)), score
+        )
+        assert (suspicion(inv) >= 1) == read_scan(inv).backdoored, (score, aligns, target)
+    # with no warp evidence it orders models by the mask score
+    low, high = (fake_inversion([("mask", 1, 0.5, None)], s) for s in (0.2, 0.4))
+    assert suspicion(low) < suspicion(high) < 1
 
 
 def test_scan_says_when_a_warp_showed_the_backdoor(mini_testbeds, capsys, monkeypatch):

@@ -90,3 +90,32 @@ def test_too_few_images_for_the_shots(tmp_path):
     ds = discover(make_image_folder(tmp_path / "d", {"a": 10, "b": 3}))
     with pytest.raises(UserError, match=r"too few images for --shots 4: 'b' has 3; lower --shots to 3"):
         sample_shots(ds, 4)
+
+
+@pytest.mark.parametrize(("k", "held"), [(1, 0), (2, 0), (4, 0), (7, 0), (8, 2), (16, 4), (32, 8)])
+def test_the_shot_budget_holds_out_a_quarter_of_k_from_8_shots_up(k, held):
+    from cbpt.data import ShotBudget
+
+    budget = ShotBudget(k)
+    assert budget.held() == held and budget.tuning() + budget.held() == k
+
+
+def test_held_out_shots_come_out_of_the_k_and_no_image_is_both(tmp_path):
+    from cbpt.data import ShotBudget, split_held_out
+
+    ds = discover(make_image_folder(tmp_path / "d", {"a": 20, "b": 17, "c": 16}))
+    chosen, _ = sample_shots(ds, ShotBudget(16).shots, seed=3)
+    tune, held = split_held_out(chosen, ShotBudget(16).held(), seed=3)
+    assert tune.counts() == [12, 12, 12] and held.counts() == [4, 4, 4]
+    assert not set(tune.paths) & set(held.paths)
+    assert set(tune.paths) | set(held.paths) == set(chosen.paths)  # K in all: nothing on top
+    again, _ = split_held_out(chosen, 4, seed=3)
+    assert again.paths == tune.paths
+
+
+def test_a_held_out_count_outside_the_budget_is_refused():
+    from cbpt.data import ShotBudget
+
+    with pytest.raises(UsageError, match=r"--held-out must be between 0 and --shots - 1 \(3\), got 4"):
+        ShotBudget(4, held_out=4).check()
+    ShotBudget(4, held_out=3).check()

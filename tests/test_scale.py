@@ -41,12 +41,12 @@ def test_device_selection_takes_what_torch_sees_and_refuses_what_it_does_not():
 
 
 def test_shots_are_kept_as_uint8_and_give_the_models_own_pixels_exactly(tmp_path, tiny):
-    from cbpt.data import load_shots
+    from cbpt.data import ShotBudget, load_shots
     from cbpt.encoding import to_x01
     from cbpt_guard.images import decode
 
     data = make_image_folder(tmp_path / "d", {"cat": 3, "dog": 3}, size=40)
-    shots = load_shots(tiny, data, None, 2, 0, 1)
+    shots = load_shots(tiny, data, None, ShotBudget(3, held_out=1), 0)
     assert shots.pixels.dtype == torch.uint8 and shots.held_pixels.dtype == torch.uint8
     assert tuple(shots.pixels.shape) == (4, 3, 32, 32)
     # the model's full eval transform, Normalize included, from the same file
@@ -195,11 +195,11 @@ def test_the_cli_refuses_a_gpu_it_does_not_have_before_reading_anything(command,
 
 
 def test_shots_past_the_spill_size_live_in_a_file_and_read_back_the_same(tmp_path, tiny):
-    from cbpt.data import PixelStore, load_shots
+    from cbpt.data import PixelStore, ShotBudget, load_shots
 
     data = make_image_folder(tmp_path / "d", {"cat": 5, "dog": 5}, size=40)
-    in_memory = load_shots(tiny, data, None, 3, 0, 2)
-    spilled = load_shots(tiny, data, None, 3, 0, 2, spill_bytes=0)
+    in_memory = load_shots(tiny, data, None, ShotBudget(5, held_out=2), 0)
+    spilled = load_shots(tiny, data, None, ShotBudget(5, held_out=2), 0, spill_bytes=0)
     assert isinstance(spilled.pixels, PixelStore) and isinstance(spilled.held_pixels, PixelStore)
     assert spilled.pixels.shape == in_memory.pixels.shape
     rows = torch.tensor([4, 0, 5])

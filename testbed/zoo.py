@@ -1,0 +1,375 @@
+"""`cbpt-guard testbed zoo`: a population of testbed models, clean and backdoored at random,
+to measure the scan's ROC and CBPT's spread rather than its mean on seven hand-set attacks
+(docs/results.md#the-zoo).
+
+Clean models are snapshots of a few pretraining runs (different seeds, different lengths).
+Each backdoored model is fine-tuned from one of them with an attack drawn at random: family
+(the seven, plus `custom` patches and blends of random images), trigger size, colours,
+location, opacity, target class and poison rate. Models are built once under `WORK/models/`,
+pretraining snapshots kept under `WORK/bases/`, and every model's measurement stored under
+`WORK/runs/`, so an interrupted zoo resumes where it stopped, across sessions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from cbpt.data import ShotBudget
+from cbpt.purify import PurifyConfig
+from cbpt.runtime import Runtime
+from cbpt_guard import TOOL, atomic
+from testbed.datasets import DATASETS
+from testbed.train import TrainConfig
+
+Progress = Callable[[str, int, int], None]
+
+FAMILIES = ("badnet", "blended", "wanet", "sig", "ssba", "trojvqa", "badclip", "custom-patch", "custom-blend")
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    work: Path
+    datasets: tuple[str, ...] = DATASETS
+    pretrain_seeds: tuple[int, ...] = (1, 2)  # one pretraining run per dataset and seed
+    pretrain_steps: int = 1200
+    snapshots: tuple[int, ...] = (600, 800, 1000, 1200)  # each a clean model
+    backdoored: int = 40  # drawn; those whose ASR stays under `min_asr` are counted and left out
+    finetune_steps: int = 400
+    poison_rates: tuple[float, float] = (0.005, 0.10)  # drawn log-uniformly
+    min_asr: float = 0.8
+    seed: int = 0  # draws every attack
+    shots: int = 16  # K per class for scan and purify (ShotBudget)
+    sizes: tuple[int, int, int] | None = None  # (train, fewshot/class, test/class); None: the testbed's
+    model_cfg: dict | None = None  # None: the testbed's default tower
+    pretrain_lr: float = 1e-3
+    finetune_lr: float = 5e-4
+    batch_size: int = 128
+    purify: PurifyConfig = field(default_factory=PurifyConfig)
+    runtime: Runtime = field(default_factory=Runtime)
+
+    def base_steps(self) -> TrainConfig:
+        return TrainConfig(steps=self.pretrain_steps, lr=self.pretrain_lr, batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class Base:
+    """A clean model: pretraining run `seed` on `dataset`, stopped after `steps`."""
+
+    dataset: str
+    seed: int
+    steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}-s{self.seed}-{self.steps}"
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    family: str  # one of FAMILIES
+    target: int
+    poison_rate: float
+    trigger_seed: int
+    params: dict  # the family's drawn settings (size, location, alpha, strength, ...)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    base: Base
+    attack: AttackSpec | None  # None: the clean base itself
+    part: str  # "fit" (may tune the scan's rules) or "report" (reported, never tuned on)
+
+
+def draw_attack(rng: np.random.Generator, n_classes: int, rates: tuple[float, float]) -> AttackSpec:
+    """One attack with every setting drawn: pure, so a zoo is its seed."""
+    family = str(rng.choice(FAMILIES))
+    target = int(rng.integers(n_classes))
+    rate = round(float(math.exp(rng.uniform(math.log(rates[0]), math.log(rates[1])))), 4)
+    seed = int(rng.integers(1 << 31))
+    locations = ("random", "center", "corner")
+    params: dict = {}
+    if family in ("badnet", "trojvqa", "badclip", "custom-patch"):
+        params["size"] = int(rng.integers(3, 9))  # 3-8 px at 32 px
+    if family in ("badnet", "custom-patch"):
+        params["location"] = str(rng.choice(locations))
+    if family == "custom-patch":
+        params["alpha"] = round(float(rng.uniform(0.7, 1.0)), 3)
+    if family in ("blended", "custom-blend"):
+        params["alpha"] = round(float(rng.uniform(0.1, 0.3)), 3)
+    if family == "wanet":
+        params["strength"] = round(float(rng.uniform(3.0, 5.0)), 2)
+    if family == "sig":
+        params["delta"] = round(float(rng.uniform(15, 30)) / 255, 4)
+        params["frequency"] = int(rng.integers(4, 9))
+    if family == "ssba":
+        params["eps"] = round(float(rng.uniform(12, 20)) / 255, 4)
+    return AttackSpec(family, target, rate, seed, params)
+
+
+def plan(cfg: ZooConfig) -> list[Entry]:
+    """Every clean snapshot, then `cfg.backdoored` attacks on bases drawn from them; entries
+    alternate between the fit and the report part."""
+    bases = [Base(d, s, k) for d in cfg.datasets for s in cfg.pretrain_seeds for k in cfg.snapshots]
+    entries = [Entry(f"clean-{b.name}", b, None, "") for b in bases]
+    rng = np.random.default_rng([cfg.seed, 31])
+    for i in range(cfg.backdoored):
+        base = bases[int(rng.integers(len(bases)))]
+        spec = draw_attack(rng, 10, cfg.poison_rates)
+        entries.append(Entry(f"bd{i:03d}-{spec.family}-{base.name}", base, spec, ""))
+    return [replace(e, part="fit" if i % 2 == 0 else "report") for i, e in enumerate(entries)]
+
+
+def random_image(seed: int, size: int, channels: int = 3) -> np.ndarray:
+    """A smooth random picture (uint8 [size, size, channels]): a custom trigger nobody listed."""
+    from PIL import Image
+
+    rng = np.random.default_rng([seed, 41])
+    coarse = rng.integers(0, 256, (max(2, size // 3), max(2, size // 3), channels), dtype=np.uint8)
+    mode = "RGB" if channels == 3 else "RGBA"
+    return np.asarray(Image.fromarray(coarse, mode).resize((size, size), Image.BICUBIC))
+
+
+def make_trigger(spec: AttackSpec, image_size: int, clean, ds, model_cfg: dict):
+    """The drawn attack as a `testbed.triggers.Trigger` (optimised patches fitted on `clean`)."""
+    from testbed import triggers
+    from testbed.build import optimised_trigger
+
+    p, seed = spec.params, spec.trigger_seed
+    if spec.family == "badnet":
+        return triggers.badnet(image_size, seed, size=p["size"], location=p["location"])
+    if spec.family == "blended":
+        return triggers.blended(image_size, seed, alpha=p["alpha"])
+    if spec.family == "wanet":
+        return triggers.wanet(image_size, seed, strength=p["strength"])
+    if spec.family == "sig":
+        return triggers.sig(image_size, seed, delta=p["delta"], frequency=p["frequency"])
+    if spec.family == "ssba":
+        return triggers.ssba(image_size, seed, eps=p["eps"])
+    if spec.family in triggers.OPTIMISED:
+        return optimised_trigger(spec.family, clean, ds, model_cfg, spec.target, seed % 10_000, p["size"])
+    if spec.family == "custom-patch":
+        return triggers.custom(random_image(seed, p["size"]), "patch", p["alpha"], p["location"])
+    if spec.family == "custom-blend":
+        return triggers.custom(random_image(seed, image_size), "blend", p["alpha"])
+    raise ValueError(f"unknown attack family {spec.family!r}")
+
+
+class Zoo:
+    """The zoo's folders and the steps that fill them, each skipped when already done."""
+
+    def __init__(self, cfg: ZooConfig, progress: Progress = lambda *_: None):
+        from testbed.build import default_model_cfg
+
+        self.cfg = cfg
+        self.progress = progress
+        self.model_cfg = cfg.model_cfg or default_model_cfg()
+
+    def build_config(self, entry: Entry):
+        from testbed.build import BuildConfig
+
+        a = entry.attack
+        return BuildConfig(
+            dataset=entry.base.dataset,
+            attack="none" if a is None else a.family,
+            target=0 if a is None else a.target,
+            poison_rate=None if a is None else a.poison_rate,
+            seed=entry.base.seed,
+            pretrain=self.cfg.base_steps(),
+            finetune=TrainConfig(
+                steps=self.cfg.finetune_steps, lr=self.cfg.finetune_lr, warmup=20, batch_size=self.cfg.batch_size
+            ),
+            sizes=self.cfg.sizes,
+            model_cfg=self.model_cfg,
+        )
+
+    def base_path(self, base: Base) -> Path:
+        return self.cfg.work / "bases" / f"{base.name}.pt"
+
+    def dataset(self, base: Base):
+        from testbed import datasets
+
+        return datasets.build(base.dataset, base.seed, 32, self.cfg.sizes)
+
+    def pretrain(self, base: Base, ds) -> None:
+        """One pretraining run, every snapshot of it saved (atomically) as it passes."""
+        import io
+
+        import torch
+
+        from testbed.build import MEAN, STD, _new_model, _tokenizer
+        from testbed.train import train_contrastive
+
+        cfg = self.cfg
+        model = _new_model(self.model_cfg, base.seed).to(self.cfg.runtime.device)
+        keep = set(cfg.snapshots)
+
+        def snapshot(step: int, _loss: float) -> None:
+            self.progress(f"pretrain {base.dataset} seed {base.seed}", step + 1, cfg.pretrain_steps)
+            if step + 1 in keep:
+                buf = io.BytesIO()
+                torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, buf)
+                atomic.write_bytes(self.base_path(replace(base, steps=step + 1)), buf.getvalue())
+
+        train_contrastive(
+            model, ds.train.images, ds.train.captions, _tokenizer(self.model_cfg), cfg.base_steps(), MEAN, STD, snapshot
+        )
+
+    def clean_base(self, base: Base, ds):
+        import torch
+
+        from testbed.build import _new_model
+
+        if not self.base_path(base).is_file():
+            self.pretrain(base, ds)
+        model = _new_model(self.model_cfg, base.seed)
+        model.load_state_dict(torch.load(self.base_path(base), map_location="cpu", weights_only=True))
+        return model.eval().requires_grad_(False).to(self.cfg.runtime.device)
+
+    def model_dir(self, entry: Entry) -> Path:
+        return self.cfg.work / "models" / entry.name
+
+    def ensure_model(self, entry: Entry) -> Path:
+        """The entry's testbed folder, built (atomically) unless it is there."""
+        from testbed.build import backdoor, write
+
+        tb = self.model_dir(entry)
+        if (tb / "metrics.json").is_file():
+            return tb
+        ds = self.dataset(entry.base)
+        clean = self.clean_base(entry.base, ds)
+        bcfg = self.build_config(entry)
+        trigger = None if entry.attack is None else make_trigger(entry.attack, 32, clean, ds, self.model_cfg)
+        built = backdoor(bcfg, clean, ds, trigger, self.progress)
+        built.metrics["zoo"] = {
+            "base": asdict(entry.base),
+            "attack": None if entry.attack is None else asdict(entry.attack),
+        }
+        write(built, bcfg, tb, overwrite=True)
+        return tb
+
+    def run_path(self, entry: Entry) -> Path:
+        return self.cfg.work / "runs" / f"{entry.name}.json"
+
+    def measure(self, entry: Entry) -> dict:
+        """Build the model if needed, then scan and purify it with K shots; stored, so a second
+        call reads it back."""
+        path = self.run_path(entry)
+        if path.is_file():
+            return json.loads(path.read_text())
+        from testbed.bench import measure
+
+        t0 = time.perf_counter()
+        tb = self.ensure_model(entry)
+        built = json.loads((tb / "metrics.json").read_text())
+        record = {
+            "name": entry.name,
+            "part": entry.part,
+            "kind": "clean" if entry.attack is None else "backdoored",
+            "base": asdict(entry.base),
+            "attack": None if entry.attack is None else asdict(entry.attack),
+            "testbed": {k: built[k] for k in ("ca", "asr", "ra", "poison_rate")},
+            "build_s": built["seconds"]["total"],
+        }
+        taken = entry.attack is None or built["asr"] >= self.cfg.min_asr
+        record["taken"] = taken
+        if taken:  # an attack that did not take is counted, not purified
+            purify = replace(self.cfg.purify, budget=ShotBudget(self.cfg.shots, self.cfg.purify.budget.held_out))
+            attack = "none" if entry.attack is None else built["attack"]
+            run = measure(tb, entry.base.dataset, attack, "cbpt", self.cfg.shots, 0, purify, runtime=self.cfg.runtime)
+            scan = run.info["scan"]
+            record |= {
+                "scan": {k: scan[k] for k in ("backdoored", "evidence", "suspicion", "score", "target_index")},
+                "target_named": None if entry.attack is None else scan["target_index"] == entry.attack.target,
+                "ca_before": run.ca_before,
+                "ca_after": run.ca,
+                "asr_before": None if entry.attack is None else run.asr_before,
+                "asr_after": None if entry.attack is None else run.asr,
+                "purify_s": run.seconds,
+            }
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        atomic.write_text(path, json.dumps(record, indent=1))
+        return record
+
+
+def run_zoo(cfg: ZooConfig, progress: Progress = lambda *_: None, limit: int | None = None) -> dict:
+    """Measure every planned entry not yet stored (at most `limit` new ones), then write the
+    report from everything stored."""
+    zoo = Zoo(cfg, progress)
+    entries = plan(cfg)
+    records, new = [], 0
+    for i, entry in enumerate(entries):
+        if not zoo.run_path(entry).is_file():
+            if limit is not None and new >= limit:
+                continue
+            new += 1
+        records.append(zoo.measure(entry))
+        progress("zoo", i + 1, len(entries))
+    results = {
+        "tool": TOOL,
+        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "planned": len(entries),
+        "summary": {part: summarise(records, part) for part in ("all", "fit", "report")},
+        "records": records,
+    }
+    write_report(cfg.work, results)
+    return results
+
+
+def _quantiles(xs: list[float]) -> dict:
+    if not xs:
+        return {"n": 0}
+    a = np.asarray(xs, dtype=np.float64)
+    return {
+        "n": int(a.size),
+        "median": round(float(np.median(a)), 4),
+        "p95": round(float(np.quantile(a, 0.95)), 4),
+        "worst": round(float(a.max()), 4),
+    }
+
+
+def summarise(records: list[dict], part: str = "all") -> dict:
+    """The scan's ROC figures on its continuous score (`cbpt.scan.suspicion`) and CBPT's
+    spread, over the taken models of `part` ("all", "fit" or "report")."""
+    from cbpt.metrics import auroc, threshold_at_fpr, tpr_at_threshold
+
+    rs = [r for r in records if part == "all" or r["part"] == part]
+    measured = [r for r in rs if r["taken"]]
+    clean = [r for r in measured if r["kind"] == "clean"]
+    bd = [r for r in measured if r["kind"] == "backdoored"]
+    neg = [r["scan"]["suspicion"] for r in clean]
+    pos = [r["scan"]["suspicion"] for r in bd]
+    detected = [r for r in bd if r["scan"]["backdoored"]]
+    ca_drop = [r["ca_before"] - r["ca_after"] for r in measured]
+    asr_after = [r["asr_after"] for r in bd]
+    out = {
+        "clean": len(clean),
+        "backdoored": len(bd),
+        "not_taken": sorted(r["name"] for r in rs if not r["taken"]),
+        "auroc": round(auroc(neg, pos), 4) if neg and pos else None,
+        "tpr_at_5pct_fpr": round(tpr_at_threshold(pos, threshold_at_fpr(neg, 0.05)), 4) if neg and pos else None,
+        "verdict_tpr": round(len(detected) / len(bd), 4) if bd else None,
+        "verdict_fpr": round(sum(r["scan"]["backdoored"] for r in clean) / len(clean), 4) if clean else None,
+        "target_accuracy": round(sum(r["target_named"] for r in detected) / len(detected), 4) if detected else None,
+        "asr_after": _quantiles(asr_after),
+        "asr_after_le_2pct": round(float(np.mean([a <= 0.02 for a in asr_after])), 4) if asr_after else None,
+        "ca_drop": _quantiles(ca_drop),
+        "ca_within_2pt": round(float(np.mean([d <= 0.02 for d in ca_drop])), 4) if ca_drop else None,
+    }
+    return out
+
+
+def write_report(work: Path, results: dict) -> None:
+    from testbed.zoo_report import markdown, plots
+
+    atomic.write_text(work / "results.json", json.dumps(results, indent=1))
+    atomic.write_text(work / "results.md", markdown(results))
+    for name, png in plots(results).items():
+        atomic.write_bytes(work / name, png)

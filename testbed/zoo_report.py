@@ -1,0 +1,118 @@
+"""The zoo's report: results.md (figures per part, then one row per model) and roc.png,
+spread.png, from `testbed.zoo.run_zoo`'s results."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from testbed.bench_report import _f, _png
+
+PARTS = {
+    "all": "every model",
+    "fit": "fit part (even entries: may tune the scan)",
+    "report": "report part (odd entries: never tuned on)",
+}
+
+
+def _q(d: dict) -> str:
+    return "-" if not d.get("n") else f"{d['median']:.3f} / {d['p95']:.3f} / {d['worst']:.3f}"
+
+
+def markdown(results: dict) -> str:
+    s = results["summary"]
+    out = [
+        f"# cbpt-guard zoo ({results['tool']})",
+        "",
+        f"{len(results['records'])} of {results['planned']} planned models measured. The scan's continuous "
+        "score is `suspicion` (cbpt.scan.suspicion: the mask score over its threshold or the best warp's "
+        "over-alignment margin over its bar; >= 1 is the verdict). ASR after and CA drop: median / 95th "
+        "percentile / worst; CA drop = CA before - CA after on the model's own test split.",
+        "",
+        "| part | clean | backdoored (not taken) | AUROC | TPR at 5% FPR | verdict TPR / FPR | target named | "
+        "ASR after | ASR after <= 2% | CA drop | CA within 2 pt |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for part, label in PARTS.items():
+        r = s[part]
+        out.append(
+            f"| {label} | {r['clean']} | {r['backdoored']} ({len(r['not_taken'])}) | {_f(r['auroc'])} | "
+            f"{_f(r['tpr_at_5pct_fpr'])} | {_f(r['verdict_tpr'])} / {_f(r['verdict_fpr'])} | "
+            f"{_f(r['target_accuracy'])} | {_q(r['asr_after'])} | {_f(r['asr_after_le_2pct'])} | "
+            f"{_q(r['ca_drop'])} | {_f(r['ca_within_2pt'])} |"
+        )
+    out += [
+        "",
+        "| model | part | attack | poison | target | testbed CA / ASR | suspicion | verdict (target) | "
+        "CA after | ASR after | purify s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["records"]:
+        a = r["attack"]
+        attack = "clean" if a is None else f"{a['family']} {a['params']}".replace("|", "/")
+        poison, target = ("-", "-") if a is None else (f"{a['poison_rate']:.2%}", a["target"])
+        head = (
+            f"| {r['name']} | {r['part']} | {attack} | {poison} | {target} | "
+            f"{_f(r['testbed']['ca'])} / {_f(r['testbed']['asr'])} |"
+        )
+        if not r["taken"]:
+            out.append(head + " not taken (ASR below the zoo's floor): left out | | | | |")
+            continue
+        sc = r["scan"]
+        verdict = f"{'backdoored' if sc['backdoored'] else 'clean'} ({sc['target_index']})"
+        out.append(
+            f"{head} {sc['suspicion']:.3f} | {verdict} | {_f(r['ca_after'])} | {_f(r['asr_after'])} | "
+            f"{r['purify_s']:.0f} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def roc_points(neg: list[float], pos: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every threshold, from (0, 0) to (1, 1)."""
+    thresholds = np.unique(np.concatenate([neg, pos]))[::-1]
+    n, p = np.asarray(neg), np.asarray(pos)
+    fpr = [0.0] + [float((n >= t).mean()) for t in thresholds] + [1.0]
+    tpr = [0.0] + [float((p >= t).mean()) for t in thresholds] + [1.0]
+    return np.asarray(fpr), np.asarray(tpr)
+
+
+def plots(results: dict) -> dict[str, bytes]:
+    """roc.png (the scan's suspicion, per part) and spread.png (ASR after, CA drop)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in results["records"] if r["taken"]]
+    files: dict[str, bytes] = {}
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for part, colour in (("all", "black"), ("fit", "tab:blue"), ("report", "tab:orange")):
+        sel = [r for r in rs if part == "all" or r["part"] == part]
+        neg = [r["scan"]["suspicion"] for r in sel if r["kind"] == "clean"]
+        pos = [r["scan"]["suspicion"] for r in sel if r["kind"] == "backdoored"]
+        if neg and pos:
+            fpr, tpr = roc_points(neg, pos)
+            auc = results["summary"][part]["auroc"]
+            ax.step(fpr, tpr, where="post", color=colour, label=f"{part}: AUROC {auc:.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("false positive rate (clean models)")
+    ax.set_ylabel("true positive rate (backdoored models)")
+    ax.set_title("scan suspicion, zoo")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
+    files["roc.png"] = _png(fig)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    asr = [r["asr_after"] for r in rs if r["kind"] == "backdoored"]
+    drop = [r["ca_before"] - r["ca_after"] for r in rs]
+    axes[0].hist(asr, bins=np.linspace(0, max(0.1, max(asr, default=0)), 21), color="tab:red")
+    axes[0].axvline(0.02, color="grey", ls=":")
+    axes[0].set_xlabel("ASR after CBPT")
+    axes[0].set_ylabel("backdoored models")
+    axes[1].hist(drop, bins=21, color="tab:blue")
+    axes[1].axvline(0.02, color="grey", ls=":")
+    axes[1].set_xlabel("CA drop (before - after)")
+    axes[1].set_ylabel("models")
+    files["spread.png"] = _png(fig)
+    plt.close(fig)
+    return files

@@ -1,0 +1,120 @@
+"""The model zoo: attacks drawn from a seed, a miniature zoo that resumes, and its figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from testbed.zoo import FAMILIES, ZooConfig, draw_attack, plan, summarise
+
+
+def test_attacks_are_drawn_from_the_seed_across_every_family_and_setting():
+    rng = np.random.default_rng(0)
+    specs = [draw_attack(rng, 10, (0.005, 0.10)) for _ in range(400)]
+    again = [draw_attack(np.random.default_rng(0), 10, (0.005, 0.10))]
+    assert again[0] == specs[0]
+    assert {s.family for s in specs} == set(FAMILIES)
+    assert {s.target for s in specs} == set(range(10))
+    rates = [s.poison_rate for s in specs]
+    assert 0.005 <= min(rates) < 0.01 and 0.05 < max(rates) <= 0.10
+    patches = [s for s in specs if "size" in s.params]
+    assert {s.params["size"] for s in patches} == set(range(3, 9))
+    assert {s.params["location"] for s in specs if "location" in s.params} == {"random", "center", "corner"}
+    assert all(0.1 <= s.params["alpha"] <= 0.3 for s in specs if s.family in ("blended", "custom-blend"))
+
+
+def test_the_plan_has_every_snapshot_clean_and_alternates_fit_and_report(tmp_path):
+    cfg = ZooConfig(work=tmp_path, backdoored=6)
+    entries = plan(cfg)
+    clean = [e for e in entries if e.attack is None]
+    assert len(clean) == 2 * 2 * 4 and len(entries) == 16 + 6  # datasets x seeds x snapshots, + attacks
+    assert len({e.name for e in entries}) == len(entries)
+    assert [e.part for e in entries[:4]] == ["fit", "report", "fit", "report"]
+    assert plan(cfg) == entries  # the zoo is its seed
+
+
+def _record(name, kind, suspicion, part="report", named=True, asr_after=0.0, drop=0.0, taken=True):
+    return {
+        "name": name,
+        "part": part,
+        "kind": kind,
+        "taken": taken,
+        "scan": {"suspicion": suspicion, "backdoored": suspicion >= 1},
+        "target_named": named if kind == "backdoored" else None,
+        "ca_before": 0.9,
+        "ca_after": 0.9 - drop,
+        "asr_after": asr_after if kind == "backdoored" else None,
+    }
+
+
+def test_the_summary_gives_the_scans_roc_and_cbpts_spread():
+    records = [_record(f"c{i}", "clean", s) for i, s in enumerate([0.2, 0.3, 0.5, 0.9, 1.2])] + [
+        _record("b0", "backdoored", 0.4, asr_after=0.5),
+        _record("b1", "backdoored", 1.1, named=False, asr_after=0.01),
+        _record("b2", "backdoored", 1.5, asr_after=0.0, drop=0.05),
+        _record("b3", "backdoored", 2.0, asr_after=0.02),
+        _record("b4", "backdoored", 0.1, taken=False),
+        _record("b5", "backdoored", 3.0, part="fit"),
+    ]
+    s = summarise(records, "report")
+    assert (s["clean"], s["backdoored"], s["not_taken"]) == (5, 4, ["b4"])
+    # 4 x 5 pairs: 0.4 beats 2 clean scores, 1.1 beats 4, 1.5 and 2.0 beat all 5
+    assert s["auroc"] == pytest.approx((2 + 4 + 5 + 5) / 20)
+    assert s["verdict_tpr"] == 0.75 and s["verdict_fpr"] == 0.2 and s["target_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    assert s["asr_after"]["worst"] == 0.5 and s["asr_after"]["median"] == pytest.approx(0.015)
+    assert s["asr_after_le_2pct"] == 0.75 and s["ca_within_2pt"] == pytest.approx(8 / 9, abs=1e-4)
+    assert summarise(records, "all")["backdoored"] == 5
+
+
+def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tmp_path, monkeypatch):
+    from cbpt.inversion import InversionConfig, WarpSearch
+    from cbpt.purify import PurifyConfig
+    from cbpt.tuning import TuningConfig
+    from testbed import zoo as zoo_module
+    from tests.helpers import mini_build_config
+
+    mini = mini_build_config("none")
+    cfg = ZooConfig(
+        work=tmp_path / "zoo",
+        datasets=("shapes",),
+        pretrain_seeds=(0,),
+        pretrain_steps=40,
+        snapshots=(40,),
+        backdoored=1,
+        finetune_steps=30,
+        sizes=(256, 16, 4),
+        model_cfg=mini.model_cfg,
+        batch_size=64,
+        purify=PurifyConfig(
+            inversion=InversionConfig(steps=20, mask_restarts=1, warp=WarpSearch(probes=0)),
+            tuning=TuningConfig(steps=10),
+        ),
+    )
+    first = zoo_module.run_zoo(cfg, limit=1)
+    assert len(first["records"]) == 1 and first["planned"] == 2
+    rec = first["records"][0]
+    assert rec["kind"] == "clean" and rec["taken"] and "suspicion" in rec["scan"]
+    assert (cfg.work / "bases" / "shapes-s0-40.pt").is_file() and (cfg.work / "runs" / f"{rec['name']}.json").is_file()
+    stored = (cfg.work / "runs" / f"{rec['name']}.json").read_text()
+
+    second = zoo_module.run_zoo(cfg)
+    assert len(second["records"]) == 2
+    bd = second["records"][1]
+    assert bd["kind"] == "backdoored" and bd["attack"]["family"] in FAMILIES
+    meta = json.loads((cfg.work / "models" / bd["name"] / "metrics.json").read_text())
+    assert meta["zoo"]["attack"] == bd["attack"] and meta["poison_rate"] == bd["attack"]["poison_rate"]
+    assert bd["taken"] == (meta["asr"] >= cfg.min_asr)
+    assert (cfg.work / "runs" / f"{rec['name']}.json").read_text() == stored  # not measured again
+
+    # a third run measures nothing: every step is read back
+    def nothing_again(*a, **k):
+        raise AssertionError("rebuilt or re-measured")
+
+    monkeypatch.setattr(zoo_module.Zoo, "ensure_model", nothing_again)
+    monkeypatch.setattr(zoo_module.Zoo, "pretrain", nothing_again)
+    third = zoo_module.run_zoo(cfg)
+    assert third["records"] == second["records"]
+    assert {"results.json", "results.md", "roc.png", "spread.png"} <= {p.name for p in cfg.work.iterdir()}
+    assert bd["name"] in (cfg.work / "results.md").read_text()
