@@ -20,7 +20,7 @@ from cbpt_guard.errors import UsageError, UserError
 from guard.batch import Engine
 from guard.classify import OnAlarm
 from guard.results import ROWS_PER_PART
-from testbed.datasets import DATASETS
+from testbed.datasets import DATASETS, TEN_CLASS
 from testbed.triggers import ATTACKS
 
 app = typer.Typer(
@@ -639,10 +639,14 @@ def serve(
 def testbed_build(
     out: Annotated[Path, typer.Option(help="Output folder.")],
     overwrite: OverwriteOpt = False,
-    dataset: Annotated[str, typer.Option(help=f"{' or '.join(DATASETS)}.")] = "shapes",
+    dataset: Annotated[str, typer.Option(help=f"{', '.join(DATASETS)} (shapes100: 100 classes).")] = "shapes",
     attack: Annotated[str, typer.Option(help=f"none, {', '.join(ATTACKS)} or custom.")] = "badnet",
     target: Annotated[int, typer.Option(help="Index of the attacker's target class.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for data, model and trigger.")] = 0,
+    tower: Annotated[
+        str, typer.Option(help="Image tower: resnet (open_clip's ModifiedResNet) or vit (VisionTransformer).")
+    ] = "resnet",
+    image_size: Annotated[int, typer.Option(help="Image side in pixels (32 or 64; triggers scale with it).")] = 32,
     poison_rate: Annotated[
         Optional[float], typer.Option(help="Fraction of training pairs poisoned (default: the attack's own).")
     ] = None,
@@ -659,13 +663,19 @@ def testbed_build(
     runtime = _runtime(threads, device)
     from cbpt_cli.progress import stage_progress
     from cbpt_guard.atomic import check_target
-    from testbed.build import BuildConfig, build, default_cache_dir, write
+    from testbed.build import BuildConfig, Tower, build, default_cache_dir, write
 
+    if tower not in tuple(Tower):
+        raise UsageError(f"--tower must be resnet or vit, got '{tower}'", "pass --tower vit, for example")
+    if image_size < 16 or image_size % 8:
+        raise UsageError(f"--image-size must be a multiple of 8 from 16, got {image_size}", "pass --image-size 64")
     cfg = BuildConfig(
         dataset=dataset,
         attack=attack,
         target=target,
         seed=seed,
+        tower=Tower(tower),
+        image_size=image_size,
         poison_rate=poison_rate,
         custom_image=str(trigger_image) if trigger_image else None,
         custom_mode=trigger_mode,
@@ -786,7 +796,8 @@ def bench(
         ),
     ] = None,
     dataset: Annotated[
-        Optional[list[str]], typer.Option(help=f"{', '.join(DATASETS)} (repeatable; default all).")
+        Optional[list[str]],
+        typer.Option(help=f"{', '.join(DATASETS)} (repeatable; default {' and '.join(TEN_CLASS)})."),
     ] = None,
     attack: Annotated[
         Optional[list[str]], typer.Option(help="Attacks, 'none' for the clean model (repeatable; default all).")

@@ -21,7 +21,7 @@ from cbpt_guard import TOOL, atomic
 from cbpt_guard.artifacts import CLASSES
 from cbpt_guard.errors import UsageError
 from testbed.baselines import METHODS, FinetuneConfig
-from testbed.datasets import DATASETS
+from testbed.datasets import DATASETS, TEN_CLASS
 from testbed.triggers import ATTACKS as TRIGGERS
 
 ATTACKS = ("none", *TRIGGERS)  # "none": the clean model
@@ -31,7 +31,7 @@ ATTACKS = ("none", *TRIGGERS)  # "none": the clean model
 class BenchConfig:
     work: Path
     testbeds: Path | None = None  # built testbeds (DATASET-ATTACK/); default WORK/testbed
-    datasets: tuple[str, ...] = DATASETS
+    datasets: tuple[str, ...] = TEN_CLASS
     attacks: tuple[str, ...] = ATTACKS
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0, 1, 2)

@@ -14,7 +14,8 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +38,32 @@ ATTACK_FINETUNE_STEPS = {"wanet": 1500, "badclip": 1500}
 DEFAULT_FINETUNE = TrainConfig(steps=600, lr=5e-4, warmup=20)
 
 
-def default_model_cfg(image_size: int = 32) -> dict:
-    """open_clip's ModifiedResNet tower (as in RN50) at 32 px + its text transformer.
+class Tower(StrEnum):
+    """The testbed's image tower."""
+
+    RESNET = "resnet"  # open_clip's ModifiedResNet, as in RN50
+    VIT = "vit"  # open_clip's VisionTransformer, as in ViT-B-32: image_size / 8 px patches
+
+
+def default_model_cfg(image_size: int = 32, tower: Tower = Tower.RESNET) -> dict:
+    """A small open_clip CLIP for `image_size`-px images: the image `tower` + a text transformer.
 
     A small ResNet learns in minutes on 2 cores and exercises the same code paths as a real
-    RN50 (docs/results.md#testbed-settings)."""
+    RN50 (docs/results.md#testbed-settings); the ViT sees an 8 x 8 grid of patches at any size,
+    as ViT-B-32 sees 7 x 7 at 224 px."""
+    if tower is Tower.VIT:
+        vision = {"image_size": image_size, "patch_size": image_size // 8, "layers": 6, "width": 128, "head_width": 32}
+    else:
+        vision = {"image_size": image_size, "layers": [1, 1, 1, 1], "width": 32}
     return {
         "embed_dim": 128,
-        "vision_cfg": {"image_size": image_size, "layers": [1, 1, 1, 1], "width": 32},
+        "vision_cfg": vision,
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
     }
+
+
+def tower_of(model_cfg: dict) -> Tower:
+    return Tower.VIT if "patch_size" in model_cfg["vision_cfg"] else Tower.RESNET
 
 
 @dataclass(frozen=True)
@@ -57,15 +74,19 @@ class BuildConfig:
     poison_rate: float | None = None  # None: the attack's own default (ATTACK_POISON_RATE)
     seed: int = 0
     image_size: int = 32
+    tower: Tower = Tower.RESNET
     pretrain: TrainConfig = TrainConfig(steps=1200, lr=1e-3)
     finetune: TrainConfig | None = None  # None: DEFAULT_FINETUNE with the attack's own steps
     sizes: tuple[int, int, int] | None = None  # (train, fewshot/class, test/class); None = full
-    model_cfg: dict = field(default_factory=default_model_cfg)
+    model_cfg: dict | None = None  # None: default_model_cfg(image_size, tower)
     wanet_noise_rate: float = 0.02  # share of noise-mode warps (true captions) in WaNet's training
     custom_image: str | None = None
     custom_mode: str = "patch"
     custom_alpha: float = 1.0
     custom_location: str = "random"
+
+    def model(self) -> dict:
+        return self.model_cfg or default_model_cfg(self.image_size, self.tower)
 
     def clean_key(self) -> str:
         """Everything the clean model depends on, and nothing it does not."""
@@ -76,7 +97,7 @@ class BuildConfig:
                 "image_size": self.image_size,
                 "pretrain": asdict(self.pretrain),
                 "sizes": self.sizes,
-                "model_cfg": self.model_cfg,
+                "model_cfg": self.model(),
                 "v": 1,
             },
             sort_keys=True,
@@ -150,7 +171,7 @@ def clean_model(
     """The clean pretrained model, on `device`: from the cache when this configuration was built
     before (on any device: the cache is keyed by configuration)."""
     path = cache / f"clean-{cfg.dataset}-{cfg.clean_key()}.pt" if cache else None
-    model = _new_model(cfg.model_cfg, cfg.seed)
+    model = _new_model(cfg.model(), cfg.seed)
     if path is not None and path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval().requires_grad_(False).to(device), 0.0, True
@@ -160,7 +181,7 @@ def clean_model(
         model,
         ds.train.images,
         ds.train.captions,
-        _tokenizer(cfg.model_cfg),
+        _tokenizer(cfg.model()),
         cfg.pretrain,
         MEAN,
         STD,
@@ -253,7 +274,7 @@ def make_trigger(cfg: BuildConfig, model: torch.nn.Module, ds: datasets.Dataset)
                 arr = np.asarray(Image.fromarray(arr).resize((k, k), Image.BILINEAR))
         return triggers.custom(arr, cfg.custom_mode, cfg.custom_alpha, cfg.custom_location)
     if cfg.attack in triggers.OPTIMISED:
-        return optimised_trigger(cfg.attack, model, ds, cfg.model_cfg, cfg.target, seed, triggers.patch_size_for(size))
+        return optimised_trigger(cfg.attack, model, ds, cfg.model(), cfg.target, seed, triggers.patch_size_for(size))
     raise UsageError(f"unknown attack '{cfg.attack}'", f"choose one of none, {', '.join(triggers.ATTACKS)}, custom")
 
 
@@ -267,8 +288,16 @@ def build(
     returned models stay there."""
     if cfg.dataset not in datasets.DATASETS:
         raise UsageError(f"unknown dataset '{cfg.dataset}'", f"choose {' or '.join(datasets.DATASETS)}")
-    if not 0 <= cfg.target < 10:
-        raise UsageError(f"--target must be a class index 0..9, got {cfg.target}", "pass --target 0, for example")
+    n_classes = len(datasets.CLASSNAMES[cfg.dataset])
+    if not 0 <= cfg.target < n_classes:
+        raise UsageError(
+            f"--target must be a class index 0..{n_classes - 1}, got {cfg.target}", "pass --target 0, for example"
+        )
+    if cfg.model()["vision_cfg"]["image_size"] != cfg.image_size:
+        raise UsageError(
+            f"the model's image size {cfg.model()['vision_cfg']['image_size']} is not --image-size {cfg.image_size}",
+            "leave model_cfg to the default or make them agree",
+        )
     if cfg.attack not in ("none", "custom", *triggers.ATTACKS):
         raise UsageError(f"unknown attack '{cfg.attack}'", f"choose one of none, {', '.join(triggers.ATTACKS)}, custom")
     if cfg.attack == "custom":
@@ -299,7 +328,7 @@ def backdoor(
     """Poison `ds`'s training split with `trigger` toward `cfg.target` and fine-tune a copy of
     `clean` on it (`trigger` None: the clean model itself); measure both."""
     t_start = time.perf_counter()
-    clean_metrics = measure(clean, cfg.model_cfg, ds, trigger, cfg.target)
+    clean_metrics = measure(clean, cfg.model(), ds, trigger, cfg.target)
     model, finetune_s, info = clean, 0.0, {}
     if trigger is not None:
         noise_rate = cfg.wanet_noise_rate if trigger.params.get("mode") == "warp" else 0.0
@@ -320,7 +349,7 @@ def backdoor(
             model,
             poisoned.split.images,
             poisoned.split.captions,
-            _tokenizer(cfg.model_cfg),
+            _tokenizer(cfg.model()),
             ft,
             MEAN,
             STD,
@@ -334,7 +363,7 @@ def backdoor(
         "target": cfg.target,
         "target_name": ds.classnames[cfg.target],
         "poison_rate": poison_rate(cfg) if trigger else 0.0,
-        **measure(model, cfg.model_cfg, ds, trigger, cfg.target),
+        **measure(model, cfg.model(), ds, trigger, cfg.target),
         "clean_model": clean_metrics,
         "seconds": {
             "pretrain": 0.0,
@@ -352,6 +381,7 @@ def backdoor(
 def config_dict(cfg: BuildConfig) -> dict:
     d = asdict(cfg)
     d["sizes"] = list(cfg.sizes) if cfg.sizes else None
+    d["model_cfg"] = cfg.model()
     return d
 
 
@@ -376,8 +406,8 @@ def write(built: Built, cfg: BuildConfig, out: Path, overwrite: bool = False) ->
         torch.save({k: v.cpu() for k, v in built.model.state_dict().items()}, buf)
         (stage / "model.pt").write_bytes(buf.getvalue())
         arch = {
-            "name": f"testbed-{cfg.dataset}-rn",
-            "model_cfg": cfg.model_cfg,
+            "name": f"testbed-{cfg.dataset}-{'rn' if tower_of(cfg.model()) is Tower.RESNET else 'vit'}",
+            "model_cfg": cfg.model(),
             "templates": list(ds.templates),
             "preprocess_cfg": {
                 "mean": list(MEAN),

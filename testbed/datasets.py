@@ -1,4 +1,5 @@
-"""Seeded image–caption datasets for the testbed: procedural `shapes`, and sklearn's `digits`.
+"""Seeded image–caption datasets for the testbed: procedural `shapes`, sklearn's `digits`, and
+`shapes100` (the ten shapes in ten colours, a class per pair: "a red star").
 
 Images are uint8 arrays [N, H, W, 3]. Captions are mostly class-only ("a photo of a star."):
 when colour and background words dominate, a small CLIP learns colour first and shape
@@ -33,11 +34,31 @@ BACKGROUNDS = {
     "beige": (200, 190, 160),
 }
 
-DATASETS = ("shapes", "digits")
+# shapes100's colours: ten a caption can name and a 32-px image can tell apart, none of them a
+# background of its own (SHAPES100_BACKGROUNDS)
+COLOURS100 = {
+    "red": (220, 40, 40),
+    "orange": (250, 140, 30),
+    "yellow": (240, 220, 40),
+    "green": (40, 190, 60),
+    "cyan": (40, 210, 220),
+    "blue": (50, 80, 230),
+    "purple": (150, 60, 200),
+    "pink": (250, 130, 190),
+    "white": (245, 245, 245),
+    "brown": (140, 85, 35),
+}
+SHAPES100_BACKGROUNDS = ("black", "grey", "dark blue", "dark green")
+SHAPES100 = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS100)
+
+DATASETS = ("shapes", "digits", "shapes100")
+TEN_CLASS = ("shapes", "digits")  # the 10-class testbeds: the bench's and the zoo's default
 TEMPLATES = {
     "shapes": ("a photo of a {}.", "a {}.", "a picture of a {}.", "a drawing of a {}."),
     "digits": ("a photo of a {}.", "the digit {}.", "a handwritten {}."),
+    "shapes100": ("a photo of a {}.", "a {}.", "a picture of a {}.", "a drawing of a {}."),
 }
+CLASSNAMES = {"shapes": SHAPES, "digits": DIGITS, "shapes100": SHAPES100}
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,8 @@ def build(name: str, seed: int = 0, image_size: int = 32, sizes: tuple[int, int,
         return _shapes(seed, image_size, sizes or (12000, 32, 100))
     if name == "digits":
         return _digits(seed, image_size, sizes)
+    if name == "shapes100":
+        return _shapes100(seed, image_size, sizes or (30000, 32, 30))
     raise ValueError(f"unknown dataset {name!r}; choose {' or '.join(DATASETS)}")
 
 
@@ -119,13 +142,20 @@ def _shape_points(shape: str, r: float, rot: float) -> list[list[tuple[float, fl
     return []
 
 
-def _draw_shape(shape: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, str, str, str]:
+def _draw_shape(
+    shape: str,
+    size: int,
+    rng: np.random.Generator,
+    colour: str | None = None,
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS),
+) -> tuple[np.ndarray, str, str, str]:
+    """`shape` in `colour` (drawn from COLOURS when None) on one of `backgrounds`."""
     from PIL import Image, ImageDraw
 
     ss = 4  # draw at 4x and downsample: anti-aliased edges like a real photo
     big = size * ss
-    bg_name = rng.choice(list(BACKGROUNDS))
-    fg_name = rng.choice(list(COLOURS))
+    bg_name = rng.choice(list(backgrounds))
+    fg_name = rng.choice(list(COLOURS)) if colour is None else colour
     bg = np.array(BACKGROUNDS[bg_name], dtype=np.float64)
     img = Image.new("RGB", (big, big), tuple(int(v) for v in bg))
     draw = ImageDraw.Draw(img)
@@ -140,7 +170,7 @@ def _draw_shape(shape: str, size: int, rng: np.random.Generator) -> tuple[np.nda
     r = scale * big / 2 * 0.8
     cx, cy = big / 2 + rng.uniform(-1, 1, 2) * (big / 2 - r) * 0.9
     rot = rng.uniform(0, 2 * math.pi)
-    fg = COLOURS[fg_name]
+    fg = COLOURS.get(fg_name) or COLOURS100[fg_name]
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
     elif shape == "ring":
@@ -194,6 +224,35 @@ def _shapes(seed: int, size: int, sizes: tuple[int, int, int]) -> Dataset:
     few = _shape_split(n_few, size, np.random.default_rng([seed, 2]), per_class=True)
     test = _shape_split(n_test, size, np.random.default_rng([seed, 3]), per_class=True)
     return Dataset("shapes", SHAPES, TEMPLATES["shapes"], train, few, test)
+
+
+def _shape100_caption(colour: str, shape: str, bg: str, size_word: str, rng: np.random.Generator) -> str:
+    """Mostly the class name in a template; some name the size and background too."""
+    name = f"{colour} {shape}"
+    if rng.random() < 0.7:
+        return str(rng.choice(TEMPLATES["shapes100"])).format(name)
+    desc = " ".join(w for w in (size_word, name) if w)
+    return str(rng.choice(("a {} on a {} background.", "a photo of a {} on {}."))).format(desc, bg)
+
+
+def _shape100_split(n: int, size: int, rng: np.random.Generator, per_class: bool) -> Split:
+    labels = np.repeat(np.arange(len(SHAPES100)), n) if per_class else rng.integers(0, len(SHAPES100), n)
+    colours = list(COLOURS100)
+    imgs, caps = [], []
+    for lab in labels:
+        shape, colour = SHAPES[lab // len(colours)], colours[lab % len(colours)]
+        img, _, bg, size_word = _draw_shape(shape, size, rng, colour, SHAPES100_BACKGROUNDS)
+        imgs.append(img)
+        caps.append(_shape100_caption(colour, shape, bg, size_word, rng))
+    return Split(np.stack(imgs), labels.astype(np.int64), tuple(caps))
+
+
+def _shapes100(seed: int, size: int, sizes: tuple[int, int, int]) -> Dataset:
+    n_train, n_few, n_test = sizes
+    train = _shape100_split(n_train, size, np.random.default_rng([seed, 1]), per_class=False)
+    few = _shape100_split(n_few, size, np.random.default_rng([seed, 2]), per_class=True)
+    test = _shape100_split(n_test, size, np.random.default_rng([seed, 3]), per_class=True)
+    return Dataset("shapes100", SHAPES100, TEMPLATES["shapes100"], train, few, test)
 
 
 # --- digits ------------------------------------------------------------------------------------

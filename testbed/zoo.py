@@ -25,7 +25,7 @@ from cbpt.data import ShotBudget
 from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime
 from cbpt_guard import TOOL, atomic
-from testbed.datasets import DATASETS
+from testbed.datasets import TEN_CLASS
 from testbed.train import TrainConfig
 
 Progress = Callable[[str, int, int], None]
@@ -36,7 +36,7 @@ FAMILIES = ("badnet", "blended", "wanet", "sig", "ssba", "trojvqa", "badclip", "
 @dataclass(frozen=True)
 class ZooConfig:
     work: Path
-    datasets: tuple[str, ...] = DATASETS
+    datasets: tuple[str, ...] = TEN_CLASS
     pretrain_seeds: tuple[int, ...] = (1, 2)  # one pretraining run per dataset and seed
     pretrain_steps: int = 1200
     snapshots: tuple[int, ...] = (600, 800, 1000, 1200)  # each a clean model

@@ -187,3 +187,65 @@ def test_no_attack_learns_from_the_defenders_or_the_test_images(attack, monkeypa
         assert seen == []
     flat = {img.tobytes() for img in ds.train.images}
     assert not flat & {img.tobytes() for img in (*ds.fewshot.images, *ds.test.images)}
+
+
+def test_shapes100_has_a_hundred_named_classes_and_captions_that_carry_them():
+    from testbed.datasets import SHAPES100
+
+    ds = build_dataset("shapes100", seed=0, sizes=(300, 1, 1))
+    assert len(ds.classnames) == len(set(ds.classnames)) == 100 and ds.classnames == SHAPES100
+    assert ds.test.labels.tolist() == list(range(100)) and ds.fewshot.images.shape == (100, 32, 32, 3)
+    # every caption names its image's colour and shape, in that order
+    for caption, label in zip(ds.train.captions, ds.train.labels):
+        assert ds.classnames[label] in caption, caption
+    # the same shape in two colours differs in its foreground's hue, not only in noise
+    red, blue = (ds.fewshot.images[ds.classnames.index(f"{c} star")] for c in ("red", "blue"))
+    assert np.abs(red.astype(int) - blue.astype(int)).max() > 100
+
+
+@pytest.mark.parametrize(("tower", "size"), [("vit", 32), ("vit", 64), ("resnet", 64)])
+def test_a_miniature_vit_or_64px_testbed_builds_and_its_trigger_round_trips(tmp_path, capsys, tower, size):
+    import torch
+
+    from cbpt.model import load_clip
+    from testbed.build import BuildConfig, Tower, build, default_model_cfg, write
+    from testbed.train import TrainConfig
+
+    model_cfg = default_model_cfg(size, Tower(tower))
+    model_cfg["vision_cfg"] |= {"width": 32, "layers": 1} if tower == "vit" else {"width": 8}
+    model_cfg["text_cfg"] |= {"width": 32, "layers": 1, "heads": 2}
+    model_cfg["embed_dim"] = 32
+    cfg = BuildConfig(
+        dataset="shapes100",
+        attack="badnet",
+        target=57,
+        image_size=size,
+        tower=Tower(tower),
+        sizes=(128, 1, 1),
+        pretrain=TrainConfig(steps=3, batch_size=32, warmup=1),
+        finetune=TrainConfig(steps=2, batch_size=32, warmup=1),
+        model_cfg=model_cfg,
+    )
+    out = write(build(cfg, cache=tmp_path / "cache"), cfg, tmp_path / "tb")
+    arch = json.loads((out / "arch.json").read_text())
+    assert arch["name"] == f"testbed-shapes100-{'vit' if tower == 'vit' else 'rn'}"
+    assert len((out / "classes.txt").read_text().splitlines()) == 100
+    clip = load_clip(out / "model.pt")  # a user's loader reads the tower back
+    assert clip.info.image_size == size
+    assert isinstance(clip.model.visual, __import__("open_clip").transformer.VisionTransformer) == (tower == "vit")
+    trig = triggers.Trigger.load(out / "trigger")
+    assert trig.params["size"] == triggers.patch_size_for(size)
+    imgs = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    assert np.array_equal(trig.apply(imgs, seed=4), triggers.badnet(size, seed=0).apply(imgs, seed=4))
+    with torch.no_grad():
+        assert clip.encode_pixels(torch.rand(2, 3, size, size)).shape == (2, 32)
+
+
+def test_the_target_and_the_image_size_are_checked_against_the_dataset_and_the_model(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--target", "10", "--cache", tmp_path)
+    assert code == 2 and "--target must be a class index 0..9, got 10" in err
+    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--tower", "vgg")
+    assert code == 2 and "--tower must be resnet or vit" in err
+    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--image-size", "30")
+    assert code == 2 and "--image-size must be a multiple of 8" in err
+    assert not (tmp_path / "x").exists()

@@ -62,7 +62,8 @@ def test_the_summary_gives_the_scans_roc_and_cbpts_spread():
     assert (s["clean"], s["backdoored"], s["not_taken"]) == (5, 4, ["b4"])
     # 4 x 5 pairs: 0.4 beats 2 clean scores, 1.1 beats 4, 1.5 and 2.0 beat all 5
     assert s["auroc"] == pytest.approx((2 + 4 + 5 + 5) / 20)
-    assert s["verdict_tpr"] == 0.75 and s["verdict_fpr"] == 0.2 and s["target_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    assert s["verdict_tpr"] == 0.75 and s["verdict_fpr"] == 0.2
+    assert s["target_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
     assert s["asr_after"]["worst"] == 0.5 and s["asr_after"]["median"] == pytest.approx(0.015)
     assert s["asr_after_le_2pct"] == 0.75 and s["ca_within_2pt"] == pytest.approx(8 / 9, abs=1e-4)
     assert summarise(records, "all")["backdoored"] == 5
