@@ -1,6 +1,7 @@
 """Build the testbed for every attack and print CA / ASR / RA and build time.
 
     python benchmarks/testbed_table.py --dataset shapes --out bench-out/testbed
+    python benchmarks/testbed_table.py --dataset shapes100 --tower vit --image-size 64 --out bench-out/testbed
 
 The clean model is pretrained once per dataset (cached); each attack then poisons and
 fine-tunes its own copy. Writes `<out>/<dataset>-<attack>/` testbeds and `<out>/table-<dataset>.json`.
@@ -13,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from testbed.build import BuildConfig, build, default_cache_dir, write
+from testbed.build import BuildConfig, Tower, build, default_cache_dir, write
 from testbed.datasets import DATASETS
 from testbed.triggers import ATTACKS
 
@@ -28,13 +29,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-out/testbed"))
     ap.add_argument("--attacks", nargs="*", default=["none", *ATTACKS])
     ap.add_argument("--target", type=int, default=0)
+    ap.add_argument("--tower", default="resnet", choices=[t.value for t in Tower])
+    ap.add_argument("--image-size", type=int, default=32)
     args = ap.parse_args()
+    # the 32-px ResNet testbeds keep their old names; others say their tower and size
+    prefix = (
+        args.dataset
+        if (args.tower, args.image_size) == ("resnet", 32)
+        else (f"{args.dataset}-{args.tower}{args.image_size}")
+    )
     rows = []
     for attack in args.attacks:
-        cfg = BuildConfig(dataset=args.dataset, attack=attack, target=args.target)
+        cfg = BuildConfig(
+            dataset=args.dataset, attack=attack, target=args.target, tower=Tower(args.tower), image_size=args.image_size
+        )
         t0 = time.perf_counter()
         built = build(cfg, cache=default_cache_dir())
-        write(built, cfg, args.out / f"{args.dataset}-{attack}")
+        write(built, cfg, args.out / f"{prefix}-{attack}")
         m = built.metrics
         rows.append(
             {
@@ -49,8 +60,8 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    (args.out / f"table-{args.dataset}.json").write_text(json.dumps(rows, indent=2))
-    print(f"\n| {args.dataset} attack | CA | ASR | RA | clean-model CA | clean-model ASR | build s |")
+    (args.out / f"table-{prefix}.json").write_text(json.dumps(rows, indent=2))
+    print(f"\n| {prefix} attack | CA | ASR | RA | clean-model CA | clean-model ASR | build s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
