@@ -127,6 +127,15 @@ def plan(cfg: ZooConfig) -> list[Entry]:
     return [replace(e, part="fit" if i % 2 == 0 else "report") for i, e in enumerate(entries)]
 
 
+def interleaved(entries: list[Entry]) -> list[Entry]:
+    """Clean and backdoored entries taken in turn, so that a zoo stopped part-way has both."""
+    clean = [e for e in entries if e.attack is None]
+    bd = [e for e in entries if e.attack is not None]
+    out = [e for pair in zip(clean, bd) for e in pair]
+    n = min(len(clean), len(bd))
+    return out + clean[n:] + bd[n:]
+
+
 def random_image(seed: int, size: int, channels: int = 3) -> np.ndarray:
     """A smooth random picture (uint8 [size, size, channels]): a custom trigger nobody listed."""
     from PIL import Image
@@ -303,7 +312,7 @@ def run_zoo(cfg: ZooConfig, progress: Progress = lambda *_: None, limit: int | N
     """Measure every planned entry not yet stored (at most `limit` new ones), then write the
     report from everything stored."""
     zoo = Zoo(cfg, progress)
-    entries = plan(cfg)
+    entries = interleaved(plan(cfg))
     records, new = [], 0
     for i, entry in enumerate(entries):
         if not zoo.run_path(entry).is_file():

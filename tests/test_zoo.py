@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from testbed.zoo import FAMILIES, ZooConfig, draw_attack, plan, summarise
+from testbed.zoo import FAMILIES, ZooConfig, draw_attack, interleaved, plan, summarise
 
 
 def test_attacks_are_drawn_from_the_seed_across_every_family_and_setting():
@@ -33,6 +33,9 @@ def test_the_plan_has_every_snapshot_clean_and_alternates_fit_and_report(tmp_pat
     assert len({e.name for e in entries}) == len(entries)
     assert [e.part for e in entries[:4]] == ["fit", "report", "fit", "report"]
     assert plan(cfg) == entries  # the zoo is its seed
+    # measured clean and backdoored in turn, so a zoo stopped part-way has both
+    kinds = [e.attack is None for e in interleaved(entries)]
+    assert kinds[:12] == [True, False] * 6 and sorted(interleaved(entries), key=entries.index) == entries
 
 
 def _record(name, kind, suspicion, part="report", named=True, asr_after=0.0, drop=0.0, taken=True):
@@ -81,13 +84,13 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
         work=tmp_path / "zoo",
         datasets=("shapes",),
         pretrain_seeds=(0,),
-        pretrain_steps=40,
-        snapshots=(40,),
+        pretrain_steps=20,
+        snapshots=(20,),
         backdoored=1,
-        finetune_steps=30,
-        sizes=(256, 16, 4),
+        finetune_steps=10,
+        sizes=(128, 16, 4),
         model_cfg=mini.model_cfg,
-        batch_size=64,
+        batch_size=32,
         purify=PurifyConfig(
             inversion=InversionConfig(steps=20, mask_restarts=1, warp=WarpSearch(probes=0)),
             tuning=TuningConfig(steps=10),
@@ -97,7 +100,7 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
     assert len(first["records"]) == 1 and first["planned"] == 2
     rec = first["records"][0]
     assert rec["kind"] == "clean" and rec["taken"] and "suspicion" in rec["scan"]
-    assert (cfg.work / "bases" / "shapes-s0-40.pt").is_file() and (cfg.work / "runs" / f"{rec['name']}.json").is_file()
+    assert (cfg.work / "bases" / "shapes-s0-20.pt").is_file() and (cfg.work / "runs" / f"{rec['name']}.json").is_file()
     stored = (cfg.work / "runs" / f"{rec['name']}.json").read_text()
 
     second = zoo_module.run_zoo(cfg)
