@@ -145,8 +145,9 @@ def source_model(source: Source, runtime=None):
 
 
 def source_int8_inputs(source: Source, clip) -> Int8Inputs:
-    """What `export --int8` calibrates and checks on: the shots purify drew (their paths are in
-    report.json) and the inverted mask kept with the embeddings."""
+    """What `export --int8` calibrates and checks on: the shots purify drew, held-out ones
+    among the checks as in `purify --int8` (their paths are in report.json), and the inverted
+    mask kept with the embeddings."""
     import torch
 
     from cbpt.data import load_pixels
@@ -154,21 +155,29 @@ def source_int8_inputs(source: Source, clip) -> Int8Inputs:
     from export.int8 import CALIBRATION_LIMIT, int8_inputs
 
     paths = [Path(p) for p in source.report.get("shots", [])]
+    held = [Path(p) for p in source.report.get("held_out", [])]
     if source.trigger is None or len(paths) < 2:
         raise UsageError(
             f"{source.folder} keeps no shots or inverted trigger to calibrate int8 on",
             "export --int8 from a folder written by `cbpt-guard purify` (0.2 or later)",
         )
-    gone = [str(p) for p in paths if not p.is_file()]
+    gone = [str(p) for p in paths + held if not p.is_file()]
     if gone:
         raise UserError(
             f"{len(gone)} of the shots purify used are gone, e.g. {gone[0]}",
             "restore them, or re-run `cbpt-guard purify --int8`",
         )
     trigger = DummyTrigger(*(torch.from_numpy(np.asarray(source.trigger[k])) for k in ("mask", "pattern", "delta")))
-    if len(paths) > 2 * CALIBRATION_LIMIT:  # the sample int8_inputs would take, read alone
-        paths = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, 2 * CALIBRATION_LIMIT).round()]
-    return int8_inputs(clip, load_pixels(clip, paths), trigger)
+    paths, held = _spread(paths, 2 * CALIBRATION_LIMIT), _spread(held, CALIBRATION_LIMIT)
+    return int8_inputs(clip, load_pixels(clip, paths), trigger, load_pixels(clip, held) if held else None)
+
+
+def _spread(paths: list[Path], limit: int) -> list[Path]:
+    """At most `limit` of `paths`, spread over them (over the classes): the sample
+    `int8_inputs` would take, read alone."""
+    if len(paths) <= limit:
+        return paths
+    return [paths[int(i)] for i in np.linspace(0, len(paths) - 1, limit).round()]
 
 
 def _metadata(source: Source, clip, pre: dict, alarm_threshold: float | None) -> dict[str, str]:

@@ -203,7 +203,7 @@ def test_shapes100_has_a_hundred_named_classes_and_captions_that_carry_them():
     assert np.abs(red.astype(int) - blue.astype(int)).max() > 100
 
 
-@pytest.mark.parametrize(("tower", "size"), [("vit", 32), ("vit", 64), ("resnet", 64)])
+@pytest.mark.parametrize(("tower", "size"), [("vit", 64), ("resnet", 64)])
 def test_a_miniature_vit_or_64px_testbed_builds_and_its_trigger_round_trips(tmp_path, capsys, tower, size):
     import torch
 

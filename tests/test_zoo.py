@@ -84,23 +84,23 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
         work=tmp_path / "zoo",
         datasets=("shapes",),
         pretrain_seeds=(0,),
-        pretrain_steps=20,
-        snapshots=(20,),
+        pretrain_steps=10,
+        snapshots=(10,),
         backdoored=1,
-        finetune_steps=10,
+        finetune_steps=5,
         sizes=(128, 16, 4),
         model_cfg=mini.model_cfg,
         batch_size=32,
         purify=PurifyConfig(
-            inversion=InversionConfig(steps=20, mask_restarts=1, warp=WarpSearch(probes=0)),
-            tuning=TuningConfig(steps=10),
+            inversion=InversionConfig(steps=10, mask_restarts=1, warp=WarpSearch(restarts=0, probes=0)),
+            tuning=TuningConfig(steps=5),
         ),
     )
     first = zoo_module.run_zoo(cfg, limit=1)
     assert len(first["records"]) == 1 and first["planned"] == 2
     rec = first["records"][0]
     assert rec["kind"] == "clean" and rec["taken"] and "suspicion" in rec["scan"]
-    assert (cfg.work / "bases" / "shapes-s0-20.pt").is_file() and (cfg.work / "runs" / f"{rec['name']}.json").is_file()
+    assert (cfg.work / "bases" / "shapes-s0-10.pt").is_file() and (cfg.work / "runs" / f"{rec['name']}.json").is_file()
     stored = (cfg.work / "runs" / f"{rec['name']}.json").read_text()
 
     second = zoo_module.run_zoo(cfg)
