@@ -33,11 +33,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     args = ap.parse_args()
     # the 32-px ResNet testbeds keep their old names; others say their tower and size
-    prefix = (
-        args.dataset
-        if (args.tower, args.image_size) == ("resnet", 32)
-        else (f"{args.dataset}-{args.tower}{args.image_size}")
-    )
+    default = (args.tower, args.image_size) == ("resnet", 32)
+    prefix = args.dataset if default else f"{args.dataset}-{args.tower}{args.image_size}"
     rows = []
     for attack in args.attacks:
         cfg = BuildConfig(

@@ -9,6 +9,7 @@ stalls (docs/results.md#testbed-settings); ~30% of captions still name attribute
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,23 +208,41 @@ def _shape_caption(shape: str, colour: str, bg: str, size_word: str, rng: np.ran
     return form.format(desc, bg) if form.count("{}") == 2 else form.format(desc)
 
 
-def _shape_split(n: int, size: int, rng: np.random.Generator, per_class: bool) -> Split:
-    labels = np.repeat(np.arange(len(SHAPES)), n) if per_class else rng.integers(0, len(SHAPES), n)
+def _split(
+    n: int,
+    size: int,
+    rng: np.random.Generator,
+    per_class: bool,
+    n_classes: int,
+    draw: Callable[[int, int, np.random.Generator], tuple[np.ndarray, str]],
+) -> Split:
+    """`n` images per class (`per_class`) or `n` of random classes, each drawn with its caption
+    by `draw(label, size, rng)` from the one stream `rng`."""
+    labels = np.repeat(np.arange(n_classes), n) if per_class else rng.integers(0, n_classes, n)
     imgs, caps = [], []
     for lab in labels:
-        img, colour, bg, size_word = _draw_shape(SHAPES[lab], size, rng)
+        img, cap = draw(int(lab), size, rng)
         imgs.append(img)
-        caps.append(_shape_caption(SHAPES[lab], colour, bg, size_word, rng))
+        caps.append(cap)
     return Split(np.stack(imgs), labels.astype(np.int64), tuple(caps))
 
 
-def _shapes(seed: int, size: int, sizes: tuple[int, int, int]) -> Dataset:
+def _splits(name: str, classnames: tuple[str, ...], seed: int, size: int, sizes: tuple[int, int, int], draw) -> Dataset:
     n_train, n_few, n_test = sizes
     # separate streams per split: changing one size never changes the others' images
-    train = _shape_split(n_train, size, np.random.default_rng([seed, 1]), per_class=False)
-    few = _shape_split(n_few, size, np.random.default_rng([seed, 2]), per_class=True)
-    test = _shape_split(n_test, size, np.random.default_rng([seed, 3]), per_class=True)
-    return Dataset("shapes", SHAPES, TEMPLATES["shapes"], train, few, test)
+    train = _split(n_train, size, np.random.default_rng([seed, 1]), False, len(classnames), draw)
+    few = _split(n_few, size, np.random.default_rng([seed, 2]), True, len(classnames), draw)
+    test = _split(n_test, size, np.random.default_rng([seed, 3]), True, len(classnames), draw)
+    return Dataset(name, classnames, TEMPLATES[name], train, few, test)
+
+
+def _shape_pair(label: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    img, colour, bg, size_word = _draw_shape(SHAPES[label], size, rng)
+    return img, _shape_caption(SHAPES[label], colour, bg, size_word, rng)
+
+
+def _shapes(seed: int, size: int, sizes: tuple[int, int, int]) -> Dataset:
+    return _splits("shapes", SHAPES, seed, size, sizes, _shape_pair)
 
 
 def _shape100_caption(colour: str, shape: str, bg: str, size_word: str, rng: np.random.Generator) -> str:
@@ -235,24 +254,15 @@ def _shape100_caption(colour: str, shape: str, bg: str, size_word: str, rng: np.
     return str(rng.choice(("a {} on a {} background.", "a photo of a {} on {}."))).format(desc, bg)
 
 
-def _shape100_split(n: int, size: int, rng: np.random.Generator, per_class: bool) -> Split:
-    labels = np.repeat(np.arange(len(SHAPES100)), n) if per_class else rng.integers(0, len(SHAPES100), n)
+def _shape100_pair(label: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
     colours = list(COLOURS100)
-    imgs, caps = [], []
-    for lab in labels:
-        shape, colour = SHAPES[lab // len(colours)], colours[lab % len(colours)]
-        img, _, bg, size_word = _draw_shape(shape, size, rng, colour, SHAPES100_BACKGROUNDS)
-        imgs.append(img)
-        caps.append(_shape100_caption(colour, shape, bg, size_word, rng))
-    return Split(np.stack(imgs), labels.astype(np.int64), tuple(caps))
+    shape, colour = SHAPES[label // len(colours)], colours[label % len(colours)]
+    img, _, bg, size_word = _draw_shape(shape, size, rng, colour, SHAPES100_BACKGROUNDS)
+    return img, _shape100_caption(colour, shape, bg, size_word, rng)
 
 
 def _shapes100(seed: int, size: int, sizes: tuple[int, int, int]) -> Dataset:
-    n_train, n_few, n_test = sizes
-    train = _shape100_split(n_train, size, np.random.default_rng([seed, 1]), per_class=False)
-    few = _shape100_split(n_few, size, np.random.default_rng([seed, 2]), per_class=True)
-    test = _shape100_split(n_test, size, np.random.default_rng([seed, 3]), per_class=True)
-    return Dataset("shapes100", SHAPES100, TEMPLATES["shapes100"], train, few, test)
+    return _splits("shapes100", SHAPES100, seed, size, sizes, _shape100_pair)
 
 
 # --- digits ------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cbpt.data import ShotBudget
 from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime
 from cbpt_guard import TOOL, atomic
@@ -290,9 +289,10 @@ class Zoo:
         taken = entry.attack is None or built["asr"] >= self.cfg.min_asr
         record["taken"] = taken
         if taken:  # an attack that did not take is counted, not purified
-            purify = replace(self.cfg.purify, budget=ShotBudget(self.cfg.shots, self.cfg.purify.budget.held_out))
             attack = "none" if entry.attack is None else built["attack"]
-            run = measure(tb, entry.base.dataset, attack, "cbpt", self.cfg.shots, 0, purify, runtime=self.cfg.runtime)
+            run = measure(
+                tb, entry.base.dataset, attack, "cbpt", self.cfg.shots, 0, self.cfg.purify, runtime=self.cfg.runtime
+            )
             scan = run.info["scan"]
             record |= {
                 "scan": {k: scan[k] for k in ("backdoored", "evidence", "suspicion", "score", "target_index")},
