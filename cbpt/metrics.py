@@ -99,6 +99,40 @@ def tpr_at_threshold(scores_positive, threshold: float) -> float:
     return float((pos > threshold).mean()) if pos.size else float("nan")
 
 
+@dataclass(frozen=True)
+class AlarmEval:
+    """How well the runtime trigger alarm flags a real trigger's images, and what the attack
+    still achieves through a guard that rejects what it flags (docs/method.md#trigger-alarm)."""
+
+    auroc: float  # clean test images vs their triggered versions, on the alarm's score
+    threshold: float  # the stored one, calibrated on clean shots at 1% FPR
+    tpr_at_threshold: float
+    fpr_at_threshold: float  # on the clean test images: what the stored threshold really costs
+    tpr_at_1pct_fpr: float  # at the threshold that flags 1% of the clean test images
+    asr: float  # triggered non-target images given the target label
+    asr_through_guard: float  # ... and not flagged: what `--on-alarm reject` lets through
+    n_clean: int
+    n_triggered: int
+
+
+def alarm_evaluation(clean_scores, triggered_scores, triggered_hit, threshold: float) -> AlarmEval:
+    """`triggered_hit`: whether each triggered (non-target) image got the target label."""
+    clean = np.asarray(clean_scores, dtype=np.float64).ravel()
+    trig = np.asarray(triggered_scores, dtype=np.float64).ravel()
+    hit = np.asarray(triggered_hit, dtype=bool).ravel()
+    return AlarmEval(
+        auroc=round(auroc(clean, trig), 4),
+        threshold=float(threshold),
+        tpr_at_threshold=round(tpr_at_threshold(trig, threshold), 4),
+        fpr_at_threshold=round(float((clean > threshold).mean()), 4),
+        tpr_at_1pct_fpr=round(tpr_at_threshold(trig, threshold_at_fpr(clean, 0.01)), 4),
+        asr=round(float(hit.mean()), 4),
+        asr_through_guard=round(float((hit & (trig <= threshold)).mean()), 4),
+        n_clean=int(clean.size),
+        n_triggered=int(trig.size),
+    )
+
+
 def defense_effectiveness_rate(ca_before: float, asr_before: float, ca_after: float, asr_after: float) -> float:
     """DER = (max(0, ASR drop) - max(0, CA drop) + 1) / 2, in [0, 1]: 0.5 is no change, 1 is
     every triggered image rescued at no clean cost. Undefined (nan) without an attack."""

@@ -60,6 +60,7 @@ class Defended:
     weights: torch.Tensor  # [C, D] normalised, in the shots' class order
     seconds: float
     info: dict
+    alarm_centroid: torch.Tensor | None = None  # CBPT's trigger alarm (its threshold in info["alarm"])
 
 
 def no_defense(clip: LoadedClip, shots: Shots) -> Defended:
@@ -125,7 +126,8 @@ def cbpt(clip: LoadedClip, shots: Shots, cfg: PurifyConfig = PurifyConfig()) -> 
         clip.model,
         result.purified,
         time.perf_counter() - t0,
-        {"scan": scan_summary(result.inversion, result.classnames), "best_step": best_step},
+        {"scan": scan_summary(result.inversion, result.classnames), "best_step": best_step, "alarm": result.alarm},
+        result.inversion.mean_feature,
     )
 
 

@@ -134,7 +134,7 @@ def measure(
     from cbpt.metrics import defense_effectiveness_rate
     from cbpt.model import load_clip
     from testbed.baselines import defend
-    from testbed.evaluate import align_classes, evaluate_weights
+    from testbed.evaluate import align_classes, evaluate_alarm, evaluate_weights
 
     clip = load_clip(tb / "model.pt", runtime=runtime)
     shot_set = load_shots(clip, tb / "fewshot", tb / CLASSES, replace(purify.budget, shots=shots), seed)
@@ -143,9 +143,14 @@ def measure(
     t0 = time.perf_counter()
     d = defend(method, clip, shot_set, seed, purify, finetune)
     seconds = time.perf_counter() - t0
-    after = evaluate_weights(replace(clip, model=d.model), align_classes(d.weights, names, tb), tb)
+    head = align_classes(d.weights, names, tb)
+    after = evaluate_weights(replace(clip, model=d.model), head, tb)
     nan = float("nan")
     attacked = attack != "none"  # a clean model has no trigger: ASR, RA and DER do not apply
+    info = d.info
+    if attacked and d.alarm_centroid is not None:  # the second line: the runtime alarm on the real trigger
+        alarm = evaluate_alarm(clip, head, d.alarm_centroid, d.info["alarm"]["threshold"], tb)
+        info = {**info, "alarm_eval": None if alarm is None else asdict(alarm)}
     return Run(
         dataset=dataset,
         attack=attack,
@@ -159,7 +164,7 @@ def measure(
         asr_before=before.asr if attacked else nan,
         der=defense_effectiveness_rate(before.ca, before.asr, after.ca, after.asr) if attacked else nan,
         seconds=round(seconds, 2),
-        info=d.info,
+        info=info,
     )
 
 

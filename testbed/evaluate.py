@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cbpt.metrics import BackdoorEval, evaluate_predictions
+from cbpt.metrics import AlarmEval, BackdoorEval, alarm_evaluation, evaluate_predictions
 from cbpt_guard.artifacts import CLASSES, EMBEDDINGS, REPORT, read_classes
 from cbpt_guard.errors import UsageError, UserError
 from testbed.triggers import Trigger
@@ -113,6 +113,33 @@ def evaluate_weights(clip, weights, testbed: Path, batch_size: int = 256) -> Bac
         return (image_features(clip.model, x, batch_size) @ weights.to(clip.device).T).argmax(1).cpu().numpy()
 
     return _score(predict, testbed)
+
+
+def evaluate_alarm(clip, weights, centroid, threshold: float, testbed: Path, batch_size: int = 256) -> AlarmEval | None:
+    """The trigger alarm (cosine to `centroid`, flagged over `threshold`) on the test split and
+    its triggered non-target images, with the head `weights` ([C, D], the testbed's class
+    order) deciding which triggered images the attack won. None on a clean testbed. The torch
+    twin of `benchmarks/alarm_quality.py`, which runs the exported heads."""
+    import torch
+    from PIL import Image
+
+    from cbpt.zeroshot import image_features
+
+    meta = check_testbed(testbed)
+    if not (testbed / "trigger" / "trigger.json").is_file():
+        return None
+    images, labels, _ = load_test_split(testbed)
+    triggered = Trigger.load(testbed / "trigger").apply(images, seed=meta["eval_seed"])[labels != meta["target"]]
+    transform = clip.transform()
+
+    def features(batch: np.ndarray) -> torch.Tensor:
+        x = torch.stack([transform(Image.fromarray(im)) for im in batch])
+        return image_features(clip.model, x, batch_size)  # normalised
+
+    c = centroid.to(clip.device)
+    clean_f, trig_f = features(images), features(triggered)
+    hit = (trig_f @ weights.to(clip.device).T).argmax(1) == int(meta["target"])
+    return alarm_evaluation((clean_f @ c).cpu().numpy(), (trig_f @ c).cpu().numpy(), hit.cpu().numpy(), threshold)
 
 
 def evaluate_heads(heads_dir: Path, testbed: Path, batch_size: int = 256, int8: bool = False) -> BackdoorEval:

@@ -7,7 +7,10 @@ Each backdoored model is fine-tuned from one of them with an attack drawn at ran
 (the seven, plus `custom` patches and blends of random images), trigger size, colours,
 location, opacity, target class and poison rate. Models are built once under `WORK/models/`,
 pretraining snapshots kept under `WORK/bases/`, and every model's measurement stored under
-`WORK/runs/`, so an interrupted zoo resumes where it stopped, across sessions.
+`WORK/runs/`, so an interrupted zoo resumes where it stopped, across sessions. Several workers
+(one per core, or per machine on a shared folder) may run the same command on one folder: each
+model is claimed by one worker through a lock (`cbpt_guard.locks`), and a pretraining run every
+worker needs is done by the first while the others wait for it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 
 from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime
-from cbpt_guard import TOOL, atomic
+from cbpt_guard import TOOL, atomic, locks
 from testbed.datasets import TEN_CLASS
 from testbed.train import TrainConfig
 
@@ -235,8 +238,10 @@ class Zoo:
 
         from testbed.build import _new_model
 
-        if not self.base_path(base).is_file():
-            self.pretrain(base, ds)
+        run = self.cfg.work / "bases" / f"{base.dataset}-s{base.seed}.lock"  # one per pretraining run
+        with locks.hold(run):
+            if not self.base_path(base).is_file():
+                self.pretrain(base, ds)
         model = _new_model(self.model_cfg, base.seed)
         model.load_state_dict(torch.load(self.base_path(base), map_location="cpu", weights_only=True))
         return model.eval().requires_grad_(False).to(self.cfg.runtime.device)
@@ -302,6 +307,7 @@ class Zoo:
                 "asr_before": None if entry.attack is None else run.asr_before,
                 "asr_after": None if entry.attack is None else run.asr,
                 "purify_s": run.seconds,
+                "alarm": run.info.get("alarm_eval"),
             }
         record["seconds"] = round(time.perf_counter() - t0, 1)
         atomic.write_text(path, json.dumps(record, indent=1))
@@ -313,14 +319,17 @@ def run_zoo(cfg: ZooConfig, progress: Progress = lambda *_: None, limit: int | N
     report from everything stored."""
     zoo = Zoo(cfg, progress)
     entries = interleaved(plan(cfg))
-    records, new = [], 0
+    new = 0
     for i, entry in enumerate(entries):
-        if not zoo.run_path(entry).is_file():
-            if limit is not None and new >= limit:
-                continue
-            new += 1
-        records.append(zoo.measure(entry))
         progress("zoo", i + 1, len(entries))
+        if zoo.run_path(entry).is_file() or (limit is not None and new >= limit):
+            continue
+        with locks.claim(zoo.cfg.work / "claims" / f"{entry.name}.lock") as mine:
+            if mine and not zoo.run_path(entry).is_file():  # else another worker has it, or just did it
+                zoo.measure(entry)
+                new += 1
+    # everything stored, this worker's and the others': the last worker to finish reports all
+    records = [json.loads(zoo.run_path(e).read_text()) for e in entries if zoo.run_path(e).is_file()]
     results = {
         "tool": TOOL,
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
@@ -358,6 +367,8 @@ def summarise(records: list[dict], part: str = "all") -> dict:
     detected = [r for r in bd if r["scan"]["backdoored"]]
     ca_drop = [r["ca_before"] - r["ca_after"] for r in measured]
     asr_after = [r["asr_after"] for r in bd]
+    alarms = [r["alarm"] for r in bd if r.get("alarm")]
+    through = [a["asr_through_guard"] for a in alarms]
     out = {
         "clean": len(clean),
         "backdoored": len(bd),
@@ -369,6 +380,17 @@ def summarise(records: list[dict], part: str = "all") -> dict:
         "target_accuracy": round(sum(r["target_named"] for r in detected) / len(detected), 4) if detected else None,
         "asr_after": _quantiles(asr_after),
         "asr_after_le_2pct": round(float(np.mean([a <= 0.02 for a in asr_after])), 4) if asr_after else None,
+        "asr_after_le_5pct": round(float(np.mean([a <= 0.05 for a in asr_after])), 4) if asr_after else None,
+        # the runtime alarm on each backdoored model's real trigger (issue: a second line)
+        "alarm_auroc": {
+            "median": round(float(np.median([a["auroc"] for a in alarms])), 4),
+            "lowest": round(float(min(a["auroc"] for a in alarms)), 4),
+        }
+        if alarms
+        else None,
+        "alarm_tpr_at_1pct_fpr": _quantiles([a["tpr_at_1pct_fpr"] for a in alarms]),
+        "asr_through_guard": _quantiles(through),
+        "through_guard_le_1pct": round(float(np.mean([t <= 0.01 for t in through])), 4) if through else None,
         "ca_drop": _quantiles(ca_drop),
         "ca_within_2pt": round(float(np.mean([d <= 0.02 for d in ca_drop])), 4) if ca_drop else None,
     }

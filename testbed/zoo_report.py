@@ -42,9 +42,27 @@ def markdown(results: dict) -> str:
         )
     out += [
         "",
+        "The runtime trigger alarm on each backdoored model's real trigger (the purified heads, the "
+        "alarm's stored threshold; through the guard = triggered images that get the target label and "
+        "are not flagged, what `--on-alarm reject` lets pass):",
+        "",
+        "| part | alarm AUROC median (lowest) | TPR at 1% FPR | ASR after | through the guard | "
+        "through the guard <= 1% | ASR after <= 5% |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for part, label in PARTS.items():
+        r = s[part]
+        au = r.get("alarm_auroc")
+        out.append(
+            f"| {label} | {'-' if not au else _f(au['median']) + ' (' + _f(au['lowest']) + ')'} | "
+            f"{_q(r.get('alarm_tpr_at_1pct_fpr', {}))} | {_q(r['asr_after'])} | {_q(r.get('asr_through_guard', {}))} | "
+            f"{_f(r.get('through_guard_le_1pct'))} | {_f(r.get('asr_after_le_5pct'))} |"
+        )
+    out += [
+        "",
         "| model | part | attack | poison | target | testbed CA / ASR | suspicion | verdict (target) | "
-        "CA after | ASR after | purify s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "CA after | ASR after | alarm AUROC | through guard | purify s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["records"]:
         a = r["attack"]
@@ -55,13 +73,14 @@ def markdown(results: dict) -> str:
             f"{_f(r['testbed']['ca'])} / {_f(r['testbed']['asr'])} |"
         )
         if not r["taken"]:
-            out.append(head + " not taken (ASR below the zoo's floor): left out | | | | |")
+            out.append(head + " not taken (ASR below the zoo's floor): left out | | | | | | |")
             continue
         sc = r["scan"]
         verdict = f"{'backdoored' if sc['backdoored'] else 'clean'} ({sc['target_index']})"
+        al = r.get("alarm") or {}
         out.append(
             f"{head} {sc['suspicion']:.3f} | {verdict} | {_f(r['ca_after'])} | {_f(r['asr_after'])} | "
-            f"{r['purify_s']:.0f} |"
+            f"{_f(al.get('auroc'))} | {_f(al.get('asr_through_guard'))} | {r['purify_s']:.0f} |"
         )
     return "\n".join(out) + "\n"
 
