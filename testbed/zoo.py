@@ -233,13 +233,26 @@ class Zoo:
             model, ds.train.images, ds.train.captions, _tokenizer(self.model_cfg), cfg.base_steps(), MEAN, STD, snapshot
         )
 
+    def run_lock(self, base: Base) -> Path:
+        return self.cfg.work / "bases" / f"{base.dataset}-s{base.seed}.lock"  # one per pretraining run
+
+    def pretrain_free_runs(self, entries: list[Entry]) -> None:
+        """Pretrain every run the entries need that no other worker is doing, so that workers
+        started together split the pretraining instead of waiting on one run."""
+        runs = {replace(e.base, steps=self.cfg.pretrain_steps): None for e in entries}
+        for last in runs:
+            if self.base_path(last).is_file():
+                continue
+            with locks.claim(self.run_lock(last)) as mine:
+                if mine and not self.base_path(last).is_file():
+                    self.pretrain(last, self.dataset(last))
+
     def clean_base(self, base: Base, ds):
         import torch
 
         from testbed.build import _new_model
 
-        run = self.cfg.work / "bases" / f"{base.dataset}-s{base.seed}.lock"  # one per pretraining run
-        with locks.hold(run):
+        with locks.hold(self.run_lock(base)):  # another worker may be pretraining this run
             if not self.base_path(base).is_file():
                 self.pretrain(base, ds)
         model = _new_model(self.model_cfg, base.seed)
@@ -319,6 +332,8 @@ def run_zoo(cfg: ZooConfig, progress: Progress = lambda *_: None, limit: int | N
     report from everything stored."""
     zoo = Zoo(cfg, progress)
     entries = interleaved(plan(cfg))
+    todo = [e for e in entries if not zoo.run_path(e).is_file()]
+    zoo.pretrain_free_runs(todo if limit is None else todo[:limit])
     new = 0
     for i, entry in enumerate(entries):
         progress("zoo", i + 1, len(entries))
