@@ -76,6 +76,32 @@ def test_bench_writes_every_method_and_the_sweep(bench_results):
     assert ("table", 10, 10) in calls
 
 
+def test_cbpt_runs_measure_the_runtime_alarm_on_the_real_trigger(bench_results):
+    cfg, results, _ = bench_results
+    run = json.loads((cfg.work / "runs" / "shapes-blended" / "cbpt-k8-s0.json").read_text())
+    alarm = run["info"]["alarm_eval"]
+    # the same purified head and triggered images as the run's ASR, so the same ASR
+    assert alarm["asr"] == pytest.approx(run["asr"], abs=1e-4)
+    assert 0 <= alarm["asr_through_guard"] <= alarm["asr"]
+    assert alarm["threshold"] == run["info"]["alarm"]["threshold"]
+    assert 0 <= alarm["auroc"] <= 1 and alarm["n_clean"] > alarm["n_triggered"] > 0
+    clean = json.loads((cfg.work / "runs" / "shapes-none" / "cbpt-k8-s0.json").read_text())
+    assert "alarm_eval" not in clean["info"]  # no trigger to flag
+
+
+def test_alarm_figures_on_hand_made_scores():
+    from cbpt.metrics import alarm_evaluation
+
+    clean = [0.1] * 98 + [0.5, 0.9]
+    trig = [0.2, 0.6, 0.7, 0.95]
+    a = alarm_evaluation(clean, trig, [True, True, False, True], threshold=0.55)
+    assert a.tpr_at_threshold == 0.75 and a.fpr_at_threshold == 0.01
+    assert a.asr == 0.75 and a.asr_through_guard == 0.25  # only the unflagged 0.2 gets through
+    assert a.tpr_at_1pct_fpr == 0.75  # the 99th-percentile clean score is 0.5
+    # 0.2 beats 98 clean, 0.6 and 0.7 beat 99, 0.95 beats all 100
+    assert a.auroc == pytest.approx((98 + 99 + 99 + 100) / 400, abs=1e-4)
+
+
 def test_bench_resumes_from_stored_runs(bench_results, monkeypatch):
     import testbed.bench
     from testbed.bench import run_bench

@@ -76,6 +76,7 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
     from cbpt.inversion import InversionConfig, WarpSearch
     from cbpt.purify import PurifyConfig
     from cbpt.tuning import TuningConfig
+    from cbpt_guard import locks
     from testbed import zoo as zoo_module
     from tests.helpers import mini_build_config
 
@@ -103,6 +104,13 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
     assert (cfg.work / "bases" / "shapes-s0-10.pt").is_file() and (cfg.work / "runs" / f"{rec['name']}.json").is_file()
     stored = (cfg.work / "runs" / f"{rec['name']}.json").read_text()
 
+    # another worker holding the backdoored model's claim: this one leaves it to them
+    bd_entry = [e for e in zoo_module.plan(cfg) if e.attack is not None][0]
+    with locks.claim(cfg.work / "claims" / f"{bd_entry.name}.lock") as held:
+        assert held
+        assert len(zoo_module.run_zoo(cfg)["records"]) == 1
+        assert not (cfg.work / "models" / bd_entry.name).exists()
+
     second = zoo_module.run_zoo(cfg)
     assert len(second["records"]) == 2
     bd = second["records"][1]
@@ -122,3 +130,30 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
     assert third["records"] == second["records"]
     assert {"results.json", "results.md", "roc.png", "spread.png"} <= {p.name for p in cfg.work.iterdir()}
     assert bd["name"] in (cfg.work / "results.md").read_text()
+
+
+def test_locks_let_one_worker_claim_a_step_and_make_the_others_wait(tmp_path):
+    import threading
+    import time
+
+    from cbpt_guard import locks
+
+    path = tmp_path / "claims" / "m.lock"
+    with locks.claim(path) as first:
+        with locks.claim(path) as second:
+            assert first and not second  # taken: the second worker moves on
+        order = []
+
+        def wait() -> None:
+            with locks.hold(path):
+                order.append("waited")
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.2)
+        assert order == []  # still waiting on the first worker
+        order.append("released")
+    waiter.join(5)
+    assert order == ["released", "waited"]
+    with locks.claim(path) as again:
+        assert again  # released with its holder
