@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from cbpt.encoding import ImageEncoder
 from cbpt.evidence import backdoor_score, flip_rate, mean_pairwise_cos, over_alignment, points_to
-from cbpt.losses import contrastive_inversion_loss
+from cbpt.losses import contrastive_inversion_loss, total_variation
 from cbpt.trigger import DummyTrigger, TriggerKind, smooth_flow
 from cbpt_guard.errors import UserError
 
@@ -43,6 +43,22 @@ class WarpSearch:
 
 
 @dataclass(frozen=True)
+class MaskPrior:
+    """What an inverted mask may look like (docs/method.md#mask-prior). A backdoor's trigger is
+    a region a poisoned model learnt to see, not single pixels: `cell` draws the mask on a grid
+    of cell x cell pixel squares, and `tv` weighs its total variation beside its size, so
+    compact regions win over scattered adversarial pixels. The defaults are the per-pixel mask
+    with no such prior."""
+
+    cell: int = 1
+    tv: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.cell < 1 or self.tv < 0:
+            raise ValueError("a mask prior needs cell >= 1 and tv >= 0")
+
+
+@dataclass(frozen=True)
 class InversionConfig:
     steps: int = 200
     lr: float = 0.1
@@ -53,6 +69,7 @@ class InversionConfig:
     lam_factor: float = 1.5  # its multiplicative adaptation, every 10 steps
     consistency: float = 0.85  # mean pairwise cos of triggered features counted as collapsed
     eps: float = 0.0  # bound of a mask restart's additive perturbation (0: none)
+    prior: MaskPrior = field(default_factory=MaskPrior)
     warp: WarpSearch = field(default_factory=WarpSearch)
     seed: int = 0
 
@@ -126,14 +143,19 @@ def _leaf(x: torch.Tensor, device: torch.device, grad: bool = True) -> torch.Ten
 
 
 def _init_mask(h: int, w: int, cfg: InversionConfig, gen: torch.Generator, device: torch.device):
-    a = _leaf(torch.full((h, w), -3.0).add_(torch.randn(h, w, generator=gen) * 0.5), device)
+    cell, tv = cfg.prior.cell, cfg.prior.tv
+    gh, gw = -(-h // cell), -(-w // cell)  # the mask's grid; cell 1: one logit per pixel
+    a = _leaf(torch.full((gh, gw), -3.0).add_(torch.randn(gh, gw, generator=gen) * 0.5), device)
     b = _leaf(torch.randn(3, h, w, generator=gen), device)
     d = _leaf(torch.zeros(3, h, w), device, cfg.eps > 0)
 
     def build() -> tuple[DummyTrigger, torch.Tensor]:
         mask = torch.sigmoid(a)
+        if cell > 1:
+            mask = mask.repeat_interleave(cell, 0).repeat_interleave(cell, 1)[:h, :w]
         delta = cfg.eps * torch.tanh(d) if cfg.eps > 0 else torch.zeros(3, h, w, device=device)
-        return DummyTrigger(mask, torch.sigmoid(b), delta), mask.mean()
+        size = mask.mean() + tv * total_variation(mask) if tv else mask.mean()
+        return DummyTrigger(mask, torch.sigmoid(b), delta), size
 
     return [a, b] + ([d] if cfg.eps > 0 else []), build
 

@@ -32,6 +32,13 @@ def keep_loss(text_features: torch.Tensor, original_features: torch.Tensor) -> t
     return (1 - (F.normalize(text_features, dim=-1) * F.normalize(original_features, dim=-1)).sum(-1)).mean()
 
 
+def total_variation(mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between neighbouring pixels of a [H, W] mask, across and down:
+    about (perimeter / area) times the mask's mean, so scattered pixels cost far more than one
+    compact region of the same area (docs/method.md#mask-prior)."""
+    return (mask[1:, :] - mask[:-1, :]).abs().mean() + (mask[:, 1:] - mask[:, :-1]).abs().mean()
+
+
 def contrastive_inversion_loss(
     triggered: torch.Tensor, clean: torch.Tensor, tau: float, rows: int = 1024
 ) -> torch.Tensor:

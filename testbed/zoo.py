@@ -356,7 +356,7 @@ def run_zoo(cfg: ZooConfig, progress: Progress = lambda *_: None, limit: int | N
     return results
 
 
-def _quantiles(xs: list[float]) -> dict:
+def quantiles(xs: list[float]) -> dict:
     if not xs:
         return {"n": 0}
     a = np.asarray(xs, dtype=np.float64)
@@ -393,7 +393,7 @@ def summarise(records: list[dict], part: str = "all") -> dict:
         "verdict_tpr": round(len(detected) / len(bd), 4) if bd else None,
         "verdict_fpr": round(sum(r["scan"]["backdoored"] for r in clean) / len(clean), 4) if clean else None,
         "target_accuracy": round(sum(r["target_named"] for r in detected) / len(detected), 4) if detected else None,
-        "asr_after": _quantiles(asr_after),
+        "asr_after": quantiles(asr_after),
         "asr_after_le_2pct": round(float(np.mean([a <= 0.02 for a in asr_after])), 4) if asr_after else None,
         "asr_after_le_5pct": round(float(np.mean([a <= 0.05 for a in asr_after])), 4) if asr_after else None,
         # the runtime alarm on each backdoored model's real trigger (issue: a second line)
@@ -403,10 +403,10 @@ def summarise(records: list[dict], part: str = "all") -> dict:
         }
         if alarms
         else None,
-        "alarm_tpr_at_1pct_fpr": _quantiles([a["tpr_at_1pct_fpr"] for a in alarms]),
-        "asr_through_guard": _quantiles(through),
+        "alarm_tpr_at_1pct_fpr": quantiles([a["tpr_at_1pct_fpr"] for a in alarms]),
+        "asr_through_guard": quantiles(through),
         "through_guard_le_1pct": round(float(np.mean([t <= 0.01 for t in through])), 4) if through else None,
-        "ca_drop": _quantiles(ca_drop),
+        "ca_drop": quantiles(ca_drop),
         "ca_within_2pt": round(float(np.mean([d <= 0.02 for d in ca_drop])), 4) if ca_drop else None,
     }
     return out

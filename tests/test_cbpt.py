@@ -587,3 +587,42 @@ def test_a_stronger_rung_is_weighed_by_held_out_evidence():
     assert ladder.weigh(strong, h(1.0, 0.15), 0.97) is RungVerdict.KEEP
     assert ladder.weigh(strong, h(0.96, 0.0), 0.97) is RungVerdict.STOP
     assert ladder.settled(h(1.0, 0.01)) and not ladder.settled(h(1.0, 0.011))
+
+
+def _patch_detector(n: int = 40, size: int = 32, d: int = 16, corner: tuple[int, int] = (20, 4)):
+    """A toy backdoored image tower: features of a smooth random projection, sent toward one
+    direction by a detector of a 6 x 6 pattern at `corner`. Returns the encoder, uint8 shots,
+    labels, class embeddings and the patch's slice."""
+    from cbpt.encoding import ImageEncoder
+
+    g = torch.Generator().manual_seed(0)
+    pixels = (F.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=size, mode="bilinear") * 255).to(torch.uint8)
+    proj = torch.randn(d, 3 * 16 * 16, generator=g)
+    pattern, toward = torch.rand(3, 6, 6, generator=g), F.normalize(torch.randn(d, generator=g), dim=0)
+    rows, cols = slice(corner[0], corner[0] + 6), slice(corner[1], corner[1] + 6)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        base = F.normalize(F.adaptive_avg_pool2d(x, 16).flatten(1) @ proj.T, dim=-1)
+        fires = torch.sigmoid(8 * (0.4 - 3 * (x[:, :, rows, cols] - pattern).abs().mean((1, 2, 3))))
+        return F.normalize(base + 6 * fires[:, None] * toward, dim=-1)
+
+    classes = F.normalize(torch.randn(4, d, generator=g), dim=-1)
+    return ImageEncoder(encode), pixels, torch.arange(n) % 4, classes, (rows, cols)
+
+
+def test_a_planted_patch_is_inverted_as_a_compact_region_and_the_cell_prior_keeps_it_blocky():
+    from cbpt.inversion import InversionConfig, MaskPrior, WarpSearch, invert
+    from cbpt.losses import total_variation
+
+    masks = {}
+    for prior in (MaskPrior(), MaskPrior(cell=2)):
+        encoder, pixels, labels, classes, (rows, cols) = _patch_detector()
+        cfg = InversionConfig(steps=150, mask_restarts=2, warp=WarpSearch(restarts=0, probes=0), prior=prior)
+        mask = invert(encoder, pixels, labels, classes, cfg).trigger.mask
+        near = mask[rows.start - 1 : rows.stop + 1, cols.start - 1 : cols.stop + 1].sum() / mask.sum()
+        assert near > 0.85 and mask.mean() < 36 / 1024  # on the patch, and no larger than it
+        masks[prior.cell] = mask
+    edges = {cell: float(total_variation(m) / m.mean()) for cell, m in masks.items()}
+    assert edges[2] < 0.6 * edges[1]  # 2 x 2 cells: far fewer edges per unit of mask
+    with pytest.raises(ValueError, match="cell >= 1"):
+        MaskPrior(cell=0)

@@ -1,0 +1,116 @@
+"""Generalisation levers on the zoo: CBPT re-run on the zoo's models with one setting changed
+at a time, beside the zoo's own run (docs/results.md#levers).
+
+    python benchmarks/levers.py zoo-out --part fit --lever base cell2 tv --out levers.json
+
+Each lever is a named change of `PurifyConfig` (LEVERS below). Models are the zoo's measured
+ones of `--part` (fit: may be tuned on; report: measure a lever only once it is chosen), read
+from `ZOO/runs/` and `ZOO/models/`. Runs are stored in `--out` as they finish, so an
+interrupted table resumes. The table gives, per lever, the backdoored models' ASR after
+(median / 95th percentile / worst, share <= 2%), the CA drop over every model, and the alarm's
+attack success through the guard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from cbpt.data import ShotBudget
+from cbpt.inversion import MaskPrior
+from cbpt.purify import PurifyConfig
+from cbpt.runtime import Runtime
+from cbpt_guard import atomic
+from testbed.bench import measure
+from testbed.zoo import quantiles
+
+
+def _prior(**kw) -> Callable[[PurifyConfig], PurifyConfig]:
+    return lambda c: replace(c, inversion=replace(c.inversion, prior=MaskPrior(**kw)))
+
+
+LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
+    "base": lambda c: c,  # today's settings: checks that a re-run reproduces the zoo's record
+    "cell2": _prior(cell=2),  # the mask drawn in 2 x 2 px cells
+    "cell4": _prior(cell=4),
+    "tv": _prior(tv=1.0),  # total variation weighed like the mask's size
+    "cell2-tv": _prior(cell=2, tv=1.0),
+    "restarts6": lambda c: replace(c, inversion=replace(c.inversion, mask_restarts=6)),  # more dummy triggers
+}
+
+
+def _q(d: dict) -> str:
+    return "-" if not d.get("n") else f"{d['median']:.3f} / {d['p95']:.3f} / {d['worst']:.3f}"
+
+
+def summary(runs: list[dict]) -> dict:
+    bd = [r for r in runs if r["asr_after"] is not None]
+    through = [r["through_guard"] for r in bd if r["through_guard"] is not None]
+    return {
+        "models": len(runs),
+        "backdoored": len(bd),
+        "asr_after": quantiles([r["asr_after"] for r in bd]),
+        "asr_le_2pct": sum(r["asr_after"] <= 0.02 for r in bd) / len(bd) if bd else None,
+        "ca_drop": quantiles([r["ca_before"] - r["ca_after"] for r in runs]),
+        "through_guard": quantiles(through),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("zoo", type=Path, help="a `cbpt-guard testbed zoo` work folder")
+    ap.add_argument("--part", choices=("fit", "report", "all"), default="fit")
+    ap.add_argument("--lever", nargs="+", choices=sorted(LEVERS), default=["base", "cell2"])
+    ap.add_argument("--kind", choices=("backdoored", "clean", "both"), default="both")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    runtime = Runtime.of("cpu")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    records = [json.loads(p.read_text()) for p in sorted((args.zoo / "runs").glob("*.json"))]
+    models = [r for r in records if r["taken"] and args.part in ("all", r["part"]) and args.kind in ("both", r["kind"])]
+    stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for lever in args.lever:
+        cfg = LEVERS[lever](PurifyConfig(budget=ShotBudget(16)))
+        for r in models:
+            key = f"{lever}/{r['name']}"
+            if key in stored:
+                continue
+            attack = "none" if r["attack"] is None else r["attack"]["family"]
+            run = measure(
+                args.zoo / "models" / r["name"], r["base"]["dataset"], attack, "cbpt", 16, 0, cfg, runtime=runtime
+            )
+            alarm = run.info.get("alarm_eval") or {}
+            stored[key] = {
+                "lever": lever,
+                "model": r["name"],
+                "ca_before": run.ca_before,
+                "ca_after": run.ca,
+                "asr_after": None if attack == "none" else run.asr,
+                "through_guard": alarm.get("asr_through_guard"),
+                "backdoored_verdict": run.info["scan"]["backdoored"],
+                "seconds": run.seconds,
+                "zoo": {"ca_after": r["ca_after"], "asr_after": r["asr_after"]},
+            }
+            atomic.write_text(args.out, json.dumps(stored, indent=1))
+    print(
+        f"| lever ({args.part} part) | models | ASR after median / p95 / worst | ASR <= 2% | "
+        "CA drop median / p95 / worst | through the guard worst |"
+    )
+    print("|---|---|---|---|---|---|")
+    for lever in args.lever:
+        s = summary([v for v in stored.values() if v["lever"] == lever])
+        q, c = s["asr_after"], s["ca_drop"]
+        le2 = "-" if s["asr_le_2pct"] is None else f"{s['asr_le_2pct']:.2f}"
+        print(f"| {lever} | {s['models']} | {_q(q)} | {le2} | {_q(c)} | {s['through_guard'].get('worst', '-')} |")
+    print(json.dumps({lever: summary([v for v in stored.values() if v["lever"] == lever]) for lever in args.lever}))
+
+
+if __name__ == "__main__":
+    main()
