@@ -748,15 +748,24 @@ def testbed_zoo(
     limit: Annotated[
         Optional[int], typer.Option(help="Measure at most this many new models now (the rest on a later run).")
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Processes filling the folder together, one torch thread each unless --threads says "
+            "(the same command may also run on other machines sharing the folder)."
+        ),
+    ] = 1,
     device: TorchDeviceOpt = "auto",
     threads: TorchThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build, scan and purify a zoo of clean and randomly backdoored testbed models; resumable.
     Prints the scan's AUROC and CBPT's spread (docs/results.md#the-zoo)."""
-    runtime = _runtime(threads, device)
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}", "pass --workers 1, or one per core")
+    runtime = _runtime(threads if threads or workers == 1 else 1, device)
     from cbpt_cli.progress import stage_progress
-    from testbed.zoo import ZooConfig, run_zoo
+    from testbed.zoo import ZooConfig, run_workers
 
     if backdoored < 0 or finetune_steps < 1 or (limit is not None and limit < 0):
         raise UsageError("--backdoored and --limit must be at least 0, --finetune-steps at least 1", "see --help")
@@ -770,7 +779,7 @@ def testbed_zoo(
         runtime=runtime,
     )
     with stage_progress() as progress:
-        results = run_zoo(cfg, progress, limit)
+        results = run_workers(cfg, workers, threads or 1, progress, limit)
     s = results["summary"]["all"]
     if as_json:
         _print_json(s)

@@ -356,6 +356,34 @@ def run_zoo(cfg: ZooConfig, progress: Progress = lambda *_: None, limit: int | N
     return results
 
 
+def _worker(cfg: ZooConfig, limit: int | None, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    run_zoo(cfg, limit=limit)
+
+
+def run_workers(
+    cfg: ZooConfig, workers: int, threads: int = 1, progress: Progress = lambda *_: None, limit: int | None = None
+) -> dict:
+    """`run_zoo` in `workers` processes on one folder (this one shows `progress`), each with
+    `threads` torch threads; then the report from everything stored. `limit` is per worker."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh torch per worker, not a forked thread pool
+    others = [ctx.Process(target=_worker, args=(cfg, limit, threads)) for _ in range(workers - 1)]
+    for proc in others:
+        proc.start()
+    try:
+        results = run_zoo(cfg, progress, limit)
+    finally:
+        for proc in others:
+            proc.join()
+    if any(proc.exitcode for proc in others):
+        raise RuntimeError(f"{sum(bool(p.exitcode) for p in others)} zoo worker(s) failed; run again to resume")
+    return run_zoo(cfg, limit=0) if others else results  # every worker's models in the report
+
+
 def quantiles(xs: list[float]) -> dict:
     if not xs:
         return {"n": 0}

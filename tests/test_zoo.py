@@ -111,7 +111,8 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
         assert len(zoo_module.run_zoo(cfg)["records"]) == 1
         assert not (cfg.work / "models" / bd_entry.name).exists()
 
-    second = zoo_module.run_zoo(cfg)
+    # two workers (one spawned) left with one model: it is measured once, the report has both
+    second = zoo_module.run_workers(cfg, workers=2)
     assert len(second["records"]) == 2
     bd = second["records"][1]
     assert bd["kind"] == "backdoored" and bd["attack"]["family"] in FAMILIES
@@ -157,3 +158,12 @@ def test_locks_let_one_worker_claim_a_step_and_make_the_others_wait(tmp_path):
     assert order == ["released", "waited"]
     with locks.claim(path) as again:
         assert again  # released with its holder
+
+
+def test_zoo_refuses_bad_counts_before_any_work(tmp_path, capsys):
+    from tests.helpers import run_cli
+
+    for args, says in ((["--workers", "0"], "--workers must be at least 1"), (["--limit", "-1"], "--limit")):
+        code, _, err = run_cli(capsys, "testbed", "zoo", "--work", tmp_path / "zoo", *args)
+        assert code == 2 and says in err
+    assert not (tmp_path / "zoo").exists()
