@@ -424,7 +424,7 @@ def summarise(records: list[dict], part: str = "all") -> dict:
         "asr_after": quantiles(asr_after),
         "asr_after_le_2pct": round(float(np.mean([a <= 0.02 for a in asr_after])), 4) if asr_after else None,
         "asr_after_le_5pct": round(float(np.mean([a <= 0.05 for a in asr_after])), 4) if asr_after else None,
-        # the runtime alarm on each backdoored model's real trigger (issue: a second line)
+        # the runtime alarm on each backdoored model's real trigger: the second line (docs/results.md#the-zoo)
         "alarm_auroc": {
             "median": round(float(np.median([a["auroc"] for a in alarms])), 4),
             "lowest": round(float(min(a["auroc"] for a in alarms)), 4),
