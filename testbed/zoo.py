@@ -396,6 +396,13 @@ def quantiles(xs: list[float]) -> dict:
     }
 
 
+def lowest(xs: list[float]) -> dict | None:
+    """Median and lowest, for figures where higher is better (AUROC, TPR)."""
+    if not xs:
+        return None
+    return {"median": round(float(np.median(xs)), 4), "lowest": round(float(min(xs)), 4)}
+
+
 def summarise(records: list[dict], part: str = "all") -> dict:
     """The scan's ROC figures on its continuous score (`cbpt.scan.suspicion`) and CBPT's
     spread, over the taken models of `part` ("all", "fit" or "report")."""
@@ -425,13 +432,8 @@ def summarise(records: list[dict], part: str = "all") -> dict:
         "asr_after_le_2pct": round(float(np.mean([a <= 0.02 for a in asr_after])), 4) if asr_after else None,
         "asr_after_le_5pct": round(float(np.mean([a <= 0.05 for a in asr_after])), 4) if asr_after else None,
         # the runtime alarm on each backdoored model's real trigger: the second line (docs/results.md#the-zoo)
-        "alarm_auroc": {
-            "median": round(float(np.median([a["auroc"] for a in alarms])), 4),
-            "lowest": round(float(min(a["auroc"] for a in alarms)), 4),
-        }
-        if alarms
-        else None,
-        "alarm_tpr_at_1pct_fpr": quantiles([a["tpr_at_1pct_fpr"] for a in alarms]),
+        "alarm_auroc": lowest([a["auroc"] for a in alarms]),
+        "alarm_tpr_at_1pct_fpr": lowest([a["tpr_at_1pct_fpr"] for a in alarms]),
         "asr_through_guard": quantiles(through),
         "through_guard_le_1pct": round(float(np.mean([t <= 0.01 for t in through])), 4) if through else None,
         "ca_drop": quantiles(ca_drop),

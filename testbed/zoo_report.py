@@ -18,6 +18,10 @@ def _q(d: dict) -> str:
     return "-" if not d.get("n") else f"{d['median']:.3f} / {d['p95']:.3f} / {d['worst']:.3f}"
 
 
+def _low(d: dict | None) -> str:
+    return "-" if not d else f"{d['median']:.3f} ({d['lowest']:.3f})"
+
+
 def markdown(results: dict) -> str:
     s = results["summary"]
     out = [
@@ -46,16 +50,15 @@ def markdown(results: dict) -> str:
         "alarm's stored threshold; through the guard = triggered images that get the target label and "
         "are not flagged, what `--on-alarm reject` lets pass):",
         "",
-        "| part | alarm AUROC median (lowest) | TPR at 1% FPR | ASR after | through the guard | "
+        "| part | alarm AUROC median (lowest) | TPR at 1% FPR median (lowest) | ASR after | through the guard | "
         "through the guard <= 1% | ASR after <= 5% |",
         "|---|---|---|---|---|---|---|",
     ]
     for part, label in PARTS.items():
         r = s[part]
-        au = r.get("alarm_auroc")
         out.append(
-            f"| {label} | {'-' if not au else _f(au['median']) + ' (' + _f(au['lowest']) + ')'} | "
-            f"{_q(r.get('alarm_tpr_at_1pct_fpr', {}))} | {_q(r['asr_after'])} | {_q(r.get('asr_through_guard', {}))} | "
+            f"| {label} | {_low(r.get('alarm_auroc'))} | {_low(r.get('alarm_tpr_at_1pct_fpr'))} | "
+            f"{_q(r['asr_after'])} | {_q(r.get('asr_through_guard', {}))} | "
             f"{_f(r.get('through_guard_le_1pct'))} | {_f(r.get('asr_after_le_5pct'))} |"
         )
     out += [

@@ -49,6 +49,10 @@ def _record(name, kind, suspicion, part="report", named=True, asr_after=0.0, dro
         "ca_before": 0.9,
         "ca_after": 0.9 - drop,
         "asr_after": asr_after if kind == "backdoored" else None,
+        # the alarm lets through a tenth of what the purified head still sends to the target
+        "alarm": {"auroc": 1 - asr_after, "tpr_at_1pct_fpr": 0.9, "asr_through_guard": asr_after / 10}
+        if kind == "backdoored"
+        else None,
     }
 
 
@@ -69,6 +73,9 @@ def test_the_summary_gives_the_scans_roc_and_cbpts_spread():
     assert s["target_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
     assert s["asr_after"]["worst"] == 0.5 and s["asr_after"]["median"] == pytest.approx(0.015)
     assert s["asr_after_le_2pct"] == 0.75 and s["ca_within_2pt"] == pytest.approx(8 / 9, abs=1e-4)
+    assert s["asr_after_le_5pct"] == 0.75
+    assert s["alarm_auroc"] == {"median": pytest.approx(0.985), "lowest": 0.5}  # of 0.5, 0.99, 1, 0.98
+    assert s["asr_through_guard"]["worst"] == 0.05 and s["through_guard_le_1pct"] == 0.75
     assert summarise(records, "all")["backdoored"] == 5
 
 
