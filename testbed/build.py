@@ -133,6 +133,38 @@ def _new_model(cfg: dict, seed: int) -> torch.nn.Module:
     return open_clip.CLIP(**copy.deepcopy(cfg))
 
 
+def state_bytes(model: torch.nn.Module) -> bytes:
+    """The model's weights as a `torch.save` file (host tensors only: loads with weights_only)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()
+
+
+def load_state(model_cfg: dict, seed: int, path: Path, device: torch.device) -> torch.nn.Module:
+    """A model saved by `state_bytes`, frozen for evaluation, on `device`."""
+    model = _new_model(model_cfg, seed)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval().requires_grad_(False).to(device)
+
+
+def pretrain(
+    model_cfg: dict,
+    seed: int,
+    ds: datasets.Dataset,
+    train: TrainConfig,
+    device: torch.device,
+    each_step: Callable[[int, torch.nn.Module], None] | None = None,
+) -> torch.nn.Module:
+    """A fresh model trained contrastively on `ds`'s training pairs; `each_step(steps_done,
+    model)` after every step (progress bars, snapshots)."""
+    model = _new_model(model_cfg, seed).to(device)
+    hook = (lambda step, _loss: each_step(step + 1, model)) if each_step else None
+    train_contrastive(model, ds.train.images, ds.train.captions, _tokenizer(model_cfg), train, MEAN, STD, hook)
+    return model
+
+
 def class_weights(model: torch.nn.Module, cfg: dict, ds: datasets.Dataset) -> torch.Tensor:
     from cbpt.zeroshot import zeroshot_weights
 
@@ -171,29 +203,14 @@ def clean_model(
     """The clean pretrained model, on `device`: from the cache when this configuration was built
     before (on any device: the cache is keyed by configuration)."""
     path = cache / f"clean-{cfg.dataset}-{cfg.clean_key()}.pt" if cache else None
-    model = _new_model(cfg.model(), cfg.seed)
     if path is not None and path.is_file():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval().requires_grad_(False).to(device), 0.0, True
-    model.to(device)
+        return load_state(cfg.model(), cfg.seed, path, device), 0.0, True
     t0 = time.perf_counter()
-    train_contrastive(
-        model,
-        ds.train.images,
-        ds.train.captions,
-        _tokenizer(cfg.model()),
-        cfg.pretrain,
-        MEAN,
-        STD,
-        progress=(lambda s, _loss: progress("pretrain", s + 1, cfg.pretrain.steps)) if progress else None,
-    )
+    tick = (lambda done, _m: progress("pretrain", done, cfg.pretrain.steps)) if progress else None
+    model = pretrain(cfg.model(), cfg.seed, ds, cfg.pretrain, device, tick)
     seconds = time.perf_counter() - t0
     if path is not None:
-        import io
-
-        buf = io.BytesIO()
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
-        atomic.write_bytes(path, buf.getvalue())
+        atomic.write_bytes(path, state_bytes(model))
     return model, seconds, False
 
 
@@ -396,15 +413,12 @@ def _save_pngs(folder: Path, split: datasets.Split, classnames: tuple[str, ...])
 
 def write(built: Built, cfg: BuildConfig, out: Path, overwrite: bool = False) -> Path:
     """Write the testbed folder atomically: it appears complete or not at all."""
-    import io
 
     from PIL import Image
 
     ds = built.data
     with atomic.staged_dir(out, "testbed", overwrite) as stage:
-        buf = io.BytesIO()
-        torch.save({k: v.cpu() for k, v in built.model.state_dict().items()}, buf)
-        (stage / "model.pt").write_bytes(buf.getvalue())
+        (stage / "model.pt").write_bytes(state_bytes(built.model))
         arch = {
             "name": f"testbed-{cfg.dataset}-{'rn' if tower_of(cfg.model()) is Tower.RESNET else 'vit'}",
             "model_cfg": cfg.model(),

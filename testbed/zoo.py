@@ -211,27 +211,16 @@ class Zoo:
 
     def pretrain(self, base: Base, ds) -> None:
         """One pretraining run, every snapshot of it saved (atomically) as it passes."""
-        import io
+        from testbed.build import pretrain, state_bytes
 
-        import torch
+        cfg, keep = self.cfg, set(self.cfg.snapshots)
 
-        from testbed.build import MEAN, STD, _new_model, _tokenizer
-        from testbed.train import train_contrastive
+        def snapshot(done: int, model) -> None:
+            self.progress(f"pretrain {base.dataset} seed {base.seed}", done, cfg.pretrain_steps)
+            if done in keep:
+                atomic.write_bytes(self.base_path(replace(base, steps=done)), state_bytes(model))
 
-        cfg = self.cfg
-        model = _new_model(self.model_cfg, base.seed).to(self.cfg.runtime.device)
-        keep = set(cfg.snapshots)
-
-        def snapshot(step: int, _loss: float) -> None:
-            self.progress(f"pretrain {base.dataset} seed {base.seed}", step + 1, cfg.pretrain_steps)
-            if step + 1 in keep:
-                buf = io.BytesIO()
-                torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, buf)
-                atomic.write_bytes(self.base_path(replace(base, steps=step + 1)), buf.getvalue())
-
-        train_contrastive(
-            model, ds.train.images, ds.train.captions, _tokenizer(self.model_cfg), cfg.base_steps(), MEAN, STD, snapshot
-        )
+        pretrain(self.model_cfg, base.seed, ds, cfg.base_steps(), cfg.runtime.device, snapshot)
 
     def run_lock(self, base: Base) -> Path:
         return self.cfg.work / "bases" / f"{base.dataset}-s{base.seed}.lock"  # one per pretraining run
@@ -248,16 +237,12 @@ class Zoo:
                     self.pretrain(last, self.dataset(last))
 
     def clean_base(self, base: Base, ds):
-        import torch
-
-        from testbed.build import _new_model
+        from testbed.build import load_state
 
         with locks.hold(self.run_lock(base)):  # another worker may be pretraining this run
             if not self.base_path(base).is_file():
                 self.pretrain(base, ds)
-        model = _new_model(self.model_cfg, base.seed)
-        model.load_state_dict(torch.load(self.base_path(base), map_location="cpu", weights_only=True))
-        return model.eval().requires_grad_(False).to(self.cfg.runtime.device)
+        return load_state(self.model_cfg, base.seed, self.base_path(base), self.cfg.runtime.device)
 
     def model_dir(self, entry: Entry) -> Path:
         return self.cfg.work / "models" / entry.name
