@@ -20,7 +20,9 @@ from cbpt_guard import TOOL
 from cbpt_guard.artifacts import CLASSES, EMBEDDINGS, REPORT, SCAN, TRIGGER_PNG, classes_text, sha256_bytes
 
 
-def _tuning_report(result: Purified) -> dict:
+def tuning_report(result: Purified, history: bool = True) -> dict:
+    """What step 2 did: its mode, triggers, the checkpoint kept and its held-out figures beside
+    the original head's (`history`: every evaluation too)."""
     t: TuningResult | None = result.tuning
     base = {
         "mode": result.plan.mode,
@@ -41,7 +43,8 @@ def _tuning_report(result: Purified) -> dict:
         "alpha": c.rung.alpha,
         "margin": c.rung.margin,
         "original_held_out": asdict(t.original_held_out),
-        "history": t.history,
+        "chosen_held_out": asdict(c.held_out),
+        "history": t.history if history else [],
     }
 
 
@@ -52,7 +55,7 @@ def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) 
         "checkpoint_sha256": clip.checkpoint_sha256,
         "classes": list(result.classnames),
         "scan": scan_summary(result.inversion, result.classnames),
-        "tuning": _tuning_report(result),
+        "tuning": tuning_report(result),
         "timings": result.timings,
         "alarm": result.alarm,
         "settings": asdict(cfg),

@@ -27,6 +27,7 @@ from cbpt.data import Shots
 from cbpt.encoding import to_x01
 from cbpt.features import Augment
 from cbpt.model import LoadedClip, encode_pixels
+from cbpt.outputs import tuning_report
 from cbpt.purify import PurifyConfig, original_head, run_purify, tune_prompts, tuning_data
 from cbpt.scan import scan_summary
 from cbpt.tuning import FullAcceptance, TuningConfig
@@ -126,7 +127,12 @@ def cbpt(clip: LoadedClip, shots: Shots, cfg: PurifyConfig = PurifyConfig()) -> 
         clip.model,
         result.purified,
         time.perf_counter() - t0,
-        {"scan": scan_summary(result.inversion, result.classnames), "best_step": best_step, "alarm": result.alarm},
+        {
+            "scan": scan_summary(result.inversion, result.classnames),
+            "best_step": best_step,
+            "tuning": tuning_report(result, history=False),
+            "alarm": result.alarm,
+        },
         result.inversion.mean_feature,
     )
 

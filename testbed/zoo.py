@@ -306,6 +306,7 @@ class Zoo:
                 "asr_after": None if entry.attack is None else run.asr,
                 "purify_s": run.seconds,
                 "alarm": run.info.get("alarm_eval"),
+                "tuning": run.info.get("tuning"),  # mode, checkpoint kept, its held-out figures
             }
         record["seconds"] = round(time.perf_counter() - t0, 1)
         atomic.write_text(path, json.dumps(record, indent=1))

@@ -85,6 +85,10 @@ def test_cbpt_runs_measure_the_runtime_alarm_on_the_real_trigger(bench_results):
     assert 0 <= alarm["asr_through_guard"] <= alarm["asr"]
     assert alarm["threshold"] == run["info"]["alarm"]["threshold"]
     assert 0 <= alarm["auroc"] <= 1 and alarm["n_clean"] > alarm["n_triggered"] > 0
+    tuning = run["info"]["tuning"]  # what step 2 kept, beside the original head, for the zoo's records
+    assert tuning["mode"] in ("full", "cautious", "skipped") and tuning["history"] == []
+    if not tuning["kept_original"]:
+        assert tuning["chosen_held_out"]["clean_acc"] >= 0 and tuning["best_step"] == run["info"]["best_step"]
     clean = json.loads((cfg.work / "runs" / "shapes-none" / "cbpt-k8-s0.json").read_text())
     assert "alarm_eval" not in clean["info"]  # no trigger to flag
 
