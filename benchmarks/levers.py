@@ -39,6 +39,9 @@ LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
     "tv": _prior(tv=1.0),  # total variation weighed like the mask's size
     "cell2-tv": _prior(cell=2, tv=1.0),
     "restarts6": lambda c: replace(c, inversion=replace(c.inversion, mask_restarts=6)),  # more dummy triggers
+    # held-out decisions may move at most this far (the CA losses of the first zoo models)
+    "klcap": lambda c: replace(c, tuning=replace(c.tuning, max_clean_kl=0.02)),
+    "lr2e-3": lambda c: replace(c, tuning=replace(c.tuning, lr=2e-3)),  # gentler steps on the context vectors
 }
 
 

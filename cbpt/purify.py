@@ -64,13 +64,15 @@ def plan_tuning(verdict: Verdict, inversion: InversionResult, cfg: PurifyConfig,
     a model that reads clean (tuned cautiously, or with --force) against every restart but the
     probes, each at its own target. A model that reads clean is never escalated: a natural
     feature keeps held-out shots at its class whatever the strength."""
-    tol = cfg.tuning.clean_tolerance
+    tol, kl = cfg.tuning.clean_tolerance, cfg.tuning.max_clean_kl
     suspected = verdict.backdoored or cfg.force
     triggers = verdict.triggers if verdict.backdoored else inversion.restarts()
     if suspected:
-        return TuningPlan(TuningMode.FULL, triggers, FullAcceptance(tol), cfg.tuning)
+        return TuningPlan(TuningMode.FULL, triggers, FullAcceptance(tol, kl), cfg.tuning)
     mode = TuningMode.CAUTIOUS if held_out else TuningMode.SKIPPED
-    return TuningPlan(mode, triggers, CautiousAcceptance(tol), replace(cfg.tuning, ladder=Ladder.off()))
+    return TuningPlan(
+        mode, triggers, CautiousAcceptance(tol, max_clean_kl=kl), replace(cfg.tuning, ladder=Ladder.off())
+    )
 
 
 @dataclass

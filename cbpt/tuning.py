@@ -111,18 +111,27 @@ class Acceptance(Protocol):
     def eligible(self, h: HeldOut, original: HeldOut) -> bool: ...
 
 
+def _decisions_kept(h: HeldOut, max_clean_kl: float | None) -> bool:
+    """A few dozen held-out images cannot certify a CA change of a point or two; the mean KL
+    of the original head's predictions to the tuned head's is a continuous, lower-variance
+    reading of how far decisions moved (docs/method.md#acceptance). None: no cap."""
+    return max_clean_kl is None or h.clean_kl <= max_clean_kl
+
+
 @dataclass(frozen=True)
 class FullAcceptance:
     """A backdoor was found (or --force): the most robust checkpoint that keeps held-out
-    clean accuracy within `clean_tolerance` of the original head's is taken."""
+    clean accuracy within `clean_tolerance` of the original head's (and, with a cap, its
+    held-out decisions within `max_clean_kl`) is taken."""
 
     clean_tolerance: float = 0.015
+    max_clean_kl: float | None = None
 
     def start(self, original: HeldOut, rung: Rung) -> Checkpoint | None:
         return None
 
     def eligible(self, h: HeldOut, original: HeldOut) -> bool:
-        return h.clean_acc >= original.clean_acc - self.clean_tolerance
+        return h.clean_acc >= original.clean_acc - self.clean_tolerance and _decisions_kept(h, self.max_clean_kl)
 
 
 @dataclass(frozen=True)
@@ -133,13 +142,16 @@ class CautiousAcceptance:
 
     clean_tolerance: float = 0.015
     min_gain: float = 0.2
+    max_clean_kl: float | None = None
 
     def start(self, original: HeldOut, rung: Rung) -> Checkpoint | None:
         return Checkpoint(None, -1, original, rung)
 
     def eligible(self, h: HeldOut, original: HeldOut) -> bool:
         return (
-            h.clean_acc >= original.clean_acc - self.clean_tolerance and h.trig_acc >= original.trig_acc + self.min_gain
+            h.clean_acc >= original.clean_acc - self.clean_tolerance
+            and h.trig_acc >= original.trig_acc + self.min_gain
+            and _decisions_kept(h, self.max_clean_kl)
         )
 
 
@@ -174,6 +186,7 @@ class TuningConfig:
     eval_every: int = 10
     patience: int = 10  # evaluations without held-out improvement before a rung stops
     clean_tolerance: float = 0.015  # held-out clean accuracy a checkpoint may lose
+    max_clean_kl: float | None = None  # how far held-out decisions may move (None: no cap; docs/method.md#acceptance)
     ladder: Ladder = field(default_factory=Ladder)
     classes: ClassSchedule = field(default_factory=ClassSchedule)
     seed: int = 0

@@ -626,3 +626,18 @@ def test_a_planted_patch_is_inverted_as_a_compact_region_and_the_cell_prior_keep
     assert edges[2] < 0.6 * edges[1]  # 2 x 2 cells: far fewer edges per unit of mask
     with pytest.raises(ValueError, match="cell >= 1"):
         MaskPrior(cell=0)
+
+
+def test_a_kl_cap_refuses_checkpoints_whose_held_out_decisions_moved_too_far():
+    from cbpt.tuning import CautiousAcceptance, FullAcceptance, HeldOut
+
+    original = HeldOut(clean_acc=0.975, trig_acc=0.0, objective=4.8, clean_kl=0.0)
+    # the clean model of the zoo: held-out accuracy kept to the image, decisions moved (KL 0.063)
+    moved = HeldOut(clean_acc=0.975, trig_acc=0.215, objective=2.26, clean_kl=0.063)
+    near = HeldOut(clean_acc=0.975, trig_acc=0.215, objective=2.26, clean_kl=0.01)
+    for uncapped, capped in (
+        (FullAcceptance(0.015), FullAcceptance(0.015, max_clean_kl=0.02)),
+        (CautiousAcceptance(0.015), CautiousAcceptance(0.015, max_clean_kl=0.02)),
+    ):
+        assert uncapped.eligible(moved, original) and uncapped.eligible(near, original)
+        assert not capped.eligible(moved, original) and capped.eligible(near, original)
