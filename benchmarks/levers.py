@@ -98,6 +98,7 @@ def main() -> None:
                 "asr_after": None if attack == "none" else run.asr,
                 "through_guard": alarm.get("asr_through_guard"),
                 "backdoored_verdict": run.info["scan"]["backdoored"],
+                "tuning": run.info.get("tuning"),  # the checkpoint kept and its held-out figures
                 "seconds": run.seconds,
                 "zoo": {"ca_after": r["ca_after"], "asr_after": r["asr_after"]},
             }
