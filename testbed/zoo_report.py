@@ -124,7 +124,7 @@ def plots(results: dict) -> dict[str, bytes]:
     files["roc.png"] = _png(fig)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     asr = [r["asr_after"] for r in rs if r["kind"] == "backdoored"]
     drop = [r["ca_before"] - r["ca_after"] for r in rs]
     axes[0].hist(asr, bins=np.linspace(0, max(0.1, max(asr, default=0)), 21), color="tab:red")
@@ -135,6 +135,13 @@ def plots(results: dict) -> dict[str, bytes]:
     axes[1].axvline(0.02, color="grey", ls=":")
     axes[1].set_xlabel("CA drop (before - after)")
     axes[1].set_ylabel("models")
+    # how far each model sits from the verdict's bar, not only which side
+    for row, (kind, colour) in enumerate((("clean", "tab:green"), ("backdoored", "tab:red"))):
+        xs = [r["scan"]["suspicion"] for r in rs if r["kind"] == kind]
+        axes[2].scatter(xs, np.full(len(xs), row) + np.linspace(-0.2, 0.2, len(xs)), s=12, color=colour)
+    axes[2].axvline(1.0, color="grey", ls=":")
+    axes[2].set_yticks([0, 1], ["clean", "backdoored"])
+    axes[2].set_xlabel("scan suspicion (>= 1: backdoored)")
     files["spread.png"] = _png(fig)
     plt.close(fig)
     return files
