@@ -31,9 +31,10 @@ def counts(records: list[dict], bar: float) -> dict:
 
 
 def refit(fit: list[dict], max_fpr: float = 0.05) -> float:
-    """The fit part's best bar: a midpoint between neighbouring scores (or 1.0 where none beats it)."""
+    """The fit part's best bar: a midpoint between neighbouring scores (or 1.0 where none beats it;
+    a bar above every score always qualifies)."""
     scores = sorted({r["scan"]["suspicion"] for r in fit})
-    bars = [1.0] + [(a + b) / 2 for a, b in zip(scores, scores[1:])]
+    bars = [1.0, scores[-1] + 1e-6] + [(a + b) / 2 for a, b in zip(scores, scores[1:])]  # one above all: FPR 0
     allowed = [b for b in bars if (counts(fit, b)["fpr"] or 0) <= max_fpr]
     return min(allowed, key=lambda b: (counts(fit, b)["errors"], b))
 
