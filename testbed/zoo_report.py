@@ -22,6 +22,12 @@ def _low(d: dict | None) -> str:
     return "-" if not d else f"{d['median']:.3f} ({d['lowest']:.3f})"
 
 
+def _per_part(summary: dict, columns: list[str], cells) -> list[str]:
+    """A table with one row per part of the zoo: `cells(summary[part])` fills the columns."""
+    rows = [f"| {' | '.join(['part', *columns])} |", "|" + "---|" * (len(columns) + 1)]
+    return rows + [f"| {' | '.join([label, *cells(summary[part])])} |" for part, label in PARTS.items()]
+
+
 def markdown(results: dict) -> str:
     s = results["summary"]
     out = [
@@ -32,35 +38,44 @@ def markdown(results: dict) -> str:
         "over-alignment margin over its bar; >= 1 is the verdict). ASR after and CA drop: median / 95th "
         "percentile / worst; CA drop = CA before - CA after on the model's own test split.",
         "",
-        "| part | clean | backdoored (not taken) | AUROC | TPR at 5% FPR | verdict TPR / FPR | target named | "
-        "ASR after | ASR after <= 2% | CA drop | CA within 2 pt |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for part, label in PARTS.items():
-        r = s[part]
-        out.append(
-            f"| {label} | {r['clean']} | {r['backdoored']} ({len(r['not_taken'])}) | {_f(r['auroc'])} | "
-            f"{_f(r['tpr_at_5pct_fpr'])} | {_f(r['verdict_tpr'])} / {_f(r['verdict_fpr'])} | "
-            f"{_f(r['target_accuracy'])} | {_q(r['asr_after'])} | {_f(r['asr_after_le_2pct'])} | "
-            f"{_q(r['ca_drop'])} | {_f(r['ca_within_2pt'])} |"
-        )
+    out += _per_part(
+        s,
+        ["clean", "backdoored (not taken)", "AUROC", "TPR at 5% FPR", "verdict TPR / FPR", "target named"]
+        + ["ASR after", "ASR after <= 2%", "CA drop", "CA within 2 pt"],
+        lambda r: [
+            str(r["clean"]),
+            f"{r['backdoored']} ({len(r['not_taken'])})",
+            _f(r["auroc"]),
+            _f(r["tpr_at_5pct_fpr"]),
+            f"{_f(r['verdict_tpr'])} / {_f(r['verdict_fpr'])}",
+            _f(r["target_accuracy"]),
+            _q(r["asr_after"]),
+            _f(r["asr_after_le_2pct"]),
+            _q(r["ca_drop"]),
+            _f(r["ca_within_2pt"]),
+        ],
+    )
     out += [
         "",
         "The runtime trigger alarm on each backdoored model's real trigger (the purified heads, the "
         "alarm's stored threshold; through the guard = triggered images that get the target label and "
         "are not flagged, what `--on-alarm reject` lets pass):",
         "",
-        "| part | alarm AUROC median (lowest) | TPR at 1% FPR median (lowest) | ASR after | through the guard | "
-        "through the guard <= 1% | ASR after <= 5% |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for part, label in PARTS.items():
-        r = s[part]
-        out.append(
-            f"| {label} | {_low(r.get('alarm_auroc'))} | {_low(r.get('alarm_tpr_at_1pct_fpr'))} | "
-            f"{_q(r['asr_after'])} | {_q(r.get('asr_through_guard', {}))} | "
-            f"{_f(r.get('through_guard_le_1pct'))} | {_f(r.get('asr_after_le_5pct'))} |"
-        )
+    out += _per_part(
+        s,
+        ["alarm AUROC median (lowest)", "TPR at 1% FPR median (lowest)", "ASR after", "through the guard"]
+        + ["through the guard <= 1%", "ASR after <= 5%"],
+        lambda r: [
+            _low(r.get("alarm_auroc")),
+            _low(r.get("alarm_tpr_at_1pct_fpr")),
+            _q(r["asr_after"]),
+            _q(r.get("asr_through_guard", {})),
+            _f(r.get("through_guard_le_1pct")),
+            _f(r.get("asr_after_le_5pct")),
+        ],
+    )
     out += [
         "",
         "| model | part | attack | poison | target | testbed CA / ASR | suspicion | verdict (target) | "
