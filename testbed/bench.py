@@ -134,22 +134,25 @@ def measure(
     from cbpt.metrics import defense_effectiveness_rate
     from cbpt.model import load_clip
     from testbed.baselines import defend
-    from testbed.evaluate import align_classes, evaluate_alarm, evaluate_weights
+    from testbed.evaluate import align_classes, encode_test_split, evaluate_alarm, score_head
 
     clip = load_clip(tb / "model.pt", runtime=runtime)
     shot_set = load_shots(clip, tb / "fewshot", tb / CLASSES, replace(purify.budget, shots=shots), seed)
     names = list(shot_set.classnames)
-    before = evaluate_weights(clip, align_classes(defend("none", clip, shot_set, seed).weights, names, tb), tb)
+    feats = encode_test_split(clip, tb)  # the test split through the model, once for every head on it
+    before = score_head(feats, align_classes(defend("none", clip, shot_set, seed).weights, names, tb))
     t0 = time.perf_counter()
     d = defend(method, clip, shot_set, seed, purify, finetune)
     seconds = time.perf_counter() - t0
     head = align_classes(d.weights, names, tb)
-    after = evaluate_weights(replace(clip, model=d.model), head, tb)
+    if d.model is not clip.model:  # a defense that fine-tuned the model sees the split anew
+        feats = encode_test_split(replace(clip, model=d.model), tb)
+    after = score_head(feats, head)
     nan = float("nan")
     attacked = attack != "none"  # a clean model has no trigger: ASR, RA and DER do not apply
     info = d.info
     if attacked and d.alarm_centroid is not None:  # the second line: the runtime alarm on the real trigger
-        alarm = evaluate_alarm(clip, head, d.alarm_centroid, d.info["alarm"]["threshold"], tb)
+        alarm = evaluate_alarm(feats, head, d.alarm_centroid, d.info["alarm"]["threshold"])
         info = {**info, "alarm_eval": None if alarm is None else asdict(alarm)}
     return Run(
         dataset=dataset,

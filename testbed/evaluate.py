@@ -4,6 +4,7 @@ testbed's test split, with the testbed's own trigger applied exactly as `build` 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,8 @@ from cbpt_guard.errors import UsageError, UserError
 from testbed.triggers import Trigger
 
 if TYPE_CHECKING:
+    import torch
+
     from cbpt.runtime import Runtime
 
 
@@ -99,47 +102,65 @@ def _score(predict, testbed: Path) -> BackdoorEval:
     return evaluate_predictions(pred, labels, predict(triggered), labels, int(meta["target"]))
 
 
-def evaluate_weights(clip, weights, testbed: Path, batch_size: int = 256) -> BackdoorEval:
-    """CA, ASR, RA of the zero-shot head `weights` ([C, D], the testbed's class order)."""
-    import torch
-    from PIL import Image
+@dataclass(frozen=True)
+class SplitFeatures:
+    """One model's normalised image features of a testbed's test split and of its triggered
+    version (the testbed's own trigger and placement seed; None on a clean testbed): encoded
+    once, then every head and the alarm are scored on them."""
 
-    from cbpt.zeroshot import image_features
-
-    transform = clip.transform()
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        x = torch.stack([transform(Image.fromarray(im)) for im in batch])
-        return (image_features(clip.model, x, batch_size) @ weights.to(clip.device).T).argmax(1).cpu().numpy()
-
-    return _score(predict, testbed)
+    clean: torch.Tensor
+    triggered: torch.Tensor | None
+    labels: np.ndarray
+    target: int  # -1 on a clean testbed
 
 
-def evaluate_alarm(clip, weights, centroid, threshold: float, testbed: Path, batch_size: int = 256) -> AlarmEval | None:
-    """The trigger alarm (cosine to `centroid`, flagged over `threshold`) on the test split and
-    its triggered non-target images, with the head `weights` ([C, D], the testbed's class
-    order) deciding which triggered images the attack won. None on a clean testbed. The torch
-    twin of `benchmarks/alarm_quality.py`, which runs the exported heads."""
+def encode_test_split(clip, testbed: Path, batch_size: int = 256) -> SplitFeatures:
     import torch
     from PIL import Image
 
     from cbpt.zeroshot import image_features
 
     meta = check_testbed(testbed)
-    if not (testbed / "trigger" / "trigger.json").is_file():
-        return None
     images, labels, _ = load_test_split(testbed)
-    triggered = Trigger.load(testbed / "trigger").apply(images, seed=meta["eval_seed"])[labels != meta["target"]]
     transform = clip.transform()
 
-    def features(batch: np.ndarray) -> torch.Tensor:
-        x = torch.stack([transform(Image.fromarray(im)) for im in batch])
-        return image_features(clip.model, x, batch_size)  # normalised
+    def encode(batch: np.ndarray) -> torch.Tensor:
+        return image_features(clip.model, torch.stack([transform(Image.fromarray(im)) for im in batch]), batch_size)
 
-    c = centroid.to(clip.device)
-    clean_f, trig_f = features(images), features(triggered)
-    hit = (trig_f @ weights.to(clip.device).T).argmax(1) == int(meta["target"])
-    return alarm_evaluation((clean_f @ c).cpu().numpy(), (trig_f @ c).cpu().numpy(), hit.cpu().numpy(), threshold)
+    if not (testbed / "trigger" / "trigger.json").is_file():  # a clean testbed: nothing to trigger
+        return SplitFeatures(encode(images), None, labels, -1)
+    triggered = Trigger.load(testbed / "trigger").apply(images, seed=meta["eval_seed"])
+    return SplitFeatures(encode(images), encode(triggered), labels, int(meta["target"]))
+
+
+def score_head(feats: SplitFeatures, weights) -> BackdoorEval:
+    """CA, ASR, RA of the zero-shot head `weights` ([C, D], the testbed's class order)."""
+    w = weights.to(feats.clean.device)
+    pred = (feats.clean @ w.T).argmax(1).cpu().numpy()
+    if feats.triggered is None:
+        return evaluate_predictions(pred, feats.labels, pred, feats.labels, -1)
+    pred_t = (feats.triggered @ w.T).argmax(1).cpu().numpy()
+    return evaluate_predictions(pred, feats.labels, pred_t, feats.labels, feats.target)
+
+
+def evaluate_weights(clip, weights, testbed: Path, batch_size: int = 256) -> BackdoorEval:
+    """CA, ASR, RA of the zero-shot head `weights` ([C, D], the testbed's class order)."""
+    return score_head(encode_test_split(clip, testbed, batch_size), weights)
+
+
+def evaluate_alarm(feats: SplitFeatures, weights, centroid, threshold: float) -> AlarmEval | None:
+    """The trigger alarm (cosine to `centroid`, flagged over `threshold`) on the test split and
+    its triggered non-target images, with the head `weights` ([C, D], the testbed's class
+    order) deciding which triggered images the attack won. None on a clean testbed. The torch
+    twin of `benchmarks/alarm_quality.py`, which runs the exported heads."""
+    if feats.triggered is None:
+        return None
+    import torch
+
+    c = centroid.to(feats.clean.device)
+    trig = feats.triggered[torch.as_tensor(feats.labels != feats.target, device=feats.triggered.device)]
+    hit = (trig @ weights.to(trig.device).T).argmax(1) == feats.target
+    return alarm_evaluation((feats.clean @ c).cpu().numpy(), (trig @ c).cpu().numpy(), hit.cpu().numpy(), threshold)
 
 
 def evaluate_heads(heads_dir: Path, testbed: Path, batch_size: int = 256, int8: bool = False) -> BackdoorEval:
