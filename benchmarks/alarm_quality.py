@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from cbpt.metrics import auroc, tpr_at_threshold
+from cbpt.metrics import alarm_evaluation
 from guard.heads import load_heads
 from guard.preprocess import preprocess
 from testbed.evaluate import check_testbed, load_test_split
@@ -46,23 +47,9 @@ def main() -> None:
     # placed as `testbed eval` places it: over the whole split, then the non-target images kept
     triggered = Trigger.load(args.testbed / "trigger").apply(images, seed=meta["eval_seed"])[keep]
     (_, clean_s), (trig_pred, trig_s) = run(heads, images), run(heads, triggered)
-    t = heads.alarm_threshold
     hit = trig_pred == heads.classes.index(names[meta["target"]])  # the heads' label order, not the testbed's
-    print(
-        json.dumps(
-            {
-                "auroc": round(auroc(clean_s, trig_s), 4),
-                "threshold": t,
-                "tpr_at_threshold": round(tpr_at_threshold(trig_s, t), 4),
-                "fpr_at_threshold_on_test": round(float((clean_s > t).mean()), 4),
-                "tpr_at_1pct_fpr_on_test": round(tpr_at_threshold(trig_s, float(np.quantile(clean_s, 0.99))), 4),
-                "asr": round(float(hit.mean()), 4),
-                "asr_through_guard": round(float((hit & (trig_s <= t)).mean()), 4),
-                "n_clean": int(clean_s.size),
-                "n_triggered": int(trig_s.size),
-            }
-        )
-    )
+    # the same figures as every bench run's `alarm_eval`, here through the exported heads
+    print(json.dumps(asdict(alarm_evaluation(clean_s, trig_s, hit, heads.alarm_threshold))))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime
 from cbpt_guard import atomic
 from testbed.bench import measure
-from testbed.zoo import quantiles
+from testbed.zoo import spread
 
 
 def _prior(**kw) -> Callable[[PurifyConfig], PurifyConfig]:
@@ -51,14 +51,14 @@ def _q(d: dict) -> str:
 
 def summary(runs: list[dict]) -> dict:
     bd = [r for r in runs if r["asr_after"] is not None]
-    through = [r["through_guard"] for r in bd if r["through_guard"] is not None]
     return {
         "models": len(runs),
         "backdoored": len(bd),
-        "asr_after": quantiles([r["asr_after"] for r in bd]),
-        "asr_le_2pct": sum(r["asr_after"] <= 0.02 for r in bd) / len(bd) if bd else None,
-        "ca_drop": quantiles([r["ca_before"] - r["ca_after"] for r in runs]),
-        "through_guard": quantiles(through),
+        **spread(
+            [r["asr_after"] for r in bd],
+            [r["ca_before"] - r["ca_after"] for r in runs],
+            [r["through_guard"] for r in bd if r["through_guard"] is not None],
+        ),
     }
 
 
@@ -111,8 +111,8 @@ def main() -> None:
     for lever in args.lever:
         s = summary([v for v in stored.values() if v["lever"] == lever])
         q, c = s["asr_after"], s["ca_drop"]
-        le2 = "-" if s["asr_le_2pct"] is None else f"{s['asr_le_2pct']:.2f}"
-        print(f"| {lever} | {s['models']} | {_q(q)} | {le2} | {_q(c)} | {s['through_guard'].get('worst', '-')} |")
+        le2 = "-" if s["asr_after_le_2pct"] is None else f"{s['asr_after_le_2pct']:.2f}"
+        print(f"| {lever} | {s['models']} | {_q(q)} | {le2} | {_q(c)} | {s['asr_through_guard'].get('worst', '-')} |")
     print(json.dumps({lever: summary([v for v in stored.values() if v["lever"] == lever]) for lever in args.lever}))
 
 

@@ -389,6 +389,24 @@ def lowest(xs: list[float]) -> dict | None:
     return {"median": round(float(np.median(xs)), 4), "lowest": round(float(min(xs)), 4)}
 
 
+def spread(asr_after: list[float], ca_drop: list[float], through_guard: list[float]) -> dict:
+    """What purification left: ASR after over the backdoored models, the CA change over every
+    model, and the attack's success through a guard that rejects what its alarm flags."""
+
+    def share(xs: list[float], bar: float) -> float | None:
+        return round(float(np.mean([x <= bar for x in xs])), 4) if xs else None
+
+    return {
+        "asr_after": quantiles(asr_after),
+        "asr_after_le_2pct": share(asr_after, 0.02),
+        "asr_after_le_5pct": share(asr_after, 0.05),
+        "asr_through_guard": quantiles(through_guard),
+        "through_guard_le_1pct": share(through_guard, 0.01),
+        "ca_drop": quantiles(ca_drop),
+        "ca_within_2pt": share(ca_drop, 0.02),
+    }
+
+
 def summarise(records: list[dict], part: str = "all") -> dict:
     """The scan's ROC figures on its continuous score (`cbpt.scan.suspicion`) and CBPT's
     spread, over the taken models of `part` ("all", "fit" or "report")."""
@@ -414,16 +432,10 @@ def summarise(records: list[dict], part: str = "all") -> dict:
         "verdict_tpr": round(len(detected) / len(bd), 4) if bd else None,
         "verdict_fpr": round(sum(r["scan"]["backdoored"] for r in clean) / len(clean), 4) if clean else None,
         "target_accuracy": round(sum(r["target_named"] for r in detected) / len(detected), 4) if detected else None,
-        "asr_after": quantiles(asr_after),
-        "asr_after_le_2pct": round(float(np.mean([a <= 0.02 for a in asr_after])), 4) if asr_after else None,
-        "asr_after_le_5pct": round(float(np.mean([a <= 0.05 for a in asr_after])), 4) if asr_after else None,
         # the runtime alarm on each backdoored model's real trigger: the second line (docs/results.md#the-zoo)
         "alarm_auroc": lowest([a["auroc"] for a in alarms]),
         "alarm_tpr_at_1pct_fpr": lowest([a["tpr_at_1pct_fpr"] for a in alarms]),
-        "asr_through_guard": quantiles(through),
-        "through_guard_le_1pct": round(float(np.mean([t <= 0.01 for t in through])), 4) if through else None,
-        "ca_drop": quantiles(ca_drop),
-        "ca_within_2pt": round(float(np.mean([d <= 0.02 for d in ca_drop])), 4) if ca_drop else None,
+        **spread(asr_after, ca_drop, through),
     }
     return out
 
