@@ -300,7 +300,7 @@ def step_ratio(class_counts: list[int], shots: int, arch: str, models: Path, thr
 
         clean = F.normalize(torch.randn(len(labels), d, generator=gen), dim=-1)
         trig = F.normalize(torch.randn(len(trig_labels), d, generator=gen), dim=-1)
-        cache = FeatureCache(clean, labels, trig, trig_labels, trig_labels * 0, 0)
+        cache = FeatureCache(clean, labels, trig, trig_labels, trig_labels * 0, trig[:1], 0)
         data = TuningData(cache, None, prompts.features(), clip.logit_scale)
         tuners[c] = Tuner(prompts, data, tc, FullAcceptance())
         opts[c] = torch.optim.Adam(prompts.parameters(), lr=tc.lr)

@@ -22,6 +22,7 @@ class FeatureCache:
     triggered: torch.Tensor  # [Nt, D]
     triggered_labels: torch.Tensor  # the shots' true classes
     triggered_targets: torch.Tensor  # [Nt] the class each copy's trigger is aimed at
+    centroids: torch.Tensor  # [K, D] each trigger's normalised mean triggered feature: the route (routing.py)
     encoder_passes: int  # images pushed through the image encoder to build the cache
 
 
@@ -78,8 +79,9 @@ def cache_features(
     looks = [_identity] + [Augment.draw(n, h, gen) for _ in range(views)]
     everyone = torch.arange(n)
     clean = torch.cat([encoder.all(pixels, everyone, look) for look in looks])
-    trig_feats, trig_labels, trig_targets = [], [], []
+    trig_feats, trig_labels, trig_targets, centroids = [], [], [], []
     for cand in triggers:
+        first = len(trig_feats)
         keep = everyone[labels != cand.target]
         for s in range(shifts):
             t = (
@@ -91,6 +93,7 @@ def cache_features(
             )
             for look in looks:
                 trig_feats.append(encoder.all(pixels, keep, lambda x, rows, t=t, look=look: t.apply(look(x, rows))))
+        centroids.append(F.normalize(torch.cat(trig_feats[first:]).mean(0), dim=-1))
         trig_labels.append(labels[keep].repeat(shifts * len(looks)))
         trig_targets.append(torch.full_like(trig_labels[-1], cand.target))
     triggered = torch.cat(trig_feats) if trig_feats else clean.new_zeros((0, clean.shape[1]))
@@ -102,5 +105,6 @@ def cache_features(
         triggered=triggered,
         triggered_labels=(torch.cat(trig_labels) if trig_labels else empty).to(device),
         triggered_targets=(torch.cat(trig_targets) if trig_targets else empty).to(device),
+        centroids=torch.stack(centroids) if centroids else clean.new_zeros((0, clean.shape[1])),
         encoder_passes=clean.shape[0] + triggered.shape[0],
     )

@@ -58,6 +58,8 @@ def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) 
         "tuning": tuning_report(result),
         "timings": result.timings,
         "alarm": result.alarm,
+        # where the purified embeddings answer (None: everywhere); docs/method.md#routing
+        "route": None if result.route is None else result.route.describe(),
         "settings": asdict(cfg),
         "runtime": clip.runtime.describe(),
         "budget": (shots.budget or cfg.budget).describe(),
@@ -88,6 +90,7 @@ def write_purified(folder: Path, result: Purified, shots: Shots, rep: dict) -> d
             "trigger_mask": result.inversion.trigger.mask,
             "trigger_pattern": result.inversion.trigger.pattern,
             "trigger_delta": result.inversion.trigger.delta,
+            **({} if result.route is None else {k: torch.from_numpy(v) for k, v in result.route.tensors().items()}),
         },
         {
             "classes": json.dumps(list(result.classnames)),

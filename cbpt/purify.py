@@ -30,6 +30,7 @@ from cbpt.tuning import (
     tune,
 )
 from cbpt.zeroshot import zeroshot_weights
+from cbpt_guard.routing import Route, calibrate_route
 
 Progress = Callable[[str, int, int], None]
 
@@ -39,6 +40,9 @@ class PurifyConfig:
     budget: ShotBudget = field(default_factory=ShotBudget)  # K per class, held-out ones among them
     seed: int = 0
     force: bool = False  # tune as for a found backdoor even when the scan reads clean (docs/method.md#force)
+    # share of the clean shots routed to the purified embeddings; 1: they answer for every
+    # image, as in the paper (cbpt_guard/routing.py, docs/method.md#routing)
+    routed_share: float = 0.2
     inversion: InversionConfig = field(default_factory=InversionConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
 
@@ -86,6 +90,7 @@ class Purified:
     tuning: TuningResult | None  # None: tuning was skipped
     timings: dict
     alarm: dict  # the runtime trigger alarm, calibrated on clean shots
+    route: Route | None = None  # None: the purified embeddings answer everywhere (or equal the original)
 
 
 def original_head(clip: LoadedClip, classnames: tuple[str, ...]) -> torch.Tensor:
@@ -166,6 +171,14 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
     )
     t3 = time.perf_counter()
     calibration = data.cache.clean if data.held_out is None else torch.cat([data.cache.clean, data.held_out.clean])
+    route = None
+    if cfg.routed_share < 1 and not result.kept_original and len(data.cache.centroids):
+        route = calibrate_route(
+            calibration.float().cpu().numpy(),
+            data.cache.centroids.float().cpu().numpy(),
+            cfg.routed_share,
+            original.float().cpu().numpy(),
+        )
     return Purified(
         **done,
         purified=result.text_features,
@@ -180,4 +193,5 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
             "image_encoder_passes_during_tuning": 0,
         },
         alarm=alarm_threshold(calibration, inversion.mean_feature),
+        route=route,
     )

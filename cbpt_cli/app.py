@@ -313,6 +313,14 @@ def purify(
             "tune every class at every step."
         ),
     ] = 12,
+    routed_share: Annotated[
+        float,
+        typer.Option(
+            help="Share of the clean shots whose neighbourhood the purified embeddings answer for; the "
+            "original ones answer elsewhere, in the exported heads too (docs/method.md#routing). "
+            "1: the purified embeddings answer for every image, as in the paper.",
+        ),
+    ] = 0.2,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
     int8: Int8ExportOpt = False,
     overwrite: OverwriteOpt = False,
@@ -340,6 +348,8 @@ def purify(
         raise UsageError("--alpha and --beta must be at least 0", "pass --alpha 0.5 --beta 2, or leave them out")
     if classes_per_step < 1:
         raise UsageError("--classes-per-step must be at least 1", "pass --classes-per-step 12")
+    if not 0 < routed_share <= 1:
+        raise UsageError(f"--routed-share must be in (0, 1], got {routed_share}", "pass --routed-share 0.2, or 1")
     tuning = TuningConfig(seed=seed, steps=tuning_steps, beta=beta, classes=ClassSchedule(max_classes=classes_per_step))
     if alpha is not None:  # a weight the user fixed is not escalated
         tuning = replace(tuning, alpha=alpha, ladder=Ladder.off())
@@ -349,6 +359,7 @@ def purify(
         budget=budget,
         seed=seed,
         force=force,
+        routed_share=routed_share,
         inversion=_inversion_config(seed, inversion_steps, restarts, eps),
         tuning=tuning,
     )

@@ -7,36 +7,78 @@ graph, so `logits = scale * normalise(f(x)) @ G.T` needs nothing from the caller
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from cbpt_guard.routing import Route
 
 OPSET = 17
 IR_VERSION = 8  # opset 17's own IR version; newer IRs are refused by older runtimes
 
 
-def head_nodes(
-    prefix: str, features: str, weights: np.ndarray, scale: float, centroid: np.ndarray | None
-) -> tuple[list, list, list[str]]:
+@dataclass(frozen=True)
+class HeadSpec:
+    """What the zero-shot head computes from image features f: logits = scale * cos(f, G), G the
+    class embeddings the route picks for the image (all of them `weights` without a route;
+    cbpt_guard/routing.py), and the alarm's trigger_score = cos(f, centroid)."""
+
+    weights: np.ndarray  # [C, D] the (purified) class embeddings
+    scale: float
+    centroid: np.ndarray | None = None  # [D]
+    route: Route | None = None
+
+    def logits(self, unit: np.ndarray) -> np.ndarray:
+        """The reference the graphs are checked against, for unit features [N, D]."""
+        return self.scale * (unit @ self.weights.T if self.route is None else self.route.cosines(unit, self.weights))
+
+
+def _const(name: str, value) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+
+
+def head_nodes(prefix: str, features: str, head: HeadSpec) -> tuple[list, list, list[str]]:
     """Nodes normalising `features` [N, D] and scoring them: -> logits, probs[, trigger_score]."""
-    d = weights.shape[1]
+    d = head.weights.shape[1]
     inits = [
-        numpy_helper.from_array(weights.T.astype(np.float32), f"{prefix}class_embeddings_T"),  # [D, C]
-        numpy_helper.from_array(np.array(scale, dtype=np.float32), f"{prefix}logit_scale"),
-        numpy_helper.from_array(np.array(1e-12, dtype=np.float32), f"{prefix}eps"),
+        _const(f"{prefix}class_embeddings_T", head.weights.T),  # [D, C]
+        _const(f"{prefix}logit_scale", head.scale),
+        _const(f"{prefix}eps", 1e-12),
     ]
     nodes = [
         helper.make_node("ReduceL2", [features], [f"{prefix}norm"], axes=[1], keepdims=1),  # opset 17: axes
         helper.make_node("Max", [f"{prefix}norm", f"{prefix}eps"], [f"{prefix}norm_safe"]),
         helper.make_node("Div", [features, f"{prefix}norm_safe"], [f"{prefix}unit"]),
         helper.make_node("MatMul", [f"{prefix}unit", f"{prefix}class_embeddings_T"], [f"{prefix}cos"]),
-        helper.make_node("Mul", [f"{prefix}cos", f"{prefix}logit_scale"], ["logits"]),
+    ]
+    cos = f"{prefix}cos"
+    if head.route is not None:  # the original embeddings answer outside the route
+        r = head.route
+        inits += [
+            _const(f"{prefix}original_embeddings_T", r.original.T),  # [D, C]
+            _const(f"{prefix}route_centroids_T", r.centroids.T),  # [D, K]
+            _const(f"{prefix}route_thresholds", r.thresholds),  # [K]
+            _const(f"{prefix}zero", 0.0),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [f"{prefix}unit", f"{prefix}original_embeddings_T"], [f"{prefix}cos_original"]),
+            helper.make_node("MatMul", [f"{prefix}unit", f"{prefix}route_centroids_T"], [f"{prefix}route_cos"]),
+            helper.make_node("Sub", [f"{prefix}route_cos", f"{prefix}route_thresholds"], [f"{prefix}route_margin"]),
+            helper.make_node("ReduceMax", [f"{prefix}route_margin"], [f"{prefix}route_best"], axes=[1], keepdims=1),
+            helper.make_node("Greater", [f"{prefix}route_best", f"{prefix}zero"], [f"{prefix}routed"]),  # [N, 1]
+            helper.make_node("Where", [f"{prefix}routed", cos, f"{prefix}cos_original"], [f"{prefix}cos_routed"]),
+        ]
+        cos = f"{prefix}cos_routed"
+    nodes += [
+        helper.make_node("Mul", [cos, f"{prefix}logit_scale"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
     ]
     outputs = ["logits", "probs"]
-    if centroid is not None:
+    if head.centroid is not None:
         inits += [
-            numpy_helper.from_array(centroid.reshape(d, 1).astype(np.float32), f"{prefix}trigger_centroid"),
+            _const(f"{prefix}trigger_centroid", head.centroid.reshape(d, 1)),
             numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}axis1"),
         ]
         nodes += [
@@ -49,10 +91,10 @@ def head_nodes(
     return nodes, inits, outputs
 
 
-def build_head(weights: np.ndarray, scale: float, centroid: np.ndarray | None = None) -> onnx.ModelProto:
+def build_head(head: HeadSpec) -> onnx.ModelProto:
     """image_features [N, D] -> logits [N, C], probs [N, C] (+ trigger_score [N])."""
-    n_classes, d = weights.shape
-    nodes, inits, outs = head_nodes("head/", "image_features", weights, scale, centroid)
+    n_classes, d = head.weights.shape
+    nodes, inits, outs = head_nodes("head/", "image_features", head)
     value_infos = {
         "logits": helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes]),
         "probs": helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", n_classes]),
@@ -70,15 +112,13 @@ def build_head(weights: np.ndarray, scale: float, centroid: np.ndarray | None = 
     return model
 
 
-def attach_head(
-    encoder: onnx.ModelProto, weights: np.ndarray, scale: float, centroid: np.ndarray | None
-) -> onnx.ModelProto:
+def attach_head(encoder: onnx.ModelProto, head: HeadSpec) -> onnx.ModelProto:
     """Append the head to an exported image encoder whose single output is `image_features`."""
     g = encoder.graph
-    nodes, inits, outs = head_nodes("head/", "image_features", weights, scale, centroid)
+    nodes, inits, outs = head_nodes("head/", "image_features", head)
     g.node.extend(nodes)
     g.initializer.extend(inits)
-    n_classes = weights.shape[0]
+    n_classes = head.weights.shape[0]
     batch = g.input[0].type.tensor_type.shape.dim[0].dim_param or "batch"
     for name in outs:
         shape = [batch] if name == "trigger_score" else [batch, n_classes]

@@ -5,11 +5,10 @@ from __future__ import annotations
 import io
 import warnings
 
-import numpy as np
 import onnx
 import torch
 
-from export.graphs import OPSET, attach_head
+from export.graphs import OPSET, HeadSpec, attach_head
 
 
 class _Encoder(torch.nn.Module):
@@ -52,5 +51,5 @@ def export_encoder(clip) -> onnx.ModelProto:
     return onnx.load_from_string(buf.getvalue())
 
 
-def export_classifier(clip, weights: np.ndarray, scale: float, centroid: np.ndarray | None) -> onnx.ModelProto:
-    return attach_head(export_encoder(clip), weights, scale, centroid)
+def export_classifier(clip, head: HeadSpec) -> onnx.ModelProto:
+    return attach_head(export_encoder(clip), head)

@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,7 +34,11 @@ from cbpt_guard.artifacts import (
     sha256_bytes,
 )
 from cbpt_guard.errors import UsageError, UserError
+from cbpt_guard.routing import Route
 from export.int8 import Int8Inputs, int8_twin
+
+if TYPE_CHECKING:
+    from export.graphs import HeadSpec
 
 
 @dataclass
@@ -47,6 +52,13 @@ class Source:
     report: dict
     embeddings_sha256: str
     trigger: dict[str, np.ndarray] | None = None  # the best inverted mask: mask, pattern, delta
+    route: Route | None = None  # where the weights answer; the original embeddings elsewhere
+
+    def head(self) -> HeadSpec:
+        from export.graphs import HeadSpec
+
+        centroid = None if self.centroid is None else self.centroid.astype(np.float32)
+        return HeadSpec(self.weights, self.logit_scale, centroid, self.route)
 
     @property
     def alarm_threshold(self) -> float | None:
@@ -110,6 +122,8 @@ def read_source(folder: Path, which: str = "purified") -> Source:
         else None,
         report=report,
         embeddings_sha256=actual,
+        # the original head answers everywhere by itself
+        route=None if which == "original" else Route.from_tensors(tensors, tensors["original"]),
     )
 
 
@@ -200,15 +214,12 @@ def _metadata(source: Source, clip, pre: dict, alarm_threshold: float | None) ->
     return meta
 
 
-def _graphs(source: Source, clip, centroid: np.ndarray | None, fp16: bool) -> dict:
+def _graphs(source: Source, clip, fp16: bool) -> dict:
     from export.fp16 import Fp16Error, to_fp16
     from export.graphs import build_head
     from export.onnx_encoder import export_classifier
 
-    graphs = {
-        HEAD: build_head(source.weights, source.logit_scale, centroid),
-        CLASSIFIER: export_classifier(clip, source.weights, source.logit_scale, centroid),
-    }
+    graphs = {HEAD: build_head(source.head()), CLASSIFIER: export_classifier(clip, source.head())}
     if fp16:
         try:
             graphs.update({fp16_name(name): to_fp16(g) for name, g in list(graphs.items())})
@@ -237,15 +248,14 @@ def build_heads(
             "re-run `cbpt-guard purify` on the current checkpoint",
         )
     pre = preprocess_spec(clip.preprocess_cfg)
-    centroid = None if source.centroid is None else source.centroid.astype(np.float32)
     meta = _metadata(source, clip, pre, alarm_threshold)
-    graphs = _graphs(source, clip, centroid, fp16)
+    graphs = _graphs(source, clip, fp16)
     half = "fp16 (LayerNorm, softmax and reductions in fp32; float32 inputs and outputs)"
     for name, graph in graphs.items():
         set_metadata(graph, {**meta, "precision": half if is_fp16(name) else "fp32"})
         onnx.checker.check_model(graph, full_check=True)
     blobs = {name: g.SerializeToString() for name, g in graphs.items()}
-    parity = check_parity(clip, blobs, source.weights, source.logit_scale, centroid)
+    parity = check_parity(clip, blobs, source.head())
     if int8 is not None:
         blob, parity[int8_name(CLASSIFIER)] = int8_twin(blobs[CLASSIFIER], int8)
         graph = onnx.load_from_string(blob)
@@ -259,8 +269,9 @@ def build_heads(
         "source_checkpoint_sha256": clip.checkpoint_sha256,
         "embeddings_sha256": source.embeddings_sha256,
         "architecture": clip.info.architecture,
-        "trigger_score": centroid is not None,
+        "trigger_score": source.centroid is not None,
         "trigger_alarm_threshold": alarm_threshold,
+        "route": None if source.route is None else source.route.describe(),
         "parity": parity,
     }
     return Exported(blobs, source.classes, pre, manifest, parity, time.perf_counter() - t0)

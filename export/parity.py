@@ -7,13 +7,12 @@ import torch
 
 from cbpt_guard.artifacts import is_fp16, ort_session
 from cbpt_guard.errors import UserError
+from export.graphs import HeadSpec
 
 BATCHES = (1, 5)
 
 
-def check_parity(
-    clip, blobs: dict[str, bytes], weights: np.ndarray, scale: float, centroid: np.ndarray | None, seed: int = 0
-) -> dict:
+def check_parity(clip, blobs: dict[str, bytes], head: HeadSpec, seed: int = 0) -> dict:
     """fp32 graphs: max |delta logits| <= 1e-4 x logit scale on random inputs at batch 1 and 5,
     else the export fails. fp16 graphs (`*_fp16.onnx`) have no such bound; their top-1
     agreement and max |delta probs| are reported, and only non-finite outputs fail them.
@@ -21,7 +20,7 @@ def check_parity(
     size = clip.info.image_size
     device = next(clip.model.parameters()).device  # the reference runs where the model is
     gen = torch.Generator().manual_seed(seed)
-    w = torch.from_numpy(weights)
+    scale = head.scale
     report: dict = {}
     for name, blob in blobs.items():
         half = is_fp16(name)
@@ -31,7 +30,8 @@ def check_parity(
             x = torch.randn(batch, 3, size, size, generator=gen)
             with torch.no_grad():
                 f = clip.model.encode_image(x.to(device)).float().cpu()
-            ref_logits = scale * torch.nn.functional.normalize(f, dim=-1) @ w.T
+            unit = torch.nn.functional.normalize(f, dim=-1).numpy()
+            ref_logits = torch.from_numpy(head.logits(unit))
             ref_probs = ref_logits.softmax(-1).numpy()
             feed = {"pixel_values": x.numpy()} if name.startswith("classifier") else {"image_features": f.numpy()}
             out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
@@ -49,8 +49,8 @@ def check_parity(
             worst_probs = max(worst_probs, float(np.abs(out["probs"] - ref_probs).max()))
             agree += int((out["logits"].argmax(1) == ref_logits.numpy().argmax(1)).sum())
             n += batch
-            if centroid is not None:
-                ref_t = (torch.nn.functional.normalize(f, dim=-1) @ torch.from_numpy(centroid)).numpy()
+            if head.centroid is not None:
+                ref_t = unit @ head.centroid
                 worst_logits = max(worst_logits, float(np.abs(out["trigger_score"] - ref_t).max()) * scale)
         entry = {
             "max_abs_logits": worst_logits,

@@ -32,6 +32,7 @@ from cbpt.purify import PurifyConfig, original_head, run_purify, tune_prompts, t
 from cbpt.scan import scan_summary
 from cbpt.tuning import FullAcceptance, TuningConfig
 from cbpt.zeroshot import zeroshot_weights
+from cbpt_guard.routing import Route
 
 METHODS = ("none", "finetune", "cleanclip", "prompt", "cbpt")
 LABELS = {
@@ -62,6 +63,7 @@ class Defended:
     seconds: float
     info: dict
     alarm_centroid: torch.Tensor | None = None  # CBPT's trigger alarm (its threshold in info["alarm"])
+    route: Route | None = None  # CBPT's: where `weights` answer, the original head elsewhere
 
 
 def no_defense(clip: LoadedClip, shots: Shots) -> Defended:
@@ -132,8 +134,10 @@ def cbpt(clip: LoadedClip, shots: Shots, cfg: PurifyConfig = PurifyConfig()) -> 
             "best_step": best_step,
             "tuning": tuning_report(result, history=False),
             "alarm": result.alarm,
+            "route": None if result.route is None else result.route.describe(),
         },
         result.inversion.mean_feature,
+        result.route,
     )
 
 

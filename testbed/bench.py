@@ -134,7 +134,7 @@ def measure(
     from cbpt.metrics import defense_effectiveness_rate
     from cbpt.model import load_clip
     from testbed.baselines import defend
-    from testbed.evaluate import align_classes, encode_test_split, evaluate_alarm, score_head
+    from testbed.evaluate import align_classes, class_order, encode_test_split, evaluate_alarm, score_head
 
     clip = load_clip(tb / "model.pt", runtime=runtime)
     shot_set = load_shots(clip, tb / "fewshot", tb / CLASSES, replace(purify.budget, shots=shots), seed)
@@ -144,15 +144,16 @@ def measure(
     t0 = time.perf_counter()
     d = defend(method, clip, shot_set, seed, purify, finetune)
     seconds = time.perf_counter() - t0
-    head = align_classes(d.weights, names, tb)
+    rows = class_order(names, tb)
+    head, route = d.weights[rows], None if d.route is None else d.route.reordered(rows)
     if d.model is not clip.model:  # a defense that fine-tuned the model sees the split anew
         feats = encode_test_split(replace(clip, model=d.model), tb)
-    after = score_head(feats, head)
+    after = score_head(feats, head, route)
     nan = float("nan")
     attacked = attack != "none"  # a clean model has no trigger: ASR, RA and DER do not apply
     info = d.info
     if attacked and d.alarm_centroid is not None:  # the second line: the runtime alarm on the real trigger
-        alarm = evaluate_alarm(feats, head, d.alarm_centroid, d.info["alarm"]["threshold"])
+        alarm = evaluate_alarm(feats, head, d.alarm_centroid, d.info["alarm"]["threshold"], route)
         info = {**info, "alarm_eval": None if alarm is None else asdict(alarm)}
     return Run(
         dataset=dataset,

@@ -13,6 +13,7 @@ import numpy as np
 from cbpt.metrics import AlarmEval, BackdoorEval, alarm_evaluation, evaluate_predictions
 from cbpt_guard.artifacts import CLASSES, EMBEDDINGS, REPORT, read_classes
 from cbpt_guard.errors import UsageError, UserError
+from cbpt_guard.routing import Route
 from testbed.triggers import Trigger
 
 if TYPE_CHECKING:
@@ -74,19 +75,28 @@ def evaluate_purified(folder: Path, testbed: Path, runtime: Runtime | None = Non
         arch=rep["model"]["architecture"] if rep["model"]["arch_source"] == "--arch" else None,
         runtime=runtime,
     )
-    weights = load_file(str(folder / EMBEDDINGS))["purified"].to(clip.device)
-    return evaluate_weights(clip, align_classes(weights, rep["classes"], testbed), testbed)
+    tensors = load_file(str(folder / EMBEDDINGS))
+    rows = class_order(rep["classes"], testbed)
+    route = Route.from_tensors({k: v.numpy() for k, v in tensors.items()}, tensors["original"].numpy())
+    return score_head(
+        encode_test_split(clip, testbed), tensors["purified"][rows], None if route is None else route.reordered(rows)
+    )
 
 
-def align_classes(weights, names: list[str], testbed: Path):
-    """Rows of `weights` reordered to the testbed's class order, matched by name."""
+def class_order(names: list[str], testbed: Path) -> list[int]:
+    """For each of the testbed's classes in its order, its row among `names`."""
     test_names = testbed_classes(testbed)
     if sorted(names) != sorted(test_names):
         raise UserError(
             f"the classes ({', '.join(names[:4])}, ...) are not the testbed's ({', '.join(test_names[:4])}, ...)",
             "purify with the testbed's fewshot/ folder",
         )
-    return weights[[names.index(n) for n in test_names]]
+    return [names.index(n) for n in test_names]
+
+
+def align_classes(weights, names: list[str], testbed: Path):
+    """Rows of `weights` reordered to the testbed's class order, matched by name."""
+    return weights[class_order(names, testbed)]
 
 
 def _score(predict, testbed: Path) -> BackdoorEval:
@@ -133,13 +143,22 @@ def encode_test_split(clip, testbed: Path, batch_size: int = 256) -> SplitFeatur
     return SplitFeatures(encode(images), encode(triggered), labels, int(meta["target"]))
 
 
-def score_head(feats: SplitFeatures, weights) -> BackdoorEval:
-    """CA, ASR, RA of the zero-shot head `weights` ([C, D], the testbed's class order)."""
-    w = weights.to(feats.clean.device)
-    pred = (feats.clean @ w.T).argmax(1).cpu().numpy()
+def head_predictions(features, weights, route: Route | None = None) -> np.ndarray:
+    """Class indices the zero-shot head `weights` [C, D] gives unit image features [N, D]; with
+    a route, the original embeddings answer for the images outside it (cbpt_guard/routing.py)."""
+    if route is None:
+        return (features @ weights.to(features.device).T).argmax(1).cpu().numpy()
+    unit = features.float().cpu().numpy()
+    return route.cosines(unit, weights.float().cpu().numpy()).argmax(1)
+
+
+def score_head(feats: SplitFeatures, weights, route: Route | None = None) -> BackdoorEval:
+    """CA, ASR, RA of the zero-shot head `weights` ([C, D], the testbed's class order; the route's
+    original embeddings in that order too)."""
+    pred = head_predictions(feats.clean, weights, route)
     if feats.triggered is None:
         return evaluate_predictions(pred, feats.labels, pred, feats.labels, -1)
-    pred_t = (feats.triggered @ w.T).argmax(1).cpu().numpy()
+    pred_t = head_predictions(feats.triggered, weights, route)
     return evaluate_predictions(pred, feats.labels, pred_t, feats.labels, feats.target)
 
 
@@ -148,7 +167,9 @@ def evaluate_weights(clip, weights, testbed: Path, batch_size: int = 256) -> Bac
     return score_head(encode_test_split(clip, testbed, batch_size), weights)
 
 
-def evaluate_alarm(feats: SplitFeatures, weights, centroid, threshold: float) -> AlarmEval | None:
+def evaluate_alarm(
+    feats: SplitFeatures, weights, centroid, threshold: float, route: Route | None = None
+) -> AlarmEval | None:
     """The trigger alarm (cosine to `centroid`, flagged over `threshold`) on the test split and
     its triggered non-target images, with the head `weights` ([C, D], the testbed's class
     order) deciding which triggered images the attack won. None on a clean testbed. The torch
@@ -159,8 +180,8 @@ def evaluate_alarm(feats: SplitFeatures, weights, centroid, threshold: float) ->
 
     c = centroid.to(feats.clean.device)
     trig = feats.triggered[torch.as_tensor(feats.labels != feats.target, device=feats.triggered.device)]
-    hit = (trig @ weights.to(trig.device).T).argmax(1) == feats.target
-    return alarm_evaluation((feats.clean @ c).cpu().numpy(), (trig @ c).cpu().numpy(), hit.cpu().numpy(), threshold)
+    hit = head_predictions(trig, weights, route) == feats.target
+    return alarm_evaluation((feats.clean @ c).cpu().numpy(), (trig @ c).cpu().numpy(), hit, threshold)
 
 
 def evaluate_heads(heads_dir: Path, testbed: Path, batch_size: int = 256, int8: bool = False) -> BackdoorEval:

@@ -307,6 +307,7 @@ class Zoo:
                 "purify_s": run.seconds,
                 "alarm": run.info.get("alarm_eval"),
                 "tuning": run.info.get("tuning"),  # mode, checkpoint kept, its held-out figures
+                "route": run.info.get("route"),  # where the purified head answers (None: everywhere)
             }
         record["seconds"] = round(time.perf_counter() - t0, 1)
         atomic.write_text(path, json.dumps(record, indent=1))

@@ -512,6 +512,7 @@ def _backdoored_features(g0: torch.Tensor, n: int, seed: int):
         trig,
         torch.tensor([0] * n + [1] * n),
         torch.full((2 * n,), 2),
+        F.normalize(trig.mean(0, keepdim=True), dim=-1),
         0,
     )
 

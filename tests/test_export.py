@@ -140,12 +140,14 @@ def test_incomplete_or_tampered_sources_are_refused(purified, tmp_path, capsys):
 
 
 def test_failed_parity_writes_nothing(mini_testbeds, tmp_path, capsys, monkeypatch):
+    from dataclasses import replace
+
     import export.parity
 
     real = export.parity.check_parity
 
-    def corrupt(clip, blobs, weights, scale, centroid, seed=0):
-        return real(clip, blobs, weights * -1, scale, centroid, seed)
+    def corrupt(clip, blobs, head, seed=0):
+        return real(clip, blobs, replace(head, weights=head.weights * -1), seed)
 
     monkeypatch.setattr(export.parity, "check_parity", corrupt)
     tb = mini_testbeds["none"]

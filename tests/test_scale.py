@@ -108,7 +108,7 @@ def _tuner(clip, num_classes: int, max_classes: int):
     clean = F.normalize(g0[labels] + 0.3 * torch.randn(len(labels), g0.shape[1], generator=gen), dim=-1)
     trig_labels = labels[labels != 0]
     trig = F.normalize(g0[0] + 0.3 * torch.randn(len(trig_labels), g0.shape[1], generator=gen), dim=-1)
-    cache = FeatureCache(clean, labels, trig, trig_labels, torch.zeros_like(trig_labels), 0)
+    cache = FeatureCache(clean, labels, trig, trig_labels, torch.zeros_like(trig_labels), trig[:1], 0)
     cfg = TuningConfig(classes=ClassSchedule(max_classes=max_classes, confusers=1))
     return Tuner(prompts, TuningData(cache, None, g0, clip.logit_scale), cfg, FullAcceptance()), prompts
 

@@ -1,0 +1,92 @@
+"""The route (cbpt_guard/routing.py): calibrated on clean shots, the same in numpy, in the ONNX
+head and in a purify output, and off when asked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cbpt_guard.routing import Route, calibrate_route
+from tests.helpers import run_cli
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def route_case():
+    rng = np.random.default_rng(0)
+    d, c = 16, 5
+    clean = _unit(rng.normal(size=(500, d)))
+    centroids = _unit(rng.normal(size=(2, d)))
+    purified, original = _unit(rng.normal(size=(c, d))), _unit(rng.normal(size=(c, d)))
+    return clean, centroids, purified, original
+
+
+@pytest.mark.parametrize("share", [0.05, 0.2, 0.5])
+def test_the_route_takes_the_asked_share_of_the_clean_shots(route_case, share):
+    clean, centroids, _, original = route_case
+    route = calibrate_route(clean, centroids, share, original)
+    routed = route.routed(clean).mean()
+    assert share - 0.01 <= routed <= share  # the union of both centroids' neighbourhoods
+    # each centroid has its own threshold, at the same quantile of its own clean cosines
+    own = [(clean @ c > t).mean() for c, t in zip(centroids, route.thresholds)]
+    assert abs(own[0] - own[1]) <= 2 / len(clean) and max(own) <= routed
+
+
+def test_routed_images_take_the_purified_embeddings_and_the_rest_the_original(route_case):
+    clean, centroids, purified, original = route_case
+    route = calibrate_route(clean, centroids, 0.1, original)
+    x = np.stack([centroids[0], centroids[1], -centroids[0]])  # in, in, far out
+    assert route.routed(x).tolist() == [True, True, False]
+    cos = route.cosines(x, purified)
+    assert np.allclose(cos[:2], x[:2] @ purified.T) and np.allclose(cos[2], x[2] @ original.T)
+    back = Route.from_tensors({**route.tensors(), "unrelated": np.zeros(1)}, original)
+    assert np.array_equal(back.thresholds, route.thresholds) and back.share == pytest.approx(0.1)
+    assert Route.from_tensors({"purified": purified}, original) is None
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        calibrate_route(clean, centroids, 1.0, original)
+
+
+def test_the_onnx_head_routes_as_the_reference_does(route_case):
+    import onnxruntime as ort
+
+    from export.graphs import HeadSpec, build_head
+
+    clean, centroids, purified, original = route_case
+    head = HeadSpec(purified, 50.0, centroids[0], calibrate_route(clean, centroids, 0.3, original))
+    sess = ort.InferenceSession(build_head(head).SerializeToString(), providers=["CPUExecutionProvider"])
+    feats = 3.0 * clean[:200]  # any norm: the graph normalises
+    logits, score = sess.run(["logits", "trigger_score"], {"image_features": feats})
+    routed = head.route.routed(clean[:200])
+    assert 0 < routed.sum() < 200  # both branches are exercised
+    assert np.abs(logits - head.logits(clean[:200])).max() < 1e-4
+    assert np.allclose(score, clean[:200] @ centroids[0], atol=1e-5)
+
+
+def test_a_purify_output_routes_in_torch_and_in_its_exported_heads_alike(purified, mini_testbeds):
+    from safetensors.numpy import load_file
+
+    from testbed.evaluate import evaluate_heads, evaluate_purified
+
+    rep = json.loads((purified / "report.json").read_text())
+    assert rep["route"]["share"] == pytest.approx(0.2) and rep["settings"]["routed_share"] == 0.2
+    emb = load_file(str(purified / "embeddings.safetensors"))
+    assert emb["route_centroids"].shape[1] == 32 and emb["route_thresholds"].shape == (emb["route_centroids"].shape[0],)
+    manifest = json.loads((purified / "manifest.json").read_text())
+    assert manifest["route"] == rep["route"]
+    tb = mini_testbeds["blended"]
+    torch_side, onnx_side = evaluate_purified(purified, tb), evaluate_heads(purified, tb)
+    assert torch_side.ca == pytest.approx(onnx_side.ca, abs=0.021)  # 50 images: one may sit on a threshold
+    assert torch_side.asr == pytest.approx(onnx_side.asr, abs=0.021)
+
+
+def test_routed_share_out_of_range_is_refused_before_any_work(mini_testbeds, tmp_path, capsys):
+    tb = mini_testbeds["blended"]
+    code, _, err = run_cli(
+        capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--out", tmp_path / "p", "--routed-share", "0"
+    )
+    assert code == 2 and "--routed-share must be in (0, 1]" in err and not (tmp_path / "p").exists()
