@@ -123,6 +123,23 @@ def tune_prompts(
     return tune(prompts, data, tuning, acceptance, progress)
 
 
+def calibration_features(data: TuningData) -> torch.Tensor:
+    """The clean features the alarm and the route are calibrated on: the tuning shots, their
+    views and the held-out shots."""
+    return data.cache.clean if data.held_out is None else torch.cat([data.cache.clean, data.held_out.clean])
+
+
+def route_for(data: TuningData, share: float) -> Route | None:
+    """Where the tuned embeddings answer: `share` of the clean calibration features around the
+    triggers tuned against (None at share 1: everywhere)."""
+    if share >= 1 or not len(data.cache.centroids):
+        return None
+    clean, centroids = calibration_features(data), data.cache.centroids
+    return calibrate_route(
+        *(t.float().cpu().numpy() for t in (clean, centroids)), share, data.original.float().cpu().numpy()
+    )
+
+
 def alarm_threshold(clean: torch.Tensor, centroid: torch.Tensor, fpr: float = 0.01) -> dict:
     """Cosine-to-the-backdoor-region threshold flagging at most `fpr` of the clean shots
     (docs/method.md#trigger-alarm)."""
@@ -170,15 +187,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
         (lambda d, t: progress("tune", d, t)) if progress else None,
     )
     t3 = time.perf_counter()
-    calibration = data.cache.clean if data.held_out is None else torch.cat([data.cache.clean, data.held_out.clean])
-    route = None
-    if cfg.routed_share < 1 and not result.kept_original and len(data.cache.centroids):
-        route = calibrate_route(
-            calibration.float().cpu().numpy(),
-            data.cache.centroids.float().cpu().numpy(),
-            cfg.routed_share,
-            original.float().cpu().numpy(),
-        )
+    calibration = calibration_features(data)
     return Purified(
         **done,
         purified=result.text_features,
@@ -193,5 +202,5 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
             "image_encoder_passes_during_tuning": 0,
         },
         alarm=alarm_threshold(calibration, inversion.mean_feature),
-        route=route,
+        route=None if result.kept_original else route_for(data, cfg.routed_share),
     )
