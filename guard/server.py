@@ -289,6 +289,7 @@ def create_app(
             "embeddings_sha256": m.get("embeddings_sha256"),
             "files": m.get("files"),
             "trigger_alarm_threshold": heads.alarm_threshold,
+            "route": m.get("route"),  # where the purified embeddings answer (None: for every image)
             "providers": heads.providers,
             "graph": heads.graph,
             "batching": {"max_batch": limits.max_batch, "max_wait_ms": limits.max_wait_ms},

@@ -47,6 +47,7 @@ def test_health_model_and_openapi(client, loaded):
     assert client.get("/healthz").status_code == 200
     m = client.get("/v1/model").json()
     assert m["classes"] == loaded.classes and m["input_size"] == [32, 32] and len(m["embeddings_sha256"]) == 64
+    assert m["route"] is None  # the original prompts' heads: one set of embeddings answers every image
     assert {"/v1/classify", "/v1/model", "/healthz"} <= set(client.get("/openapi.json").json()["paths"])
 
 
