@@ -90,3 +90,17 @@ def test_routed_share_out_of_range_is_refused_before_any_work(mini_testbeds, tmp
         capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--out", tmp_path / "p", "--routed-share", "0"
     )
     assert code == 2 and "--routed-share must be in (0, 1]" in err and not (tmp_path / "p").exists()
+
+
+def test_the_fp16_head_routes_too(route_case):
+    from cbpt_guard.artifacts import ort_session
+    from export.fp16 import to_fp16
+    from export.graphs import HeadSpec, build_head
+
+    clean, centroids, purified, original = route_case
+    head = HeadSpec(purified, 50.0, centroids[0], calibrate_route(clean, centroids, 0.3, original))
+    sess = ort_session(to_fp16(build_head(head)).SerializeToString(), fp16=True)
+    logits = sess.run(["logits"], {"image_features": clean})[0]
+    assert logits.dtype == np.float32  # the fp32 interface is kept
+    # half-precision cosines may fall the other side of a threshold for an image right on it
+    assert (logits.argmax(1) == head.logits(clean).argmax(1)).mean() >= 0.97
