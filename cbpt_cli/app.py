@@ -378,6 +378,12 @@ def purify(
         f"scan: {'BACKDOORED' if sc['backdoored'] else 'clean'}, suspected target '{sc['target']}' "
         + ("(shown by an inverted warp's over-alignment)" if sc["evidence"] == "warp" else f"(score {sc['score']:.3f})")
         + _tuning_outcome(rep["tuning"])
+        + (
+            f"; the tuned embeddings answer near the inverted triggers ({rep['route']['share']:.0%} of clean "
+            "shots), the original ones elsewhere"
+            if rep.get("route")
+            else ""
+        )
         + f"; serve it with `cbpt-guard serve {out}`"
     )
 

@@ -315,6 +315,11 @@ def test_a_model_that_reads_clean_is_tuned_only_where_held_out_shots_allow(
     ]
     assert tuning["kept_original"] == (not accepted)
     assert ("original prompts kept" in stdout) == tuning["kept_original"]
+    # a changed head is routed (one route per trigger tuned against); a kept one has none
+    assert (rep["route"] is None) == tuning["kept_original"]
+    assert ("the original ones elsewhere" in stdout) == (not tuning["kept_original"])
+    if rep["route"]:
+        assert rep["route"]["triggers"] == 2 and rep["route"]["share"] == 0.2
 
 
 def test_force_tunes_a_clean_reading_model_against_every_inverted_trigger(mini_testbeds, tmp_path, capsys, reads_clean):
