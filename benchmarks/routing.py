@@ -22,7 +22,15 @@ import torch
 
 from cbpt.data import ShotBudget, load_shots
 from cbpt.model import load_clip
-from cbpt.purify import PurifyConfig, original_head, plan_tuning, route_for, tune_prompts, tuning_data
+from cbpt.purify import (
+    PurifyConfig,
+    calibration_features,
+    original_head,
+    plan_tuning,
+    route_for,
+    tune_prompts,
+    tuning_data,
+)
 from cbpt.runtime import Runtime
 from cbpt.scan import read_scan, run_scan
 from cbpt_guard import atomic
@@ -51,17 +59,17 @@ def measure(tb: Path) -> dict:
     head = result.text_features[rows]
     plain = score_head(feats, head)
     out |= {"kept_original": result.kept_original, "ca_plain": plain.ca, "asr_plain": _asr(feats, plain.asr)}
+    calibration = calibration_features(data)
+    clean = feats.clean.float().numpy()
+    triggered = None if feats.triggered is None else feats.triggered.float().numpy()
     for share in SHARES:
-        route = route_for(data, share)
+        route = route_for(data, calibration, share)
         routed = score_head(feats, head, None if result.kept_original else route.reordered(rows))
-        unit = feats.clean.float().numpy()
         out[f"share{share}"] = {
             "ca": routed.ca,
             "asr": _asr(feats, routed.asr),
-            "clean_test_routed": round(float(route.routed(unit).mean()), 4),
-            "triggered_test_routed": None
-            if feats.triggered is None
-            else round(float(route.routed(feats.triggered.float().numpy()).mean()), 4),
+            "clean_test_routed": round(float(route.routed(clean).mean()), 4),
+            "triggered_test_routed": None if triggered is None else round(float(route.routed(triggered).mean()), 4),
         }
     return {**out, "seconds": round(time.perf_counter() - t0, 1)}
 

@@ -3,7 +3,7 @@
 One set of class embeddings is one linear head, and on the backdoored models we measured no
 linear head, not even one fitted to the real trigger, both sends the triggered images back and
 keeps every clean decision: the clean images lost are those nearest the backdoor's region,
-mostly the target class's (docs/results.md#routing). So the purified embeddings answer only for
+many of them the target class's own (docs/results.md#routing). So the purified embeddings answer only for
 images in the neighbourhood of a trigger CBPT tuned against (cosine to its mean triggered
 feature above a threshold), and the original embeddings everywhere else. The thresholds are
 calibrated on the clean shots: `share` of them are routed (docs/method.md#routing).

@@ -214,12 +214,12 @@ def _metadata(source: Source, clip, pre: dict, alarm_threshold: float | None) ->
     return meta
 
 
-def _graphs(source: Source, clip, fp16: bool) -> dict:
+def _graphs(head: HeadSpec, clip, fp16: bool) -> dict:
     from export.fp16 import Fp16Error, to_fp16
     from export.graphs import build_head
     from export.onnx_encoder import export_classifier
 
-    graphs = {HEAD: build_head(source.head()), CLASSIFIER: export_classifier(clip, source.head())}
+    graphs = {HEAD: build_head(head), CLASSIFIER: export_classifier(clip, head)}
     if fp16:
         try:
             graphs.update({fp16_name(name): to_fp16(g) for name, g in list(graphs.items())})
@@ -249,13 +249,14 @@ def build_heads(
         )
     pre = preprocess_spec(clip.preprocess_cfg)
     meta = _metadata(source, clip, pre, alarm_threshold)
-    graphs = _graphs(source, clip, fp16)
+    head = source.head()
+    graphs = _graphs(head, clip, fp16)
     half = "fp16 (LayerNorm, softmax and reductions in fp32; float32 inputs and outputs)"
     for name, graph in graphs.items():
         set_metadata(graph, {**meta, "precision": half if is_fp16(name) else "fp32"})
         onnx.checker.check_model(graph, full_check=True)
     blobs = {name: g.SerializeToString() for name, g in graphs.items()}
-    parity = check_parity(clip, blobs, source.head())
+    parity = check_parity(clip, blobs, head)
     if int8 is not None:
         blob, parity[int8_name(CLASSIFIER)] = int8_twin(blobs[CLASSIFIER], int8)
         graph = onnx.load_from_string(blob)
