@@ -77,11 +77,19 @@ def main() -> None:
     for tb in args.testbeds:
         r = [run for name, run in runs if name == tb.name]
         asr = [x.asr for x in r if x.asr == x.asr]
-        flagged = sum(x.info["scan"]["backdoored"] for x in r)
+        flagged = [x for x in r if x.info["scan"]["backdoored"]]
+        planted = json.loads((tb / "metrics.json").read_text())
+        # the planted target only means something where a trigger was planted
+        named = (
+            ""
+            if planted["attack"] == "none"
+            else f", target named {sum(x.info['scan']['target_index'] == planted['target'] for x in flagged)}"
+        )
         print(
             f"| {tb.name} | {_mean([x.ca_before for x in r]):.3f} | {_f(_mean([x.asr_before for x in r]))} | "
             f"{_mean([x.ca for x in r]):.3f} | {_f(_mean(asr))} ({_f(max(asr) if asr else float('nan'))}) | "
-            f"{_f(_mean([x.ra for x in r]))} | {_mean([x.seconds for x in r]):.0f} | {flagged}/{len(r)} backdoored |"
+            f"{_f(_mean([x.ra for x in r]))} | {_mean([x.seconds for x in r]):.0f} | "
+            f"{len(flagged)}/{len(r)} backdoored{named} |"
         )
 
 
