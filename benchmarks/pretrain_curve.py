@@ -1,0 +1,69 @@
+"""Pretrain a testbed CLIP and print its clean zero-shot CA as it learns: for choosing a tower's
+recipe (width, depth, patch, learning rate, steps) before building testbeds on it.
+
+    python benchmarks/pretrain_curve.py --dataset shapes --tower vit --width 64 --head-width 16 --out curve.json
+
+CA is measured on a fixed random subset of the test split (`--eval-images`) every `--every`
+steps; the model is not cached (`testbed build` caches the recipe it settles on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from testbed import datasets
+from testbed.build import Tower, class_weights, default_model_cfg, predict, pretrain
+from testbed.train import TrainConfig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dataset", default="shapes", choices=datasets.DATASETS)
+    ap.add_argument("--tower", default="vit", choices=[t.value for t in Tower])
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--width", type=int, default=None, help="the image tower's width (default: the testbed's)")
+    ap.add_argument("--layers", type=int, default=None, help="ViT: transformer layers")
+    ap.add_argument("--head-width", type=int, default=None, help="ViT: width of one attention head")
+    ap.add_argument("--patch", type=int, default=None, help="ViT: patch side in px (default: image size / 8)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--every", type=int, default=300)
+    ap.add_argument("--eval-images", type=int, default=600)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    cfg = default_model_cfg(args.image_size, Tower(args.tower))
+    overrides = {"width": args.width, "layers": args.layers, "head_width": args.head_width, "patch_size": args.patch}
+    cfg["vision_cfg"].update({k: v for k, v in overrides.items() if v is not None})
+    ds = datasets.build(args.dataset, args.seed, args.image_size, None)
+    pick = np.random.default_rng(args.seed).choice(len(ds.test.labels), args.eval_images, replace=False)
+    curve: list[dict] = []
+    t0 = time.perf_counter()
+
+    def each_step(done: int, model: torch.nn.Module) -> None:
+        if done % args.every and done != args.steps:
+            return
+        model.eval()
+        pred = predict(model, class_weights(model, cfg, ds), ds.test.images[pick])
+        model.train().requires_grad_(True)
+        curve.append(
+            {"step": done, "ca": float((pred == ds.test.labels[pick]).mean()), "seconds": time.perf_counter() - t0}
+        )
+        print(json.dumps(curve[-1]), flush=True)
+
+    pretrain(cfg, args.seed, ds, TrainConfig(steps=args.steps, lr=args.lr), torch.device("cpu"), each_step)
+    if args.out:
+        args.out.write_text(json.dumps({"model_cfg": cfg, "lr": args.lr, "curve": curve}, indent=2))
+    print(f"\n| step | CA ({args.eval_images} test images) | seconds |\n|---|---|---|")
+    for c in curve:
+        print(f"| {c['step']} | {c['ca']:.3f} | {c['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
