@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="ViT: transformer layers")
     ap.add_argument("--head-width", type=int, default=None, help="ViT: width of one attention head")
     ap.add_argument("--patch", type=int, default=None, help="ViT: patch side in px (default: image size / 8)")
+    ap.add_argument("--pool", default=None, choices=["tok", "avg"], help="ViT: class token or mean of the patches")
+    ap.add_argument("--pos-embed", default=None, choices=["learnable", "sin_cos_2d"], help="ViT: position embedding")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--every", type=int, default=300)
@@ -39,7 +41,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     cfg = default_model_cfg(args.image_size, Tower(args.tower))
-    overrides = {"width": args.width, "layers": args.layers, "head_width": args.head_width, "patch_size": args.patch}
+    overrides = {
+        "width": args.width,
+        "layers": args.layers,
+        "head_width": args.head_width,
+        "patch_size": args.patch,
+        "pool_type": args.pool,
+        "pos_embed_type": args.pos_embed,
+    }
     cfg["vision_cfg"].update({k: v for k, v in overrides.items() if v is not None})
     ds = datasets.build(args.dataset, args.seed, args.image_size, None)
     pick = np.random.default_rng(args.seed).choice(len(ds.test.labels), args.eval_images, replace=False)
