@@ -19,7 +19,7 @@ import torch
 
 from testbed import datasets
 from testbed.build import Tower, class_weights, default_model_cfg, predict, pretrain
-from testbed.train import TrainConfig
+from testbed.train import Augment, TrainConfig
 
 
 def main() -> None:
@@ -33,6 +33,10 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=None, help="ViT: patch side in px (default: image size / 8)")
     ap.add_argument("--pool", default=None, choices=["tok", "avg"], help="ViT: class token or mean of the patches")
     ap.add_argument("--pos-embed", default=None, choices=["learnable", "sin_cos_2d"], help="ViT: position embedding")
+    ap.add_argument(
+        "--augment", default="none", choices=[a.value for a in Augment], help="what a batch's images go through"
+    )
+    ap.add_argument("--train-size", type=int, default=None, help="generated training pairs (default: the testbed's)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--every", type=int, default=300)
@@ -50,8 +54,11 @@ def main() -> None:
         "pos_embed_type": args.pos_embed,
     }
     cfg["vision_cfg"].update({k: v for k, v in overrides.items() if v is not None})
-    ds = datasets.build(args.dataset, args.seed, args.image_size, None)
-    pick = np.random.default_rng(args.seed).choice(len(ds.test.labels), args.eval_images, replace=False)
+    sizes = (args.train_size, *datasets.DEFAULT_SIZES[args.dataset][1:]) if args.train_size else None
+    ds = datasets.build(args.dataset, args.seed, args.image_size, sizes)
+    rng = np.random.default_rng(args.seed)
+    pick = rng.choice(len(ds.test.labels), args.eval_images, replace=False)
+    pick_train = rng.choice(len(ds.train.labels), args.eval_images, replace=False)
     curve: list[dict] = []
     t0 = time.perf_counter()
 
@@ -59,19 +66,36 @@ def main() -> None:
         if done % args.every and done != args.steps:
             return
         model.eval()
-        pred = predict(model, class_weights(model, cfg, ds), ds.test.images[pick])
+        weights = class_weights(model, cfg, ds)
+        pred = predict(model, weights, ds.test.images[pick])
+        pred_train = predict(model, weights, ds.train.images[pick_train])
         model.train().requires_grad_(True)
         curve.append(
-            {"step": done, "ca": float((pred == ds.test.labels[pick]).mean()), "seconds": time.perf_counter() - t0}
+            {
+                "step": done,
+                "ca": float((pred == ds.test.labels[pick]).mean()),
+                "train_ca": float((pred_train == ds.train.labels[pick_train]).mean()),  # the gap shows overfitting
+                "seconds": time.perf_counter() - t0,
+            }
         )
         print(json.dumps(curve[-1]), flush=True)
 
-    pretrain(cfg, args.seed, ds, TrainConfig(steps=args.steps, lr=args.lr), torch.device("cpu"), each_step)
+    pretrain(
+        cfg,
+        args.seed,
+        ds,
+        TrainConfig(steps=args.steps, lr=args.lr, augment=Augment(args.augment)),
+        torch.device("cpu"),
+        each_step,
+    )
     if args.out:
-        args.out.write_text(json.dumps({"model_cfg": cfg, "lr": args.lr, "curve": curve}, indent=2))
-    print(f"\n| step | CA ({args.eval_images} test images) | seconds |\n|---|---|---|")
+        args.out.write_text(
+            json.dumps({"model_cfg": cfg, "args": {k: str(v) for k, v in vars(args).items()}, "curve": curve}, indent=2)
+        )
+    print(f"\n| step | CA ({args.eval_images} test images) | CA (as many training images) | seconds |")
+    print("|---|---|---|---|")
     for c in curve:
-        print(f"| {c['step']} | {c['ca']:.3f} | {c['seconds']:.0f} |")
+        print(f"| {c['step']} | {c['ca']:.3f} | {c['train_ca']:.3f} | {c['seconds']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np
 from cbpt_guard.artifacts import MANIFEST, PREPROCESS
 from cbpt_guard.errors import UsageError
 from guard.classify import OnAlarm, make_record
-from guard.heads import load_heads, verify
+from guard.heads import Heads, load_heads, verify
 from guard.loading import load_image
 from guard.preprocess import PreprocessSpec
 from guard.results import TableShape, records_table, same_path_key
@@ -84,11 +84,14 @@ class HeadsBundle:
                 "use heads written by `cbpt-guard purify` on a backdoored model, or --on-alarm flag",
             )
 
-    def unpack(self) -> Path:
-        folder = Path(tempfile.mkdtemp(prefix="cbpt-guard-heads-"))
-        for name, data in self.files.items():
-            (folder / name).write_bytes(data)
-        return folder
+    def load(self, **graph) -> Heads:
+        """The heads, verified and loaded on this worker; `graph` is `load_heads`'s keywords. The
+        files go to a temporary folder that is removed once the session holds the graph (a folder
+        left per actor piled up in /tmp)."""
+        with tempfile.TemporaryDirectory(prefix="cbpt-guard-heads-") as tmp:
+            for name, data in self.files.items():
+                (Path(tmp) / name).write_bytes(data)
+            return load_heads(tmp, **graph)
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ class GuardPredictor:
         import ray
 
         bundle = ray.get(bundle) if isinstance(bundle, ray.ObjectRef) else bundle
-        self.heads = load_heads(bundle.unpack(), device=device, threads=threads, fp16=fp16, int8=int8)
+        self.heads = bundle.load(device=device, threads=threads, fp16=fp16, int8=int8)
         self.top_k, self.batch_size, self.on_alarm = top_k, batch_size, OnAlarm(on_alarm)
         self.shape = bundle.shape(top_k)
 

@@ -60,6 +60,8 @@ TEMPLATES = {
     "shapes100": ("a photo of a {}.", "a {}.", "a picture of a {}.", "a drawing of a {}."),
 }
 CLASSNAMES = {"shapes": SHAPES, "digits": DIGITS, "shapes100": SHAPES100}
+# (training pairs, few-shot images per class, test images per class) of the full testbeds.
+DEFAULT_SIZES = {"shapes": (12000, 32, 100), "digits": (12000, 20, 50), "shapes100": (30000, 32, 30)}
 
 
 @dataclass(frozen=True)
@@ -82,11 +84,11 @@ class Dataset:
 def build(name: str, seed: int = 0, image_size: int = 32, sizes: tuple[int, int, int] | None = None) -> Dataset:
     """`sizes` = (train, fewshot per class, test per class); defaults give the full testbed."""
     if name == "shapes":
-        return _shapes(seed, image_size, sizes or (12000, 32, 100))
+        return _shapes(seed, image_size, sizes or DEFAULT_SIZES[name])
     if name == "digits":
-        return _digits(seed, image_size, sizes)
+        return _digits(seed, image_size, sizes or DEFAULT_SIZES[name])
     if name == "shapes100":
-        return _shapes100(seed, image_size, sizes or (30000, 32, 30))
+        return _shapes100(seed, image_size, sizes or DEFAULT_SIZES[name])
     raise ValueError(f"unknown dataset {name!r}; choose {' or '.join(DATASETS)}")
 
 
@@ -288,20 +290,19 @@ def _digit_caption(label: int, rng: np.random.Generator) -> str:
     return str(rng.choice(TEMPLATES["digits"] + (f"a handwritten {label}.", "the number {}."))).format(DIGITS[label])
 
 
-def _digits(seed: int, size: int, sizes: tuple[int, int, int] | None) -> Dataset:
+def _digits(seed: int, size: int, sizes: tuple[int, int, int]) -> Dataset:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     glyphs, targets = d.images, d.target.astype(np.int64)
     rng = np.random.default_rng([seed, 0])
-    n_few, n_test = (sizes[1], sizes[2]) if sizes else (20, 50)
+    n_train, n_few, n_test = sizes
     train_idx, few_idx, test_idx = [], [], []
     for c in range(10):  # per-class split of the 1,797 real glyphs: no glyph is in two splits
         idx = rng.permutation(np.flatnonzero(targets == c))
         few_idx += idx[:n_few].tolist()
         test_idx += idx[n_few : n_few + n_test].tolist()
         train_idx += idx[n_few + n_test :].tolist()
-    n_train = sizes[0] if sizes else 12000
 
     def split(index: list[int], n: int | None, r: np.random.Generator) -> Split:
         chosen = np.asarray(index) if n is None else r.choice(index, size=n, replace=True)

@@ -7,12 +7,22 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cbpt.model import normalise_pixels
+
+
+class Augment(StrEnum):
+    """What the training loop does to a batch's images before the image tower sees them."""
+
+    NONE = "none"
+    # Random translations of up to 1/8 of the side, edges replicated: a ViT lacks the ResNet's
+    # built-in translation invariance and has to see it in the data (docs/results.md#the-vit-tower).
+    SHIFT = "shift"
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,18 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup: int = 50
     seed: int = 0
+    augment: Augment = Augment.NONE
+
+
+def random_shift(x: torch.Tensor, max_px: int, gen: torch.Generator) -> torch.Tensor:
+    """Each NCHW image moved by its own random (dy, dx) in [-max_px, max_px], the border pixels
+    replicated into the gap; same size out."""
+    if max_px <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_px, max_px, max_px, max_px), mode="replicate")
+    off = torch.randint(0, 2 * max_px + 1, (n, 2), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(off)])
 
 
 def to_model_input(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -72,7 +94,10 @@ def train_contrastive(
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen).to(device)
-        img_f = model.encode_image(x_all[idx], normalize=True)
+        x = x_all[idx]
+        if cfg.augment is Augment.SHIFT:
+            x = random_shift(x, x.shape[-1] // 8, gen)
+        img_f = model.encode_image(x, normalize=True)
         txt_f = model.encode_text(tokens[inverse[idx]], normalize=True)
         logits = model.logit_scale.exp() * img_f @ txt_f.T
         # Pairs with the same caption are not negatives of each other.

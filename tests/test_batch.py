@@ -123,6 +123,21 @@ def test_parquet_output_refuses_what_is_not_its_own(purified, images, tmp_path, 
     assert code == 2 and "--engine ray needs --out" in err
 
 
+def test_a_heads_bundle_loads_on_a_worker_and_leaves_no_files_behind(purified, images, tmp_path, monkeypatch):
+    import tempfile
+
+    from guard.classify import classify_paths
+    from guard.distributed import HeadsBundle
+    from guard.heads import load_heads
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the bundle unpacks
+    heads = HeadsBundle.read(purified).load(threads=1)
+    assert list(tmp_path.iterdir()) == []
+    paths = sorted(images.glob("0*.png"))[:5]
+    got = [r["label"] for r in classify_paths(heads, paths)]
+    assert got == [r["label"] for r in classify_paths(load_heads(purified, threads=1), paths)]
+
+
 def test_ray_engine_gives_the_local_engines_answers(purified, images, tmp_path, capsys, ray_cluster):
     code, _, err = run_cli(capsys, "classify", purified, images, "--out", tmp_path / "local.parquet", "--top-k", "3")
     assert code == 0, err

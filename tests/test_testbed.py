@@ -115,6 +115,25 @@ def test_datasets_are_seeded_and_splits_disjoint():
     assert d.fewshot.images.shape == (160, 32, 32, 3) and d.test.images.shape == (50, 32, 32, 3)
 
 
+def test_shift_augmentation_translates_each_image_by_at_most_an_eighth():
+    import torch
+
+    from testbed.train import random_shift
+
+    x = torch.rand(16, 3, 32, 32)
+    y = random_shift(x, 4, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and not torch.equal(x, y)
+    for i in range(16):  # the centre of each shifted image is the original's, moved by <= 4 px
+        hits = [
+            (dy, dx)
+            for dy in range(-4, 5)
+            for dx in range(-4, 5)
+            if torch.equal(y[i, :, 8:24, 8:24], x[i, :, 8 - dy : 24 - dy, 8 - dx : 24 - dx])
+        ]
+        assert len(hits) == 1
+    assert torch.equal(random_shift(x, 0, torch.Generator()), x)
+
+
 def _mini_cfg(attack="badnet"):
     """Smaller still than the shared miniature: the round trip, not the backdoor, is tested."""
     from tests.helpers import mini_build_config
