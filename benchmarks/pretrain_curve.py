@@ -2,6 +2,7 @@
 recipe (width, depth, patch, learning rate, steps) before building testbeds on it.
 
     python benchmarks/pretrain_curve.py --dataset shapes --tower vit --width 64 --head-width 16 --out curve.json
+    python benchmarks/pretrain_curve.py --dataset shapes --tower vit --recipe distil --augment shift --steps 6000
 
 CA is measured on a fixed random subset of the test split (`--eval-images`) every `--every`
 steps; the model is not cached (`testbed build` caches the recipe it settles on).
@@ -18,7 +19,18 @@ import numpy as np
 import torch
 
 from testbed import datasets
-from testbed.build import Tower, class_weights, default_model_cfg, predict, pretrain
+from testbed.build import (
+    BuildConfig,
+    Recipe,
+    Tower,
+    class_weights,
+    clean_model,
+    default_cache_dir,
+    default_model_cfg,
+    distil,
+    predict,
+    pretrain,
+)
 from testbed.train import Augment, TrainConfig
 
 
@@ -30,9 +42,15 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=None, help="the image tower's width (default: the testbed's)")
     ap.add_argument("--layers", type=int, default=None, help="ViT: transformer layers")
     ap.add_argument("--head-width", type=int, default=None, help="ViT: width of one attention head")
-    ap.add_argument("--patch", type=int, default=None, help="ViT: patch side in px (default: image size / 8)")
+    ap.add_argument("--patch", type=int, default=None, help="ViT: patch side in px (default: 8)")
     ap.add_argument("--pool", default=None, choices=["tok", "avg"], help="ViT: class token or mean of the patches")
     ap.add_argument("--pos-embed", default=None, choices=["learnable", "sin_cos_2d"], help="ViT: position embedding")
+    ap.add_argument(
+        "--recipe",
+        default="contrastive",
+        choices=[r.value for r in Recipe],
+        help="distil: learn the cached (or built) clean ResNet testbed's image features",
+    )
     ap.add_argument(
         "--augment", default="none", choices=[a.value for a in Augment], help="what a batch's images go through"
     )
@@ -65,11 +83,14 @@ def main() -> None:
     def each_step(done: int, model: torch.nn.Module) -> None:
         if done % args.every and done != args.steps:
             return
+        training = [m for m in model.modules() if m.training]  # the tower being trained
         model.eval()
-        weights = class_weights(model, cfg, ds)
-        pred = predict(model, weights, ds.test.images[pick])
-        pred_train = predict(model, weights, ds.train.images[pick_train])
-        model.train().requires_grad_(True)
+        with torch.no_grad():
+            weights = class_weights(model, cfg, ds)
+            pred = predict(model, weights, ds.test.images[pick])
+            pred_train = predict(model, weights, ds.train.images[pick_train])
+        for m in training:
+            m.train()
         curve.append(
             {
                 "step": done,
@@ -80,14 +101,13 @@ def main() -> None:
         )
         print(json.dumps(curve[-1]), flush=True)
 
-    pretrain(
-        cfg,
-        args.seed,
-        ds,
-        TrainConfig(steps=args.steps, lr=args.lr, augment=Augment(args.augment)),
-        torch.device("cpu"),
-        each_step,
-    )
+    train, cpu = TrainConfig(steps=args.steps, lr=args.lr, augment=Augment(args.augment)), torch.device("cpu")
+    if Recipe(args.recipe) is Recipe.DISTIL:
+        student = BuildConfig(dataset=args.dataset, attack="none", image_size=args.image_size, model_cfg=cfg)
+        teacher, _, _ = clean_model(student.teacher(), ds, default_cache_dir(), device=cpu)
+        distil(cfg, args.seed, ds, teacher, train, cpu, each_step)
+    else:
+        pretrain(cfg, args.seed, ds, train, cpu, each_step)
     if args.out:
         args.out.write_text(
             json.dumps({"model_cfg": cfg, "args": {k: str(v) for k, v in vars(args).items()}, "curve": curve}, indent=2)

@@ -661,7 +661,11 @@ def testbed_build(
     target: Annotated[int, typer.Option(help="Index of the attacker's target class.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for data, model and trigger.")] = 0,
     tower: Annotated[
-        str, typer.Option(help="Image tower: resnet (open_clip's ModifiedResNet) or vit (VisionTransformer).")
+        str,
+        typer.Option(
+            help="Image tower: resnet (open_clip's ModifiedResNet) or vit (VisionTransformer, 8-px patches; "
+            "it learns the clean ResNet testbed's image features, which is built first)."
+        ),
     ] = "resnet",
     image_size: Annotated[int, typer.Option(help="Image side in pixels (32 or 64; triggers scale with it).")] = 32,
     poison_rate: Annotated[

@@ -26,7 +26,7 @@ from cbpt_guard.artifacts import CLASSES, classes_text
 from cbpt_guard.errors import UsageError
 from testbed import datasets, triggers
 from testbed.poison import poison
-from testbed.train import TrainConfig, to_model_input, train_contrastive
+from testbed.train import Augment, TrainConfig, distil_image_tower, to_model_input, train_contrastive
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's defaults: the testbed needs no override
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,17 +42,18 @@ class Tower(StrEnum):
     """The testbed's image tower."""
 
     RESNET = "resnet"  # open_clip's ModifiedResNet, as in RN50
-    VIT = "vit"  # open_clip's VisionTransformer, as in ViT-B-32: image_size / 8 px patches
+    VIT = "vit"  # open_clip's VisionTransformer, as in ViT-B-32: 8-px patches
 
 
 def default_model_cfg(image_size: int = 32, tower: Tower = Tower.RESNET) -> dict:
     """A small open_clip CLIP for `image_size`-px images: the image `tower` + a text transformer.
 
     A small ResNet learns in minutes on 2 cores and exercises the same code paths as a real
-    RN50 (docs/results.md#testbed-settings); the ViT sees an 8 x 8 grid of patches at any size,
-    as ViT-B-32 sees 7 x 7 at 224 px."""
+    RN50 (docs/results.md#testbed-settings). The ViT cuts 8-px patches: a 4 x 4 grid at 32 px,
+    8 x 8 at 64 px (ViT-B-32 sees 7 x 7 at 224 px); a 4-px patch grid costs 3x the time a step
+    and learns no faster (docs/results.md#the-vit-tower)."""
     if tower is Tower.VIT:
-        vision = {"image_size": image_size, "patch_size": image_size // 8, "layers": 6, "width": 128, "head_width": 32}
+        vision = {"image_size": image_size, "patch_size": 8, "layers": 6, "width": 128, "head_width": 32}
     else:
         vision = {"image_size": image_size, "layers": [1, 1, 1, 1], "width": 32}
     return {
@@ -66,6 +67,16 @@ def tower_of(model_cfg: dict) -> Tower:
     return Tower.VIT if "patch_size" in model_cfg["vision_cfg"] else Tower.RESNET
 
 
+class Recipe(StrEnum):
+    """How a testbed's clean model learns."""
+
+    CONTRASTIVE = "contrastive"  # both towers from scratch on the training pairs (`pretrain`)
+    # The image tower learns the ResNet testbed's image features on the same training images
+    # (DeiT-style), the text tower is that ResNet CLIP's: a small ViT trained contrastively
+    # underfits for thousands of steps (docs/results.md#the-vit-tower).
+    DISTIL = "distil"
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     dataset: str = "shapes"
@@ -76,6 +87,8 @@ class BuildConfig:
     image_size: int = 32
     tower: Tower = Tower.RESNET
     pretrain: TrainConfig = TrainConfig(steps=1200, lr=1e-3)
+    recipe: Recipe | None = None  # None: DISTIL for a ViT tower, CONTRASTIVE for a ResNet
+    distil: TrainConfig = TrainConfig(steps=4500, lr=1e-3, augment=Augment.SHIFT)
     finetune: TrainConfig | None = None  # None: DEFAULT_FINETUNE with the attack's own steps
     sizes: tuple[int, int, int] | None = None  # (train, fewshot/class, test/class); None = full
     model_cfg: dict | None = None  # None: default_model_cfg(image_size, tower)
@@ -88,20 +101,34 @@ class BuildConfig:
     def model(self) -> dict:
         return self.model_cfg or default_model_cfg(self.image_size, self.tower)
 
+    def clean_recipe(self) -> Recipe:
+        if self.recipe is not None:
+            return self.recipe
+        return Recipe.DISTIL if tower_of(self.model()) is Tower.VIT else Recipe.CONTRASTIVE
+
+    def teacher(self) -> BuildConfig:
+        """The clean ResNet testbed a DISTIL recipe learns from: this one's dataset, seed, size
+        and text tower, pretrained contrastively."""
+        m = self.model()
+        resnet = default_model_cfg(self.image_size, Tower.RESNET)
+        resnet |= {"embed_dim": m["embed_dim"], "text_cfg": m["text_cfg"]}
+        return replace(self, attack="none", tower=Tower.RESNET, recipe=Recipe.CONTRASTIVE, model_cfg=resnet)
+
     def clean_key(self) -> str:
         """Everything the clean model depends on, and nothing it does not."""
-        blob = json.dumps(
-            {
-                "dataset": self.dataset,
-                "seed": self.seed,
-                "image_size": self.image_size,
-                "pretrain": asdict(self.pretrain),
-                "sizes": self.sizes,
-                "model_cfg": self.model(),
-                "v": 1,
-            },
-            sort_keys=True,
-        )
+        key = {
+            "dataset": self.dataset,
+            "seed": self.seed,
+            "image_size": self.image_size,
+            "pretrain": asdict(self.pretrain),
+            "sizes": self.sizes,
+            "model_cfg": self.model(),
+            "v": 1,
+        }
+        if self.clean_recipe() is Recipe.DISTIL:  # contrastive models keep the keys they had
+            key |= {"distil": asdict(self.distil), "teacher": self.teacher().clean_key()}
+            del key["pretrain"]
+        blob = json.dumps(key, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -165,6 +192,28 @@ def pretrain(
     return model
 
 
+def distil(
+    model_cfg: dict,
+    seed: int,
+    ds: datasets.Dataset,
+    teacher: torch.nn.Module,
+    train: TrainConfig,
+    device: torch.device,
+    each_step: Callable[[int, torch.nn.Module], None] | None = None,
+) -> torch.nn.Module:
+    """A fresh model with `teacher`'s text tower and logit scale, whose image tower learnt
+    `teacher`'s image features on `ds`'s training images (Recipe.DISTIL)."""
+    model = _new_model(model_cfg, seed).to(device)
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in teacher.state_dict().items() if not k.startswith("visual.")}, strict=False
+    )
+    if unexpected or any(not k.startswith("visual.") for k in missing):
+        raise ValueError(f"the teacher's text tower does not fit the student: {unexpected or missing}")
+    hook = (lambda step, _loss: each_step(step + 1, model)) if each_step else None
+    distil_image_tower(model, teacher, ds.train.images, train, MEAN, STD, hook)
+    return model
+
+
 def class_weights(model: torch.nn.Module, cfg: dict, ds: datasets.Dataset) -> torch.Tensor:
     from cbpt.zeroshot import zeroshot_weights
 
@@ -206,9 +255,14 @@ def clean_model(
     if path is not None and path.is_file():
         return load_state(cfg.model(), cfg.seed, path, device), 0.0, True
     t0 = time.perf_counter()
-    tick = (lambda done, _m: progress("pretrain", done, cfg.pretrain.steps)) if progress else None
-    model = pretrain(cfg.model(), cfg.seed, ds, cfg.pretrain, device, tick)
-    seconds = time.perf_counter() - t0
+    if cfg.clean_recipe() is Recipe.DISTIL:
+        teacher, _, _ = clean_model(cfg.teacher(), ds, cache, progress, device)
+        tick = (lambda done, _m: progress("distil", done, cfg.distil.steps)) if progress else None
+        model = distil(cfg.model(), cfg.seed, ds, teacher, cfg.distil, device, tick)
+    else:
+        tick = (lambda done, _m: progress("pretrain", done, cfg.pretrain.steps)) if progress else None
+        model = pretrain(cfg.model(), cfg.seed, ds, cfg.pretrain, device, tick)
+    seconds = time.perf_counter() - t0  # a teacher pretrained on the way included
     if path is not None:
         atomic.write_bytes(path, state_bytes(model))
     return model, seconds, False

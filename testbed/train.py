@@ -62,6 +62,29 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
 
 
+def _adamw(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """CLIP's optimiser: weight decay on matrices, none on gains, biases and embeddings."""
+    named = list(module.named_parameters())
+    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+
+
+def _batch(x_all: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch's indices and images, augmented as `cfg` says."""
+    n = x_all.shape[0]
+    idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen).to(x_all.device)
+    x = x_all[idx]
+    if cfg.augment is Augment.SHIFT:
+        x = random_shift(x, x.shape[-1] // 8, gen)
+    return idx, x
+
+
 def train_contrastive(
     model: torch.nn.Module,
     images: np.ndarray,
@@ -80,23 +103,12 @@ def train_contrastive(
     inverse = torch.from_numpy(inverse.astype(np.int64)).to(device)
     x_all = to_model_input(images, mean, std).to(device)
     model.train().requires_grad_(True)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
+    opt = _adamw(model, cfg)
     losses, t0 = [], time.perf_counter()
-    n = x_all.shape[0]
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen).to(device)
-        x = x_all[idx]
-        if cfg.augment is Augment.SHIFT:
-            x = random_shift(x, x.shape[-1] // 8, gen)
+        idx, x = _batch(x_all, cfg, gen)
         img_f = model.encode_image(x, normalize=True)
         txt_f = model.encode_text(tokens[inverse[idx]], normalize=True)
         logits = model.logit_scale.exp() * img_f @ txt_f.T
@@ -116,4 +128,41 @@ def train_contrastive(
         if progress:
             progress(step, losses[-1])
     model.eval().requires_grad_(False)
+    return {"losses": losses, "seconds": time.perf_counter() - t0}
+
+
+def distil_image_tower(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    images: np.ndarray,
+    cfg: TrainConfig,
+    mean: Sequence[float],
+    std: Sequence[float],
+    progress: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Train `student.visual` alone so that the student's normalised image features match the
+    frozen `teacher`'s on random (augmented) batches of `images`: 1 - cosine, averaged. Every
+    other weight of the student stays as it is. Returns the loss curve and wall time."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = next(student.parameters()).device
+    x_all = to_model_input(images, mean, std).to(device)
+    teacher.eval().requires_grad_(False)
+    student.eval().requires_grad_(False)
+    student.visual.train().requires_grad_(True)
+    opt = _adamw(student.visual, cfg)
+    losses, t0 = [], time.perf_counter()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        _, x = _batch(x_all, cfg, gen)
+        with torch.no_grad():
+            want = teacher.encode_image(x, normalize=True)
+        loss = (1 - (student.encode_image(x, normalize=True) * want).sum(1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().item())
+        if progress:
+            progress(step, losses[-1])
+    student.eval().requires_grad_(False)
     return {"losses": losses, "seconds": time.perf_counter() - t0}

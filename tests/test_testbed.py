@@ -242,6 +242,7 @@ def test_a_miniature_vit_or_64px_testbed_builds_and_its_trigger_round_trips(tmp_
         tower=Tower(tower),
         sizes=(128, 1, 1),
         pretrain=TrainConfig(steps=3, batch_size=32, warmup=1),
+        distil=TrainConfig(steps=2, batch_size=32, warmup=1),
         finetune=TrainConfig(steps=2, batch_size=32, warmup=1),
         model_cfg=model_cfg,
     )
@@ -268,3 +269,46 @@ def test_the_target_and_the_image_size_are_checked_against_the_dataset_and_the_m
     code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--image-size", "30")
     assert code == 2 and "--image-size must be a multiple of 8" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_vit_testbed_learns_the_resnets_image_features_and_keeps_its_text_tower(tmp_path):
+    from dataclasses import replace
+
+    import torch
+
+    from testbed import datasets
+    from testbed.build import MEAN, STD, BuildConfig, Recipe, Tower, clean_model, default_model_cfg, distil
+    from testbed.train import TrainConfig, to_model_input
+
+    model_cfg = default_model_cfg(32, Tower.VIT)
+    model_cfg["vision_cfg"] |= {"width": 32, "layers": 2, "head_width": 16}
+    model_cfg["text_cfg"] |= {"width": 32, "layers": 1, "heads": 2}
+    model_cfg["embed_dim"] = 32
+    cfg = BuildConfig(
+        attack="none",
+        tower=Tower.VIT,
+        sizes=(256, 1, 1),
+        pretrain=TrainConfig(steps=20, batch_size=64, warmup=2, lr=2e-3),
+        distil=TrainConfig(steps=40, batch_size=64, warmup=2, lr=2e-3),
+        model_cfg=model_cfg,
+    )
+    assert cfg.clean_recipe() is Recipe.DISTIL and cfg.teacher().clean_recipe() is Recipe.CONTRASTIVE
+    ds = datasets.build("shapes", 0, 32, cfg.sizes)
+    student, _, cached = clean_model(cfg, ds, tmp_path)
+    assert not cached and len(list(tmp_path.glob("clean-shapes-*.pt"))) == 2  # the teacher is cached too
+    teacher, _, cached = clean_model(cfg.teacher(), ds, tmp_path)
+    assert cached
+    s_state, t_state = student.state_dict(), teacher.state_dict()
+    text = [k for k in t_state if not k.startswith("visual.")]
+    assert text and all(torch.equal(s_state[k], t_state[k]) for k in text)
+    x = to_model_input(ds.train.images[:128], MEAN, STD)
+
+    def agreement(model) -> float:
+        with torch.no_grad():
+            want = teacher.encode_image(x, normalize=True)
+            return float((model.encode_image(x, normalize=True) * want).sum(1).mean())
+
+    fresh = distil(model_cfg, 0, ds, teacher, replace(cfg.distil, steps=0), torch.device("cpu"))
+    assert agreement(student) > 0.9 and agreement(fresh) < 0.5  # cosine to the teacher's features
+    longer = replace(cfg, distil=replace(cfg.distil, steps=41))
+    assert longer.clean_key() != cfg.clean_key() and longer.teacher().clean_key() == cfg.teacher().clean_key()
