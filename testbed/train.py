@@ -20,8 +20,8 @@ class Augment(StrEnum):
     """What the training loop does to a batch's images before the image tower sees them."""
 
     NONE = "none"
-    # Random translations of up to 1/8 of the side, edges replicated: a ViT lacks the ResNet's
-    # built-in translation invariance and has to see it in the data (docs/results.md#the-vit-tower).
+    # Random translations of up to 1/8 of the side, edges replicated: a ViT has no convolution's
+    # translation invariance; shifts help it a little (docs/results.md#the-vit-tower).
     SHIFT = "shift"
 
 
