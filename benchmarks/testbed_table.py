@@ -53,11 +53,12 @@ def main() -> None:
         folder = args.out / f"{prefix}-{attack}"
         t0 = time.perf_counter()
         m = stored(folder, cfg)
-        seconds = None if m is None else m["seconds"]["total"]
         if m is None:
             built = build(cfg, cache=default_cache_dir())
             write(built, cfg, folder)
             m, seconds = built.metrics, time.perf_counter() - t0  # the folder's writing included
+        else:
+            seconds = m["seconds"]["total"]
         rows.append(
             {
                 "attack": attack,
