@@ -1,12 +1,15 @@
-"""Generalisation levers on the zoo: CBPT re-run on the zoo's models with one setting changed
-at a time, beside the zoo's own run (docs/results.md#levers).
+"""Generalisation levers: CBPT re-run with one setting changed at a time, on the zoo's models
+or on testbed folders (docs/results.md#levers).
 
     python benchmarks/levers.py zoo-out --part fit --lever base cell2 tv --out levers.json
+    python benchmarks/levers.py TB/shapes-vit32-badnet-p30 TB/shapes-resnet64-badnet --seeds 0 1 \
+        --lever base cell2 --out levers.json
 
-Each lever is a named change of `PurifyConfig` (LEVERS below). Models are the zoo's measured
-ones of `--part` (fit: may be tuned on; report: measure a lever only once it is chosen), read
-from `ZOO/runs/` and `ZOO/models/`. Runs are stored in `--out` as they finish, so an
-interrupted table resumes. The table gives, per lever, the backdoored models' ASR after
+Each lever is a named change of `PurifyConfig` (LEVERS below). From a zoo folder (one with
+`runs/`) the models are the zoo's measured ones of `--part` (fit: may be tuned on; report:
+measure a lever only once it is chosen), with shot set 0 as the zoo used; other folders are
+testbeds (`cbpt-guard testbed build`), purified with each of `--seeds`. Runs are stored in
+`--out` as they finish, so an interrupted table resumes. The table gives, per lever, the backdoored models' ASR after
 (median / 95th percentile / worst, share <= 2%), the CA drop over every model, and the alarm's
 attack success through the guard.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cbpt.data import ShotBudget
@@ -38,6 +41,8 @@ LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
     "cell4": _prior(cell=4),
     "tv": _prior(tv=1.0),  # total variation weighed like the mask's size
     "cell2-tv": _prior(cell=2, tv=1.0),
+    # each inverted trigger also tuned against at 3 random places: patches that fire anywhere
+    "shifts4": lambda c: replace(c, tuning=replace(c.tuning, shifts=4)),
     "restarts6": lambda c: replace(c, inversion=replace(c.inversion, mask_restarts=6)),  # more dummy triggers
     # held-out decisions may move at most this far (the CA losses of the first zoo models)
     "klcap": lambda c: replace(c, tuning=replace(c.tuning, max_clean_kl=0.02)),
@@ -62,9 +67,43 @@ def summary(runs: list[dict]) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Model:
+    """One model a lever is measured on, with the figures of its reference run if it has one."""
+
+    name: str
+    folder: Path
+    dataset: str
+    attack: str  # "none" for a clean model
+    seed: int  # the shot set
+    reference: dict | None = None  # the zoo's own run: CA and ASR after
+
+
+def zoo_models(zoo: Path, part: str, kind: str) -> list[Model]:
+    records = [json.loads(p.read_text()) for p in sorted((zoo / "runs").glob("*.json"))]
+    return [
+        Model(
+            r["name"],
+            zoo / "models" / r["name"],
+            r["base"]["dataset"],
+            "none" if r["attack"] is None else r["attack"]["family"],
+            0,
+            {"ca_after": r["ca_after"], "asr_after": r["asr_after"]},
+        )
+        for r in records
+        if r["taken"] and part in ("all", r["part"]) and kind in ("both", r["kind"])
+    ]
+
+
+def testbed_models(folders: list[Path], seeds: list[int]) -> list[Model]:
+    metas = [(tb, json.loads((tb / "metrics.json").read_text())) for tb in folders]
+    return [Model(f"{tb.name}/s{s}", tb, m["dataset"], m["attack"], s) for tb, m in metas for s in seeds]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("zoo", type=Path, help="a `cbpt-guard testbed zoo` work folder")
+    ap.add_argument("sources", nargs="+", type=Path, help="a `cbpt-guard testbed zoo` work folder, or testbeds")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="testbeds: the shot sets")
     ap.add_argument("--part", choices=("fit", "report", "all"), default="fit")
     ap.add_argument("--lever", nargs="+", choices=sorted(LEVERS), default=["base", "cell2"])
     ap.add_argument("--kind", choices=("backdoored", "clean", "both"), default="both")
@@ -76,31 +115,30 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    records = [json.loads(p.read_text()) for p in sorted((args.zoo / "runs").glob("*.json"))]
-    models = [r for r in records if r["taken"] and args.part in ("all", r["part"]) and args.kind in ("both", r["kind"])]
+    zoo = [z for z in args.sources if (z / "runs").is_dir()]
+    models = [m for z in zoo for m in zoo_models(z, args.part, args.kind)]
+    models += testbed_models([tb for tb in args.sources if tb not in zoo], args.seeds)
     stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for lever in args.lever:
         cfg = LEVERS[lever](PurifyConfig(budget=ShotBudget(16)))
-        for r in models:
-            key = f"{lever}/{r['name']}"
+        for m in models:
+            key = f"{lever}/{m.name}"
             if key in stored:
                 continue
-            attack = "none" if r["attack"] is None else r["attack"]["family"]
-            run = measure(
-                args.zoo / "models" / r["name"], r["base"]["dataset"], attack, "cbpt", 16, 0, cfg, runtime=runtime
-            )
+            run = measure(m.folder, m.dataset, m.attack, "cbpt", 16, m.seed, cfg, runtime=runtime)
             alarm = run.info.get("alarm_eval") or {}
             stored[key] = {
                 "lever": lever,
-                "model": r["name"],
+                "model": m.name,
                 "ca_before": run.ca_before,
                 "ca_after": run.ca,
-                "asr_after": None if attack == "none" else run.asr,
+                "asr_before": None if m.attack == "none" else run.asr_before,
+                "asr_after": None if m.attack == "none" else run.asr,
                 "through_guard": alarm.get("asr_through_guard"),
                 "backdoored_verdict": run.info["scan"]["backdoored"],
                 "tuning": run.info.get("tuning"),  # the checkpoint kept and its held-out figures
                 "seconds": run.seconds,
-                "zoo": {"ca_after": r["ca_after"], "asr_after": r["asr_after"]},
+                "zoo": m.reference,
             }
             atomic.write_text(args.out, json.dumps(stored, indent=1))
     print(

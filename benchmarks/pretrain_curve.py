@@ -24,12 +24,10 @@ from testbed.build import (
     Recipe,
     Tower,
     class_weights,
-    clean_model,
     default_cache_dir,
     default_model_cfg,
-    distil,
     predict,
-    pretrain,
+    train_clean,
 )
 from testbed.train import Augment, TrainConfig
 
@@ -101,13 +99,19 @@ def main() -> None:
         )
         print(json.dumps(curve[-1]), flush=True)
 
-    train, cpu = TrainConfig(steps=args.steps, lr=args.lr, augment=Augment(args.augment)), torch.device("cpu")
-    if Recipe(args.recipe) is Recipe.DISTIL:
-        student = BuildConfig(dataset=args.dataset, attack="none", image_size=args.image_size, model_cfg=cfg)
-        teacher, _, _ = clean_model(student.teacher(), ds, default_cache_dir(), device=cpu)
-        distil(cfg, args.seed, ds, teacher, train, cpu, each_step)
-    else:
-        pretrain(cfg, args.seed, ds, train, cpu, each_step)
+    train = TrainConfig(steps=args.steps, lr=args.lr, augment=Augment(args.augment))
+    recipe = Recipe(args.recipe)
+    clean = BuildConfig(
+        dataset=args.dataset,
+        attack="none",
+        seed=args.seed,
+        image_size=args.image_size,
+        recipe=recipe,
+        sizes=sizes,
+        model_cfg=cfg,
+        **{"distil" if recipe is Recipe.DISTIL else "pretrain": train},
+    )
+    train_clean(clean, ds, default_cache_dir(), torch.device("cpu"), each_step)
     if args.out:
         args.out.write_text(
             json.dumps({"model_cfg": cfg, "args": {k: str(v) for k, v in vars(args).items()}, "curve": curve}, indent=2)

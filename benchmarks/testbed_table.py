@@ -6,6 +6,7 @@
 The clean model is pretrained once per dataset (cached); each attack then poisons and
 fine-tunes its own copy. Writes `<out>/<dataset>-<attack>/` testbeds and `<out>/table-<dataset>.json`.
 Resumable: a testbed already in `--out` with the same configuration is read back, not rebuilt.
+The table keeps the rows of attacks not named this time, so subsets can be built one by one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from cbpt_guard import atomic
 from testbed.build import BuildConfig, Tower, build, config_dict, default_cache_dir, write
 from testbed.datasets import DATASETS
 from testbed.triggers import ATTACKS
@@ -72,7 +74,11 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    (args.out / f"table-{prefix}.json").write_text(json.dumps(rows, indent=2))
+    table = args.out / f"table-{prefix}.json"
+    named = {r["attack"] for r in rows}
+    kept = [r for r in json.loads(table.read_text()) if r["attack"] not in named] if table.is_file() else []
+    rows = kept + rows
+    atomic.write_text(table, json.dumps(rows, indent=2))
     print(f"\n| {prefix} attack | CA | ASR | RA | clean-model CA | clean-model ASR | build s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -242,6 +242,22 @@ def measure(
     return evaluate_predictions(pred, ds.test.labels, pred_t, ds.test.labels, target).to_dict()
 
 
+def train_clean(
+    cfg: BuildConfig,
+    ds: datasets.Dataset,
+    cache: Path | None,
+    device: torch.device,
+    each_step: Callable[[int, torch.nn.Module], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> torch.nn.Module:
+    """A clean model trained by `cfg`'s recipe, not cached; a DISTIL recipe's teacher comes
+    from `clean_model` (cached, built first when missing, with `progress`)."""
+    if cfg.clean_recipe() is Recipe.DISTIL:
+        teacher, _, _ = clean_model(cfg.teacher(), ds, cache, progress, device)
+        return distil(cfg.model(), cfg.seed, ds, teacher, cfg.distil, device, each_step)
+    return pretrain(cfg.model(), cfg.seed, ds, cfg.pretrain, device, each_step)
+
+
 def clean_model(
     cfg: BuildConfig,
     ds: datasets.Dataset,
@@ -255,13 +271,9 @@ def clean_model(
     if path is not None and path.is_file():
         return load_state(cfg.model(), cfg.seed, path, device), 0.0, True
     t0 = time.perf_counter()
-    if cfg.clean_recipe() is Recipe.DISTIL:
-        teacher, _, _ = clean_model(cfg.teacher(), ds, cache, progress, device)
-        tick = (lambda done, _m: progress("distil", done, cfg.distil.steps)) if progress else None
-        model = distil(cfg.model(), cfg.seed, ds, teacher, cfg.distil, device, tick)
-    else:
-        tick = (lambda done, _m: progress("pretrain", done, cfg.pretrain.steps)) if progress else None
-        model = pretrain(cfg.model(), cfg.seed, ds, cfg.pretrain, device, tick)
+    stage, train = ("distil", cfg.distil) if cfg.clean_recipe() is Recipe.DISTIL else ("pretrain", cfg.pretrain)
+    tick = (lambda done, _m: progress(stage, done, train.steps)) if progress else None
+    model = train_clean(cfg, ds, cache, device, tick, progress)
     seconds = time.perf_counter() - t0  # a teacher pretrained on the way included
     if path is not None:
         atomic.write_bytes(path, state_bytes(model))
