@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cbpt.data import ShotBudget, load_shots
@@ -38,6 +40,7 @@ from cbpt_guard.artifacts import CLASSES
 from testbed.evaluate import class_order, encode_test_split, score_head
 
 SHARES = (0.1, 0.2, 0.3)
+NO_TARGETS = np.zeros(0, dtype=np.int64)
 
 
 def measure(tb: Path) -> dict:
@@ -63,14 +66,16 @@ def measure(tb: Path) -> dict:
     clean = feats.clean.float().numpy()
     triggered = None if feats.triggered is None else feats.triggered.float().numpy()
     for share in SHARES:
-        route = route_for(data, calibration, share)
-        routed = score_head(feats, head, None if result.kept_original else route.reordered(rows))
-        out[f"share{share}"] = {
-            "ca": routed.ca,
-            "asr": _asr(feats, routed.asr),
-            "clean_test_routed": round(float(route.routed(clean).mean()), 4),
-            "triggered_test_routed": None if triggered is None else round(float(route.routed(triggered).mean()), 4),
-        }
+        gated = route_for(data, calibration, share, plan)
+        # the same route without the target gate (docs/method.md#target-gate), side by side
+        for key, route in ((f"share{share}", gated), (f"share{share}-nogate", replace(gated, targets=NO_TARGETS))):
+            routed = score_head(feats, head, None if result.kept_original else route.reordered(rows))
+            out[key] = {
+                "ca": routed.ca,
+                "asr": _asr(feats, routed.asr),
+                "clean_test_routed": round(float(route.routed(clean).mean()), 4),
+                "triggered_test_routed": None if triggered is None else round(float(route.routed(triggered).mean()), 4),
+            }
     return {**out, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -105,9 +110,10 @@ def main() -> None:
         if name not in stored:
             stored[name] = measure(tb)
             atomic.write_text(args.out, json.dumps(stored, indent=1))
-    cols = " | ".join(f"share {s}: CA / ASR" for s in SHARES)
+    keys = [k for s in SHARES for k in (f"share{s}-nogate", f"share{s}")]
+    cols = " | ".join(f"share {k.removeprefix('share').replace('-nogate', ', no gate')}: CA / ASR" for k in keys)
     print(f"| model | mode | CA / ASR before | purified everywhere: CA / ASR | {cols} |")
-    print("|---|---|---|---|" + "---|" * len(SHARES))
+    print("|---|---|---|---|" + "---|" * len(keys))
     for name in models:
         r = stored[name]
 
@@ -115,10 +121,10 @@ def main() -> None:
             return f"{ca:.3f} / " + ("-" if asr is None else f"{asr:.3f}")
 
         if r.get("ca_plain") is None:
-            unchanged = " (unchanged) |" * (1 + len(SHARES))
+            unchanged = " (unchanged) |" * (1 + len(keys))
             print(f"| {name} | {r['mode']} | {pair(r['ca_before'], r['asr_before'])} |{unchanged}")
             continue
-        shares = " | ".join(pair(r[f"share{s}"]["ca"], r[f"share{s}"]["asr"]) for s in SHARES)
+        shares = " | ".join(pair(r[k]["ca"], r[k]["asr"]) if k in r else "-" for k in keys)
         print(
             f"| {name} | {r['mode']} | {pair(r['ca_before'], r['asr_before'])} | "
             f"{pair(r['ca_plain'], r['asr_plain'])} | {shares} |"

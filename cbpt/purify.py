@@ -129,13 +129,16 @@ def calibration_features(data: TuningData) -> torch.Tensor:
     return data.cache.clean if data.held_out is None else torch.cat([data.cache.clean, data.held_out.clean])
 
 
-def route_for(data: TuningData, calibration: torch.Tensor, share: float) -> Route | None:
+def route_for(data: TuningData, calibration: torch.Tensor, share: float, plan: TuningPlan) -> Route | None:
     """Where the tuned embeddings answer: `share` of the clean `calibration` features
-    (`calibration_features(data)`) around the triggers tuned against (None at share 1: everywhere)."""
+    (`calibration_features(data)`) around the triggers tuned against, and, for a found
+    backdoor (FULL mode), every image the original embeddings give its target (None at share
+    1: everywhere)."""
     if share >= 1 or not len(data.cache.centroids):
         return None
     clean, centroids, original = (t.float().cpu().numpy() for t in (calibration, data.cache.centroids, data.original))
-    return calibrate_route(clean, centroids, share, original)
+    targets = sorted({c.target for c in plan.triggers}) if plan.mode is TuningMode.FULL else []
+    return calibrate_route(clean, centroids, share, original, targets)
 
 
 def alarm_threshold(clean: torch.Tensor, centroid: torch.Tensor, fpr: float = 0.01) -> dict:
@@ -200,5 +203,5 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
             "image_encoder_passes_during_tuning": 0,
         },
         alarm=alarm_threshold(calibration, inversion.mean_feature),
-        route=None if result.kept_original else route_for(data, calibration, cfg.routed_share),
+        route=None if result.kept_original else route_for(data, calibration, cfg.routed_share, plan),
     )

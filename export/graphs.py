@@ -67,9 +67,21 @@ def head_nodes(prefix: str, features: str, head: HeadSpec) -> tuple[list, list, 
             helper.make_node("MatMul", [f"{prefix}unit", f"{prefix}route_centroids_T"], [f"{prefix}route_cos"]),
             helper.make_node("Sub", [f"{prefix}route_cos", f"{prefix}route_thresholds"], [f"{prefix}route_margin"]),
             helper.make_node("ReduceMax", [f"{prefix}route_margin"], [f"{prefix}route_best"], axes=[1], keepdims=1),
-            helper.make_node("Greater", [f"{prefix}route_best", f"{prefix}zero"], [f"{prefix}routed"]),  # [N, 1]
-            helper.make_node("Where", [f"{prefix}routed", cos, f"{prefix}cos_original"], [f"{prefix}cos_routed"]),
+            helper.make_node("Greater", [f"{prefix}route_best", f"{prefix}zero"], [f"{prefix}route_near"]),  # [N, 1]
         ]
+        routed = f"{prefix}route_near"
+        if len(r.targets):  # the target gate: what the original embeddings assign to a target is routed
+            inits.append(numpy_helper.from_array(r.targets.astype(np.int64), f"{prefix}route_targets"))
+            nodes += [
+                helper.make_node("ArgMax", [f"{prefix}cos_original"], [f"{prefix}answer"], axis=1, keepdims=1),
+                helper.make_node("Equal", [f"{prefix}answer", f"{prefix}route_targets"], [f"{prefix}is_target"]),
+                helper.make_node("Cast", [f"{prefix}is_target"], [f"{prefix}is_target_f"], to=TensorProto.FLOAT),
+                helper.make_node("ReduceMax", [f"{prefix}is_target_f"], [f"{prefix}gate"], axes=[1], keepdims=1),
+                helper.make_node("Greater", [f"{prefix}gate", f"{prefix}zero"], [f"{prefix}route_gate"]),
+                helper.make_node("Or", [routed, f"{prefix}route_gate"], [f"{prefix}routed"]),
+            ]
+            routed = f"{prefix}routed"
+        nodes.append(helper.make_node("Where", [routed, cos, f"{prefix}cos_original"], [f"{prefix}cos_routed"]))
         cos = f"{prefix}cos_routed"
     nodes += [
         helper.make_node("Mul", [cos, f"{prefix}logit_scale"], ["logits"]),

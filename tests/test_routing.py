@@ -1,9 +1,10 @@
-"""The route (cbpt_guard/routing.py): calibrated on clean shots, the same in numpy, in the ONNX
-head and in a purify output, and off when asked."""
+"""The route (cbpt_guard/routing.py): calibrated on clean shots, gated by a found backdoor's
+target, the same in numpy, in the ONNX head and in a purify output, and off when asked."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -51,18 +52,46 @@ def test_routed_images_take_the_purified_embeddings_and_the_rest_the_original(ro
         calibrate_route(clean, centroids, 1.0, original)
 
 
-def test_the_onnx_head_routes_as_the_reference_does(route_case):
+def test_what_the_original_embeddings_give_a_found_target_is_routed_wherever_it_lies(route_case):
+    clean, centroids, purified, original = route_case
+    plain = calibrate_route(clean, centroids, 0.1, original)
+    gated = calibrate_route(clean, centroids, 0.1, original, targets=[3, 3])
+    assert gated.targets.tolist() == [3] and np.array_equal(gated.thresholds, plain.thresholds)
+    far = -centroids[0] + 0.01 * original[3]  # far from the centroids: outside the plain route
+    x = _unit(np.stack([original[3] - centroids.sum(0) * 0.1, original[1], far]))
+    answer = (x @ original.T).argmax(1)
+    assert not plain.routed(x[:2]).any()
+    assert gated.routed(x).tolist() == [True, False, answer[2] == 3]
+    assert np.allclose(gated.cosines(x[:1], purified), x[:1] @ purified.T)
+    # the whole clean set: the gate adds exactly the images the original embeddings give class 3
+    extra = gated.routed(clean) & ~plain.routed(clean)
+    assert extra.any() and (((clean @ original.T).argmax(1) == 3) | plain.routed(clean) == gated.routed(clean)).all()
+    # stored and read back; heads written before the gate read as ungated
+    back = Route.from_tensors(gated.tensors(), original)
+    assert back.targets.tolist() == [3] and back.describe()["targets"] == [3]
+    old = {k: v for k, v in gated.tensors().items() if k != "route_targets"}
+    assert Route.from_tensors(old, original).targets.tolist() == []
+    # another class order moves the target with its row
+    rows = [4, 3, 2, 1, 0]
+    moved = gated.reordered(rows)
+    assert moved.targets.tolist() == [1] and np.array_equal(moved.routed(clean), gated.routed(clean))
+
+
+@pytest.mark.parametrize("targets", [(), (2,), (0, 4)])
+def test_the_onnx_head_routes_as_the_reference_does(route_case, targets):
     import onnxruntime as ort
 
     from export.graphs import HeadSpec, build_head
 
     clean, centroids, purified, original = route_case
-    head = HeadSpec(purified, 50.0, centroids[0], calibrate_route(clean, centroids, 0.3, original))
+    head = HeadSpec(purified, 50.0, centroids[0], calibrate_route(clean, centroids, 0.3, original, targets))
     sess = ort.InferenceSession(build_head(head).SerializeToString(), providers=["CPUExecutionProvider"])
     feats = 3.0 * clean[:200]  # any norm: the graph normalises
     logits, score = sess.run(["logits", "trigger_score"], {"image_features": feats})
     routed = head.route.routed(clean[:200])
     assert 0 < routed.sum() < 200  # both branches are exercised
+    if targets:  # the gate adds images the cosines alone leave out
+        assert (routed & ~replace(head.route, targets=np.zeros(0, dtype=np.int64)).routed(clean[:200])).any()
     assert np.abs(logits - head.logits(clean[:200])).max() < 1e-4
     assert np.allclose(score, clean[:200] @ centroids[0], atol=1e-5)
 
@@ -78,6 +107,11 @@ def test_a_purify_output_routes_in_torch_and_in_its_exported_heads_alike(purifie
     assert emb["route_centroids"].shape[1] == 32 and emb["route_thresholds"].shape == (emb["route_centroids"].shape[0],)
     manifest = json.loads((purified / "manifest.json").read_text())
     assert manifest["route"] == rep["route"]
+    # a found backdoor gates the route at its target; forced, at every tuned trigger's target
+    names = (mini_testbeds["blended"] / "classes.txt").read_text().split("\n")
+    aimed = sorted({names.index(t["target"]) for t in rep["tuning"]["triggers"]})
+    assert rep["route"]["targets"] == ([rep["scan"]["target_index"]] if rep["scan"]["backdoored"] else aimed)
+    assert emb["route_targets"].tolist() == rep["route"]["targets"]
     tb = mini_testbeds["blended"]
     torch_side, onnx_side = evaluate_purified(purified, tb), evaluate_heads(purified, tb)
     assert torch_side.ca == pytest.approx(onnx_side.ca, abs=0.021)  # 50 images: one may sit on a threshold
@@ -98,7 +132,7 @@ def test_the_fp16_head_routes_too(route_case):
     from export.graphs import HeadSpec, build_head
 
     clean, centroids, purified, original = route_case
-    head = HeadSpec(purified, 50.0, centroids[0], calibrate_route(clean, centroids, 0.3, original))
+    head = HeadSpec(purified, 50.0, centroids[0], calibrate_route(clean, centroids, 0.3, original, [2]))
     sess = ort_session(to_fp16(build_head(head)).SerializeToString(), fp16=True)
     logits = sess.run(["logits"], {"image_features": clean})[0]
     assert logits.dtype == np.float32  # the fp32 interface is kept
