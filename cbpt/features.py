@@ -57,6 +57,14 @@ class Augment:
         return out
 
 
+def extrapolate(clean: torch.Tensor, triggered: torch.Tensor, strength: float) -> torch.Tensor:
+    """Unit features `strength` times as far along each image's trigger shift as the trigger
+    took it: normalise(clean + strength * (triggered - clean)). An inverted trigger is the
+    smallest that flips the shots, so the real one's features lie further toward the target
+    (docs/method.md#trigger-strength)."""
+    return F.normalize(clean + strength * (triggered - clean), dim=-1)
+
+
 def _identity(x01: torch.Tensor, _rows: torch.Tensor) -> torch.Tensor:
     return x01
 
@@ -69,11 +77,15 @@ def cache_features(
     views: int,
     shifts: int,
     seed: int,
+    strengths: tuple[float, ...] = (1.0,),
 ) -> FeatureCache:
     """The shots and `views` augmented views of them; each trigger applied to all of those at
     `shifts` places (the first where it was found), skipping the shots of its own target
-    (docs/method.md#target-shot-exclusion). Pixels go through the encoder a batch at a time:
-    memory holds the features, never every view's pixels (docs/scale.md#memory)."""
+    (docs/method.md#target-shot-exclusion). Each strength s past the first adds copies whose
+    feature moves s times as far from its clean one as the trigger moved it
+    (`extrapolate`, docs/method.md#trigger-strength); the centroids are the found triggers'.
+    Pixels go through the encoder a batch at a time: memory holds the features, never every
+    view's pixels (docs/scale.md#memory)."""
     gen = torch.Generator().manual_seed(seed + 1)
     n, _, h, w = pixels.shape
     looks = [_identity] + [Augment.draw(n, h, gen) for _ in range(views)]
@@ -83,6 +95,7 @@ def cache_features(
     for cand in triggers:
         first = len(trig_feats)
         keep = everyone[labels != cand.target]
+        bases = torch.cat([clean[i * n + keep.to(clean.device)] for i in range(len(looks))])  # in the copies' order
         for s in range(shifts):
             t = (
                 cand.trigger
@@ -93,8 +106,10 @@ def cache_features(
             )
             for look in looks:
                 trig_feats.append(encoder.all(pixels, keep, lambda x, rows, t=t, look=look: t.apply(look(x, rows))))
-        centroids.append(F.normalize(torch.cat(trig_feats[first:]).mean(0), dim=-1))
-        trig_labels.append(labels[keep].repeat(shifts * len(looks)))
+        found = torch.cat(trig_feats[first:])
+        centroids.append(F.normalize(found.mean(0), dim=-1))
+        trig_feats += [extrapolate(bases.repeat(shifts, 1), found, strength) for strength in strengths[1:]]
+        trig_labels.append(labels[keep].repeat(shifts * len(looks) * len(strengths)))
         trig_targets.append(torch.full_like(trig_labels[-1], cand.target))
     triggered = torch.cat(trig_feats) if trig_feats else clean.new_zeros((0, clean.shape[1]))
     empty = labels.new_zeros((0,))

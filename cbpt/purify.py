@@ -102,10 +102,14 @@ def tuning_data(
 ) -> TuningData:
     """The feature caches of the tuning shots (with augmented views) and of the held-out ones."""
     encoder = clip.encoder()
-    cache = cache_features(encoder, shots.pixels, shots.labels, triggers, tuning.views, tuning.shifts, tuning.seed)
+    cache = cache_features(
+        encoder, shots.pixels, shots.labels, triggers, tuning.views, tuning.shifts, tuning.seed, tuning.strengths
+    )
     held = None
     if shots.held_pixels is not None:
-        held = cache_features(encoder, shots.held_pixels, shots.held_labels, triggers, 0, 1, tuning.seed)
+        held = cache_features(
+            encoder, shots.held_pixels, shots.held_labels, triggers, 0, 1, tuning.seed, tuning.strengths
+        )
     return TuningData(cache, held, original, clip.logit_scale)
 
 

@@ -498,6 +498,35 @@ def test_each_triggers_target_shots_get_no_triggered_copies(tmp_path):
     assert torch.allclose(cache.triggered[:4], direct, atol=1e-5)
 
 
+def test_stronger_copies_take_each_triggered_feature_further_from_its_clean_one(tmp_path):
+    from cbpt.features import cache_features, extrapolate
+    from cbpt.inversion import Candidate
+    from cbpt.model import load_clip
+    from cbpt.trigger import DummyTrigger
+
+    clip = load_clip(save_tiny_model(tmp_path / "m"))
+    x, y = torch.rand(6, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2])
+    patch = DummyTrigger(
+        torch.zeros(32, 32).index_fill_(0, torch.arange(4), 1.0), torch.ones(3, 32, 32), torch.zeros(3, 32, 32)
+    )
+    cands = [Candidate(patch, 1, 1.0, None), Candidate(patch, 2, 1.0, None)]
+    plain = cache_features(clip.encoder(), x, y, cands, views=1, shifts=2, seed=0)
+    strong = cache_features(clip.encoder(), x, y, cands, views=1, shifts=2, seed=0, strengths=(1.0, 2.0))
+    # per trigger: its 4 non-target shots x 2 looks x 2 places, then as many copies taken twice as far
+    assert strong.triggered.shape[0] == 2 * plain.triggered.shape[0] == 64
+    assert strong.triggered_targets.tolist() == [1] * 32 + [2] * 32
+    assert strong.triggered_labels[:32].tolist() == [0, 0, 2, 2] * 8
+    assert torch.allclose(strong.centroids, plain.centroids)  # the route's centres stay the found triggers'
+    found, far = strong.triggered[:16], strong.triggered[16:32]
+    assert torch.allclose(found, plain.triggered[:16])
+    clean = torch.cat([plain.clean[[0, 1, 4, 5]], plain.clean[[6, 7, 10, 11]]]).repeat(2, 1)
+    assert torch.allclose(far, extrapolate(clean, found, 2.0), atol=1e-6)
+    # twice as far along the shift: further from the clean feature, and unit length
+    assert ((far * clean).sum(1) < (found * clean).sum(1) + 1e-6).all()
+    assert torch.allclose(far.norm(dim=1), torch.ones(16), atol=1e-5)
+    assert torch.allclose(extrapolate(clean, found, 1.0), found, atol=1e-6)
+
+
 def _backdoored_features(g0: torch.Tensor, n: int, seed: int):
     """Clean shots on their class's text feature; triggered shots of cat and dog in one region
     off bird's feature, in a direction no class text takes: a backdoor to class 2 that the
