@@ -91,7 +91,7 @@ def cache_features(
     looks = [_identity] + [Augment.draw(n, h, gen) for _ in range(views)]
     everyone = torch.arange(n)
     clean = torch.cat([encoder.all(pixels, everyone, look) for look in looks])
-    trig_feats, trig_labels, trig_targets, centroids = [], [], [], []
+    trig_feats, trig_labels, trig_targets, centroids, encoded = [], [], [], [], 0
     for cand in triggers:
         first = len(trig_feats)
         keep = everyone[labels != cand.target]
@@ -107,6 +107,7 @@ def cache_features(
             for look in looks:
                 trig_feats.append(encoder.all(pixels, keep, lambda x, rows, t=t, look=look: t.apply(look(x, rows))))
         found = torch.cat(trig_feats[first:])
+        encoded += found.shape[0]
         centroids.append(F.normalize(found.mean(0), dim=-1))
         trig_feats += [extrapolate(bases.repeat(shifts, 1), found, strength) for strength in strengths[1:]]
         trig_labels.append(labels[keep].repeat(shifts * len(looks) * len(strengths)))
@@ -121,5 +122,5 @@ def cache_features(
         triggered_labels=(torch.cat(trig_labels) if trig_labels else empty).to(device),
         triggered_targets=(torch.cat(trig_targets) if trig_targets else empty).to(device),
         centroids=torch.stack(centroids) if centroids else clean.new_zeros((0, clean.shape[1])),
-        encoder_passes=clean.shape[0] + triggered.shape[0],
+        encoder_passes=clean.shape[0] + encoded,  # extrapolated copies take no pass
     )

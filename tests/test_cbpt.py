@@ -514,6 +514,7 @@ def test_stronger_copies_take_each_triggered_feature_further_from_its_clean_one(
     strong = cache_features(clip.encoder(), x, y, cands, views=1, shifts=2, seed=0, strengths=(1.0, 2.0))
     # per trigger: its 4 non-target shots x 2 looks x 2 places, then as many copies taken twice as far
     assert strong.triggered.shape[0] == 2 * plain.triggered.shape[0] == 64
+    assert strong.encoder_passes == plain.encoder_passes  # the stronger copies are computed, not encoded
     assert strong.triggered_targets.tolist() == [1] * 32 + [2] * 32
     assert strong.triggered_labels[:32].tolist() == [0, 0, 2, 2] * 8
     assert torch.allclose(strong.centroids, plain.centroids)  # the route's centres stay the found triggers'
