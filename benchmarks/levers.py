@@ -43,10 +43,9 @@ LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
     "cell2-tv": _prior(cell=2, tv=1.0),
     # each inverted trigger also tuned against at 3 random places: patches that fire anywhere
     "shifts4": lambda c: replace(c, tuning=replace(c.tuning, shifts=4)),
-    # the triggered copies' feature shifts as the inverted triggers took them, and no further
-    # (the default before docs/method.md#trigger-strength); or also 1.5 times as far
-    "strength1": lambda c: replace(c, tuning=replace(c.tuning, strengths=(1.0,))),
-    "strength1.5-2": lambda c: replace(c, tuning=replace(c.tuning, strengths=(1.0, 1.5, 2.0))),
+    # triggered copies whose feature shift is also taken 2 (1.5) times as far (docs/method.md#trigger-strength)
+    "strength2": lambda c: replace(c, tuning=replace(c.tuning, strengths=(1.0, 2.0))),
+    "strength1.5": lambda c: replace(c, tuning=replace(c.tuning, strengths=(1.0, 1.5))),
     "restarts6": lambda c: replace(c, inversion=replace(c.inversion, mask_restarts=6)),  # more dummy triggers
     # held-out decisions may move at most this far (the CA losses of the first zoo models)
     "klcap": lambda c: replace(c, tuning=replace(c.tuning, max_clean_kl=0.02)),

@@ -184,8 +184,8 @@ class TuningConfig:
     views: int = 2  # augmented views per shot, besides the shot itself
     shifts: int = 1  # places each inverted trigger is applied at (1 = where it was found)
     # how far each triggered copy's feature shift is taken: as the inverted trigger took it,
-    # and twice as far (docs/method.md#trigger-strength)
-    strengths: tuple[float, ...] = (1.0, 2.0)
+    # and optionally further (docs/method.md#trigger-strength: mixed results, off by default)
+    strengths: tuple[float, ...] = (1.0,)
     eval_every: int = 10
     patience: int = 10  # evaluations without held-out improvement before a rung stops
     clean_tolerance: float = 0.015  # held-out clean accuracy a checkpoint may lose
