@@ -671,6 +671,10 @@ def testbed_build(
     poison_rate: Annotated[
         Optional[float], typer.Option(help="Fraction of training pairs poisoned (default: the attack's own).")
     ] = None,
+    finetune_steps: Annotated[
+        Optional[int],
+        typer.Option(help="Poisoned fine-tuning steps (default: the attack's own, 600 or 1,500 for wanet/badclip)."),
+    ] = None,
     trigger_image: Annotated[Optional[Path], typer.Option(help="custom: the trigger image (PNG).")] = None,
     trigger_mode: Annotated[str, typer.Option(help="custom: patch or blend.")] = "patch",
     alpha: Annotated[float, typer.Option(help="custom: opacity of the trigger.")] = 1.0,
@@ -682,14 +686,18 @@ def testbed_build(
 ) -> None:
     """Train a small CLIP here and backdoor it."""
     runtime = _runtime(threads, device)
+    from dataclasses import replace
+
     from cbpt_cli.progress import stage_progress
     from cbpt_guard.atomic import check_target
-    from testbed.build import BuildConfig, Tower, build, default_cache_dir, write
+    from testbed.build import DEFAULT_FINETUNE, BuildConfig, Tower, build, default_cache_dir, write
 
     if tower not in tuple(Tower):
         raise UsageError(f"--tower must be resnet or vit, got '{tower}'", "pass --tower vit, for example")
     if image_size < 16 or image_size % 8:
         raise UsageError(f"--image-size must be a multiple of 8 from 16, got {image_size}", "pass --image-size 64")
+    if finetune_steps is not None and finetune_steps < 1:
+        raise UsageError(f"--finetune-steps must be at least 1, got {finetune_steps}", "pass --finetune-steps 1500")
     cfg = BuildConfig(
         dataset=dataset,
         attack=attack,
@@ -698,6 +706,7 @@ def testbed_build(
         tower=Tower(tower),
         image_size=image_size,
         poison_rate=poison_rate,
+        finetune=None if finetune_steps is None else replace(DEFAULT_FINETUNE, steps=finetune_steps),
         custom_image=str(trigger_image) if trigger_image else None,
         custom_mode=trigger_mode,
         custom_alpha=alpha,

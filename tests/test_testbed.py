@@ -268,6 +268,8 @@ def test_the_target_and_the_image_size_are_checked_against_the_dataset_and_the_m
     assert code == 2 and "--tower must be resnet or vit" in err
     code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--image-size", "30")
     assert code == 2 and "--image-size must be a multiple of 8" in err
+    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--finetune-steps", "0")
+    assert code == 2 and "--finetune-steps must be at least 1" in err
     assert not (tmp_path / "x").exists()
 
 
