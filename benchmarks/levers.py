@@ -144,8 +144,9 @@ def main() -> None:
                 "zoo": m.reference,
             }
             atomic.write_text(args.out, json.dumps(stored, indent=1))
+    which = f"the zoo's {args.part} part" if zoo else "testbeds"
     print(
-        f"| lever ({args.part} part) | models | ASR after median / p95 / worst | ASR <= 2% | "
+        f"| lever ({which}) | models | ASR after median / p95 / worst | ASR <= 2% | "
         "CA drop median / p95 / worst | through the guard worst |"
     )
     print("|---|---|---|---|---|---|")
