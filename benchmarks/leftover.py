@@ -57,7 +57,7 @@ def measure(tb: Path, seed: int, strengths: tuple[float, ...]) -> dict:
     if d.route is None:
         return out | {"route": None}
     route = d.route.reordered(rows)
-    ungated = replace(route, targets=np.zeros(0, dtype=np.int64))
+    ungated = route.ungated()
     out["routed"] = score_head(feats, head, route).to_dict()
     out["ungated"] = score_head(feats, head, ungated).to_dict()
     real = feats.triggered.float().cpu().numpy()[np.asarray(feats.labels) != feats.target]

@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cbpt.data import ShotBudget, load_shots
@@ -40,7 +38,6 @@ from cbpt_guard.artifacts import CLASSES
 from testbed.evaluate import class_order, encode_test_split, score_head
 
 SHARES = (0.1, 0.2, 0.3)
-NO_TARGETS = np.zeros(0, dtype=np.int64)
 
 
 def measure(tb: Path) -> dict:
@@ -68,7 +65,7 @@ def measure(tb: Path) -> dict:
     for share in SHARES:
         gated = route_for(data, calibration, share, plan)
         # the same route without the target gate (docs/method.md#target-gate), side by side
-        for key, route in ((f"share{share}", gated), (f"share{share}-nogate", replace(gated, targets=NO_TARGETS))):
+        for key, route in ((f"share{share}", gated), (f"share{share}-nogate", gated.ungated())):
             routed = score_head(feats, head, None if result.kept_original else route.reordered(rows))
             out[key] = {
                 "ca": routed.ca,

@@ -95,7 +95,6 @@ def cache_features(
     for cand in triggers:
         first = len(trig_feats)
         keep = everyone[labels != cand.target]
-        bases = torch.cat([clean[i * n + keep.to(clean.device)] for i in range(len(looks))])  # in the copies' order
         for s in range(shifts):
             t = (
                 cand.trigger
@@ -109,7 +108,9 @@ def cache_features(
         found = torch.cat(trig_feats[first:])
         encoded += found.shape[0]
         centroids.append(F.normalize(found.mean(0), dim=-1))
-        trig_feats += [extrapolate(bases.repeat(shifts, 1), found, strength) for strength in strengths[1:]]
+        if len(strengths) > 1:  # each copy's clean feature, in the copies' order (shift, look, shot)
+            bases = torch.cat([clean[i * n + keep.to(clean.device)] for i in range(len(looks))]).repeat(shifts, 1)
+            trig_feats += [extrapolate(bases, found, strength) for strength in strengths[1:]]
         trig_labels.append(labels[keep].repeat(shifts * len(looks) * len(strengths)))
         trig_targets.append(torch.full_like(trig_labels[-1], cand.target))
     triggered = torch.cat(trig_feats) if trig_feats else clean.new_zeros((0, clean.shape[1]))

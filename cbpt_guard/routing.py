@@ -18,7 +18,7 @@ Numpy only: cbpt computes the route, export bakes it into the ONNX head, testbed
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -40,14 +40,22 @@ class Route:
 
     def routed(self, unit: np.ndarray) -> np.ndarray:
         """[N] bool for unit image features [N, D]."""
+        return self._routed(unit, unit @ self.original.T if len(self.targets) else None)
+
+    def _routed(self, unit: np.ndarray, original_cos: np.ndarray | None) -> np.ndarray:
         near = (unit @ self.centroids.T > self.thresholds[None, :]).any(axis=1)
         if not len(self.targets):
             return near
-        return near | np.isin((unit @ self.original.T).argmax(axis=1), self.targets)
+        return near | np.isin(original_cos.argmax(axis=1), self.targets)
 
     def cosines(self, unit: np.ndarray, purified: np.ndarray) -> np.ndarray:
         """[N, C] cosines to the class embeddings that answer for each image."""
-        return np.where(self.routed(unit)[:, None], unit @ purified.T, unit @ self.original.T)
+        original_cos = unit @ self.original.T  # the gate's answer and the unrouted images' cosines
+        return np.where(self._routed(unit, original_cos)[:, None], unit @ purified.T, original_cos)
+
+    def ungated(self) -> Route:
+        """The same route without the target gate: the cosines alone decide."""
+        return replace(self, targets=np.zeros(0, dtype=np.int64))
 
     def reordered(self, rows: list[int]) -> Route:
         """The same route with the original embeddings' rows (and the targets) in another class
