@@ -24,14 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cbpt.data import ShotBudget, load_shots
-from cbpt.model import load_clip
+from cbpt.data import ShotBudget
 from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime
 from cbpt_guard import atomic
-from cbpt_guard.artifacts import CLASSES
-from testbed.baselines import defend
-from testbed.evaluate import class_order, encode_test_split, score_head
+from testbed.bench import defend_on_testbed
+from testbed.evaluate import score_head
 
 
 def margins(unit: np.ndarray, original: np.ndarray, target: int) -> np.ndarray:
@@ -42,21 +40,17 @@ def margins(unit: np.ndarray, original: np.ndarray, target: int) -> np.ndarray:
 
 
 def measure(tb: Path, seed: int, strengths: tuple[float, ...]) -> dict:
-    clip = load_clip(tb / "model.pt", runtime=Runtime.of("cpu"))
     cfg = PurifyConfig(budget=ShotBudget(16))
     cfg = replace(cfg, tuning=replace(cfg.tuning, strengths=strengths))
-    shots = load_shots(clip, tb / "fewshot", tb / CLASSES, cfg.budget, seed)
-    feats = encode_test_split(clip, tb)
+    on = defend_on_testbed(tb, "cbpt", 16, seed, cfg, runtime=Runtime.of("cpu"))
+    feats, head, route = on.feats, on.head, on.route
     if feats.triggered is None:
         raise SystemExit(f"{tb} has no trigger: leftover ASR needs a backdoored testbed")
-    d = defend("cbpt", clip, shots, seed, cfg)
-    rows = class_order(list(shots.classnames), tb)
-    head = d.weights[rows]
-    out = {"seed": seed, "scan": {k: d.info["scan"][k] for k in ("backdoored", "evidence", "target", "mask_l1")}}
+    scan = on.defended.info["scan"]
+    out = {"seed": seed, "scan": {k: scan[k] for k in ("backdoored", "evidence", "target", "mask_l1")}}
     out["everywhere"] = score_head(feats, head).to_dict()
-    if d.route is None:
+    if route is None:
         return out | {"route": None}
-    route = d.route.reordered(rows)
     ungated = route.ungated()
     out["routed"] = score_head(feats, head, route).to_dict()
     out["ungated"] = score_head(feats, head, ungated).to_dict()

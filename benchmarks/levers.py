@@ -35,6 +35,10 @@ def _prior(**kw) -> Callable[[PurifyConfig], PurifyConfig]:
     return lambda c: replace(c, inversion=replace(c.inversion, prior=MaskPrior(**kw)))
 
 
+def _compact(**kw) -> Callable[[PurifyConfig], PurifyConfig]:
+    return lambda c: replace(c, inversion=replace(c.inversion, compact=replace(c.inversion.compact, **kw)))
+
+
 LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
     "base": lambda c: c,  # today's settings: checks that a re-run reproduces the zoo's record
     "cell2": _prior(cell=2),  # the mask drawn in 2 x 2 px cells
@@ -46,6 +50,11 @@ LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
     # triggered copies whose feature shift is also taken 2 (1.5) times as far (docs/method.md#trigger-strength)
     "strength2": lambda c: replace(c, tuning=replace(c.tuning, strengths=(1.0, 2.0))),
     "strength1.5": lambda c: replace(c, tuning=replace(c.tuning, strengths=(1.0, 1.5))),
+    # the compact probes (docs/method.md#compact-probes; off by default): 1 or 3 tuned against beside the
+    # per-pixel masks; 3 standing in for them where they flip the shots too
+    "compact1": _compact(restarts=1, stand_in=None),
+    "compact3": _compact(restarts=3, stand_in=None),
+    "compact3-instead": _compact(restarts=3, stand_in=0.9),
     "restarts6": lambda c: replace(c, inversion=replace(c.inversion, mask_restarts=6)),  # more dummy triggers
     # held-out decisions may move at most this far (the CA losses of the first zoo models)
     "klcap": lambda c: replace(c, tuning=replace(c.tuning, max_clean_kl=0.02)),

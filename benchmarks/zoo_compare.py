@@ -1,9 +1,11 @@
 """Two zoo runs of the same models side by side: what a change of the method did, model by model.
 
     python benchmarks/zoo_compare.py ZOO/runs-noroute ZOO/runs --names "paper's head" routed
+    python benchmarks/zoo_compare.py docs/bench/zoo/results.json ZOO/runs --names ungated gated
 
-Reads the per-model records (`testbed zoo` writes one JSON per model under runs/) of both
-folders, keeps the taken models measured in both, and prints per part the CA drop and the ASR
+Reads the per-model records of both sides (`testbed zoo` writes one JSON per model under
+runs/, and all of them into results.json, so a committed results.json stands for a run whose
+folder is gone), keeps the taken models measured in both, and prints per part the CA drop and the ASR
 after of each, then one row per model (docs/results.md#routing).
 """
 
@@ -18,8 +20,10 @@ import numpy as np
 from testbed.zoo import quantiles
 
 
-def _records(folder: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+def _records(path: Path) -> dict[str, dict]:
+    if path.is_file():  # a zoo's results.json
+        return {r["name"]: r for r in json.loads(path.read_text())["records"]}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(path.glob("*.json"))}
 
 
 def _q(xs: list[float]) -> str:
@@ -75,8 +79,8 @@ def table(a: dict[str, dict], b: dict[str, dict], names: tuple[str, str]) -> str
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("before", type=Path, help="a zoo runs/ folder")
-    ap.add_argument("after", type=Path, help="another runs/ folder of the same zoo")
+    ap.add_argument("before", type=Path, help="a zoo runs/ folder or results.json")
+    ap.add_argument("after", type=Path, help="another runs/ folder (or results.json) of the same zoo")
     ap.add_argument("--names", nargs=2, default=("before", "after"))
     args = ap.parse_args()
     print(table(_records(args.before), _records(args.after), tuple(args.names)))

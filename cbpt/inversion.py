@@ -7,9 +7,10 @@ while the triggered features are collapsed and falls while they are not, so the 
 trigger is about as small as collapse allows (docs/method.md#trigger-inversion).
 
 Mask restarts feed the mask score; warp restarts cover WaNet-like triggers no mask
-reproduces (docs/method.md#warp-search); `probe_warps` searches more warps from random
-fields where the masks read clean (docs/method.md#warp-probes). Every restart becomes a
-`Candidate` with the statistics the scan reads (`cbpt.evidence`).
+reproduces (docs/method.md#warp-search); `probe` searches more warps from random
+fields where the masks read clean (docs/method.md#warp-probes), or more masks under a
+compact prior where they found a backdoor (docs/method.md#compact-probes).
+Every restart becomes a `Candidate` with the statistics the scan reads (`cbpt.evidence`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,31 @@ class MaskPrior:
 
 
 @dataclass(frozen=True)
+class CompactProbes:
+    """Mask restarts under a compact prior, searched once the per-pixel masks have shown a
+    backdoor (docs/method.md#compact-probes; off by default). A per-pixel mask stops at the
+    cheapest trigger that collapses the shots, often scattered pixels weaker than a real patch;
+    a compact one stands for the region such a backdoor learnt to see. They never enter the
+    mask score: a compact prior cannot draw a blend, so it would miss those.
+
+    `stand_in`: a compact mask that reaches the found target and flips at least this share of
+    what the best per-pixel mask flips stands in for the per-pixel masks, and the backdoor is
+    tuned against the compact ones alone; None: against both kinds."""
+
+    restarts: int = 0
+    prior: MaskPrior = field(default_factory=lambda: MaskPrior(tv=1.0))
+    stand_in: float | None = 0.9
+
+    def tuned_against(self, found: list[Candidate], inv: InversionResult, target: int) -> list[Candidate]:
+        """Of a found backdoor's masks `found` (each aimed at `target`), those it is tuned against."""
+        if self.stand_in is None:
+            return found
+        bar = self.stand_in * inv.flip_rate
+        standing = [c for c in inv.compact() if c.target == target and c.flip_rate >= bar]
+        return [replace(c, target=target) for c in standing] or found
+
+
+@dataclass(frozen=True)
 class InversionConfig:
     steps: int = 200
     lr: float = 0.1
@@ -71,6 +97,7 @@ class InversionConfig:
     eps: float = 0.0  # bound of a mask restart's additive perturbation (0: none)
     prior: MaskPrior = field(default_factory=MaskPrior)
     warp: WarpSearch = field(default_factory=WarpSearch)
+    compact: CompactProbes = field(default_factory=CompactProbes)
     seed: int = 0
 
 
@@ -82,7 +109,7 @@ class Candidate:
     target: int  # the class its triggered shots' mean feature is nearest to
     flip_rate: float  # the share of the shots outside `target` it sends there
     over_alignment: float | None  # `evidence.over_alignment` (None: too few shots of `target`)
-    probe: bool = False  # a random-start warp from `probe_warps`
+    probe: bool = False  # searched after the restarts by `probe`
 
     @property
     def kind(self) -> TriggerKind:
@@ -123,6 +150,10 @@ class InversionResult:
     def warps(self) -> list[Candidate]:
         """The warp restarts and probes."""
         return [c for c in self.candidates if c.kind is TriggerKind.WARP]
+
+    def compact(self) -> list[Candidate]:
+        """The masks searched under the compact prior (`probe`)."""
+        return [c for c in self.candidates if c.probe and c.kind is TriggerKind.MASK]
 
     def restarts(self) -> list[Candidate]:
         """Every candidate but the probes."""
@@ -276,24 +307,45 @@ def invert(
     )
 
 
-def probe_warps(
+def _probe(
     encoder: ImageEncoder,
     pixels: torch.Tensor,
     labels: torch.Tensor,
     class_weights: torch.Tensor,
     result: InversionResult,
+    cfg: InversionConfig,
+    n: int,
+    stream: int,
+    init: Callable,
+    progress: Callable[[int, int], None] | None,
+) -> InversionResult:
+    """`result` with `n` more restarts from `init` added to its candidates as probes. Each kind
+    of probe draws from its own stream (`cfg.seed + stream`), so the restarts stay as they were."""
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed + stream)
+    tick = _ticker(progress, cfg.steps * n)
+    labels = labels.to(encoder.device)
+    clean = encoder.all(pixels)
+    runs = [_one_restart(encoder, pixels, clean, cfg, gen, tick, init) for _ in range(n)]
+    probes = [_describe(r, clean, labels, class_weights, probe=True) for r in runs]
+    return replace(result, candidates=result.candidates + probes, seconds=result.seconds + time.perf_counter() - t0)
+
+
+def probe(
+    encoder: ImageEncoder,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: torch.Tensor,
+    result: InversionResult,
+    kind: TriggerKind,
     cfg: InversionConfig = InversionConfig(),
     progress: Callable[[int, int], None] | None = None,
 ) -> InversionResult:
-    """`result` with `cfg.warp.probes` random-start warps added to its candidates."""
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(cfg.seed + 1)  # its own stream: the restarts stay as they were
-    tick = _ticker(progress, cfg.steps * cfg.warp.probes)
-    labels = labels.to(encoder.device)
-    clean = encoder.all(pixels)
-    runs = [
-        _one_restart(encoder, pixels, clean, cfg, gen, tick, _warp_init(cfg.warp.probe_spread))
-        for _ in range(cfg.warp.probes)
-    ]
-    probes = [_describe(r, clean, labels, class_weights, probe=True) for r in runs]
-    return replace(result, candidates=result.candidates + probes, seconds=result.seconds + time.perf_counter() - t0)
+    """`result` with probes added to its candidates: `cfg.warp.probes` random-start warps
+    (WARP, where the masks read clean), or `cfg.compact.restarts` masks under the compact prior
+    (MASK, where they found a backdoor)."""
+    if kind is TriggerKind.WARP:
+        n, init = cfg.warp.probes, _warp_init(cfg.warp.probe_spread)
+        return _probe(encoder, pixels, labels, class_weights, result, cfg, n, 1, init, progress)
+    n, compact = cfg.compact.restarts, replace(cfg, prior=cfg.compact.prior)
+    return _probe(encoder, pixels, labels, class_weights, result, compact, n, 2, _init_mask, progress)

@@ -75,7 +75,8 @@ def _embeddings(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = 
 
 
 def _picture(inv: InversionResult, shots: Shots) -> bytes:
-    return trigger_png(inv.trigger, shots.pixels, others=[c.trigger for c in inv.warps()])
+    """The best mask, then every warp and compact mask (docs/method.md#compact-probes)."""
+    return trigger_png(inv.trigger, shots.pixels, others=[c.trigger for c in inv.warps() + inv.compact()])
 
 
 def write_purified(folder: Path, result: Purified, shots: Shots, rep: dict) -> dict:

@@ -16,8 +16,9 @@ from enum import StrEnum
 import torch
 
 from cbpt.data import Shots
-from cbpt.inversion import Candidate, InversionConfig, InversionResult, invert, probe_warps
+from cbpt.inversion import Candidate, InversionConfig, InversionResult, invert, probe
 from cbpt.model import LoadedClip
+from cbpt.trigger import TriggerKind
 
 # Mask scores at or above this read "backdoored" (docs/method.md#mask-score).
 SCAN_THRESHOLD = 0.55
@@ -96,7 +97,8 @@ def run_scan(
     original: torch.Tensor,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> InversionResult:
-    """Step 1: invert, and where the masks read clean, probe for a warp's evidence.
+    """Step 1: invert; where the masks found a backdoor, search the compact masks asked for
+    (docs/method.md#compact-probes); where they read clean, probe for a warp's evidence.
     `original`: the original prompts' head [C, D]."""
 
     def stage(name: str):
@@ -104,9 +106,11 @@ def run_scan(
 
     encoder = clip.encoder()
     inv = invert(encoder, shots.pixels, shots.labels, original, cfg, stage("invert"))
-    if masks_found(inv) or not cfg.warp.probes:
+    found = masks_found(inv)
+    if not (cfg.compact.restarts if found else cfg.warp.probes):
         return inv
-    return probe_warps(encoder, shots.pixels, shots.labels, original, inv, cfg, stage("probe"))
+    kind, name = (TriggerKind.MASK, "compact") if found else (TriggerKind.WARP, "probe")
+    return probe(encoder, shots.pixels, shots.labels, original, inv, kind, cfg, stage(name))
 
 
 def scan_summary(inv: InversionResult, classnames: tuple[str, ...]) -> dict:

@@ -175,6 +175,15 @@ InvStepsOpt = Annotated[int, typer.Option(help="Trigger-inversion steps per rest
 RestartsOpt = Annotated[
     int, typer.Option(help="Mask restarts of the trigger inversion (the lowest-loss one gives the scan's figures).")
 ]
+CompactOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Compact masks searched once the masks find a backdoor, tuned against in place of the "
+        "scattered per-pixel ones where they flip the shots too: clears patch triggers the per-pixel "
+        "masks undershoot, but lost ground on unseen blends and SIG (docs/method.md#compact-probes). "
+        "Default: 0 (off); 3 to try."
+    ),
+]
 TuneStepsOpt = Annotated[int, typer.Option(help="Prompt-tuning steps (early stopping may end sooner).")]
 EpsOpt = Annotated[
     float,
@@ -185,7 +194,9 @@ EpsOpt = Annotated[
 ]
 
 
-def _inversion_config(seed: int, steps: int, restarts: int, eps: float):
+def _inversion_config(seed: int, steps: int, restarts: int, eps: float, compact: int | None):
+    from dataclasses import replace
+
     from cbpt.inversion import InversionConfig
 
     if steps < 1 or restarts < 1:
@@ -194,7 +205,10 @@ def _inversion_config(seed: int, steps: int, restarts: int, eps: float):
         )
     if not 0 <= eps < 0.5:
         raise UsageError(f"--eps must be in [0, 0.5), got {eps}", "pass --eps 0.03, for example")
-    return InversionConfig(seed=seed, steps=steps, mask_restarts=restarts, eps=eps)
+    if compact is not None and compact < 0:
+        raise UsageError(f"--compact-restarts must be 0 or more, got {compact}", "pass --compact-restarts 3")
+    cfg = InversionConfig(seed=seed, steps=steps, mask_restarts=restarts, eps=eps)
+    return cfg if compact is None else replace(cfg, compact=replace(cfg.compact, restarts=compact))
 
 
 @app.command()
@@ -207,6 +221,7 @@ def scan(
     seed: SeedOpt = 0,
     inversion_steps: InvStepsOpt = 200,
     restarts: RestartsOpt = 3,
+    compact_restarts: CompactOpt = None,
     eps: EpsOpt = 0.0,
     out: Annotated[Optional[Path], typer.Option(help="Write trigger.png and scan.json here.")] = None,
     overwrite: OverwriteOpt = False,
@@ -227,7 +242,7 @@ def scan(
     from cbpt_cli.progress import stage_progress
     from cbpt_guard.atomic import check_target, staged_dir
 
-    inv_cfg = _inversion_config(seed, inversion_steps, restarts, eps)
+    inv_cfg = _inversion_config(seed, inversion_steps, restarts, eps, compact_restarts)
     if out is not None:
         check_target(out, overwrite)
     clip = load_clip(model, arch=arch, runtime=runtime)
@@ -283,6 +298,7 @@ def purify(
     seed: SeedOpt = 0,
     inversion_steps: InvStepsOpt = 200,
     restarts: RestartsOpt = 3,
+    compact_restarts: CompactOpt = None,
     tuning_steps: TuneStepsOpt = 300,
     eps: EpsOpt = 0.0,
     alpha: Annotated[
@@ -360,7 +376,7 @@ def purify(
         seed=seed,
         force=force,
         routed_share=routed_share,
-        inversion=_inversion_config(seed, inversion_steps, restarts, eps),
+        inversion=_inversion_config(seed, inversion_steps, restarts, eps, compact_restarts),
         tuning=tuning,
     )
     check_target(out, overwrite)

@@ -14,15 +14,22 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime
 from cbpt_guard import TOOL, atomic
 from cbpt_guard.artifacts import CLASSES
 from cbpt_guard.errors import UsageError
-from testbed.baselines import METHODS, FinetuneConfig
+from testbed.baselines import METHODS, Defended, FinetuneConfig
 from testbed.datasets import DATASETS, TEN_CLASS
 from testbed.triggers import ATTACKS as TRIGGERS
+
+if TYPE_CHECKING:
+    import torch
+
+    from cbpt_guard.routing import Route
+    from testbed.evaluate import BackdoorEval, SplitFeatures
 
 ATTACKS = ("none", *TRIGGERS)  # "none": the clean model
 
@@ -119,6 +126,48 @@ def planned(cfg: BenchConfig) -> list[tuple[str, str, str, int, int]]:
     return [(d, a, m, cfg.shots, s) for d in cfg.datasets for a in cfg.attacks for m in cfg.methods for s in cfg.seeds]
 
 
+@dataclass
+class OnTestbed:
+    """One defense run on a testbed, in the test split's class order: what `measure` scores,
+    and what a benchmark that looks inside the head (benchmarks/leftover.py) reads."""
+
+    feats: SplitFeatures  # the test split through the model the head is applied to
+    before: BackdoorEval  # the original prompts' head
+    head: torch.Tensor  # [C, D] the defended head
+    route: Route | None  # where `head` answers (None: everywhere)
+    defended: Defended
+    seconds: float  # the defense's wall time
+
+
+def defend_on_testbed(
+    tb: Path,
+    method: str,
+    shots: int,
+    seed: int,
+    purify: PurifyConfig = PurifyConfig(),
+    finetune: FinetuneConfig = FinetuneConfig(),
+    runtime: Runtime | None = None,
+) -> OnTestbed:
+    from cbpt.data import load_shots
+    from cbpt.model import load_clip
+    from testbed.baselines import defend
+    from testbed.evaluate import align_classes, class_order, encode_test_split, score_head
+
+    clip = load_clip(tb / "model.pt", runtime=runtime)
+    shot_set = load_shots(clip, tb / "fewshot", tb / CLASSES, replace(purify.budget, shots=shots), seed)
+    names = list(shot_set.classnames)
+    feats = encode_test_split(clip, tb)  # the test split through the model, once for every head on it
+    before = score_head(feats, align_classes(defend("none", clip, shot_set, seed).weights, names, tb))
+    t0 = time.perf_counter()
+    d = defend(method, clip, shot_set, seed, purify, finetune)
+    seconds = time.perf_counter() - t0
+    rows = class_order(names, tb)
+    if d.model is not clip.model:  # a defense that fine-tuned the model sees the split anew
+        feats = encode_test_split(replace(clip, model=d.model), tb)
+    route = None if d.route is None else d.route.reordered(rows)
+    return OnTestbed(feats, before, d.weights[rows], route, d, seconds)
+
+
 def measure(
     tb: Path,
     dataset: str,
@@ -130,30 +179,17 @@ def measure(
     finetune: FinetuneConfig = FinetuneConfig(),
     runtime: Runtime | None = None,
 ) -> Run:
-    from cbpt.data import load_shots
     from cbpt.metrics import defense_effectiveness_rate
-    from cbpt.model import load_clip
-    from testbed.baselines import defend
-    from testbed.evaluate import align_classes, class_order, encode_test_split, evaluate_alarm, score_head
+    from testbed.evaluate import evaluate_alarm, score_head
 
-    clip = load_clip(tb / "model.pt", runtime=runtime)
-    shot_set = load_shots(clip, tb / "fewshot", tb / CLASSES, replace(purify.budget, shots=shots), seed)
-    names = list(shot_set.classnames)
-    feats = encode_test_split(clip, tb)  # the test split through the model, once for every head on it
-    before = score_head(feats, align_classes(defend("none", clip, shot_set, seed).weights, names, tb))
-    t0 = time.perf_counter()
-    d = defend(method, clip, shot_set, seed, purify, finetune)
-    seconds = time.perf_counter() - t0
-    rows = class_order(names, tb)
-    head, route = d.weights[rows], None if d.route is None else d.route.reordered(rows)
-    if d.model is not clip.model:  # a defense that fine-tuned the model sees the split anew
-        feats = encode_test_split(replace(clip, model=d.model), tb)
-    after = score_head(feats, head, route)
+    on = defend_on_testbed(tb, method, shots, seed, purify, finetune, runtime)
+    feats, before, d = on.feats, on.before, on.defended
+    after = score_head(feats, on.head, on.route)
     nan = float("nan")
     attacked = attack != "none"  # a clean model has no trigger: ASR, RA and DER do not apply
     info = d.info
     if attacked and d.alarm_centroid is not None:  # the second line: the runtime alarm on the real trigger
-        alarm = evaluate_alarm(feats, head, d.alarm_centroid, d.info["alarm"]["threshold"], route)
+        alarm = evaluate_alarm(feats, on.head, d.alarm_centroid, d.info["alarm"]["threshold"], on.route)
         info = {**info, "alarm_eval": None if alarm is None else asdict(alarm)}
     return Run(
         dataset=dataset,
@@ -167,7 +203,7 @@ def measure(
         ca_before=before.ca,
         asr_before=before.asr if attacked else nan,
         der=defense_effectiveness_rate(before.ca, before.asr, after.ca, after.asr) if attacked else nan,
-        seconds=round(seconds, 2),
+        seconds=round(on.seconds, 2),
         info=info,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -212,24 +213,27 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
         "60",
         "--restarts",
         "1",
+        "--compact-restarts",
+        "1",
         "--json",
     )
     assert code == 0, err
     res = json.loads(stdout)
     assert {"backdoored", "target", "score", "flip_rate", "mask_l1"} <= set(res) and res["target"] == "triangle"
     assert res["threshold"] == SCAN_THRESHOLD and res["alignment_threshold"] == ALIGN_THRESHOLD
-    # the warp probes are searched exactly when the mask score reads clean
+    # the warp probes are searched exactly when the mask score reads clean, a compact mask when it does not
     kinds = [(c["kind"], c["probe"]) for c in res["candidates"]]
     probed = res["score"] < SCAN_THRESHOLD
-    assert kinds == [("mask", False), ("warp", False)] + [("warp", True)] * (2 if probed else 0)
+    compact = [("mask", True)]  # --compact-restarts 1
+    assert kinds == [("mask", False), ("warp", False)] + ([("warp", True)] * 2 if probed else compact)
     assert (res["evidence"] == "mask") == (not probed)
     assert all(0.0 <= c["flip_rate"] <= 1.0 for c in res["candidates"])
     assert res["candidates"][0]["target"] == res["target"] and res["candidates"][0]["flip_rate"] == res["flip_rate"]
     from PIL import Image
 
     with Image.open(tmp_path / "s" / "trigger.png") as img:
-        # a row of mask / pattern tiles, clean shots, triggered shots, and one row per warp
-        rows = 3 + sum(k == "warp" for k, _ in kinds)
+        # a row of mask / pattern tiles, clean shots, triggered shots, and one row per warp and compact mask
+        rows = 3 + sum(k == "warp" or p for k, p in kinds)
         assert img.size[0] >= 3 * 96 and img.size[1] == rows * (96 + 4) + 4
     assert json.loads((tmp_path / "s" / "scan.json").read_text())["target"] == "triangle"
     code, stdout, err = run_cli(
@@ -252,6 +256,10 @@ def test_bad_data_is_reported_before_any_work(mini_testbeds, tmp_path, capsys):
         capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--eps", "0.9", "--out", tmp_path / "p"
     )
     assert code == 2 and "--eps must be in [0, 0.5)" in err
+    code, _, err = run_cli(
+        capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--compact-restarts", "-1", "--out", tmp_path / "p"
+    )
+    assert code == 2 and "--compact-restarts must be 0 or more" in err and not (tmp_path / "p").exists()
     code, _, err = run_cli(
         capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--alpha", "-1", "--out", tmp_path / "p"
     )
@@ -355,6 +363,27 @@ def test_the_tuning_plan_follows_the_verdict():
     assert forced.mode == TuningMode.FULL and forced.tuning.ladder == cfg.tuning.ladder
 
 
+def test_compact_masks_stand_in_for_the_per_pixel_ones_only_where_they_flip_the_shots_too():
+    from cbpt.inversion import CompactProbes
+    from cbpt.purify import PurifyConfig, plan_tuning
+
+    def plan(compact: CompactProbes, *probes: tuple):
+        inv = fake_inversion([("mask", 5, 1.0, 0.3), ("mask", 2, 0.9, 0.2), ("warp", 4, 0.7, -0.2), *probes], 0.9)
+        cfg = PurifyConfig()
+        cfg = replace(cfg, inversion=replace(cfg.inversion, compact=compact))
+        return [(c.kind, c.target, c.probe) for c in plan_tuning(read_scan(inv), inv, cfg, held_out=True).triggers]
+
+    beside, instead = CompactProbes(restarts=1, stand_in=None), CompactProbes(restarts=3)
+    per_pixel = [("mask", 5, False), ("mask", 5, False)]
+    # beside: every mask, the compact ones among them, each aimed at the target
+    assert plan(beside, ("mask", 5, 0.95, 0.1, True)) == [*per_pixel, ("mask", 5, True)]
+    # standing in: the compact masks that reach the target and flip >= 90% as many shots, alone
+    works, weak, elsewhere = ("mask", 5, 0.95, 0.1, True), ("mask", 5, 0.85, 0.1, True), ("mask", 3, 1.0, 0.1, True)
+    assert plan(instead, works, weak, elsewhere) == [("mask", 5, True)]
+    # a compact prior that cannot draw the trigger (a blend) leaves the per-pixel masks in place
+    assert plan(instead, weak, elsewhere) == [*per_pixel, ("mask", 5, True), ("mask", 5, True)]
+
+
 def test_backdoor_score_rewards_small_triggers_that_flip_everything():
     assert backdoor_score(1.0, 0.0) == 1.0
     assert backdoor_score(1.0, 0.0129) > backdoor_score(1.0, 0.025) > SCAN_THRESHOLD
@@ -434,7 +463,7 @@ def test_scan_says_when_a_warp_showed_the_backdoor(mini_testbeds, capsys, monkey
 
     inv = fake_inversion([("mask", 5, 0.78, -0.57), ("warp", 0, 0.99, 1.42), ("warp", 0, 0.97, None, True)], 0.37)
     monkeypatch.setattr(cbpt.scan, "invert", lambda *a, **k: inv)
-    monkeypatch.setattr(cbpt.scan, "probe_warps", lambda *a, **k: inv)
+    monkeypatch.setattr(cbpt.scan, "probe", lambda *a, **k: inv)
     tb = mini_testbeds["blended"]
     code, stdout, err = run_cli(
         capsys, "scan", tb / "model.pt", "--data", tb / "fewshot", "--classes", tb / "classes.txt"
@@ -646,20 +675,34 @@ def _patch_detector(n: int = 40, size: int = 32, d: int = 16, corner: tuple[int,
     return ImageEncoder(encode), pixels, torch.arange(n) % 4, classes, (rows, cols)
 
 
-def test_a_planted_patch_is_inverted_as_a_compact_region_and_the_cell_prior_keeps_it_blocky():
-    from cbpt.inversion import InversionConfig, MaskPrior, WarpSearch, invert
+def test_a_planted_patch_is_inverted_as_a_compact_region_and_the_priors_keep_it_blocky():
+    from cbpt.inversion import CompactProbes, InversionConfig, MaskPrior, WarpSearch, invert, probe
     from cbpt.losses import total_variation
+    from cbpt.scan import Evidence, read_scan
 
-    masks = {}
+    def near_patch(mask: torch.Tensor) -> float:
+        return float(mask[rows.start - 1 : rows.stop + 1, cols.start - 1 : cols.stop + 1].sum() / mask.sum())
+
+    masks, inv = {}, {}
+    # the toy's detector is sharp: a compact prior heavier than 0.3 fades its mask before it finds the patch
+    compact = CompactProbes(restarts=1, prior=MaskPrior(tv=0.3))
     for prior in (MaskPrior(), MaskPrior(cell=2)):
         encoder, pixels, labels, classes, (rows, cols) = _patch_detector()
-        cfg = InversionConfig(steps=150, mask_restarts=2, warp=WarpSearch(restarts=0, probes=0), prior=prior)
-        mask = invert(encoder, pixels, labels, classes, cfg).trigger.mask
-        near = mask[rows.start - 1 : rows.stop + 1, cols.start - 1 : cols.stop + 1].sum() / mask.sum()
-        assert near > 0.85 and mask.mean() < 36 / 1024  # on the patch, and no larger than it
-        masks[prior.cell] = mask
-    edges = {cell: float(total_variation(m) / m.mean()) for cell, m in masks.items()}
-    assert edges[2] < 0.6 * edges[1]  # 2 x 2 cells: far fewer edges per unit of mask
+        warp = WarpSearch(restarts=0, probes=0)
+        cfg = InversionConfig(steps=150, mask_restarts=2, warp=warp, prior=prior, compact=compact)
+        inv[prior.cell] = invert(encoder, pixels, labels, classes, cfg)
+        masks[prior.cell] = mask = inv[prior.cell].trigger.mask
+        assert near_patch(mask) > 0.85 and mask.mean() < 36 / 1024  # on the patch, and no larger than it
+    # a compact probe beside the per-pixel masks: on the patch too, one region, outside the mask score
+    probed = probe(encoder, pixels, labels, classes, inv[1], TriggerKind.MASK, cfg)
+    assert probed.candidates[:-1] == inv[1].candidates and probed.score == inv[1].score
+    (found,) = probed.compact()
+    assert found.probe and found.target == inv[1].target and near_patch(found.trigger.mask) > 0.75
+    masks["compact"] = found.trigger.mask
+    verdict = read_scan(probed)  # the found backdoor is tuned against it beside the restarts
+    assert verdict.evidence is Evidence.MASK and len(verdict.triggers) == 3 and verdict.triggers[-1].probe
+    edges = {key: float(total_variation(m) / m.mean()) for key, m in masks.items()}
+    assert edges[2] < 0.6 * edges[1] and edges["compact"] < 0.6 * edges[1]  # far fewer edges per unit of mask
     with pytest.raises(ValueError, match="cell >= 1"):
         MaskPrior(cell=0)
 
