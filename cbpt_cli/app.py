@@ -270,7 +270,9 @@ def scan(
         verdict = "BACKDOORED" if summary["backdoored"] else "clean"
         typer.echo(f"{verdict}: {masks}, suspected target '{summary['target']}'{picture}")
     for c in summary["candidates"]:
-        if c["kind"] != TriggerKind.MASK:  # the masks are summed up above
+        if c["kind"] == TriggerKind.MASK and c["probe"]:  # --compact-restarts (docs/method.md#compact-probes)
+            typer.echo(f"  compact mask: sends {c['flip_rate']:.0%} of shots to '{c['target']}'")
+        elif c["kind"] != TriggerKind.MASK:  # the restarts' masks are summed up above
             align = (
                 "n/a (too few shots of that class)" if c["over_alignment"] is None else f"{c['over_alignment']:+.2f}"
             )

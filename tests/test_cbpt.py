@@ -237,10 +237,23 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
         assert img.size[0] >= 3 * 96 and img.size[1] == rows * (96 + 4) + 4
     assert json.loads((tmp_path / "s" / "scan.json").read_text())["target"] == "triangle"
     code, stdout, err = run_cli(
-        capsys, "scan", tb / "model.pt", "--data", tb / "fewshot", "--inversion-steps", "20", "--restarts", "1"
+        capsys,
+        "scan",
+        tb / "model.pt",
+        "--data",
+        tb / "fewshot",
+        "--inversion-steps",
+        "20",
+        "--restarts",
+        "1",
+        "--compact-restarts",
+        "1",
     )
     assert code == 0, err
     assert stdout.startswith(("BACKDOORED: ", "clean: score")) and "warp inversion: sends" in stdout
+    # the compact mask is searched, and printed, exactly when the masks found the backdoor
+    by_masks = stdout.startswith("BACKDOORED: ") and "shown by an inverted warp" not in stdout
+    assert ("  compact mask: sends" in stdout) == by_masks
 
 
 def test_bad_data_is_reported_before_any_work(mini_testbeds, tmp_path, capsys):
@@ -456,6 +469,21 @@ def test_the_suspicion_score_is_at_least_one_exactly_where_the_scan_reads_a_back
     # with no warp evidence it orders models by the mask score
     low, high = (fake_inversion([("mask", 1, 0.5, None)], s) for s in (0.2, 0.4))
     assert suspicion(low) < suspicion(high) < 1
+
+
+def test_scan_prints_the_compact_masks_it_was_asked_for(mini_testbeds, capsys, monkeypatch):
+    import cbpt.scan
+
+    inv = fake_inversion([("mask", 5, 1.0, 0.3), ("warp", 2, 0.6, -0.2), ("mask", 5, 0.95, 0.2, True)], 0.8)
+    monkeypatch.setattr(cbpt.scan, "invert", lambda *a, **k: inv)
+    monkeypatch.setattr(cbpt.scan, "probe", lambda *a, **k: inv)
+    tb = mini_testbeds["blended"]
+    args = ("scan", tb / "model.pt", "--data", tb / "fewshot", "--classes", tb / "classes.txt")
+    code, stdout, err = run_cli(capsys, *args, "--compact-restarts", "1")
+    assert code == 0, err
+    names = (tb / "classes.txt").read_text().split()
+    assert stdout.startswith("BACKDOORED: ") and f"  compact mask: sends 95% of shots to '{names[5]}'" in stdout
+    assert "warp inversion: sends 60%" in stdout
 
 
 def test_scan_says_when_a_warp_showed_the_backdoor(mini_testbeds, capsys, monkeypatch):
