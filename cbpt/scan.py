@@ -38,7 +38,8 @@ class Evidence(StrEnum):
 class Verdict:
     evidence: Evidence | None  # None: the scan reads clean
     target: int  # the backdoor's target, or the best mask's when none was found
-    triggers: list[Candidate]  # what a found backdoor is tuned against, each aimed at `target`
+    # the candidates that showed a found backdoor, each aimed at `target`; plan_tuning picks those tuned against
+    triggers: list[Candidate]
 
     @property
     def backdoored(self) -> bool:
