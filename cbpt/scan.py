@@ -138,6 +138,7 @@ def scan_summary(inv: InversionResult, classnames: tuple[str, ...]) -> dict:
                 "probe": c.probe,
                 "target": classnames[c.target],
                 "flip_rate": round(c.flip_rate, 4),
+                "mask_l1": round(float(c.trigger.mask.mean()), 4) if c.kind is TriggerKind.MASK else None,
                 "over_alignment": None if c.over_alignment is None else round(c.over_alignment, 3),
             }
             for c in inv.candidates

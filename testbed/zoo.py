@@ -298,7 +298,12 @@ class Zoo:
             )
             scan = run.info["scan"]
             record |= {
-                "scan": {k: scan[k] for k in ("backdoored", "evidence", "suspicion", "score", "target_index")},
+                # every candidate's target, flip rate and over-alignment: the scan's rules can be
+                # refitted on the stored zoo without scanning again (benchmarks/zoo_refit.py)
+                "scan": {
+                    k: scan[k]
+                    for k in ("backdoored", "evidence", "suspicion", "score", "target_index", "mask_l1", "candidates")
+                },
                 "target_named": None if entry.attack is None else scan["target_index"] == entry.attack.target,
                 "ca_before": run.ca_before,
                 "ca_after": run.ca,

@@ -229,6 +229,8 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
     assert (res["evidence"] == "mask") == (not probed)
     assert all(0.0 <= c["flip_rate"] <= 1.0 for c in res["candidates"])
     assert res["candidates"][0]["target"] == res["target"] and res["candidates"][0]["flip_rate"] == res["flip_rate"]
+    assert res["candidates"][0]["mask_l1"] == res["mask_l1"]  # the best mask's own area
+    assert [c["mask_l1"] is None for c in res["candidates"]] == [k == "warp" for k, _ in kinds]
     from PIL import Image
 
     with Image.open(tmp_path / "s" / "trigger.png") as img:
