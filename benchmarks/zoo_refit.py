@@ -1,8 +1,12 @@
-"""Does the scan's bar hold on the zoo? The verdict is `suspicion >= 1` (docs/method.md#suspicion),
-a bar set on the 16 models of the first two testbeds. This picks the bar again on the zoo's fit
-part and reads both bars on the report part, which was never looked at while choosing.
+"""Do the scan's rules hold on the zoo? Reads every stored model's scan candidates (the record's
+own, or `benchmarks/zoo_scans.py`'s for records that predate them), reads each model again under
+two rule sets (`cbpt.scan.ScanRules`: the mask score and warp over-alignment as the zoo ran,
+and with over-aligned masks too, docs/method.md#aligned-masks), and prints per rule set and
+part the scan's AUROC, TPR at 5% FPR, verdict TPR / FPR at the bar (suspicion >= 1) and how
+often the target is named. Then it picks the bar again on the fit part and reads it on the
+report part, which was never looked at while choosing.
 
-    python benchmarks/zoo_refit.py zoo-out/results.json
+    python benchmarks/zoo_refit.py zoo-out --scans zoo-out/scans.json --out refit.json
 
 The new bar is the one that, on the fit part, makes the fewest errors (clean models flagged plus
 backdoored models missed), the lowest such bar on ties, kept only where it flags at most 5% of
@@ -15,6 +19,55 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
+from cbpt.inversion import Candidate, InversionResult
+from cbpt.scan import Evidence, ScanRules, read_scan, suspicion
+from cbpt.trigger import DummyTrigger, TriggerKind
+from cbpt_guard import atomic
+from cbpt_guard.artifacts import CLASSES
+from testbed.zoo import summarise
+
+RULES = {
+    "mask score, warps (as the zoo ran)": ScanRules((Evidence.MASK, Evidence.WARP)),
+    "with over-aligned masks (today)": ScanRules(),
+}
+
+
+def inversion(scan: dict, classes: list[str]) -> InversionResult:
+    """The stored scan as an InversionResult holding what the rules read: each candidate's kind,
+    target, flip rate and over-alignment, and the mask score."""
+    cands = [
+        Candidate(
+            DummyTrigger.blank(1, 1, TriggerKind(c["kind"])),
+            classes.index(c["target"]),
+            c["flip_rate"],
+            c["over_alignment"],
+            c["probe"],
+        )
+        for c in scan["candidates"]
+    ]
+    one = torch.ones(1)
+    return InversionResult(cands, one, 0.0, 0.0, scan["mask_l1"], scan["score"])
+
+
+def rescored(record: dict, scan: dict, classes: list[str], rules: ScanRules) -> dict:
+    """The record with its verdict read again under `rules`."""
+    inv = inversion(scan, classes)
+    verdict = read_scan(inv, rules)
+    out = {
+        **record,
+        "scan": {
+            "backdoored": verdict.backdoored,
+            "evidence": verdict.evidence,
+            "suspicion": round(suspicion(inv, rules), 4),
+            "target_index": verdict.target,
+        },
+    }
+    if record["attack"] is not None:
+        out["target_named"] = verdict.target == record["attack"]["target"]
+    return out
+
 
 def counts(records: list[dict], bar: float) -> dict:
     clean = [r["scan"]["suspicion"] for r in records if r["kind"] == "clean"]
@@ -22,8 +75,6 @@ def counts(records: list[dict], bar: float) -> dict:
     fp, tp = sum(s >= bar for s in clean), sum(s >= bar for s in bd)
     return {
         "bar": round(bar, 4),
-        "clean": len(clean),
-        "backdoored": len(bd),
         "fpr": round(fp / len(clean), 4) if clean else None,
         "tpr": round(tp / len(bd), 4) if bd else None,
         "errors": fp + len(bd) - tp,
@@ -39,25 +90,55 @@ def refit(fit: list[dict], max_fpr: float = 0.05) -> float:
     return min(allowed, key=lambda b: (counts(fit, b)["errors"], b))
 
 
+def load(zoo: Path, scans: Path | None) -> tuple[list[tuple[dict, dict, list[str]]], list[str]]:
+    """(record, its scan with candidates, the model's class names) per taken model; and the
+    names of those with no candidates to read."""
+    extra = json.loads(scans.read_text()) if scans and scans.is_file() else {}
+    rows, lacking = [], []
+    for path in sorted((zoo / "runs").glob("*.json")):
+        r = json.loads(path.read_text())
+        if not r["taken"]:
+            continue
+        scan = r["scan"] if "candidates" in r["scan"] else extra.get(r["name"])
+        if scan is None:
+            lacking.append(r["name"])
+            continue
+        classes = (zoo / "models" / r["name"] / CLASSES).read_text().split("\n")
+        rows.append((r, scan, [c for c in classes if c]))
+    return rows, lacking
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("results", type=Path, help="a zoo's results.json")
+    ap.add_argument("zoo", type=Path, help="the zoo's work folder (runs/, models/)")
+    ap.add_argument("--scans", type=Path, default=None, help="benchmarks/zoo_scans.py's output")
+    ap.add_argument("--out", type=Path, default=None, help="the figures as JSON")
     args = ap.parse_args()
-    records = [r for r in json.loads(args.results.read_text())["records"] if r["taken"]]
-    fit = [r for r in records if r["part"] == "fit"]
-    report = [r for r in records if r["part"] == "report"]
-    bar = refit(fit)
-    rows = [
-        ("today's bar, fit part", counts(fit, 1.0)),
-        ("today's bar, report part", counts(report, 1.0)),
-        ("refitted on fit, fit part", counts(fit, bar)),
-        ("refitted on fit, report part", counts(report, bar)),
-    ]
-    print("| bar | suspicion >= | clean | backdoored | FPR | TPR | errors |")
-    print("|---|---|---|---|---|---|---|")
-    for name, c in rows:
-        print(f"| {name} | {c['bar']} | {c['clean']} | {c['backdoored']} | {c['fpr']} | {c['tpr']} | {c['errors']} |")
-    print(json.dumps({name: c for name, c in rows}))
+    rows, lacking = load(args.zoo, args.scans)
+    print(f"{len(rows)} taken models read ({len(lacking)} without stored candidates left out: {', '.join(lacking)})")
+    out: dict = {"models": len(rows), "left_out": lacking, "rules": {}}
+    print(
+        "| rules | part | clean | backdoored | AUROC | TPR at 5% FPR | verdict TPR / FPR | target named | "
+        "bar refitted on fit: TPR / FPR |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, rules in RULES.items():
+        records = [rescored(r, scan, classes, rules) for r, scan, classes in rows]
+        bar = refit([r for r in records if r["part"] == "fit"])
+        out["rules"][name] = {"evidence": list(rules.evidence), "refitted_bar": round(bar, 4), "parts": {}}
+        for part in ("fit", "report", "all"):
+            s = summarise(records, part)
+            part_records = [r for r in records if part == "all" or r["part"] == part]
+            c = counts(part_records, bar)
+            out["rules"][name]["parts"][part] = {**s, "refitted": c}
+            print(
+                f"| {name} | {part} | {s['clean']} | {s['backdoored']} | {s['auroc']} | {s['tpr_at_5pct_fpr']} | "
+                f"{s['verdict_tpr']} / {s['verdict_fpr']} | {s['target_accuracy']} | "
+                f"{c['tpr']} / {c['fpr']} (bar {c['bar']}) |"
+            )
+        out["rules"][name]["suspicion"] = {r["name"]: r["scan"]["suspicion"] for r in records}
+    if args.out:
+        atomic.write_text(args.out, json.dumps(out, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -62,16 +62,20 @@ class MaskPrior:
 @dataclass(frozen=True)
 class CompactProbes:
     """Mask restarts under a compact prior, searched once the per-pixel masks have shown a
-    backdoor (docs/method.md#compact-probes; off by default). A per-pixel mask stops at the
+    backdoor (docs/method.md#compact-probes). A per-pixel mask stops at the
     cheapest trigger that collapses the shots, often scattered pixels weaker than a real patch;
     a compact one stands for the region such a backdoor learnt to see. They never enter the
-    mask score: a compact prior cannot draw a blend, so it would miss those.
+    verdict: a compact prior cannot draw a blend, so it would miss those.
 
-    `stand_in`: a compact mask that reaches the found target and flips at least this share of
-    what the best per-pixel mask flips stands in for the per-pixel masks, and the backdoor is
-    tuned against the compact ones alone; None: against both kinds."""
+    `stand_in`: a compact mask that reaches the found target, flips at least this share of what
+    the best per-pixel mask flips, and over-aligns toward the target at least as far as every
+    per-pixel mask does, stands in for the per-pixel masks, and the backdoor is tuned against
+    the standing compact ones alone; where none stands in, against the per-pixel ones alone, as
+    without probes; None: against both kinds. Over-alignment is the poisoned
+    model's own pull toward the target's caption: a compact region that pulls less than the
+    scattered pixels does not stand for a trigger spread over the image (SIG, blends)."""
 
-    restarts: int = 0
+    restarts: int = 3
     prior: MaskPrior = field(default_factory=lambda: MaskPrior(tv=1.0))
     stand_in: float | None = 0.9
 
@@ -80,8 +84,16 @@ class CompactProbes:
         if self.stand_in is None:
             return found
         bar = self.stand_in * inv.flip_rate
-        standing = [c for c in inv.compact() if c.target == target and c.flip_rate >= bar]
-        return [replace(c, target=target) for c in standing] or found
+        pulls = [c.over_alignment for c in inv.masks() if not c.probe and c.target == target]
+        pull = max((p for p in pulls if p is not None), default=None)
+        standing = [
+            c
+            for c in inv.compact()
+            if c.target == target
+            and c.flip_rate >= bar
+            and (pull is None or (c.over_alignment is not None and c.over_alignment >= pull))
+        ]
+        return [replace(c, target=target) for c in standing] or [c for c in found if not c.probe]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from cbpt.inversion import Candidate, InversionConfig, InversionResult
 from cbpt.metrics import threshold_at_fpr
 from cbpt.model import LoadedClip
 from cbpt.prompts import ClassPrompts
-from cbpt.scan import Evidence, Verdict, read_scan, run_scan
+from cbpt.scan import MASK_EVIDENCE, Verdict, read_scan, run_scan
 from cbpt.tuning import (
     Acceptance,
     CautiousAcceptance,
@@ -71,7 +71,7 @@ def plan_tuning(verdict: Verdict, inversion: InversionResult, cfg: PurifyConfig,
     tol, kl = cfg.tuning.clean_tolerance, cfg.tuning.max_clean_kl
     suspected = verdict.backdoored or cfg.force
     triggers = verdict.triggers if verdict.backdoored else inversion.restarts()
-    if verdict.evidence is Evidence.MASK:
+    if verdict.evidence in MASK_EVIDENCE:
         triggers = cfg.inversion.compact.tuned_against(triggers, inversion, verdict.target)
     if suspected:
         return TuningPlan(TuningMode.FULL, triggers, FullAcceptance(tol, kl), cfg.tuning)

@@ -1,10 +1,12 @@
 """The scan: is the model backdoored, toward which class, and shown by which evidence.
 
-Two rules, in order (docs/method.md#the-scan):
+Three rules, in the order `ScanRules` lists them (docs/method.md#the-scan):
 1. the mask score: a small inverted mask that flips the shots into one class
    (docs/method.md#mask-score);
 2. where the masks read clean, over-alignment: an inverted warp whose triggered shots come
-   closer to the target's text than the target's own shots do (docs/method.md#over-alignment).
+   closer to the target's text than the target's own shots do (docs/method.md#over-alignment);
+3. then the same of an inverted mask: a patch the per-pixel masks reproduce only with more of
+   the image than the mask score allows still over-aligns (docs/method.md#aligned-masks).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from cbpt.trigger import TriggerKind
 
 # Mask scores at or above this read "backdoored" (docs/method.md#mask-score).
 SCAN_THRESHOLD = 0.55
-# A warp over-aligned by this much beyond the masks that point elsewhere shows a backdoor
+# A trigger over-aligned by this much beyond the masks that point elsewhere shows a backdoor
 # (docs/method.md#over-alignment).
 ALIGN_THRESHOLD = 0.5
 
@@ -32,6 +34,20 @@ class Evidence(StrEnum):
 
     MASK = "mask"  # the mask score
     WARP = "warp"  # an over-aligned warp
+    ALIGNED_MASK = "aligned-mask"  # an over-aligned mask, its mask score under the bar
+
+
+MASK_EVIDENCE = (Evidence.MASK, Evidence.ALIGNED_MASK)  # a found backdoor tuned against masks
+
+
+@dataclass(frozen=True)
+class ScanRules:
+    """The evidence the scan reads, first found first (docs/method.md#the-scan). The mask
+    score's bar is `SCAN_THRESHOLD`, over-alignment's `ALIGN_THRESHOLD`; `evidence` without
+    ALIGNED_MASK is the scan before docs/method.md#aligned-masks, kept to compare the two on
+    the zoo (benchmarks/zoo_refit.py)."""
+
+    evidence: tuple[Evidence, ...] = (Evidence.MASK, Evidence.WARP, Evidence.ALIGNED_MASK)
 
 
 @dataclass(frozen=True)
@@ -51,43 +67,58 @@ def masks_found(inv: InversionResult) -> bool:
     return inv.score >= SCAN_THRESHOLD
 
 
-def _warp_margins(inv: InversionResult, threshold: float) -> list[tuple[float, Candidate]]:
-    """Each warp's over-alignment beyond the masks that point to another class (or beyond
-    zero, where none of those over-aligns), in units of `threshold`: 1 is the bar. A mask
-    over-aligned toward the warp's own target corroborates it rather than raising its bar
-    (docs/method.md#over-alignment)."""
+def _aligned_margins(inv: InversionResult, kind: TriggerKind, threshold: float) -> list[tuple[float, Candidate]]:
+    """Each restart or probe of `kind`'s over-alignment beyond the masks that point to another
+    class (or beyond zero, where none of those over-aligns), in units of `threshold`: 1 is the
+    bar. A mask over-aligned toward the candidate's own target corroborates it rather than
+    raising its bar (docs/method.md#over-alignment)."""
+
+    masks = [m for m in inv.masks() if not m.probe]  # compact probes never change the verdict
 
     def others(target: int) -> float:
-        return max(
-            [0.0] + [m.over_alignment for m in inv.masks() if m.over_alignment is not None and m.target != target]
-        )
+        return max([0.0] + [m.over_alignment for m in masks if m.over_alignment is not None and m.target != target])
 
-    return [((w.over_alignment - others(w.target)) / threshold, w) for w in inv.warps() if w.over_alignment is not None]
-
-
-def over_aligned(inv: InversionResult, threshold: float = ALIGN_THRESHOLD) -> list[Candidate]:
-    """The warps over-aligned past their bar, toward the target of the most over-aligned one,
-    most first."""
-    found = sorted((w for m, w in _warp_margins(inv, threshold) if m >= 1), key=lambda w: -w.over_alignment)
-    return [w for w in found if w.target == found[0].target]
+    pool = inv.warps() if kind is TriggerKind.WARP else masks
+    return [((c.over_alignment - others(c.target)) / threshold, c) for c in pool if c.over_alignment is not None]
 
 
-def suspicion(inv: InversionResult) -> float:
-    """Both rules as one continuous score: the larger of the mask score over SCAN_THRESHOLD
-    and the best warp's over-alignment margin over ALIGN_THRESHOLD. It is at least 1 exactly
-    where `read_scan` finds a backdoor, so a threshold on it is the verdict's ROC
+def over_aligned(
+    inv: InversionResult, kind: TriggerKind = TriggerKind.WARP, threshold: float = ALIGN_THRESHOLD
+) -> list[Candidate]:
+    """The candidates of `kind` over-aligned past their bar, toward the target of the most
+    over-aligned one, most first."""
+    found = sorted((c for m, c in _aligned_margins(inv, kind, threshold) if m >= 1), key=lambda c: -c.over_alignment)
+    return [c for c in found if c.target == found[0].target]
+
+
+def _margin(inv: InversionResult, evidence: Evidence) -> float:
+    """How far `evidence` goes toward its bar: at least 1 exactly where it shows a backdoor."""
+    if evidence is Evidence.MASK:
+        return inv.score / SCAN_THRESHOLD
+    kind = TriggerKind.WARP if evidence is Evidence.WARP else TriggerKind.MASK
+    return max([float("-inf")] + [m for m, _ in _aligned_margins(inv, kind, ALIGN_THRESHOLD)])
+
+
+def suspicion(inv: InversionResult, rules: ScanRules = ScanRules()) -> float:
+    """The rules as one continuous score: the largest of the mask score over SCAN_THRESHOLD
+    and the best over-alignment margins (warps, masks) over ALIGN_THRESHOLD. It is at least 1
+    exactly where `read_scan` finds a backdoor, so a threshold on it is the verdict's ROC
     (docs/method.md#suspicion)."""
-    margins = [m for m, _ in _warp_margins(inv, ALIGN_THRESHOLD)]
-    return max([inv.score / SCAN_THRESHOLD, *margins])
+    return max(_margin(inv, e) for e in rules.evidence)
 
 
-def read_scan(inv: InversionResult) -> Verdict:
-    if masks_found(inv):
-        return Verdict(Evidence.MASK, inv.target, [replace(c, target=inv.target) for c in inv.masks()])
-    aligned = over_aligned(inv)
-    if aligned:  # every warp restart and probe then becomes a trigger for that target
-        target = aligned[0].target
-        return Verdict(Evidence.WARP, target, [replace(c, target=target) for c in inv.warps()])
+def read_scan(inv: InversionResult, rules: ScanRules = ScanRules()) -> Verdict:
+    for evidence in rules.evidence:
+        if evidence is Evidence.MASK:
+            if masks_found(inv):
+                return Verdict(Evidence.MASK, inv.target, [replace(c, target=inv.target) for c in inv.masks()])
+            continue
+        kind = TriggerKind.WARP if evidence is Evidence.WARP else TriggerKind.MASK
+        aligned = over_aligned(inv, kind)
+        if aligned:  # every candidate of that kind then becomes a trigger for that target
+            target = aligned[0].target
+            pool = inv.warps() if kind is TriggerKind.WARP else inv.masks()
+            return Verdict(evidence, target, [replace(c, target=target) for c in pool])
     return Verdict(None, inv.target, [])
 
 
@@ -98,20 +129,20 @@ def run_scan(
     original: torch.Tensor,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> InversionResult:
-    """Step 1: invert; where the masks found a backdoor, search the compact masks asked for
-    (docs/method.md#compact-probes); where they read clean, probe for a warp's evidence.
-    `original`: the original prompts' head [C, D]."""
+    """Step 1: invert; where the mask score reads clean, probe for a warp's evidence; where the
+    masks then show a backdoor (by their score or their over-alignment), search the compact
+    masks asked for (docs/method.md#compact-probes). `original`: the original prompts' head [C, D]."""
 
     def stage(name: str):
         return (lambda d, t: progress(name, d, t)) if progress else None
 
     encoder = clip.encoder()
     inv = invert(encoder, shots.pixels, shots.labels, original, cfg, stage("invert"))
-    found = masks_found(inv)
-    if not (cfg.compact.restarts if found else cfg.warp.probes):
-        return inv
-    kind, name = (TriggerKind.MASK, "compact") if found else (TriggerKind.WARP, "probe")
-    return probe(encoder, shots.pixels, shots.labels, original, inv, kind, cfg, stage(name))
+    if not masks_found(inv) and cfg.warp.probes:
+        inv = probe(encoder, shots.pixels, shots.labels, original, inv, TriggerKind.WARP, cfg, stage("probe"))
+    if cfg.compact.restarts and read_scan(inv).evidence in MASK_EVIDENCE:
+        inv = probe(encoder, shots.pixels, shots.labels, original, inv, TriggerKind.MASK, cfg, stage("compact"))
+    return inv
 
 
 def scan_summary(inv: InversionResult, classnames: tuple[str, ...]) -> dict:

@@ -178,10 +178,10 @@ RestartsOpt = Annotated[
 CompactOpt = Annotated[
     Optional[int],
     typer.Option(
-        help="Compact masks searched once the masks find a backdoor, tuned against in place of the "
-        "scattered per-pixel ones where they flip the shots too: clears patch triggers the per-pixel "
-        "masks undershoot, but lost ground on unseen blends and SIG (docs/method.md#compact-probes). "
-        "Default: 0 (off); 3 to try."
+        help="Compact masks searched once the masks show a backdoor, tuned against in place of the "
+        "scattered per-pixel ones where they flip the shots as well and pull them at least as far "
+        "toward the target's text: clears patch triggers the per-pixel masks undershoot "
+        "(docs/method.md#compact-probes). Default: 3; 0 turns them off."
     ),
 ]
 TuneStepsOpt = Annotated[int, typer.Option(help="Prompt-tuning steps (early stopping may end sooner).")]
@@ -262,10 +262,9 @@ def scan(
         f"score {summary['score']:.3f} (threshold {summary['threshold']}), the best mask flips "
         f"{summary['flip_rate']:.0%} of shots with {summary['mask_l1']:.1%} of the image"
     )
-    if summary["evidence"] == Evidence.WARP:
-        typer.echo(
-            f"BACKDOORED: target '{summary['target']}', shown by an inverted warp (below); masks: {masks}{picture}"
-        )
+    if summary["evidence"] in (Evidence.WARP, Evidence.ALIGNED_MASK):
+        shown = "an inverted warp (below)" if summary["evidence"] == Evidence.WARP else "an over-aligned mask"
+        typer.echo(f"BACKDOORED: target '{summary['target']}', shown by {shown}; masks: {masks}{picture}")
     else:
         verdict = "BACKDOORED" if summary["backdoored"] else "clean"
         typer.echo(f"{verdict}: {masks}, suspected target '{summary['target']}'{picture}")
@@ -394,7 +393,7 @@ def purify(
     typer.echo(
         f"wrote {out}/ ({', '.join(run.files)}) in {rep['timings']['total_s'] + run.export_seconds:.1f} s; "
         f"scan: {'BACKDOORED' if sc['backdoored'] else 'clean'}, suspected target '{sc['target']}' "
-        + ("(shown by an inverted warp's over-alignment)" if sc["evidence"] == "warp" else f"(score {sc['score']:.3f})")
+        + _evidence_phrase(sc)
         + _tuning_outcome(rep["tuning"])
         + (
             f"; the tuned embeddings answer near the inverted triggers ({rep['route']['share']:.0%} of clean "
@@ -404,6 +403,17 @@ def purify(
         )
         + f"; serve it with `cbpt-guard serve {out}`"
     )
+
+
+def _evidence_phrase(scan: dict) -> str:
+    """What showed the verdict, for purify's one-line summary."""
+    from cbpt.scan import Evidence
+
+    if scan["evidence"] == Evidence.WARP:
+        return "(shown by an inverted warp's over-alignment)"
+    if scan["evidence"] == Evidence.ALIGNED_MASK:
+        return f"(shown by an inverted mask's over-alignment; mask score {scan['score']:.3f})"
+    return f"(score {scan['score']:.3f})"
 
 
 def _tuning_outcome(tuning: dict) -> str:

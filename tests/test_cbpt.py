@@ -108,7 +108,7 @@ def test_prompt_learner_refuses_a_model_without_a_standard_text_tower(tmp_path):
 def scans(mini_testbeds):
     """The real scan of both miniature models: {"blended": (inversion, shots), "none": ...}."""
     from cbpt.data import ShotBudget, load_shots
-    from cbpt.inversion import InversionConfig, WarpSearch
+    from cbpt.inversion import CompactProbes, InversionConfig, WarpSearch
     from cbpt.model import load_clip
     from cbpt.purify import original_head
     from cbpt.scan import run_scan
@@ -117,7 +117,7 @@ def scans(mini_testbeds):
     for name, tb in mini_testbeds.items():
         clip = load_clip(tb / "model.pt")
         shots = load_shots(clip, tb / "fewshot", tb / "classes.txt", ShotBudget(16, held_out=0), 0)
-        cfg = InversionConfig(steps=100, mask_restarts=1, warp=WarpSearch(probes=0))
+        cfg = InversionConfig(steps=100, mask_restarts=1, warp=WarpSearch(probes=0), compact=CompactProbes(restarts=0))
         out[name] = (clip, run_scan(clip, shots, cfg, original_head(clip, shots.classnames)), shots)
     return out
 
@@ -221,11 +221,13 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
     res = json.loads(stdout)
     assert {"backdoored", "target", "score", "flip_rate", "mask_l1"} <= set(res) and res["target"] == "triangle"
     assert res["threshold"] == SCAN_THRESHOLD and res["alignment_threshold"] == ALIGN_THRESHOLD
-    # the warp probes are searched exactly when the mask score reads clean, a compact mask when it does not
+    # the warp probes are searched exactly when the mask score reads clean, a compact mask when
+    # the masks show the backdoor (by their score or their over-alignment)
     kinds = [(c["kind"], c["probe"]) for c in res["candidates"]]
     probed = res["score"] < SCAN_THRESHOLD
-    compact = [("mask", True)]  # --compact-restarts 1
-    assert kinds == [("mask", False), ("warp", False)] + ([("warp", True)] * 2 if probed else compact)
+    by_masks = res["evidence"] in ("mask", "aligned-mask")
+    compact = [("mask", True)] if by_masks else []  # --compact-restarts 1
+    assert kinds == [("mask", False), ("warp", False)] + [("warp", True)] * (2 * probed) + compact
     assert (res["evidence"] == "mask") == (not probed)
     assert all(0.0 <= c["flip_rate"] <= 1.0 for c in res["candidates"])
     assert res["candidates"][0]["target"] == res["target"] and res["candidates"][0]["flip_rate"] == res["flip_rate"]
@@ -253,7 +255,7 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
     )
     assert code == 0, err
     assert stdout.startswith(("BACKDOORED: ", "clean: score")) and "warp inversion: sends" in stdout
-    # the compact mask is searched, and printed, exactly when the masks found the backdoor
+    # the compact mask is searched, and printed, exactly when the masks showed the backdoor
     by_masks = stdout.startswith("BACKDOORED: ") and "shown by an inverted warp" not in stdout
     assert ("  compact mask: sends" in stdout) == by_masks
 
@@ -392,11 +394,16 @@ def test_compact_masks_stand_in_for_the_per_pixel_ones_only_where_they_flip_the_
     per_pixel = [("mask", 5, False), ("mask", 5, False)]
     # beside: every mask, the compact ones among them, each aimed at the target
     assert plan(beside, ("mask", 5, 0.95, 0.1, True)) == [*per_pixel, ("mask", 5, True)]
-    # standing in: the compact masks that reach the target and flip >= 90% as many shots, alone
-    works, weak, elsewhere = ("mask", 5, 0.95, 0.1, True), ("mask", 5, 0.85, 0.1, True), ("mask", 3, 1.0, 0.1, True)
+    # standing in: the compact masks that reach the target, flip >= 90% as many shots and pull
+    # them toward the target's text at least as far as the per-pixel mask there (0.3), alone
+    works, weak, elsewhere = ("mask", 5, 0.95, 0.4, True), ("mask", 5, 0.85, 0.4, True), ("mask", 3, 1.0, 0.4, True)
     assert plan(instead, works, weak, elsewhere) == [("mask", 5, True)]
-    # a compact prior that cannot draw the trigger (a blend) leaves the per-pixel masks in place
-    assert plan(instead, weak, elsewhere) == [*per_pixel, ("mask", 5, True), ("mask", 5, True)]
+    # a compact prior that cannot draw the trigger (a blend) leaves the per-pixel masks in place:
+    # one that flips too few shots, or one that flips them but pulls less (a SIG, zoo bd002)
+    assert plan(instead, weak, elsewhere) == per_pixel  # as if no probe had been searched
+    pulls_less = ("mask", 5, 0.95, 0.25, True)
+    assert plan(instead, pulls_less) == per_pixel
+    assert plan(instead, pulls_less, works) == [("mask", 5, True)]
 
 
 def test_backdoor_score_rewards_small_triggers_that_flip_everything():
@@ -424,12 +431,14 @@ def test_over_alignment_is_how_far_triggered_shots_pass_the_targets_own_toward_i
 
 
 def test_the_scan_reads_a_warp_that_over_aligns_when_the_masks_read_clean():
+    from cbpt.scan import ScanRules
+
     def result(score, alignments, mask_target=5):
         targets, flips = [mask_target, 0, 4, 0], [0.8, 0.99, 0.9, 0.95]
         kinds = ["mask", "warp", "warp", "warp"]
         return fake_inversion(list(zip(kinds, targets, flips, alignments)), score)
 
-    clean = read_scan(result(0.3, [3.0, 0.2, -1.0, None]))  # a mask's alignment is the mask score's business
+    clean = read_scan(result(0.3, [-1.0, 0.2, -1.0, None]))
     assert (clean.backdoored, clean.evidence, clean.target, clean.triggers) == (False, None, 5, [])
     # the most over-aligned warp names the target; every warp is then a trigger for it
     warp = read_scan(result(0.3, [-1.0, 0.9, 1.4, 0.6]))
@@ -437,18 +446,44 @@ def test_the_scan_reads_a_warp_that_over_aligns_when_the_masks_read_clean():
     assert [(t.kind, t.target) for t in warp.triggers] == [(TriggerKind.WARP, 4)] * 3
     assert read_scan(result(0.3, [-1.0, 1.4, ALIGN_THRESHOLD - 0.01, ALIGN_THRESHOLD])).target == 0
     assert not read_scan(result(0.3, [-1.0, ALIGN_THRESHOLD - 0.01, None, -2.0])).backdoored
-    # where a mask over-aligns toward another class, a warp must go the threshold beyond it
-    assert not read_scan(result(0.3, [0.6, 1.0, 0.2, 1.05])).backdoored
-    assert read_scan(result(0.3, [0.6, 1.0, 0.2, 1.1 + 1e-6])).target == 0
+    # where a mask over-aligns toward another class, a warp must go the threshold beyond it (the
+    # warp rule alone: by default that mask, over its own bar, would show a backdoor itself)
+    warp_rule = ScanRules((Evidence.MASK, Evidence.WARP))
+    assert not read_scan(result(0.3, [0.6, 1.0, 0.2, 1.05]), warp_rule).backdoored
+    assert read_scan(result(0.3, [0.6, 1.0, 0.2, 1.1 + 1e-6]), warp_rule).target == 0
+    assert read_scan(result(0.3, [0.6, 1.0, 0.2, 1.05])).evidence is Evidence.ALIGNED_MASK
     # ... but one over-aligned toward the warp's own target only corroborates it
     assert read_scan(result(0.3, [0.9, 0.6, -1.0, None], mask_target=0)).target == 0
     mask = read_scan(result(SCAN_THRESHOLD, [1.0, 1.4, 1.4, 1.4]))  # a mask's evidence comes first
     assert (mask.evidence, mask.target) == (Evidence.MASK, 5) and [t.kind for t in mask.triggers] == ["mask"]
 
 
+def test_an_over_aligned_mask_shows_a_backdoor_its_mask_score_missed():
+    """A patch the per-pixel masks copy only with more of the image than the mask score allows
+    (zoo bd008: 3.9%, score 0.46) still pulls the shots past the target's own toward its text."""
+    from cbpt.scan import ScanRules
+
+    def result(aligns, targets=(7, 7, 5), score=0.46):
+        kinds = ["mask", "mask", "mask", "warp"]
+        return fake_inversion(list(zip(kinds, [*targets, 2], [0.9, 0.6, 0.9, 0.3], [*aligns, -9.0])), score)
+
+    found = read_scan(result([0.88, -2.3, -10.8]))
+    assert (found.evidence, found.target) == (Evidence.ALIGNED_MASK, 7)
+    # tuned against every mask restart, each aimed at the target, as for the mask score
+    assert [(t.kind, t.target) for t in found.triggers] == [(TriggerKind.MASK, 7)] * 3
+    assert not read_scan(result([0.88, -2.3, -10.8]), ScanRules((Evidence.MASK, Evidence.WARP))).backdoored
+    assert not read_scan(result([ALIGN_THRESHOLD - 0.01, -2.3, -10.8])).backdoored
+    # a mask over-aligned toward another class raises the bar, as it does for warps
+    assert not read_scan(result([0.88, -2.3, 0.5])).backdoored
+    assert read_scan(result([1.0 + 1e-6, -2.3, 0.5])).target == 7
+    # a warp's over-alignment is read first
+    warp = fake_inversion([("mask", 7, 0.9, 0.9), ("warp", 3, 0.9, 1.5)], 0.3)
+    assert (read_scan(warp).evidence, read_scan(warp).target) == (Evidence.WARP, 3)
+
+
 def test_the_suspicion_score_is_at_least_one_exactly_where_the_scan_reads_a_backdoor():
     """One continuous score for both rules, so the zoo's ROC is the verdict's."""
-    from cbpt.scan import suspicion
+    from cbpt.scan import ScanRules, suspicion
 
     readings = [
         (score, [m, w1, w2, w3], target)
@@ -467,7 +502,8 @@ def test_the_suspicion_score_is_at_least_one_exactly_where_the_scan_reads_a_back
         inv = fake_inversion(
             list(zip(["mask", "warp", "warp", "warp"], [target, 0, 4, 0], [0.8, 0.99, 0.9, 0.95], aligns)), score
         )
-        assert (suspicion(inv) >= 1) == read_scan(inv).backdoored, (score, aligns, target)
+        for rules in (ScanRules(), ScanRules((Evidence.MASK, Evidence.WARP))):
+            assert (suspicion(inv, rules) >= 1) == read_scan(inv, rules).backdoored, (score, aligns, target, rules)
     # with no warp evidence it orders models by the mask score
     low, high = (fake_inversion([("mask", 1, 0.5, None)], s) for s in (0.2, 0.4))
     assert suspicion(low) < suspicion(high) < 1
