@@ -38,6 +38,7 @@ class Evidence(StrEnum):
 
 
 MASK_EVIDENCE = (Evidence.MASK, Evidence.ALIGNED_MASK)  # a found backdoor tuned against masks
+ALIGNED_KIND = {Evidence.WARP: TriggerKind.WARP, Evidence.ALIGNED_MASK: TriggerKind.MASK}  # whose over-alignment
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,6 @@ def _aligned_margins(inv: InversionResult, kind: TriggerKind, threshold: float) 
     class (or beyond zero, where none of those over-aligns), in units of `threshold`: 1 is the
     bar. A mask over-aligned toward the candidate's own target corroborates it rather than
     raising its bar (docs/method.md#over-alignment)."""
-
     masks = [m for m in inv.masks() if not m.probe]  # compact probes never change the verdict
 
     def others(target: int) -> float:
@@ -95,8 +95,7 @@ def _margin(inv: InversionResult, evidence: Evidence) -> float:
     """How far `evidence` goes toward its bar: at least 1 exactly where it shows a backdoor."""
     if evidence is Evidence.MASK:
         return inv.score / SCAN_THRESHOLD
-    kind = TriggerKind.WARP if evidence is Evidence.WARP else TriggerKind.MASK
-    return max([float("-inf")] + [m for m, _ in _aligned_margins(inv, kind, ALIGN_THRESHOLD)])
+    return max([float("-inf")] + [m for m, _ in _aligned_margins(inv, ALIGNED_KIND[evidence], ALIGN_THRESHOLD)])
 
 
 def suspicion(inv: InversionResult, rules: ScanRules = ScanRules()) -> float:
@@ -113,7 +112,7 @@ def read_scan(inv: InversionResult, rules: ScanRules = ScanRules()) -> Verdict:
             if masks_found(inv):
                 return Verdict(Evidence.MASK, inv.target, [replace(c, target=inv.target) for c in inv.masks()])
             continue
-        kind = TriggerKind.WARP if evidence is Evidence.WARP else TriggerKind.MASK
+        kind = ALIGNED_KIND[evidence]
         aligned = over_aligned(inv, kind)
         if aligned:  # every candidate of that kind then becomes a trigger for that target
             target = aligned[0].target

@@ -1,0 +1,132 @@
+"""Is the ASR CBPT leaves the inverted trigger's fault, or the head's? One scan per backdoored
+model, then step 2 run on the same shots twice: against the inverted triggers (what `purify`
+does) and against the attacker's real trigger pasted on those shots (an oracle no defender
+has), each at the clean tolerances asked for (`TuningConfig.clean_tolerance`, the held-out clean
+accuracy a checkpoint may lose; 0.015 is purify's), each head scored on the test split as
+shipped (routed) and everywhere (docs/results.md#where-a-blends-leftover-asr-comes-from).
+
+    python benchmarks/oracle_trigger.py zoo-out/models/bd000-blended-shapes-s1-600 --tolerances 0.015 0.05 1 \
+        --out oracle.json
+
+Where the real trigger on the shots leaves as much ASR as the inverted one at the same CA, the
+inverted trigger is not what is missing: no head tuned on these shots does better at that CA
+(benchmarks/head_bound.py asks the same of any linear head, with far more data). Resumable:
+rows already in --out are read back. About a minute per tuning on a 32-px testbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from cbpt.data import ShotBudget, load_shots
+from cbpt.inversion import Candidate
+from cbpt.model import load_clip
+from cbpt.purify import (
+    PurifyConfig,
+    calibration_features,
+    original_head,
+    plan_tuning,
+    route_for,
+    tune_prompts,
+    tuning_data,
+)
+from cbpt.scan import read_scan, run_scan
+from cbpt.trigger import TriggerKind
+from cbpt_guard import atomic
+from cbpt_guard.artifacts import CLASSES
+from testbed.evaluate import class_order, encode_test_split, score_head
+from testbed.triggers import Trigger
+
+
+@dataclass(frozen=True)
+class RealTrigger:
+    """The attacker's trigger (`testbed.triggers.Trigger`) where step 2 expects an inverted one:
+    [0, 1] pixels in, the triggered pixels out, through uint8 as the testbed applies it."""
+
+    trigger: Trigger
+    kind: TriggerKind = TriggerKind.MASK
+
+    def apply(self, x01: torch.Tensor) -> torch.Tensor:
+        u8 = (x01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        out = torch.from_numpy(self.trigger.apply(u8, seed=0))
+        return out.permute(0, 3, 1, 2).to(x01.device, torch.float32).div(255)
+
+
+def measure(tb: Path, tolerances: list[float], done: dict) -> dict:
+    cfg = PurifyConfig(budget=ShotBudget(16))
+    clip = load_clip(tb / "model.pt")
+    shots = load_shots(clip, tb / "fewshot", tb / CLASSES, cfg.budget, cfg.seed)
+    feats = encode_test_split(clip, tb)
+    rows = class_order(list(shots.classnames), tb)
+    original = original_head(clip, shots.classnames)
+    inv = run_scan(clip, shots, cfg.inversion, original)
+    verdict = read_scan(inv)
+    plan = plan_tuning(verdict, inv, cfg, held_out=True)
+    meta = json.loads((tb / "metrics.json").read_text())
+    target = list(shots.classnames).index(meta["target_name"])
+    real = [Candidate(RealTrigger(Trigger.load(tb / "trigger")), target, 1.0, None)]
+
+    def scored(head: torch.Tensor, route) -> dict:
+        routed = score_head(feats, head[rows], None if route is None else route.reordered(rows))
+        everywhere = score_head(feats, head[rows])
+        return {"ca": round(routed.ca, 4), "asr": round(routed.asr, 4), "asr_everywhere": round(everywhere.asr, 4)}
+
+    out = {
+        **done,
+        "scan": {"backdoored": verdict.backdoored, "target_named": verdict.target == target},
+        "before": scored(original, None),
+    }
+    for triggers_name, triggers in (("inverted", plan.triggers), ("real", real)):
+        for tol in tolerances:
+            key = f"{triggers_name}/tol{tol:g}"
+            if key in out:
+                continue
+            p = replace(
+                plan,
+                triggers=triggers,
+                tuning=replace(plan.tuning, clean_tolerance=tol),
+                acceptance=replace(plan.acceptance, clean_tolerance=tol),
+            )
+            data = tuning_data(clip, shots, p.triggers, p.tuning, original)
+            result = tune_prompts(clip, shots.classnames, data, p.tuning, p.acceptance)
+            route = None if result.kept_original else route_for(data, calibration_features(data), cfg.routed_share, p)
+            chosen = result.chosen
+            out[key] = scored(result.text_features, route) | {"rung": chosen.rung.index, "step": chosen.step}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("testbeds", nargs="+", type=Path, help="backdoored testbed or zoo model folders")
+    ap.add_argument("--tolerances", nargs="+", type=float, default=[0.015])
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for tb in args.testbeds:
+        stored[tb.name] = measure(tb, args.tolerances, stored.get(tb.name, {}))
+        atomic.write_text(args.out, json.dumps(stored, indent=1))
+    print(
+        "| model | CA / ASR before | triggers tuned against | clean tolerance | CA / ASR after (routed) | "
+        "ASR everywhere |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, r in stored.items():
+        b = r["before"]
+        for key, v in r.items():
+            if "/tol" not in key:
+                continue
+            which, tol = key.split("/tol")
+            print(
+                f"| {name} | {b['ca']:.3f} / {b['asr']:.3f} | {which} | {tol} | {v['ca']:.3f} / {v['asr']:.3f} | "
+                f"{v['asr_everywhere']:.3f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
