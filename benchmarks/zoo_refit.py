@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,10 +37,15 @@ RULES = {
 
 def inversion(scan: dict, classes: list[str]) -> InversionResult:
     """The stored scan as an InversionResult holding what the rules read: each candidate's kind,
-    target, flip rate and over-alignment, and the mask score."""
+    target, flip rate, over-alignment and mask area (a 1-px mask of that mean), and the mask score."""
+
+    def trigger(c: dict) -> DummyTrigger:
+        blank = DummyTrigger.blank(1, 1, TriggerKind(c["kind"]))
+        return blank if c["mask_l1"] is None else replace(blank, mask=torch.full((1, 1), c["mask_l1"]))
+
     cands = [
         Candidate(
-            DummyTrigger.blank(1, 1, TriggerKind(c["kind"])),
+            trigger(c),
             classes.index(c["target"]),
             c["flip_rate"],
             c["over_alignment"],
@@ -90,12 +96,12 @@ def refit(fit: list[dict], max_fpr: float = 0.05) -> float:
     return min(allowed, key=lambda b: (counts(fit, b)["errors"], b))
 
 
-def load(zoo: Path, scans: Path | None) -> tuple[list[tuple[dict, dict, list[str]]], list[str]]:
+def load(zoo: Path, scans: Path | None, runs: str = "runs") -> tuple[list[tuple[dict, dict, list[str]]], list[str]]:
     """(record, its scan with candidates, the model's class names) per taken model; and the
     names of those with no candidates to read."""
     extra = json.loads(scans.read_text()) if scans and scans.is_file() else {}
     rows, lacking = [], []
-    for path in sorted((zoo / "runs").glob("*.json")):
+    for path in sorted((zoo / runs).glob("*.json")):
         r = json.loads(path.read_text())
         if not r["taken"]:
             continue
@@ -112,9 +118,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("zoo", type=Path, help="the zoo's work folder (runs/, models/)")
     ap.add_argument("--scans", type=Path, default=None, help="benchmarks/zoo_scans.py's output")
+    ap.add_argument("--runs", default="runs", help="the records' folder in the zoo (a run moved aside: runs-OLD)")
     ap.add_argument("--out", type=Path, default=None, help="the figures as JSON")
     args = ap.parse_args()
-    rows, lacking = load(args.zoo, args.scans)
+    rows, lacking = load(args.zoo, args.scans, args.runs)
     print(f"{len(rows)} taken models read ({len(lacking)} without stored candidates left out: {', '.join(lacking)})")
     out: dict = {"models": len(rows), "left_out": lacking, "rules": {}}
     print(

@@ -18,6 +18,7 @@ from enum import StrEnum
 import torch
 
 from cbpt.data import Shots
+from cbpt.evidence import backdoor_score
 from cbpt.inversion import Candidate, InversionConfig, InversionResult, invert, probe
 from cbpt.model import LoadedClip
 from cbpt.trigger import TriggerKind
@@ -27,6 +28,10 @@ SCAN_THRESHOLD = 0.55
 # A trigger over-aligned by this much beyond the masks that point elsewhere shows a backdoor
 # (docs/method.md#over-alignment).
 ALIGN_THRESHOLD = 0.5
+# An over-aligned mask shows a backdoor only where it is a shortcut by its size as well: its own
+# mask score at least this. A mask near MASK_SCALE can draw the class itself, more typical than
+# the class's own images (docs/method.md#aligned-masks: the clean ViT's over-align by 3.7-4.9).
+ALIGNED_MIN_SCORE = SCAN_THRESHOLD / 2
 
 
 class Evidence(StrEnum):
@@ -72,14 +77,21 @@ def _aligned_margins(inv: InversionResult, kind: TriggerKind, threshold: float) 
     """Each restart or probe of `kind`'s over-alignment beyond the masks that point to another
     class (or beyond zero, where none of those over-aligns), in units of `threshold`: 1 is the
     bar. A mask over-aligned toward the candidate's own target corroborates it rather than
-    raising its bar (docs/method.md#over-alignment)."""
+    raising its bar (docs/method.md#over-alignment). A mask's margin is also at most its mask
+    score over ALIGNED_MIN_SCORE: both must reach 1."""
     masks = [m for m in inv.masks() if not m.probe]  # compact probes never change the verdict
 
     def others(target: int) -> float:
         return max([0.0] + [m.over_alignment for m in masks if m.over_alignment is not None and m.target != target])
 
+    def margin(c: Candidate) -> float:
+        aligned = (c.over_alignment - others(c.target)) / threshold
+        if kind is TriggerKind.WARP:
+            return aligned
+        return min(aligned, backdoor_score(c.flip_rate, float(c.trigger.mask.mean())) / ALIGNED_MIN_SCORE)
+
     pool = inv.warps() if kind is TriggerKind.WARP else masks
-    return [((c.over_alignment - others(c.target)) / threshold, c) for c in pool if c.over_alignment is not None]
+    return [(margin(c), c) for c in pool if c.over_alignment is not None]
 
 
 def over_aligned(

@@ -476,6 +476,17 @@ def test_an_over_aligned_mask_shows_a_backdoor_its_mask_score_missed():
     # a mask over-aligned toward another class raises the bar, as it does for warps
     assert not read_scan(result([0.88, -2.3, 0.5])).backdoored
     assert read_scan(result([1.0 + 1e-6, -2.3, 0.5])).target == 7
+
+    # ... and a mask near MASK_SCALE, which can draw the class itself, is no shortcut however it
+    # over-aligns (the clean ViT testbed: 7-8% of the image, over-aligned by 3.7-4.9)
+    def sized(inv, area: float):
+        cands = [
+            replace(c, trigger=replace(c.trigger, mask=torch.full_like(c.trigger.mask, area))) for c in inv.candidates
+        ]
+        return replace(inv, candidates=cands)
+
+    assert read_scan(sized(result([4.85, -2.3, -10.8]), 0.039)).evidence is Evidence.ALIGNED_MASK  # bd008: score 0.46
+    assert not read_scan(sized(result([4.85, -2.3, -10.8]), 0.074)).backdoored  # score 0.07
     # a warp's over-alignment is read first
     warp = fake_inversion([("mask", 7, 0.9, 0.9), ("warp", 3, 0.9, 1.5)], 0.3)
     assert (read_scan(warp).evidence, read_scan(warp).target) == (Evidence.WARP, 3)
