@@ -148,6 +148,7 @@ def main() -> None:
                 "asr_after": None if m.attack == "none" else run.asr,
                 "through_guard": alarm.get("asr_through_guard"),
                 "backdoored_verdict": run.info["scan"]["backdoored"],
+                "evidence": run.info["scan"]["evidence"],  # what showed it (cbpt.scan.Evidence)
                 "tuning": run.info.get("tuning"),  # the checkpoint kept and its held-out figures
                 "seconds": run.seconds,
                 "zoo": m.reference,
