@@ -35,7 +35,7 @@ def markdown(results: dict) -> str:
         "",
         f"{len(results['records'])} of {results['planned']} planned models measured. The scan's continuous "
         "score is `suspicion` (cbpt.scan.suspicion: the mask score over its threshold or the best warp's "
-        "over-alignment margin over its bar; >= 1 is the verdict). ASR after and CA drop: median / 95th "
+        "or mask's over-alignment margin over its bar; >= 1 is the verdict). ASR after and CA drop: median / 95th "
         "percentile / worst; CA drop = CA before - CA after on the model's own test split.",
         "",
     ]
