@@ -43,7 +43,7 @@ class Evidence(StrEnum):
 
 
 MASK_EVIDENCE = (Evidence.MASK, Evidence.ALIGNED_MASK)  # a found backdoor tuned against masks
-ALIGNED_KIND = {Evidence.WARP: TriggerKind.WARP, Evidence.ALIGNED_MASK: TriggerKind.MASK}  # whose over-alignment
+ALIGNED_KIND = {Evidence.WARP: TriggerKind.WARP, Evidence.ALIGNED_MASK: TriggerKind.MASK}  # what each rule reads
 
 
 @dataclass(frozen=True)
