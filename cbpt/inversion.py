@@ -127,6 +127,16 @@ class Candidate:
     def kind(self) -> TriggerKind:
         return self.trigger.kind
 
+    @property
+    def mask_l1(self) -> float:
+        """mean(m): the share of the image its mask needs (0 for a warp, whose mask is blank)."""
+        return float(self.trigger.mask.mean())
+
+    @property
+    def mask_score(self) -> float:
+        """Its mask score (`evidence.backdoor_score`): the scan reads the best mask's."""
+        return backdoor_score(self.flip_rate, self.mask_l1)
+
 
 @dataclass(frozen=True)
 class InversionResult:
@@ -306,14 +316,13 @@ def invert(
     warps = [_one_restart(encoder, pixels, clean, cfg, gen, tick, _warp_init(0.1)) for _ in range(cfg.warp.restarts)]
     candidates = [_describe(r, clean, labels, class_weights) for r in masks + warps]
     best, feats = candidates[0], masks[0].feats
-    mask_l1 = float(best.trigger.mask.mean())
     return InversionResult(
         candidates=candidates,
         mean_feature=F.normalize(feats.mean(0), dim=-1),
         consistency=mean_pairwise_cos(feats),
         clean_consistency=mean_pairwise_cos(clean),
-        mask_l1=mask_l1,
-        score=backdoor_score(best.flip_rate, mask_l1),
+        mask_l1=best.mask_l1,
+        score=best.mask_score,
         losses=masks[0].history,
         seconds=time.perf_counter() - t0,
     )

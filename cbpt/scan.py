@@ -18,7 +18,6 @@ from enum import StrEnum
 import torch
 
 from cbpt.data import Shots
-from cbpt.evidence import backdoor_score
 from cbpt.inversion import Candidate, InversionConfig, InversionResult, invert, probe
 from cbpt.model import LoadedClip
 from cbpt.trigger import TriggerKind
@@ -88,7 +87,7 @@ def _aligned_margins(inv: InversionResult, kind: TriggerKind, threshold: float) 
         aligned = (c.over_alignment - others(c.target)) / threshold
         if kind is TriggerKind.WARP:
             return aligned
-        return min(aligned, backdoor_score(c.flip_rate, float(c.trigger.mask.mean())) / ALIGNED_MIN_SCORE)
+        return min(aligned, c.mask_score / ALIGNED_MIN_SCORE)
 
     pool = inv.warps() if kind is TriggerKind.WARP else masks
     return [(margin(c), c) for c in pool if c.over_alignment is not None]
@@ -180,7 +179,7 @@ def scan_summary(inv: InversionResult, classnames: tuple[str, ...]) -> dict:
                 "probe": c.probe,
                 "target": classnames[c.target],
                 "flip_rate": round(c.flip_rate, 4),
-                "mask_l1": round(float(c.trigger.mask.mean()), 4) if c.kind is TriggerKind.MASK else None,
+                "mask_l1": round(c.mask_l1, 4) if c.kind is TriggerKind.MASK else None,
                 "over_alignment": None if c.over_alignment is None else round(c.over_alignment, 3),
             }
             for c in inv.candidates
