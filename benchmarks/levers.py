@@ -50,8 +50,8 @@ LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
     # triggered copies whose feature shift is also taken 2 (1.5) times as far (docs/method.md#trigger-strength)
     "strength2": lambda c: replace(c, tuning=replace(c.tuning, strengths=(1.0, 2.0))),
     "strength1.5": lambda c: replace(c, tuning=replace(c.tuning, strengths=(1.0, 1.5))),
-    # the compact probes (docs/method.md#compact-probes; off by default): 1 or 3 tuned against beside the
-    # per-pixel masks; 3 standing in for them where they flip the shots too
+    # the compact probes (docs/method.md#compact-probes): 1 or 3 tuned against beside the per-pixel
+    # masks; 3 standing in for them where they flip and pull the shots too, which is today's default
     "compact1": _compact(restarts=1, stand_in=None),
     "compact3": _compact(restarts=3, stand_in=None),
     "compact3-instead": _compact(restarts=3, stand_in=0.9),
