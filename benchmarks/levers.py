@@ -28,7 +28,7 @@ from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime
 from cbpt_guard import atomic
 from testbed.bench import measure
-from testbed.zoo import spread
+from testbed.zoo import spread, stored_records
 
 
 def _prior(**kw) -> Callable[[PurifyConfig], PurifyConfig]:
@@ -92,7 +92,7 @@ class Model:
 
 
 def zoo_models(zoo: Path, part: str, kind: str) -> list[Model]:
-    records = [json.loads(p.read_text()) for p in sorted((zoo / "runs").glob("*.json"))]
+    records = stored_records(zoo)
     return [
         Model(
             r["name"],

@@ -12,18 +12,15 @@ after of each, then one row per model (docs/results.md#routing).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
-from testbed.zoo import quantiles
+from testbed.zoo import quantiles, stored_records
 
 
 def _records(path: Path) -> dict[str, dict]:
-    if path.is_file():  # a zoo's results.json
-        return {r["name"]: r for r in json.loads(path.read_text())["records"]}
-    return {p.stem: json.loads(p.read_text()) for p in sorted(path.glob("*.json"))}
+    return {r["name"]: r for r in stored_records(path)}
 
 
 def _q(xs: list[float]) -> str:

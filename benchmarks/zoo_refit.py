@@ -27,7 +27,7 @@ from cbpt.scan import Evidence, ScanRules, read_scan, suspicion
 from cbpt.trigger import DummyTrigger, TriggerKind
 from cbpt_guard import atomic
 from cbpt_guard.artifacts import CLASSES
-from testbed.zoo import summarise
+from testbed.zoo import stored_records, summarise
 
 RULES = {
     "mask score, warps (as the zoo ran)": ScanRules((Evidence.MASK, Evidence.WARP)),
@@ -101,8 +101,7 @@ def load(zoo: Path, scans: Path | None, runs: str = "runs") -> tuple[list[tuple[
     names of those with no candidates to read."""
     extra = json.loads(scans.read_text()) if scans and scans.is_file() else {}
     rows, lacking = [], []
-    for path in sorted((zoo / runs).glob("*.json")):
-        r = json.loads(path.read_text())
+    for r in stored_records(zoo / runs):
         if not r["taken"]:
             continue
         scan = r["scan"] if "candidates" in r["scan"] else extra.get(r["name"])

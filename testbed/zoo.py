@@ -319,6 +319,16 @@ class Zoo:
         return record
 
 
+def stored_records(source: Path) -> list[dict]:
+    """Every stored zoo record, in name order, from a zoo's `runs/` folder (or a folder a run was
+    moved aside to), a zoo work folder (its `runs/`), or a committed `results.json` standing for a
+    run whose folder is gone."""
+    if source.is_file():
+        return sorted(json.loads(source.read_text())["records"], key=lambda r: r["name"])
+    folder = source / "runs" if (source / "runs").is_dir() else source
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
 def run_zoo(cfg: ZooConfig, progress: Progress = lambda *_: None, limit: int | None = None) -> dict:
     """Measure every planned entry not yet stored (at most `limit` new ones), then write the
     report from everything stored."""

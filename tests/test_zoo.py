@@ -141,6 +141,10 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
     assert third["records"] == second["records"]
     assert {"results.json", "results.md", "roc.png", "spread.png"} <= {p.name for p in cfg.work.iterdir()}
     assert bd["name"] in (cfg.work / "results.md").read_text()
+    # the benchmarks read the same records from the work folder, its runs/, or the committed results.json
+    by_name = sorted(third["records"], key=lambda r: r["name"])
+    for source in (cfg.work, cfg.work / "runs", cfg.work / "results.json"):
+        assert zoo_module.stored_records(source) == by_name
 
 
 def test_locks_let_one_worker_claim_a_step_and_make_the_others_wait(tmp_path):
