@@ -170,6 +170,14 @@ DataOpt = Annotated[Path, typer.Option(help="Clean labelled images: class folder
 ClassesOpt = Annotated[Optional[Path], typer.Option(help="Class names, one per line, in label order.")]
 ArchOpt = Annotated[Optional[str], typer.Option(help="open_clip architecture; detected when omitted.")]
 ShotsOpt = Annotated[int, typer.Option(help="Clean labelled images per class: every one the defender uses (K).")]
+HeldOutOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Of the --shots per class, how many are held out to decide early stopping, escalation and "
+        "the alarm threshold (docs/method.md#shot-budget); `scan` leaves them out too, so it reads the "
+        "model as `purify` will. Default: a quarter from 8 shots up, none below."
+    ),
+]
 SeedOpt = Annotated[int, typer.Option(help="Seed for shot sampling and optimisation.")]
 InvStepsOpt = Annotated[int, typer.Option(help="Trigger-inversion steps per restart.")]
 RestartsOpt = Annotated[
@@ -218,6 +226,7 @@ def scan(
     classes: ClassesOpt = None,
     arch: ArchOpt = None,
     shots: ShotsOpt = 16,
+    held_out: HeldOutOpt = None,
     seed: SeedOpt = 0,
     inversion_steps: InvStepsOpt = 200,
     restarts: RestartsOpt = 3,
@@ -231,7 +240,8 @@ def scan(
     threads: TorchThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Trigger inversion only: is the model backdoored, and toward which class."""
+    """Trigger inversion only: is the model backdoored, and toward which class. It inverts on the
+    shots `purify` tunes on (the held-out ones left out), so the two read a model alike."""
     runtime = _runtime(threads, device, precision, batch_size)
     from cbpt.data import ShotBudget, load_shots
     from cbpt.model import load_clip
@@ -246,10 +256,10 @@ def scan(
     if out is not None:
         check_target(out, overwrite)
     clip = load_clip(model, arch=arch, runtime=runtime)
-    shot_set = load_shots(clip, data, classes, ShotBudget(shots, held_out=0), seed)
+    shot_set = load_shots(clip, data, classes, ShotBudget(shots, held_out), seed)
     with stage_progress() as progress:
         inv = run_scan(clip, shot_set, inv_cfg, original_head(clip, shot_set.classnames), progress)
-    summary = scan_summary(inv, shot_set.classnames)
+    summary = scan_summary(inv, shot_set.classnames) | {"budget": shot_set.budget.describe()}
     if out is not None:
         with staged_dir(out, "scan", overwrite) as stage:
             write_scan(stage, inv, shot_set, summary)
@@ -289,13 +299,7 @@ def purify(
     classes: ClassesOpt = None,
     arch: ArchOpt = None,
     shots: ShotsOpt = 16,
-    held_out: Annotated[
-        Optional[int],
-        typer.Option(
-            help="Of the --shots per class, how many are held out to decide early stopping, escalation and "
-            "the alarm threshold (docs/method.md#shot-budget). Default: a quarter from 8 shots up, none below."
-        ),
-    ] = None,
+    held_out: HeldOutOpt = None,
     seed: SeedOpt = 0,
     inversion_steps: InvStepsOpt = 200,
     restarts: RestartsOpt = 3,

@@ -180,6 +180,19 @@ def test_purify_writes_complete_outputs_and_they_evaluate(purified, mini_testbed
     assert 0 <= ev["asr"] <= 1 and ev["n_clean"] == 50
 
 
+def test_scan_reads_the_model_as_purify_does(purified, mini_testbeds, capsys):
+    # the same shots (purify's held-out ones left out) and settings: the same figures and verdict
+    tb = mini_testbeds["blended"]
+    args = ("--classes", tb / "classes.txt", "--inversion-steps", "60", "--restarts", "2", "--json")
+    code, stdout, err = run_cli(capsys, "scan", tb / "model.pt", "--data", tb / "fewshot", *args)
+    assert code == 0, err
+    res = json.loads(stdout)
+    rep = json.loads((purified / "report.json").read_text())
+    assert res["budget"] == rep["budget"] == {"shots_per_class": 16, "tuning_per_class": 12, "held_out_per_class": 4}
+    for key in ("backdoored", "evidence", "target", "score", "flip_rate", "mask_l1", "suspicion"):
+        assert res[key] == rep["scan"][key], key
+
+
 def _purify(capsys, tb, out, *options):
     return run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--out", out, *options)
 
