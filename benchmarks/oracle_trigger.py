@@ -7,6 +7,10 @@ shipped (routed) and everywhere (docs/results.md#where-a-blends-leftover-asr-com
 
     python benchmarks/oracle_trigger.py zoo-out/models/bd000-blended-shapes-s1-600 --tolerances 0.015 0.05 1 \
         --out oracle.json
+    python benchmarks/oracle_trigger.py zoo-out/models/bd024-* --lrs 0.005 0.02 --out oracle-lr.json
+
+`--lrs` runs step 2 at other learning rates of the context vectors too: a comparison at one rate
+can blame the head for what is the optimiser's (docs/results.md#where-a-blends-leftover-asr-comes-from).
 
 Where the real trigger on the shots leaves as much ASR as the inverted one at the same CA, the
 inverted trigger is not what is missing: no head tuned on these shots does better at that CA
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, replace
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -37,6 +42,7 @@ from cbpt.purify import (
 )
 from cbpt.scan import read_scan, run_scan
 from cbpt.trigger import TriggerKind
+from cbpt.tuning import TuningConfig
 from cbpt_guard import atomic
 from cbpt_guard.artifacts import CLASSES
 from testbed.evaluate import class_order, encode_test_split, score_head
@@ -57,7 +63,12 @@ class RealTrigger:
         return out.permute(0, 3, 1, 2).to(x01.device, torch.float32).div(255)
 
 
-def measure(tb: Path, tolerances: list[float], done: dict) -> dict:
+def _key(triggers: str, tol: float, lr: float) -> str:
+    """A row's name; purify's own learning rate is left out, so rows stored before --lrs read back."""
+    return f"{triggers}/tol{tol:g}" + ("" if lr == TuningConfig.lr else f"/lr{lr:g}")
+
+
+def measure(tb: Path, tolerances: list[float], lrs: list[float], done: dict) -> dict:
     cfg = PurifyConfig(budget=ShotBudget(16))
     clip = load_clip(tb / "model.pt")
     shots = load_shots(clip, tb / "fewshot", tb / CLASSES, cfg.budget, cfg.seed)
@@ -81,15 +92,13 @@ def measure(tb: Path, tolerances: list[float], done: dict) -> dict:
         "scan": {"backdoored": verdict.backdoored, "target_named": verdict.target == target},
         "before": scored(original, None),
     }
-    for triggers_name, triggers in (("inverted", plan.triggers), ("real", real)):
-        for tol in tolerances:
-            key = f"{triggers_name}/tol{tol:g}"
-            if key in out:
-                continue
+    for (triggers_name, triggers), tol, lr in product((("inverted", plan.triggers), ("real", real)), tolerances, lrs):
+        key = _key(triggers_name, tol, lr)
+        if key not in out:
             p = replace(
                 plan,
                 triggers=triggers,
-                tuning=replace(plan.tuning, clean_tolerance=tol),
+                tuning=replace(plan.tuning, clean_tolerance=tol, lr=lr),
                 acceptance=replace(plan.acceptance, clean_tolerance=tol),
             )
             data = tuning_data(clip, shots, p.triggers, p.tuning, original)
@@ -103,28 +112,34 @@ def measure(tb: Path, tolerances: list[float], done: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("testbeds", nargs="+", type=Path, help="backdoored testbed or zoo model folders")
-    ap.add_argument("--tolerances", nargs="+", type=float, default=[0.015])
+    ap.add_argument("--tolerances", nargs="+", type=float, default=[TuningConfig.clean_tolerance])
+    ap.add_argument(
+        "--lrs", nargs="+", type=float, default=[TuningConfig.lr], help="the context vectors' learning rates"
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
     stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for tb in args.testbeds:
-        stored[tb.name] = measure(tb, args.tolerances, stored.get(tb.name, {}))
+        stored[tb.name] = measure(tb, args.tolerances, args.lrs, stored.get(tb.name, {}))
         atomic.write_text(args.out, json.dumps(stored, indent=1))
     print(
-        "| model | CA / ASR before | triggers tuned against | clean tolerance | CA / ASR after (routed) | "
-        "ASR everywhere |"
+        "| model | CA / ASR before | triggers tuned against | clean tolerance | lr | CA / ASR after (routed) | "
+        "ASR everywhere | rung, step |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in stored.items():
         b = r["before"]
         for key, v in r.items():
             if "/tol" not in key:
                 continue
-            which, tol = key.split("/tol")
+            which, rest = key.split("/tol")
+            tol, _, lr = rest.partition("/lr")
+            lr = lr or f"{TuningConfig.lr:g}"
+            kept = f"{v.get('rung', '-')}, {v.get('step', '-')}"
             print(
-                f"| {name} | {b['ca']:.3f} / {b['asr']:.3f} | {which} | {tol} | {v['ca']:.3f} / {v['asr']:.3f} | "
-                f"{v['asr_everywhere']:.3f} |"
+                f"| {name} | {b['ca']:.3f} / {b['asr']:.3f} | {which} | {tol} | {lr} | "
+                f"{v['ca']:.3f} / {v['asr']:.3f} | {v['asr_everywhere']:.3f} | {kept} |"
             )
 
 
