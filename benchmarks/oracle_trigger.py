@@ -7,10 +7,12 @@ shipped (routed) and everywhere (docs/results.md#where-a-blends-leftover-asr-com
 
     python benchmarks/oracle_trigger.py zoo-out/models/bd000-blended-shapes-s1-600 --tolerances 0.015 0.05 1 \
         --out oracle.json
-    python benchmarks/oracle_trigger.py zoo-out/models/bd024-* --lrs 0.005 0.02 --out oracle-lr.json
+    python benchmarks/oracle_trigger.py zoo-out/models/bd024-* --levers base lr2e-2 strength2 --out step2.json
 
-`--lrs` runs step 2 at other learning rates of the context vectors too: a comparison at one rate
-can blame the head for what is the optimiser's (docs/results.md#where-a-blends-leftover-asr-comes-from).
+`--levers` runs step 2 with each named change of its `TuningConfig` (STEP2_LEVERS) on the same
+scan: step-2 levers cost one tuning each (seconds on a 32-px testbed) instead of a purify each,
+and each is seen beside the oracle, so a comparison at one setting cannot blame the head for what
+is the optimiser's (docs/results.md#step-2-levers-beside-the-oracle).
 
 Where the real trigger on the shots leaves as much ASR as the inverted one at the same CA, the
 inverted trigger is not what is missing: no head tuned on these shots does better at that CA
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
@@ -63,12 +66,29 @@ class RealTrigger:
         return out.permute(0, 3, 1, 2).to(x01.device, torch.float32).div(255)
 
 
-def _key(triggers: str, tol: float, lr: float) -> str:
-    """A row's name; purify's own learning rate is left out, so rows stored before --lrs read back."""
-    return f"{triggers}/tol{tol:g}" + ("" if lr == TuningConfig.lr else f"/lr{lr:g}")
+def _tuning(**kw) -> Callable[[TuningConfig], TuningConfig]:
+    return lambda t: replace(t, **kw)
 
 
-def measure(tb: Path, tolerances: list[float], lrs: list[float], done: dict) -> dict:
+STEP2_LEVERS: dict[str, Callable[[TuningConfig], TuningConfig]] = {
+    "base": lambda t: t,  # purify's settings
+    "lr1e-2": _tuning(lr=1e-2),  # livelier steps on the context vectors (purify: 5e-3)
+    "lr2e-2": _tuning(lr=2e-2),
+    # triggered copies whose feature shift is also taken 2 times as far (docs/method.md#trigger-strength)
+    "strength2": _tuning(strengths=(1.0, 2.0)),
+    "views6": _tuning(views=6),  # six augmented views of each shot instead of two
+}
+
+
+def _key(triggers: str, tol: float, lever: str) -> str:
+    """A row's name; the base lever is left out, so rows stored before --levers read back."""
+    return f"{triggers}/tol{tol:g}" + ("" if lever == "base" else f"/{lever}")
+
+
+def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict) -> dict:
+    keys = [_key(t, tol, lever) for t, tol, lever in product(("inverted", "real"), tolerances, levers)]
+    if "before" in done and all(k in done for k in keys):
+        return done  # nothing to measure: no scan
     cfg = PurifyConfig(budget=ShotBudget(16))
     clip = load_clip(tb / "model.pt")
     shots = load_shots(clip, tb / "fewshot", tb / CLASSES, cfg.budget, cfg.seed)
@@ -92,13 +112,15 @@ def measure(tb: Path, tolerances: list[float], lrs: list[float], done: dict) -> 
         "scan": {"backdoored": verdict.backdoored, "target_named": verdict.target == target},
         "before": scored(original, None),
     }
-    for (triggers_name, triggers), tol, lr in product((("inverted", plan.triggers), ("real", real)), tolerances, lrs):
-        key = _key(triggers_name, tol, lr)
+    for (triggers_name, triggers), tol, lever in product(
+        (("inverted", plan.triggers), ("real", real)), tolerances, levers
+    ):
+        key = _key(triggers_name, tol, lever)
         if key not in out:
             p = replace(
                 plan,
                 triggers=triggers,
-                tuning=replace(plan.tuning, clean_tolerance=tol, lr=lr),
+                tuning=replace(STEP2_LEVERS[lever](plan.tuning), clean_tolerance=tol),
                 acceptance=replace(plan.acceptance, clean_tolerance=tol),
             )
             data = tuning_data(clip, shots, p.triggers, p.tuning, original)
@@ -113,18 +135,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("testbeds", nargs="+", type=Path, help="backdoored testbed or zoo model folders")
     ap.add_argument("--tolerances", nargs="+", type=float, default=[TuningConfig.clean_tolerance])
-    ap.add_argument(
-        "--lrs", nargs="+", type=float, default=[TuningConfig.lr], help="the context vectors' learning rates"
-    )
+    ap.add_argument("--levers", nargs="+", default=["base"], choices=list(STEP2_LEVERS), help="step-2 changes")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
     stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for tb in args.testbeds:
-        stored[tb.name] = measure(tb, args.tolerances, args.lrs, stored.get(tb.name, {}))
+        stored[tb.name] = measure(tb, args.tolerances, args.levers, stored.get(tb.name, {}))
         atomic.write_text(args.out, json.dumps(stored, indent=1))
     print(
-        "| model | CA / ASR before | triggers tuned against | clean tolerance | lr | CA / ASR after (routed) | "
+        "| model | CA / ASR before | triggers tuned against | clean tolerance | lever | CA / ASR after (routed) | "
         "ASR everywhere | rung, step |"
     )
     print("|---|---|---|---|---|---|---|---|")
@@ -134,11 +154,10 @@ def main() -> None:
             if "/tol" not in key:
                 continue
             which, rest = key.split("/tol")
-            tol, _, lr = rest.partition("/lr")
-            lr = lr or f"{TuningConfig.lr:g}"
+            tol, _, lever = rest.partition("/")
             kept = f"{v.get('rung', '-')}, {v.get('step', '-')}"
             print(
-                f"| {name} | {b['ca']:.3f} / {b['asr']:.3f} | {which} | {tol} | {lr} | "
+                f"| {name} | {b['ca']:.3f} / {b['asr']:.3f} | {which} | {tol} | {lever or 'base'} | "
                 f"{v['ca']:.3f} / {v['asr']:.3f} | {v['asr_everywhere']:.3f} | {kept} |"
             )
 
