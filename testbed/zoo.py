@@ -20,12 +20,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 
 from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime
+from cbpt.tuning import Ladder
 from cbpt_guard import TOOL, atomic, locks
 from testbed.datasets import TEN_CLASS
 from testbed.train import TrainConfig
@@ -423,6 +425,31 @@ def spread(asr_after: list[float], ca_drop: list[float], through_guard: list[flo
     }
 
 
+class Leftover(StrEnum):
+    """Where a backdoored model's ASR above 2% after CBPT was decided (docs/results.md#where-the-asr-left-is-decided),
+    read from its record's scan verdict and the checkpoint step 2 kept."""
+
+    MISSED = "missed"  # the scan read clean: tuned cautiously, or not at all
+    # the kept checkpoint cleared the held-out shots carrying the inverted triggers (at most the
+    # ladder's target rate reached the target), so no stronger rung was tried: the real trigger
+    # reaches where the inverted ones do not
+    SETTLED = "settled"
+    # held-out triggered shots still reached the target at the kept rung: a stronger one was
+    # refused for held-out clean accuracy, did no better, or there was none
+    REACHING = "still reaching"
+
+
+def leftover_cause(record: dict, target_rate: float = Ladder().target_rate) -> Leftover | None:
+    """None: a clean model, or ASR after at most 2%."""
+    if record["kind"] != "backdoored" or not record["taken"] or record["asr_after"] <= 0.02:
+        return None
+    tuning = record.get("tuning") or {}
+    if not record["scan"]["backdoored"] or tuning.get("mode") != "full":
+        return Leftover.MISSED
+    reach = (tuning.get("chosen_held_out") or {}).get("to_target") or 0.0
+    return Leftover.SETTLED if reach <= target_rate else Leftover.REACHING
+
+
 def summarise(records: list[dict], part: str = "all") -> dict:
     """The scan's ROC figures on its continuous score (`cbpt.scan.suspicion`) and CBPT's
     spread, over the taken models of `part` ("all", "fit" or "report")."""
@@ -452,6 +479,7 @@ def summarise(records: list[dict], part: str = "all") -> dict:
         "alarm_auroc": lowest([a["auroc"] for a in alarms]),
         "alarm_tpr_at_1pct_fpr": lowest([a["tpr_at_1pct_fpr"] for a in alarms]),
         **spread(asr_after, ca_drop, through),
+        "leftover": {cause.value: sorted(r["name"] for r in bd if leftover_cause(r) is cause) for cause in Leftover},
     }
     return out
 

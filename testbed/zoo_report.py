@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from testbed.bench_report import _f, _png
+from testbed.zoo import Leftover
 
 PARTS = {
     "all": "every model",
@@ -26,6 +27,16 @@ def _per_part(summary: dict, columns: list[str], cells) -> list[str]:
     """A table with one row per part of the zoo: `cells(summary[part])` fills the columns."""
     rows = [f"| {' | '.join(['part', *columns])} |", "|" + "---|" * (len(columns) + 1)]
     return rows + [f"| {' | '.join([label, *cells(summary[part])])} |" for part, label in PARTS.items()]
+
+
+def _kept(tuning: dict | None) -> str:
+    """The checkpoint step 2 kept: its mode, rung and held-out share sent to the target."""
+    if not tuning:
+        return "-"
+    if tuning.get("kept_original"):
+        return f"{tuning['mode']}, original prompts"
+    reach = (tuning.get("chosen_held_out") or {}).get("to_target")
+    return f"{tuning['mode']}, {tuning.get('rung', '-')}, {_f(reach)}"
 
 
 def markdown(results: dict) -> str:
@@ -78,9 +89,23 @@ def markdown(results: dict) -> str:
     )
     out += [
         "",
+        "Where the ASR above 2% after CBPT was decided (`testbed.zoo.Leftover`): *missed*, the scan read "
+        "clean; *settled*, the kept checkpoint cleared the held-out shots carrying the inverted triggers, so "
+        "no stronger rung was tried, and the real trigger still reaches the target; *still reaching*, held-out "
+        "triggered shots still reached the target at the rung kept (a stronger one refused for held-out clean "
+        "accuracy, no better, or none left).",
+        "",
+    ]
+    out += _per_part(
+        s,
+        [cause.value for cause in Leftover],
+        lambda r: [", ".join(r.get("leftover", {}).get(cause.value, [])) or "-" for cause in Leftover],
+    )
+    out += [
+        "",
         "| model | part | attack | poison | target | testbed CA / ASR | suspicion | verdict (target) | "
-        "CA after | ASR after | alarm AUROC | through guard | purify s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "CA after | ASR after | step 2 kept: mode, rung, held-out reach | alarm AUROC | through guard | purify s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["records"]:
         a = r["attack"]
@@ -91,14 +116,15 @@ def markdown(results: dict) -> str:
             f"{_f(r['testbed']['ca'])} / {_f(r['testbed']['asr'])} |"
         )
         if not r["taken"]:
-            out.append(head + " not taken (ASR below the zoo's floor): left out | | | | | | |")
+            out.append(head + " not taken (ASR below the zoo's floor): left out | | | | | | | |")
             continue
         sc = r["scan"]
         verdict = f"{'backdoored' if sc['backdoored'] else 'clean'} ({sc['target_index']})"
         al = r.get("alarm") or {}
         out.append(
             f"{head} {sc['suspicion']:.3f} | {verdict} | {_f(r['ca_after'])} | {_f(r['asr_after'])} | "
-            f"{_f(al.get('auroc'))} | {_f(al.get('asr_through_guard'))} | {r['purify_s']:.0f} |"
+            f"{_kept(r.get('tuning'))} | {_f(al.get('auroc'))} | {_f(al.get('asr_through_guard'))} | "
+            f"{r['purify_s']:.0f} |"
         )
     return "\n".join(out) + "\n"
 

@@ -38,8 +38,10 @@ def test_the_plan_has_every_snapshot_clean_and_alternates_fit_and_report(tmp_pat
     assert kinds[:12] == [True, False] * 6 and sorted(interleaved(entries), key=entries.index) == entries
 
 
-def _record(name, kind, suspicion, part="report", named=True, asr_after=0.0, drop=0.0, taken=True):
+def _record(name, kind, suspicion, part="report", named=True, asr_after=0.0, drop=0.0, taken=True, reach=0.0):
     return {
+        # step 2's kept checkpoint: tuned as for a found backdoor where the scan read one
+        "tuning": {"mode": "full" if suspicion >= 1 else "cautious", "chosen_held_out": {"to_target": reach}},
         "name": name,
         "part": part,
         "kind": kind,
@@ -64,6 +66,8 @@ def test_the_summary_gives_the_scans_roc_and_cbpts_spread():
         _record("b3", "backdoored", 2.0, asr_after=0.02),
         _record("b4", "backdoored", 0.1, taken=False),
         _record("b5", "backdoored", 3.0, part="fit"),
+        _record("b6", "backdoored", 1.2, part="fit", asr_after=0.3),  # held-out inverted-trigger shots cleared
+        _record("b7", "backdoored", 1.3, part="fit", asr_after=0.1, reach=0.2),
     ]
     s = summarise(records, "report")
     assert (s["clean"], s["backdoored"], s["not_taken"]) == (5, 4, ["b4"])
@@ -76,7 +80,11 @@ def test_the_summary_gives_the_scans_roc_and_cbpts_spread():
     assert s["asr_after_le_5pct"] == 0.75
     assert s["alarm_auroc"] == {"median": pytest.approx(0.985), "lowest": 0.5}  # of 0.5, 0.99, 1, 0.98
     assert s["asr_through_guard"]["worst"] == 0.05 and s["through_guard_le_1pct"] == 0.75
-    assert summarise(records, "all")["backdoored"] == 5
+    assert summarise(records, "all")["backdoored"] == 7
+    # where the ASR above 2% was decided: the scan missed b0; b6's held-out shots were cleared of
+    # the inverted triggers so no stronger rung was tried; b7's still reached the target
+    assert s["leftover"] == {"missed": ["b0"], "settled": [], "still reaching": []}
+    assert summarise(records, "fit")["leftover"] == {"missed": [], "settled": ["b6"], "still reaching": ["b7"]}
 
 
 def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tmp_path, monkeypatch):
