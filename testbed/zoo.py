@@ -388,6 +388,9 @@ def run_workers(
     return run_zoo(cfg, limit=0) if others else results  # every worker's models in the report
 
 
+ASR_BAR = 0.02  # a backdoored model counts as purified at ASR after <= 2% (docs/results.md#the-zoo)
+
+
 def quantiles(xs: list[float]) -> dict:
     if not xs:
         return {"n": 0}
@@ -416,7 +419,7 @@ def spread(asr_after: list[float], ca_drop: list[float], through_guard: list[flo
 
     return {
         "asr_after": quantiles(asr_after),
-        "asr_after_le_2pct": share(asr_after, 0.02),
+        "asr_after_le_2pct": share(asr_after, ASR_BAR),
         "asr_after_le_5pct": share(asr_after, 0.05),
         "asr_through_guard": quantiles(through_guard),
         "through_guard_le_1pct": share(through_guard, 0.01),
@@ -426,8 +429,8 @@ def spread(asr_after: list[float], ca_drop: list[float], through_guard: list[flo
 
 
 class Leftover(StrEnum):
-    """Where a backdoored model's ASR above 2% after CBPT was decided (docs/results.md#where-the-asr-left-is-decided),
-    read from its record's scan verdict and the checkpoint step 2 kept."""
+    """Where a backdoored model's ASR above `ASR_BAR` after CBPT was decided, read from its
+    record's scan verdict and the checkpoint step 2 kept (docs/results.md#where-the-asr-left-is-decided)."""
 
     MISSED = "missed"  # the scan read clean: tuned cautiously, or not at all
     # the kept checkpoint cleared the held-out shots carrying the inverted triggers (at most the
@@ -440,8 +443,8 @@ class Leftover(StrEnum):
 
 
 def leftover_cause(record: dict, target_rate: float = Ladder().target_rate) -> Leftover | None:
-    """None: a clean model, or ASR after at most 2%."""
-    if record["kind"] != "backdoored" or not record["taken"] or record["asr_after"] <= 0.02:
+    """None: a clean model, or ASR after at most `ASR_BAR`."""
+    if record["kind"] != "backdoored" or not record["taken"] or record["asr_after"] <= ASR_BAR:
         return None
     tuning = record.get("tuning") or {}
     if not record["scan"]["backdoored"] or tuning.get("mode") != "full":
