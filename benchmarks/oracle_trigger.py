@@ -17,7 +17,7 @@ is the optimiser's (docs/results.md#step-2-levers-beside-the-oracle).
 Where the real trigger on the shots leaves as much ASR as the inverted one at the same CA, the
 inverted trigger is not what is missing: no head tuned on these shots does better at that CA
 (benchmarks/head_bound.py asks the same of any linear head, with far more data). Resumable:
-rows already in --out are read back. About a minute per tuning on a 32-px testbed.
+rows already in --out are read back. The scan takes a few minutes a model on a 32-px testbed, each tuning 5-15 s.
 """
 
 from __future__ import annotations
