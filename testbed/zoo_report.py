@@ -91,7 +91,8 @@ def markdown(results: dict) -> str:
         "",
         "Where the ASR above 2% after CBPT was decided (`testbed.zoo.Leftover`): *missed*, the scan read "
         "clean; *settled*, the kept checkpoint cleared the held-out shots carrying the inverted triggers, so "
-        "no stronger rung was tried, and the real trigger still reaches the target; *still reaching*, held-out "
+        "no stronger rung was tried (or none was left), and the real trigger still reaches the target; "
+        "*still reaching*, held-out "
         "triggered shots still reached the target at the rung kept (a stronger one refused for held-out clean "
         "accuracy, no better, or none left).",
         "",
