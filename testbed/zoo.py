@@ -442,6 +442,12 @@ class Leftover(StrEnum):
     REACHING = "still reaching"
 
 
+def kept_reach(tuning: dict | None) -> float | None:
+    """The share of held-out triggered shots the checkpoint step 2 kept still sent to their
+    target (None: not recorded)."""
+    return ((tuning or {}).get("chosen_held_out") or {}).get("to_target")
+
+
 def leftover_cause(record: dict, target_rate: float = Ladder().target_rate) -> Leftover | None:
     """None: a clean model, or ASR after at most `ASR_BAR`."""
     if record["kind"] != "backdoored" or not record["taken"] or record["asr_after"] <= ASR_BAR:
@@ -449,8 +455,7 @@ def leftover_cause(record: dict, target_rate: float = Ladder().target_rate) -> L
     tuning = record.get("tuning") or {}
     if not record["scan"]["backdoored"] or tuning.get("mode") != "full":
         return Leftover.MISSED
-    reach = (tuning.get("chosen_held_out") or {}).get("to_target") or 0.0
-    return Leftover.SETTLED if reach <= target_rate else Leftover.REACHING
+    return Leftover.SETTLED if (kept_reach(tuning) or 0.0) <= target_rate else Leftover.REACHING
 
 
 def summarise(records: list[dict], part: str = "all") -> dict:
@@ -469,6 +474,7 @@ def summarise(records: list[dict], part: str = "all") -> dict:
     asr_after = [r["asr_after"] for r in bd]
     alarms = [r["alarm"] for r in bd if r.get("alarm")]
     through = [a["asr_through_guard"] for a in alarms]
+    causes = {r["name"]: leftover_cause(r) for r in bd}
     out = {
         "clean": len(clean),
         "backdoored": len(bd),
@@ -482,7 +488,7 @@ def summarise(records: list[dict], part: str = "all") -> dict:
         "alarm_auroc": lowest([a["auroc"] for a in alarms]),
         "alarm_tpr_at_1pct_fpr": lowest([a["tpr_at_1pct_fpr"] for a in alarms]),
         **spread(asr_after, ca_drop, through),
-        "leftover": {cause.value: sorted(r["name"] for r in bd if leftover_cause(r) is cause) for cause in Leftover},
+        "leftover": {cause.value: sorted(n for n, c in causes.items() if c is cause) for cause in Leftover},
     }
     return out
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from testbed.bench_report import _f, _png
-from testbed.zoo import Leftover
+from testbed.zoo import Leftover, kept_reach
 
 PARTS = {
     "all": "every model",
@@ -35,8 +35,7 @@ def _kept(tuning: dict | None) -> str:
         return "-"
     if tuning.get("kept_original"):
         return f"{tuning['mode']}, original prompts"
-    reach = (tuning.get("chosen_held_out") or {}).get("to_target")
-    return f"{tuning['mode']}, {tuning.get('rung', '-')}, {_f(reach)}"
+    return f"{tuning['mode']}, {tuning.get('rung', '-')}, {_f(kept_reach(tuning))}"
 
 
 def markdown(results: dict) -> str:
