@@ -199,7 +199,7 @@ def run_case(classes: int, shots: int, arch: str, model_dir: Path, threads: int)
             weights=prompts.features().numpy(),
             original=original.numpy(),
             logit_scale=clip.logit_scale,
-            centroid=inv.mean_feature.numpy(),
+            centroids=inv.mean_feature[None].numpy(),
             embeddings_sha256="0" * 64,
             trigger=None,
         )

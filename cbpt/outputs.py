@@ -87,7 +87,7 @@ def write_purified(folder: Path, result: Purified, shots: Shots, rep: dict) -> d
             "purified": result.purified,
             "original": result.original,
             "logit_scale": torch.tensor([result.logit_scale]),
-            "trigger_centroid": result.inversion.mean_feature,
+            "trigger_centroids": result.alarm_centres,
             "trigger_mask": result.inversion.trigger.mask,
             "trigger_pattern": result.inversion.trigger.pattern,
             "trigger_delta": result.inversion.trigger.delta,

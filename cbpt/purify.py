@@ -92,6 +92,7 @@ class Purified:
     tuning: TuningResult | None  # None: tuning was skipped
     timings: dict
     alarm: dict  # the runtime trigger alarm, calibrated on clean shots
+    alarm_centres: torch.Tensor  # [K, D] unit: the regions the alarm measures closeness to (`alarm_centres`)
     route: Route | None = None  # None: the purified embeddings answer everywhere (or equal the original)
 
 
@@ -147,11 +148,28 @@ def route_for(data: TuningData, calibration: torch.Tensor, share: float, plan: T
     return calibrate_route(clean, centroids, share, original, targets)
 
 
-def alarm_threshold(clean: torch.Tensor, centroid: torch.Tensor, fpr: float = 0.01) -> dict:
-    """Cosine-to-the-backdoor-region threshold flagging at most `fpr` of the clean shots
+def alarm_centres(inversion: InversionResult, plan: TuningPlan, data: TuningData | None) -> torch.Tensor:
+    """[K, D] where triggered images land (docs/method.md#trigger-alarm): the best mask's mean
+    triggered feature, and for a found backdoor (FULL mode) the mean triggered feature of every
+    trigger the head was tuned against; compact stand-ins and the other restarts need not land
+    where the best mask does."""
+    best = inversion.mean_feature[None]
+    if plan.mode is not TuningMode.FULL or data is None or not len(data.cache.centroids):
+        return best
+    return torch.cat([best, data.cache.centroids.to(best.device)])
+
+
+def alarm_score(features: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """[N] the trigger score: the largest cosine of each unit feature to the alarm's centres."""
+    return (features @ centres.to(features.device).T).max(1).values
+
+
+def alarm_threshold(clean: torch.Tensor, centres: torch.Tensor, fpr: float = 0.01) -> dict:
+    """Trigger-score threshold flagging at most `fpr` of the clean shots
     (docs/method.md#trigger-alarm)."""
-    scores = (clean @ centroid).cpu().numpy()
+    scores = alarm_score(clean, centres).cpu().numpy()
     return {
+        "centres": int(centres.shape[0]),
         "threshold": threshold_at_fpr(scores, fpr),
         "fpr": fpr,
         "n_clean": int(scores.size),
@@ -171,6 +189,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
     )
     if plan.mode is TuningMode.SKIPPED:
         clean = clip.encoder().all(shots.pixels)
+        centres = alarm_centres(inversion, plan, None)
         return Purified(
             **done,
             purified=original.clone(),
@@ -181,7 +200,8 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
                 "total_s": round(t1 - t0, 2),
                 "image_encoder_passes_during_tuning": 0,
             },
-            alarm=alarm_threshold(clean, inversion.mean_feature),
+            alarm=alarm_threshold(clean, centres),
+            alarm_centres=centres,
         )
     data = tuning_data(clip, shots, plan.triggers, plan.tuning, original)
     t2 = time.perf_counter()
@@ -195,6 +215,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
     )
     t3 = time.perf_counter()
     calibration = calibration_features(data)
+    centres = alarm_centres(inversion, plan, data)
     return Purified(
         **done,
         purified=result.text_features,
@@ -208,6 +229,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
             # tune() is given cached features and no image model: zero by construction
             "image_encoder_passes_during_tuning": 0,
         },
-        alarm=alarm_threshold(calibration, inversion.mean_feature),
+        alarm=alarm_threshold(calibration, centres),
+        alarm_centres=centres,
         route=None if result.kept_original else route_for(data, calibration, cfg.routed_share, plan),
     )

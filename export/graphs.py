@@ -23,11 +23,11 @@ IR_VERSION = 8  # opset 17's own IR version; newer IRs are refused by older runt
 class HeadSpec:
     """What the zero-shot head computes from image features f: logits = scale * cos(f, G), G the
     class embeddings the route picks for the image (all of them `weights` without a route;
-    cbpt_guard/routing.py), and the alarm's trigger_score = cos(f, centroid)."""
+    cbpt_guard/routing.py), and the alarm's trigger_score = max_k cos(f, centroids[k])."""
 
     weights: np.ndarray  # [C, D] the (purified) class embeddings
     scale: float
-    centroid: np.ndarray | None = None  # [D]
+    centroids: np.ndarray | None = None  # [K, D] the trigger alarm's centres
     route: Route | None = None
 
     def logits(self, unit: np.ndarray) -> np.ndarray:
@@ -88,14 +88,11 @@ def head_nodes(prefix: str, features: str, head: HeadSpec) -> tuple[list, list, 
         helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
     ]
     outputs = ["logits", "probs"]
-    if head.centroid is not None:
-        inits += [
-            _const(f"{prefix}trigger_centroid", head.centroid.reshape(d, 1)),
-            numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}axis1"),
-        ]
+    if head.centroids is not None:
+        inits.append(_const(f"{prefix}trigger_centroids_T", head.centroids.reshape(-1, d).T))  # [D, K]
         nodes += [
-            helper.make_node("MatMul", [f"{prefix}unit", f"{prefix}trigger_centroid"], [f"{prefix}tscore"]),
-            helper.make_node("Squeeze", [f"{prefix}tscore", f"{prefix}axis1"], ["trigger_score"]),
+            helper.make_node("MatMul", [f"{prefix}unit", f"{prefix}trigger_centroids_T"], [f"{prefix}tscore"]),
+            helper.make_node("ReduceMax", [f"{prefix}tscore"], ["trigger_score"], axes=[1], keepdims=0),
         ]
         outputs.append("trigger_score")
     for node in nodes:  # named, so that passes over the graph (int8) can tell the head apart

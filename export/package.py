@@ -48,7 +48,7 @@ class Source:
     weights: np.ndarray  # [C, D] the head's class embeddings
     original: np.ndarray
     logit_scale: float
-    centroid: np.ndarray | None
+    centroids: np.ndarray | None  # [K, D] the trigger alarm's centres
     report: dict
     embeddings_sha256: str
     trigger: dict[str, np.ndarray] | None = None  # the best inverted mask: mask, pattern, delta
@@ -57,8 +57,8 @@ class Source:
     def head(self) -> HeadSpec:
         from export.graphs import HeadSpec
 
-        centroid = None if self.centroid is None else self.centroid.astype(np.float32)
-        return HeadSpec(self.weights, self.logit_scale, centroid, self.route)
+        centroids = None if self.centroids is None else self.centroids.astype(np.float32)
+        return HeadSpec(self.weights, self.logit_scale, centroids, self.route)
 
     @property
     def alarm_threshold(self) -> float | None:
@@ -75,6 +75,20 @@ class Exported:
     manifest: dict  # everything but the file hashes, which `write_heads` adds
     parity: dict
     seconds: float
+
+
+def _alarm_centres(tensors: dict[str, np.ndarray], dim: int) -> np.ndarray | None:
+    """[K, D] the alarm's centres; folders purified before the alarm had several hold one
+    (`trigger_centroid`, [D])."""
+    centres = tensors.get("trigger_centroids", tensors.get("trigger_centroid"))
+    if centres is None:
+        return None
+    if centres.ndim not in (1, 2) or centres.shape[-1] != dim:
+        raise UserError(
+            f"the trigger alarm's centres have shape {list(centres.shape)}; the embeddings have {dim} dimensions",
+            "re-run `cbpt-guard purify`",
+        )
+    return centres.reshape(-1, dim)
 
 
 def read_source(folder: Path, which: str = "purified") -> Source:
@@ -116,7 +130,7 @@ def read_source(folder: Path, which: str = "purified") -> Source:
         weights=weights.astype(np.float32),
         original=tensors["original"].astype(np.float32),
         logit_scale=float(tensors["logit_scale"].ravel()[0]),
-        centroid=tensors.get("trigger_centroid"),
+        centroids=_alarm_centres(tensors, weights.shape[1]),
         trigger={k: tensors[f"trigger_{k}"] for k in ("mask", "pattern", "delta")}
         if "trigger_mask" in tensors
         else None,
@@ -270,7 +284,7 @@ def build_heads(
         "source_checkpoint_sha256": clip.checkpoint_sha256,
         "embeddings_sha256": source.embeddings_sha256,
         "architecture": clip.info.architecture,
-        "trigger_score": source.centroid is not None,
+        "trigger_score": source.centroids is not None,
         "trigger_alarm_threshold": alarm_threshold,
         "route": None if source.route is None else source.route.describe(),
         "parity": parity,

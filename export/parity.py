@@ -49,8 +49,8 @@ def check_parity(clip, blobs: dict[str, bytes], head: HeadSpec, seed: int = 0) -
             worst_probs = max(worst_probs, float(np.abs(out["probs"] - ref_probs).max()))
             agree += int((out["logits"].argmax(1) == ref_logits.numpy().argmax(1)).sum())
             n += batch
-            if head.centroid is not None:
-                ref_t = unit @ head.centroid
+            if head.centroids is not None:
+                ref_t = (unit @ head.centroids.T).max(1)
                 worst_logits = max(worst_logits, float(np.abs(out["trigger_score"] - ref_t).max()) * scale)
         entry = {
             "max_abs_logits": worst_logits,

@@ -62,7 +62,7 @@ class Defended:
     weights: torch.Tensor  # [C, D] normalised, in the shots' class order
     seconds: float
     info: dict
-    alarm_centroid: torch.Tensor | None = None  # CBPT's trigger alarm (its threshold in info["alarm"])
+    alarm_centres: torch.Tensor | None = None  # [K, D] CBPT's trigger alarm (its threshold in info["alarm"])
     route: Route | None = None  # CBPT's: where `weights` answer, the original head elsewhere
 
 
@@ -136,7 +136,7 @@ def cbpt(clip: LoadedClip, shots: Shots, cfg: PurifyConfig = PurifyConfig()) -> 
             "alarm": result.alarm,
             "route": None if result.route is None else result.route.describe(),
         },
-        result.inversion.mean_feature,
+        result.alarm_centres,
         result.route,
     )
 

@@ -188,8 +188,8 @@ def measure(
     nan = float("nan")
     attacked = attack != "none"  # a clean model has no trigger: ASR, RA and DER do not apply
     info = d.info
-    if attacked and d.alarm_centroid is not None:  # the second line: the runtime alarm on the real trigger
-        alarm = evaluate_alarm(feats, on.head, d.alarm_centroid, d.info["alarm"]["threshold"], on.route)
+    if attacked and d.alarm_centres is not None:  # the second line: the runtime alarm on the real trigger
+        alarm = evaluate_alarm(feats, on.head, d.alarm_centres, d.info["alarm"]["threshold"], on.route)
         info = {**info, "alarm_eval": None if alarm is None else asdict(alarm)}
     return Run(
         dataset=dataset,

@@ -168,9 +168,9 @@ def evaluate_weights(clip, weights, testbed: Path, batch_size: int = 256) -> Bac
 
 
 def evaluate_alarm(
-    feats: SplitFeatures, weights, centroid, threshold: float, route: Route | None = None
+    feats: SplitFeatures, weights, centres, threshold: float, route: Route | None = None
 ) -> AlarmEval | None:
-    """The trigger alarm (cosine to `centroid`, flagged over `threshold`) on the test split and
+    """The trigger alarm (the largest cosine to `centres` [K, D], flagged over `threshold`) on the test split and
     its triggered non-target images, with the head `weights` ([C, D], the testbed's class
     order) deciding which triggered images the attack won. None on a clean testbed. The torch
     twin of `benchmarks/alarm_quality.py`, which runs the exported heads."""
@@ -178,10 +178,12 @@ def evaluate_alarm(
         return None
     import torch
 
-    c = centroid.to(feats.clean.device)
+    from cbpt.purify import alarm_score
+
     trig = feats.triggered[torch.as_tensor(feats.labels != feats.target, device=feats.triggered.device)]
     hit = head_predictions(trig, weights, route) == feats.target
-    return alarm_evaluation((feats.clean @ c).cpu().numpy(), (trig @ c).cpu().numpy(), hit, threshold)
+    scores = [alarm_score(f, centres).cpu().numpy() for f in (feats.clean, trig)]
+    return alarm_evaluation(*scores, hit, threshold)
 
 
 def evaluate_heads(heads_dir: Path, testbed: Path, batch_size: int = 256, int8: bool = False) -> BackdoorEval:

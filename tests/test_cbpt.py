@@ -165,7 +165,10 @@ def test_purify_writes_complete_outputs_and_they_evaluate(purified, mini_testbed
     assert (rt["device"], rt["precision"], rt["encode_batch"], rt["torch_threads"]) == ("cpu", "fp32", 128, 1)
     assert rt["peak_rss_mb"] > 100
     emb = load_file(str(purified / "embeddings.safetensors"))
-    assert emb["purified"].shape == emb["original"].shape == (10, 32) and emb["trigger_centroid"].shape == (32,)
+    assert emb["purified"].shape == emb["original"].shape == (10, 32)
+    # the alarm's centres: the best mask's region and each trigger the head was tuned against
+    centres = 1 + len(rep["tuning"]["triggers"])
+    assert emb["trigger_centroids"].shape == (centres, 32) and rep["alarm"]["centres"] == centres > 1
     assert rep["tuning"]["mode"] == "full" and rep["tuning"]["best_step"] > 0 and not rep["tuning"]["kept_original"]
     # a weight the user fixed is kept: no escalation
     assert rep["settings"]["tuning"]["ladder"]["rungs"] == [] and (rep["tuning"]["rung"], rep["tuning"]["alpha"]) == (

@@ -100,12 +100,15 @@ def test_purified_heads_carry_the_trigger_score_and_alarm(purified, tmp_path, ca
     out = purified
     sess = _ort(out / "head.onnx")
     assert [o.name for o in sess.get_outputs()] == ["logits", "probs", "trigger_score"]
-    centroid = load_file(str(out / "embeddings.safetensors"))["trigger_centroid"].numpy()
-    feats = np.stack([2.0 * centroid, -centroid, np.ones(32, np.float32)])
+    centres = load_file(str(out / "embeddings.safetensors"))["trigger_centroids"].numpy()
+    assert centres.shape[0] > 1 and np.allclose(np.linalg.norm(centres, axis=1), 1, atol=1e-5)
+    feats = np.concatenate([2.0 * centres, -centres[:1], np.ones((1, 32), np.float32)])
     score = sess.run(["trigger_score"], {"image_features": feats})[0]
-    # the cosine to the inverted trigger's region, whatever the features' norm
-    expect = [1.0, -1.0, float(centroid.sum() / np.sqrt(32) / np.linalg.norm(centroid))]
-    assert score.shape == (3,) and np.allclose(score, expect, atol=1e-5)
+    # the largest cosine to the regions the head was tuned against, whatever the features' norm
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    expect = (unit @ centres.T).max(1)
+    assert score.shape == (len(feats),) and np.allclose(score, expect, atol=1e-5)
+    assert np.allclose(score[: len(centres)], 1.0, atol=1e-5)
     meta = {p.key: p.value for p in onnx.load(str(out / "head.onnx")).metadata_props}
     assert "trigger_alarm_threshold" in meta
     # re-export from the folder into Triton
@@ -137,6 +140,19 @@ def test_incomplete_or_tampered_sources_are_refused(purified, tmp_path, capsys):
     assert code == 1 and "hash mismatch" in err and not (tmp_path / "h2").exists()
     code, _, err = run_cli(capsys, "export", "--out", tmp_path / "h3")
     assert code == 2 and "either a purify output folder" in err
+
+
+def test_alarm_centres_of_older_folders_and_bad_shapes():
+    from cbpt_guard.errors import UserError
+    from export.package import _alarm_centres
+
+    one = np.ones(8, np.float32)
+    # folders purified when the alarm had one centre keep serving it
+    assert _alarm_centres({"trigger_centroid": one}, 8).shape == (1, 8)
+    assert _alarm_centres({"trigger_centroids": np.ones((3, 8), np.float32)}, 8).shape == (3, 8)
+    assert _alarm_centres({}, 8) is None
+    with pytest.raises(UserError, match="centres have shape"):
+        _alarm_centres({"trigger_centroids": np.ones((3, 7), np.float32)}, 8)
 
 
 def test_failed_parity_writes_nothing(mini_testbeds, tmp_path, capsys, monkeypatch):
