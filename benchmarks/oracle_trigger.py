@@ -14,6 +14,12 @@ scan: step-2 levers cost one tuning each (seconds on a 32-px testbed) instead of
 and each is seen beside the oracle, so a comparison at one setting cannot blame the head for what
 is the optimiser's (docs/results.md#step-2-levers-beside-the-oracle).
 
+`--levers` also takes coverage levers (COVERAGE_LEVERS), which change what the head is tuned
+against rather than how: inverted triggers of another shape added to the plan's, or a second
+round against a mask inverted through the first round's head. They run against the inverted
+triggers only (the real trigger is what they try to stand in for;
+docs/results.md#coverage-levers).
+
 Where the real trigger on the shots leaves as much ASR as the inverted one at the same CA, the
 inverted trigger is not what is missing: no head tuned on these shots does better at that CA
 (benchmarks/head_bound.py asks the same of any linear head, with far more data). Resumable:
@@ -30,12 +36,16 @@ from itertools import product
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from cbpt.data import ShotBudget, load_shots
-from cbpt.inversion import Candidate
-from cbpt.model import load_clip
+from cbpt import inversion as inv_mod
+from cbpt.data import ShotBudget, Shots, load_shots
+from cbpt.inversion import Candidate, InversionResult
+from cbpt.losses import class_logits
+from cbpt.model import LoadedClip, load_clip
 from cbpt.purify import (
     PurifyConfig,
+    TuningPlan,
     calibration_features,
     original_head,
     plan_tuning,
@@ -44,8 +54,8 @@ from cbpt.purify import (
     tuning_data,
 )
 from cbpt.scan import read_scan, run_scan
-from cbpt.trigger import TriggerKind
-from cbpt.tuning import TuningConfig
+from cbpt.trigger import DummyTrigger, TriggerKind
+from cbpt.tuning import Ladder, TuningConfig
 from cbpt_guard import atomic
 from cbpt_guard.artifacts import CLASSES
 from testbed.evaluate import class_order, encode_test_split, score_head
@@ -77,6 +87,113 @@ STEP2_LEVERS: dict[str, Callable[[TuningConfig], TuningConfig]] = {
     # triggered copies whose feature shift is also taken 2 times as far (docs/method.md#trigger-strength)
     "strength2": _tuning(strengths=(1.0, 2.0)),
     "views6": _tuning(views=6),  # six augmented views of each shot instead of two
+    # one fixed rung, no ladder: does a stronger trigger loss reach what the held-out check calls settled?
+    "rung0.5-3": _tuning(margin=3.0, ladder=Ladder.off()),
+    "rung1-3": _tuning(alpha=1.0, margin=3.0, ladder=Ladder.off()),
+    "rung2-3": _tuning(alpha=2.0, margin=3.0, ladder=Ladder.off()),
+}
+
+
+@dataclass(frozen=True)
+class Round1:
+    """What a coverage lever reads: the model, its tuning shots, the scan, the plan, and the
+    head step 2 tuned against the plan's triggers (purify's own result)."""
+
+    clip: LoadedClip
+    shots: Shots
+    inversion: InversionResult
+    plan: TuningPlan
+    original: torch.Tensor
+    head: torch.Tensor  # [C, D] round 1's tuned class features
+    target: int  # the scan's target
+
+
+def _blend_init(h: int, w: int, cfg, gen: torch.Generator, device: torch.device):
+    """A blend-shaped dummy trigger: one opacity over the whole image and a free pattern; its
+    size is the opacity (a per-pixel mask pays for a blend's every pixel)."""
+    logit = inv_mod._leaf(torch.tensor(-2.0) + torch.randn((), generator=gen) * 0.3, device)
+    pattern = inv_mod._leaf(torch.randn(3, h, w, generator=gen), device)
+
+    def build() -> tuple[DummyTrigger, torch.Tensor]:
+        alpha = torch.sigmoid(logit)
+        mask = alpha * torch.ones(h, w, device=device)
+        return DummyTrigger(mask, torch.sigmoid(pattern), torch.zeros(3, h, w, device=device)), alpha
+
+    return [logit, pattern], build
+
+
+def blend_restarts(r: Round1, n: int = 2, stream: int = 3) -> list[Candidate]:
+    """`n` blend-shaped inversions under purify's contrastive loss, from their own random stream."""
+    cfg = PurifyConfig().inversion
+    enc = r.clip.encoder()
+    gen = torch.Generator().manual_seed(cfg.seed + stream)
+    clean = enc.all(r.shots.pixels)
+    labels = r.shots.labels.to(enc.device)
+    runs = [inv_mod._one_restart(enc, r.shots.pixels, clean, cfg, gen, lambda: None, _blend_init) for _ in range(n)]
+    return [inv_mod._describe(run, clean, labels, r.original, probe=True) for run in runs]
+
+
+def _pull(r: Round1) -> float | None:
+    """The strongest over-alignment toward the target among the scan's per-pixel masks."""
+    pulls = [c.over_alignment for c in r.inversion.masks() if not c.probe and c.target == r.target]
+    return max((p for p in pulls if p is not None), default=None)
+
+
+def with_blends(r: Round1, pulling: bool) -> list[Candidate]:
+    """The plan's triggers and the blend-shaped inversions aimed at the scan's target; with
+    `pulling`, only those over-aligned at least as far as the per-pixel masks (the condition
+    compact masks stand in under, docs/method.md#compact-probes)."""
+    pull = _pull(r)
+    blends = [
+        c
+        for c in blend_restarts(r)
+        if c.target == r.target
+        and (not pulling or pull is None or (c.over_alignment is not None and c.over_alignment >= pull))
+    ]
+    return r.plan.triggers + [replace(c, target=r.target) for c in blends]
+
+
+def reinverted(r: Round1, steps: int = 200, goal: float = 0.9, seed: int = 100) -> list[Candidate]:
+    """The plan's triggers and a mask inverted through round 1's head (Neural-Cleanse style:
+    cross-entropy to the target over the other classes' shots, plus lambda times the mask's
+    mean, lambda raised while at least `goal` of a batch reaches the target): whatever still
+    reaches the target after round 1, tuned against in a second round."""
+    enc, scale = r.clip.encoder(), r.clip.logit_scale
+    gen = torch.Generator().manual_seed(seed)
+    rows = (r.shots.labels != r.target).nonzero().flatten()
+    pixels = r.shots.pixels[rows]
+    _, _, h, w = pixels.shape
+    a = (torch.full((h, w), -3.0) + torch.randn(h, w, generator=gen) * 0.5).to(enc.device).requires_grad_()
+    b = torch.randn(3, h, w, generator=gen).to(enc.device).requires_grad_()
+    opt = torch.optim.Adam([a, b], lr=0.1)
+    lam, head = 1.0, r.head.to(enc.device)
+
+    def build() -> DummyTrigger:
+        return DummyTrigger(torch.sigmoid(a), torch.sigmoid(b), torch.zeros(3, h, w, device=enc.device))
+
+    for step in range(steps):
+        idx = torch.randperm(pixels.shape[0], generator=gen)[:32]
+        trigger = build()
+        logits = class_logits(enc(trigger.apply(enc.load(pixels[idx]))), head, scale)
+        want = torch.full((len(idx),), r.target, device=enc.device)
+        loss = F.cross_entropy(logits, want) + lam * trigger.mask.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 9:
+            reached = float((logits.argmax(1) == r.target).float().mean())
+            lam = lam * 1.5 if reached >= goal else lam / 1.5
+    with torch.no_grad():
+        trigger = build().to(enc.device)
+        feats = enc.all(pixels, view=lambda x, _rows: trigger.apply(x))
+        flips = float((class_logits(feats, head, scale).argmax(1) == r.target).float().mean())
+    return r.plan.triggers + [Candidate(trigger, r.target, flips, None, probe=True)]
+
+
+COVERAGE_LEVERS: dict[str, Callable[[Round1], list[Candidate]]] = {
+    "blends2": lambda r: with_blends(r, pulling=False),  # two blend-shaped inversions beside the plan's
+    "blends2-pull": lambda r: with_blends(r, pulling=True),  # ... only those that pull as hard as the masks
+    "reinvert": reinverted,  # a second round against what still reaches the target through round 1's head
 }
 
 
@@ -86,7 +203,11 @@ def _key(triggers: str, tol: float, lever: str) -> str:
 
 
 def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict) -> dict:
-    keys = [_key(t, tol, lever) for t, tol, lever in product(("inverted", "real"), tolerances, levers)]
+    keys = [
+        _key(t, tol, lever)
+        for t, tol, lever in product(("inverted", "real"), tolerances, levers)
+        if not (t == "real" and lever in COVERAGE_LEVERS)
+    ]
     if "before" in done and all(k in done for k in keys):
         return done  # nothing to measure: no scan
     cfg = PurifyConfig(budget=ShotBudget(16))
@@ -112,22 +233,39 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict) ->
         "scan": {"backdoored": verdict.backdoored, "target_named": verdict.target == target},
         "before": scored(original, None),
     }
+
+    def step2(triggers: list[Candidate], tuning: TuningConfig, tol: float) -> tuple[torch.Tensor, dict]:
+        p = replace(
+            plan,
+            triggers=triggers,
+            tuning=replace(tuning, clean_tolerance=tol),
+            acceptance=replace(plan.acceptance, clean_tolerance=tol),
+        )
+        data = tuning_data(clip, shots, p.triggers, p.tuning, original)
+        result = tune_prompts(clip, shots.classnames, data, p.tuning, p.acceptance)
+        route = None if result.kept_original else route_for(data, calibration_features(data), cfg.routed_share, p)
+        chosen = result.chosen
+        row = scored(result.text_features, route) | {"rung": chosen.rung.index, "step": chosen.step}
+        return result.text_features, row | {"triggers": len(triggers)}
+
     for (triggers_name, triggers), tol, lever in product(
         (("inverted", plan.triggers), ("real", real)), tolerances, levers
     ):
         key = _key(triggers_name, tol, lever)
-        if key not in out:
-            p = replace(
-                plan,
-                triggers=triggers,
-                tuning=replace(STEP2_LEVERS[lever](plan.tuning), clean_tolerance=tol),
-                acceptance=replace(plan.acceptance, clean_tolerance=tol),
-            )
-            data = tuning_data(clip, shots, p.triggers, p.tuning, original)
-            result = tune_prompts(clip, shots.classnames, data, p.tuning, p.acceptance)
-            route = None if result.kept_original else route_for(data, calibration_features(data), cfg.routed_share, p)
-            chosen = result.chosen
-            out[key] = scored(result.text_features, route) | {"rung": chosen.rung.index, "step": chosen.step}
+        if key in out or (triggers_name == "real" and lever in COVERAGE_LEVERS):
+            continue
+        if lever in STEP2_LEVERS:
+            out[key] = step2(triggers, STEP2_LEVERS[lever](plan.tuning), tol)[1]
+            continue
+        head, _ = step2(plan.triggers, plan.tuning, tol)  # round 1: purify's own step 2
+        r1 = Round1(clip, shots, inv, plan, original, head, verdict.target)
+        more = COVERAGE_LEVERS[lever](r1)
+        out[key] = step2(more, plan.tuning, tol)[1] | {
+            "added": [
+                {"flip_rate": round(c.flip_rate, 3), "mask_l1": round(c.mask_l1, 4), "over_alignment": c.over_alignment}
+                for c in more[len(plan.triggers) :]
+            ]
+        }
     return out
 
 
@@ -135,7 +273,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("testbeds", nargs="+", type=Path, help="backdoored testbed or zoo model folders")
     ap.add_argument("--tolerances", nargs="+", type=float, default=[TuningConfig.clean_tolerance])
-    ap.add_argument("--levers", nargs="+", default=["base"], choices=list(STEP2_LEVERS), help="step-2 changes")
+    ap.add_argument(
+        "--levers", nargs="+", default=["base"], choices=[*STEP2_LEVERS, *COVERAGE_LEVERS], help="step-2 changes"
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
