@@ -26,6 +26,7 @@ def tuning_report(result: Purified, history: bool = True) -> dict:
     t: TuningResult | None = result.tuning
     base = {
         "mode": result.plan.mode,
+        "steps": result.plan.tuning.steps,  # a rung's schedule; fewer with no held-out shots (FixedSchedule)
         "kept_original": t is None or t.kept_original,
         "triggers": [
             {"kind": c.kind, "target": result.classnames[c.target], "probe": c.probe} for c in result.plan.triggers

@@ -67,18 +67,18 @@ def plan_tuning(verdict: Verdict, inversion: InversionResult, cfg: PurifyConfig,
     """A found backdoor is tuned against the triggers that showed it, each aimed at its target;
     a model that reads clean (tuned cautiously, or with --force) against every restart but the
     probes, each at its own target. A model that reads clean is never escalated: a natural
-    feature keeps held-out shots at its class whatever the strength."""
+    feature keeps held-out shots at its class whatever the strength. With no held-out shots the
+    schedule is `TuningConfig.unchecked`'s."""
     tol, kl = cfg.tuning.clean_tolerance, cfg.tuning.max_clean_kl
+    tuning = cfg.tuning if held_out else cfg.tuning.unchecked(cfg.budget.tuning())
     suspected = verdict.backdoored or cfg.force
     triggers = verdict.triggers if verdict.backdoored else inversion.restarts()
     if verdict.evidence in MASK_EVIDENCE:
         triggers = cfg.inversion.compact.tuned_against(triggers, inversion, verdict.target)
     if suspected:
-        return TuningPlan(TuningMode.FULL, triggers, FullAcceptance(tol, kl), cfg.tuning)
+        return TuningPlan(TuningMode.FULL, triggers, FullAcceptance(tol, kl), tuning)
     mode = TuningMode.CAUTIOUS if held_out else TuningMode.SKIPPED
-    return TuningPlan(
-        mode, triggers, CautiousAcceptance(tol, max_clean_kl=kl), replace(cfg.tuning, ladder=Ladder.off())
-    )
+    return TuningPlan(mode, triggers, CautiousAcceptance(tol, max_clean_kl=kl), replace(tuning, ladder=Ladder.off()))
 
 
 @dataclass

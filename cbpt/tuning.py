@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
 
@@ -173,6 +173,21 @@ class ClassSchedule:
 
 
 @dataclass(frozen=True)
+class FixedSchedule:
+    """Tuning with no held-out shots (docs/method.md#shot-budget): nothing stops a rung early
+    and its checkpoints are ranked on the shots it fits, so the rung's length follows the shots
+    per class: the configured steps from `full_at` tuning shots per class up, proportionally
+    fewer below (whole evaluations, at least one, never more than configured)."""
+
+    full_at: int = 8
+
+    def steps(self, steps: int, eval_every: int, shots_per_class: int) -> int:
+        if shots_per_class >= self.full_at:
+            return steps
+        return min(steps, max(eval_every, round(steps * shots_per_class / self.full_at / eval_every) * eval_every))
+
+
+@dataclass(frozen=True)
 class TuningConfig:
     n_ctx: int = 4
     steps: int = 300
@@ -192,7 +207,12 @@ class TuningConfig:
     max_clean_kl: float | None = None  # how far held-out decisions may move (None: no cap; docs/method.md#acceptance)
     ladder: Ladder = field(default_factory=Ladder)
     classes: ClassSchedule = field(default_factory=ClassSchedule)
+    fixed: FixedSchedule = field(default_factory=FixedSchedule)
     seed: int = 0
+
+    def unchecked(self, shots_per_class: int) -> TuningConfig:
+        """This config for tuning with no held-out shots (`FixedSchedule`)."""
+        return replace(self, steps=self.fixed.steps(self.steps, self.eval_every, shots_per_class))
 
 
 @dataclass(frozen=True)

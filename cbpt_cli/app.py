@@ -192,7 +192,13 @@ CompactOpt = Annotated[
         "(docs/method.md#compact-probes). Default: 3; 0 turns them off."
     ),
 ]
-TuneStepsOpt = Annotated[int, typer.Option(help="Prompt-tuning steps (early stopping may end sooner).")]
+TuneStepsOpt = Annotated[
+    int,
+    typer.Option(
+        help="Prompt-tuning steps a rung (early stopping may end sooner; with nothing held out and under 8 shots"
+        " a class, proportionally fewer)."
+    ),
+]
 EpsOpt = Annotated[
     float,
     typer.Option(

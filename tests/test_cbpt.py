@@ -396,6 +396,21 @@ def test_the_tuning_plan_follows_the_verdict():
     assert forced.mode == TuningMode.FULL and forced.tuning.ladder == cfg.tuning.ladder
 
 
+@pytest.mark.parametrize(("k", "steps"), [(1, 40), (2, 80), (4, 150), (7, 260), (8, 300), (16, 300)])
+def test_with_nothing_held_out_the_schedule_shortens_with_the_shots(k, steps):
+    """No held-out shot stops a rung early, so below 8 shots a class it runs proportionally
+    fewer steps (docs/method.md#shot-budget); with held-out shots the configured steps stand."""
+    from cbpt.data import ShotBudget
+    from cbpt.purify import PurifyConfig, plan_tuning
+
+    found = fake_inversion([("mask", 5, 1.0, 0.3)], score=0.9)
+    cfg = PurifyConfig(budget=ShotBudget(k, held_out=0))
+    assert plan_tuning(read_scan(found), found, cfg, held_out=False).tuning.steps == steps
+    assert plan_tuning(read_scan(found), found, cfg, held_out=True).tuning.steps == 300
+    short = replace(cfg, tuning=replace(cfg.tuning, steps=5))  # a schedule shorter than one evaluation stays as set
+    assert plan_tuning(read_scan(found), found, short, held_out=False).tuning.steps == 5
+
+
 def test_compact_masks_stand_in_for_the_per_pixel_ones_only_where_they_flip_the_shots_too():
     from cbpt.inversion import CompactProbes
     from cbpt.purify import PurifyConfig, plan_tuning
