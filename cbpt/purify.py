@@ -150,11 +150,12 @@ def route_for(data: TuningData, calibration: torch.Tensor, share: float, plan: T
 
 def alarm_centres(inversion: InversionResult, plan: TuningPlan, data: TuningData | None) -> torch.Tensor:
     """[K, D] where triggered images land (docs/method.md#trigger-alarm): the best mask's mean
-    triggered feature, and for a found backdoor (FULL mode) the mean triggered feature of every
-    trigger the head was tuned against; compact stand-ins and the other restarts need not land
-    where the best mask does."""
+    triggered feature, and where the scan found a backdoor, the mean triggered feature of every
+    trigger the head was tuned against (compact stand-ins and the other masks need not land where
+    the best mask does). A clean reading, tuned cautiously or with --force, keeps the best mask's
+    alone: its other restarts aim at natural features, whose regions clean images share."""
     best = inversion.mean_feature[None]
-    if plan.mode is not TuningMode.FULL or data is None or not len(data.cache.centroids):
+    if not read_scan(inversion).backdoored or data is None or not len(data.cache.centroids):
         return best
     return torch.cat([best, data.cache.centroids.to(best.device)])
 

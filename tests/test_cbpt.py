@@ -166,9 +166,10 @@ def test_purify_writes_complete_outputs_and_they_evaluate(purified, mini_testbed
     assert rt["peak_rss_mb"] > 100
     emb = load_file(str(purified / "embeddings.safetensors"))
     assert emb["purified"].shape == emb["original"].shape == (10, 32)
-    # the alarm's centres: the best mask's region and each trigger the head was tuned against
-    centres = 1 + len(rep["tuning"]["triggers"])
-    assert emb["trigger_centroids"].shape == (centres, 32) and rep["alarm"]["centres"] == centres > 1
+    # the alarm watches the best mask's region alone: this miniature reads clean, and --force
+    # tunes it against restarts aimed at natural features, which clean images share
+    assert rep["scan"]["backdoored"] is False and len(rep["tuning"]["triggers"]) > 1
+    assert emb["trigger_centroids"].shape == (1, 32) and rep["alarm"]["centres"] == 1
     assert rep["tuning"]["mode"] == "full" and rep["tuning"]["best_step"] > 0 and not rep["tuning"]["kept_original"]
     # a weight the user fixed is kept: no escalation
     assert rep["settings"]["tuning"]["ladder"]["rungs"] == [] and (rep["tuning"]["rung"], rep["tuning"]["alpha"]) == (
@@ -394,6 +395,29 @@ def test_the_tuning_plan_follows_the_verdict():
     assert plan_tuning(read_scan(clean), clean, cfg, held_out=False).mode == TuningMode.SKIPPED
     forced = plan_tuning(read_scan(clean), clean, PurifyConfig(force=True), held_out=False)
     assert forced.mode == TuningMode.FULL and forced.tuning.ladder == cfg.tuning.ladder
+
+
+def test_the_alarm_watches_every_tuned_trigger_of_a_found_backdoor_and_only_the_best_mask_otherwise():
+    from cbpt.features import FeatureCache
+    from cbpt.purify import PurifyConfig, alarm_centres, plan_tuning
+    from cbpt.tuning import TuningData
+
+    def data(k: int) -> TuningData:
+        f = F.normalize(torch.randn(k, 32, generator=torch.Generator().manual_seed(k)), dim=-1)
+        empty = torch.zeros(0, dtype=torch.long)
+        cache = FeatureCache(f, torch.zeros(k, dtype=torch.long), f[:0], empty, empty, f, 0)
+        return TuningData(cache, None, f, 10.0)
+
+    found = fake_inversion([("mask", 5, 1.0, 0.3), ("mask", 5, 1.0, 0.2), ("warp", 4, 0.7, -0.2)], score=0.9)
+    plan = plan_tuning(read_scan(found), found, PurifyConfig(), held_out=True)
+    d = data(len(plan.triggers))
+    centres = alarm_centres(found, plan, d)
+    assert torch.equal(centres, torch.cat([found.mean_feature[None], d.cache.centroids]))
+    # a clean reading, whether tuned cautiously or forced: the best mask's region alone
+    clean = fake_inversion(CLEAN_READING, score=0.3)
+    for cfg in (PurifyConfig(), PurifyConfig(force=True)):
+        plan = plan_tuning(read_scan(clean), clean, cfg, held_out=True)
+        assert torch.equal(alarm_centres(clean, plan, data(len(plan.triggers))), clean.mean_feature[None])
 
 
 @pytest.mark.parametrize(("k", "steps"), [(1, 40), (2, 80), (4, 150), (7, 260), (8, 300), (16, 300)])

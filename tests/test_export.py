@@ -97,18 +97,27 @@ def test_purified_heads_carry_the_trigger_score_and_alarm(purified, tmp_path, ca
     import onnx
     from safetensors.torch import load_file
 
+    from export.graphs import HeadSpec, build_head
+
     out = purified
     sess = _ort(out / "head.onnx")
     assert [o.name for o in sess.get_outputs()] == ["logits", "probs", "trigger_score"]
     centres = load_file(str(out / "embeddings.safetensors"))["trigger_centroids"].numpy()
-    assert centres.shape[0] > 1 and np.allclose(np.linalg.norm(centres, axis=1), 1, atol=1e-5)
-    feats = np.concatenate([2.0 * centres, -centres[:1], np.ones((1, 32), np.float32)])
-    score = sess.run(["trigger_score"], {"image_features": feats})[0]
-    # the largest cosine to the regions the head was tuned against, whatever the features' norm
-    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
-    expect = (unit @ centres.T).max(1)
-    assert score.shape == (len(feats),) and np.allclose(score, expect, atol=1e-5)
-    assert np.allclose(score[: len(centres)], 1.0, atol=1e-5)
+    assert centres.shape[0] >= 1 and np.allclose(np.linalg.norm(centres, axis=1), 1, atol=1e-5)
+    # the score is the largest cosine to the alarm's centres, whatever the features' norm: the
+    # purified folder's own, and a head with several centres as a found backdoor's has
+    rng = np.random.default_rng(0)
+    several = rng.normal(size=(3, 32)).astype(np.float32)
+    several /= np.linalg.norm(several, axis=1, keepdims=True)
+    weights = load_file(str(out / "embeddings.safetensors"))["purified"].numpy()
+    built = tmp_path / "several.onnx"
+    built.write_bytes(build_head(HeadSpec(weights, 10.0, several)).SerializeToString())
+    for session, cs in ((sess, centres), (_ort(built), several)):
+        feats = np.concatenate([2.0 * cs, -cs[:1], np.ones((1, 32), np.float32)])
+        score = session.run(["trigger_score"], {"image_features": feats})[0]
+        unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+        assert score.shape == (len(feats),) and np.allclose(score, (unit @ cs.T).max(1), atol=1e-5)
+        assert np.allclose(score[: len(cs)], 1.0, atol=1e-5)
     meta = {p.key: p.value for p in onnx.load(str(out / "head.onnx")).metadata_props}
     assert "trigger_alarm_threshold" in meta
     # re-export from the folder into Triton
