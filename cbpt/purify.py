@@ -148,14 +148,14 @@ def route_for(data: TuningData, calibration: torch.Tensor, share: float, plan: T
     return calibrate_route(clean, centroids, share, original, targets)
 
 
-def alarm_centres(inversion: InversionResult, plan: TuningPlan, data: TuningData | None) -> torch.Tensor:
+def alarm_centres(inversion: InversionResult, verdict: Verdict, data: TuningData | None) -> torch.Tensor:
     """[K, D] where triggered images land (docs/method.md#trigger-alarm): the best mask's mean
     triggered feature, and where the scan found a backdoor, the mean triggered feature of every
     trigger the head was tuned against (compact stand-ins and the other masks need not land where
     the best mask does). A clean reading, tuned cautiously or with --force, keeps the best mask's
     alone: its other restarts aim at natural features, whose regions clean images share."""
     best = inversion.mean_feature[None]
-    if not read_scan(inversion).backdoored or data is None or not len(data.cache.centroids):
+    if not verdict.backdoored or data is None or not len(data.cache.centroids):
         return best
     return torch.cat([best, data.cache.centroids.to(best.device)])
 
@@ -184,13 +184,14 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
     original = original_head(clip, shots.classnames)
     inversion = run_scan(clip, shots, cfg.inversion, original, progress)
     t1 = time.perf_counter()
-    plan = plan_tuning(read_scan(inversion), inversion, cfg, shots.held_pixels is not None)
+    verdict = read_scan(inversion)
+    plan = plan_tuning(verdict, inversion, cfg, shots.held_pixels is not None)
     done = dict(
         classnames=shots.classnames, original=original, logit_scale=clip.logit_scale, inversion=inversion, plan=plan
     )
     if plan.mode is TuningMode.SKIPPED:
         clean = clip.encoder().all(shots.pixels)
-        centres = alarm_centres(inversion, plan, None)
+        centres = alarm_centres(inversion, verdict, None)
         return Purified(
             **done,
             purified=original.clone(),
@@ -216,7 +217,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
     )
     t3 = time.perf_counter()
     calibration = calibration_features(data)
-    centres = alarm_centres(inversion, plan, data)
+    centres = alarm_centres(inversion, verdict, data)
     return Purified(
         **done,
         purified=result.text_features,

@@ -34,6 +34,10 @@ class HeadSpec:
         """The reference the graphs are checked against, for unit features [N, D]."""
         return self.scale * (unit @ self.weights.T if self.route is None else self.route.cosines(unit, self.weights))
 
+    def trigger_score(self, unit: np.ndarray) -> np.ndarray:
+        """The reference for `trigger_score` [N]: the largest cosine to the alarm's centres."""
+        return (unit @ self.centroids.T).max(1)
+
 
 def _const(name: str, value) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)

@@ -50,7 +50,7 @@ def check_parity(clip, blobs: dict[str, bytes], head: HeadSpec, seed: int = 0) -
             agree += int((out["logits"].argmax(1) == ref_logits.numpy().argmax(1)).sum())
             n += batch
             if head.centroids is not None:
-                ref_t = (unit @ head.centroids.T).max(1)
+                ref_t = head.trigger_score(unit)
                 worst_logits = max(worst_logits, float(np.abs(out["trigger_score"] - ref_t).max()) * scale)
         entry = {
             "max_abs_logits": worst_logits,

@@ -409,15 +409,16 @@ def test_the_alarm_watches_every_tuned_trigger_of_a_found_backdoor_and_only_the_
         return TuningData(cache, None, f, 10.0)
 
     found = fake_inversion([("mask", 5, 1.0, 0.3), ("mask", 5, 1.0, 0.2), ("warp", 4, 0.7, -0.2)], score=0.9)
-    plan = plan_tuning(read_scan(found), found, PurifyConfig(), held_out=True)
-    d = data(len(plan.triggers))
-    centres = alarm_centres(found, plan, d)
+    verdict = read_scan(found)
+    d = data(len(plan_tuning(verdict, found, PurifyConfig(), held_out=True).triggers))
+    centres = alarm_centres(found, verdict, d)
     assert torch.equal(centres, torch.cat([found.mean_feature[None], d.cache.centroids]))
     # a clean reading, whether tuned cautiously or forced: the best mask's region alone
     clean = fake_inversion(CLEAN_READING, score=0.3)
+    verdict = read_scan(clean)
     for cfg in (PurifyConfig(), PurifyConfig(force=True)):
-        plan = plan_tuning(read_scan(clean), clean, cfg, held_out=True)
-        assert torch.equal(alarm_centres(clean, plan, data(len(plan.triggers))), clean.mean_feature[None])
+        plan = plan_tuning(verdict, clean, cfg, held_out=True)
+        assert torch.equal(alarm_centres(clean, verdict, data(len(plan.triggers))), clean.mean_feature[None])
 
 
 @pytest.mark.parametrize(("k", "steps"), [(1, 40), (2, 80), (4, 150), (7, 260), (8, 300), (16, 300)])
