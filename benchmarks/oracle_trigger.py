@@ -123,14 +123,13 @@ def _blend_init(h: int, w: int, cfg, gen: torch.Generator, device: torch.device)
 
 
 def blend_restarts(r: Round1, n: int = 2, stream: int = 3) -> list[Candidate]:
-    """`n` blend-shaped inversions under purify's contrastive loss, from their own random stream."""
-    cfg = PurifyConfig().inversion
-    enc = r.clip.encoder()
-    gen = torch.Generator().manual_seed(cfg.seed + stream)
-    clean = enc.all(r.shots.pixels)
-    labels = r.shots.labels.to(enc.device)
-    runs = [inv_mod._one_restart(enc, r.shots.pixels, clean, cfg, gen, lambda: None, _blend_init) for _ in range(n)]
-    return [inv_mod._describe(run, clean, labels, r.original, probe=True) for run in runs]
+    """`n` blend-shaped inversions under purify's contrastive loss, from their own random stream:
+    the scan's probes (`cbpt.inversion._probe`) with a blend's start."""
+    cfg, shots = PurifyConfig().inversion, r.shots
+    added = inv_mod._probe(
+        r.clip.encoder(), shots.pixels, shots.labels, r.original, r.inversion, cfg, n, stream, _blend_init, None
+    )
+    return added.candidates[len(r.inversion.candidates) :]
 
 
 def _pull(r: Round1) -> float | None:
@@ -248,6 +247,8 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict) ->
         row = scored(result.text_features, route) | {"rung": chosen.rung.index, "step": chosen.step}
         return result.text_features, row | {"triggers": len(triggers)}
 
+    round1: dict[float, torch.Tensor] = {}  # purify's own step 2 at each tolerance, for the coverage levers
+
     for (triggers_name, triggers), tol, lever in product(
         (("inverted", plan.triggers), ("real", real)), tolerances, levers
     ):
@@ -257,8 +258,9 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict) ->
         if lever in STEP2_LEVERS:
             out[key] = step2(triggers, STEP2_LEVERS[lever](plan.tuning), tol)[1]
             continue
-        head, _ = step2(plan.triggers, plan.tuning, tol)  # round 1: purify's own step 2
-        r1 = Round1(clip, shots, inv, plan, original, head, verdict.target)
+        if tol not in round1:
+            round1[tol] = step2(plan.triggers, plan.tuning, tol)[0]
+        r1 = Round1(clip, shots, inv, plan, original, round1[tol], verdict.target)
         more = COVERAGE_LEVERS[lever](r1)
         out[key] = step2(more, plan.tuning, tol)[1] | {
             "added": [
