@@ -40,6 +40,15 @@ class RungVerdict(StrEnum):
     KEEP = "keep"  # the best so far stays
 
 
+def clean_kept(before: float, after: float, tolerance: float, count: int) -> bool:
+    """Whether a clean accuracy read on `count` images (0: not known) stayed within `tolerance`
+    of `before`, in whole images: n images cannot show a loss finer than 1/n, so one image may
+    always go (at K = 16, 40 held-out images, a 1.5-point tolerance refused every checkpoint
+    that lost one; docs/method.md#acceptance)."""
+    allowed = max(tolerance, 1 / count) if count else tolerance
+    return after >= before - allowed - 1e-9
+
+
 @dataclass(frozen=True)
 class HeldOut:
     """A head's figures on the held-out shots (on the tuning shots when none are held out)."""
@@ -49,10 +58,15 @@ class HeldOut:
     objective: float  # L_clean + alpha * L_trig
     clean_kl: float  # how far the clean decisions moved from the original head's
     to_target: float | None = None  # triggered shots sent to their trigger's target (the stand-in for ASR)
+    clean_count: int = 0  # clean images the accuracy was read on (0: not known)
 
     @property
     def reach(self) -> float:
         return self.to_target or 0.0
+
+    def kept_by(self, h: HeldOut, tolerance: float) -> bool:
+        """Whether `h` kept this head's clean accuracy within `tolerance` (`clean_kept`)."""
+        return clean_kept(self.clean_acc, h.clean_acc, tolerance, self.clean_count)
 
 
 @dataclass(frozen=True)
@@ -60,7 +74,9 @@ class Ladder:
     """Escalation (docs/method.md#escalation): stronger trigger losses, (alpha, margin in
     logits), tried in turn while more than `target_rate` of the held-out triggered shots still
     reach their target. A stronger rung must keep the first rung's held-out clean accuracy,
-    less `allowance` where at least `strong_evidence` of those shots reached the target there."""
+    less `allowance` where at least `strong_evidence` of those shots reached the target there;
+    the floor applies to each of a stronger rung's checkpoints (`Ladder.holds`), so a rung is
+    refused only when none of them keeps it."""
 
     rungs: tuple[tuple[float, float], ...] = ((1.0, 3.0), (2.0, 3.0))
     target_rate: float = 0.01
@@ -78,11 +94,16 @@ class Ladder:
         """The held-out clean accuracy a stronger rung must keep. The allowance is spent only
         where the first rung kept the original head's within `clean_tolerance`."""
         strong = first.reach >= self.strong_evidence
-        kept = first.clean_acc >= original.clean_acc - clean_tolerance - 1e-9
+        kept = original.kept_by(first, clean_tolerance)
         return first.clean_acc - (self.allowance if strong and kept else 0.0)
 
+    @staticmethod
+    def holds(h: HeldOut, floor: float | None) -> bool:
+        """Whether a checkpoint keeps a stronger rung's floor (None: the first rung has none)."""
+        return floor is None or h.clean_acc >= floor - 1e-9
+
     def weigh(self, best: HeldOut, run: HeldOut, floor: float) -> RungVerdict:
-        if run.clean_acc < floor - 1e-9:
+        if not self.holds(run, floor):
             return RungVerdict.STOP
         return RungVerdict.TAKE if run.reach < best.reach else RungVerdict.KEEP
 
@@ -131,7 +152,7 @@ class FullAcceptance:
         return None
 
     def eligible(self, h: HeldOut, original: HeldOut) -> bool:
-        return h.clean_acc >= original.clean_acc - self.clean_tolerance and _decisions_kept(h, self.max_clean_kl)
+        return original.kept_by(h, self.clean_tolerance) and _decisions_kept(h, self.max_clean_kl)
 
 
 @dataclass(frozen=True)
@@ -149,7 +170,7 @@ class CautiousAcceptance:
 
     def eligible(self, h: HeldOut, original: HeldOut) -> bool:
         return (
-            h.clean_acc >= original.clean_acc - self.clean_tolerance
+            original.kept_by(h, self.clean_tolerance)
             and h.trig_acc >= original.trig_acc + self.min_gain
             and _decisions_kept(h, self.max_clean_kl)
         )
@@ -348,7 +369,7 @@ class Tuner:
         acc, c, kl = right / n, c / n, kl / n
         if not len(d.triggered):
             self.picker.confused(wrong)
-            return HeldOut(acc, 0.0, c, kl)
+            return HeldOut(acc, 0.0, c, kl, clean_count=n)
         t, trig_right, reached = 0.0, 0, 0
         for i in range(0, d.triggered.shape[0], EVAL_ROWS):
             f, y = d.triggered[i : i + EVAL_ROWS], d.triggered_labels[i : i + EVAL_ROWS]
@@ -359,7 +380,7 @@ class Tuner:
             wrong += torch.bincount(pred[pred != y], minlength=g.shape[0])
         m = d.triggered.shape[0]
         self.picker.confused(wrong)
-        return HeldOut(acc, trig_right / m, c + alpha * t / m, kl, reached / m)
+        return HeldOut(acc, trig_right / m, c + alpha * t / m, kl, reached / m, n)
 
     def loss(self, g: torch.Tensor, rung: Rung, classes: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The step's loss on the shots of `classes` (all of them when the schedule covers
@@ -394,25 +415,34 @@ class Tuner:
         self.texts.changed(classes)
         return parts
 
-    def train_rung(self, rung: Rung, tick: Callable[[int], None]) -> Checkpoint:
-        """One rung from the current context: its best checkpoint, ranked eligible first, then
-        most robust, then lowest objective; early stopping only against held-out shots."""
+    def train_rung(self, rung: Rung, tick: Callable[[int], None], floor: float | None = None) -> Checkpoint:
+        """One rung from the current context: its best checkpoint, ranked eligible (by the
+        acceptance and the ladder's `floor`) first, then most robust, then lowest objective.
+        Early stopping, only against held-out shots, once neither the best checkpoint nor the
+        rung's robustness whatever its eligibility improved for `patience` evaluations (an
+        early eligible checkpoint must not stop a rung whose clean accuracy has yet to recover:
+        docs/method.md#acceptance)."""
         cfg, prompts = self.cfg, self.prompts
         opt = torch.optim.Adam(prompts.parameters(), lr=cfg.lr)
         self.texts.reset()
         best = self.acceptance.start(self.original, rung)
         best_key = None if best is None else (True, best.held_out.trig_acc, -best.held_out.objective)
-        stale = 0
+        progress, stale = None, 0
         for step in range(1, cfg.steps + 1):
             parts = self.step(opt, rung)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 h = self.validate(self.texts.current(), rung.alpha)
                 terms = {k: v.item() for k, v in parts.items()}
                 self.log.append({"rung": rung.index, "step": step, **terms, "held_out": asdict(h)})
-                key = (self.acceptance.eligible(h, self.original), h.trig_acc, -h.objective)
+                eligible = self.acceptance.eligible(h, self.original) and Ladder.holds(h, floor)
+                key = (eligible, h.trig_acc, -h.objective)
+                improved = progress is None or key[1:] > progress
+                progress = key[1:] if improved else progress
                 if best_key is None or key > best_key:
                     best_key, stale = key, 0
                     best = Checkpoint(prompts.snapshot(), step, h, rung)
+                elif improved:  # still getting more robust: a later checkpoint may become eligible
+                    stale = 0
                 else:
                     stale += 1
                     if self.data.held_out is not None and stale >= cfg.patience:
@@ -458,15 +488,15 @@ def tune(
         Rung(i + 1, a, m) for i, (a, m) in enumerate(cfg.ladder.rungs) if climbs
     ]
     total = cfg.steps * len(rungs)
-    chosen, floor = None, 0.0
+    chosen, floor = None, None
     for rung in rungs:
         prompts.restore(init)
-        run = tuner.train_rung(
-            rung, (lambda d, off=rung.index * cfg.steps: progress(off + d, total)) if progress else (lambda _d: None)
-        )
+        tick = (lambda d, off=rung.index * cfg.steps: progress(off + d, total)) if progress else (lambda _d: None)
+        run = tuner.train_rung(rung, tick, floor)
         if chosen is None:
             chosen, floor = run, cfg.ladder.floor(run.held_out, tuner.original, cfg.clean_tolerance)
         else:
+            assert floor is not None
             verdict = cfg.ladder.weigh(chosen.held_out, run.held_out, floor)
             if verdict is RungVerdict.STOP:
                 tuner.log.append({"rung": rung.index, "rejected": f"held-out clean accuracy fell below {floor:.4f}"})

@@ -30,7 +30,7 @@ from cbpt.model import LoadedClip, encode_pixels
 from cbpt.outputs import tuning_report
 from cbpt.purify import PurifyConfig, original_head, run_purify, tune_prompts, tuning_data
 from cbpt.scan import scan_summary
-from cbpt.tuning import FullAcceptance, TuningConfig
+from cbpt.tuning import FullAcceptance, TuningConfig, clean_kept
 from cbpt.zeroshot import zeroshot_weights
 from cbpt_guard.routing import Route
 
@@ -187,7 +187,7 @@ def _finetune(clip: LoadedClip, shots: Shots, cfg: FinetuneConfig, loss_fn, trai
     """AdamW on a copy of the model for the whole budget. Held-out clean accuracy is the only
     signal a defender has, so, as in CBPT's early stopping, the latest checkpoint whose held-out
     accuracy stays within `clean_tolerance` of the original model's is kept (else the most
-    accurate one). BatchNorm statistics stay frozen (eval mode): a few shots per class would
+    accurate one; `cbpt.tuning.clean_kept`). BatchNorm statistics stay frozen (eval mode): a few shots per class would
     only corrupt them."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -217,7 +217,7 @@ def _finetune(clip: LoadedClip, shots: Shots, cfg: FinetuneConfig, loss_fn, trai
         opt.step()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             acc = held_acc()
-            if acc >= base - cfg.clean_tolerance:
+            if clean_kept(base, acc, cfg.clean_tolerance, len(check_y)):
                 kept = (step, acc, copy.deepcopy(model.state_dict()))
             elif acc > best[1]:
                 best = (step, acc, copy.deepcopy(model.state_dict()))

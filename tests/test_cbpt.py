@@ -787,6 +787,57 @@ def test_a_stronger_rung_is_weighed_by_held_out_evidence():
     assert ladder.settled(h(1.0, 0.01)) and not ladder.settled(h(1.0, 0.011))
 
 
+def test_held_out_clean_accuracy_is_read_in_whole_images():
+    from cbpt.tuning import FullAcceptance, HeldOut, clean_kept
+
+    # 40 held-out images (K = 16, 10 classes): one image lost is 2.5 points, within tolerance
+    assert clean_kept(0.975, 0.95, 0.015, 40) and not clean_kept(0.975, 0.925, 0.015, 40)
+    # 400 images: the configured 1.5 points (6 images) is the finer bound and holds
+    assert clean_kept(0.9, 0.885, 0.015, 400) and not clean_kept(0.9, 0.8825, 0.015, 400)
+    assert not clean_kept(0.975, 0.95, 0.015, 0)  # count unknown: the tolerance as configured
+    original = HeldOut(clean_acc=0.975, trig_acc=0.0, objective=1.0, clean_kl=0.0, clean_count=40)
+    one_lost = HeldOut(clean_acc=0.95, trig_acc=0.5, objective=1.0, clean_kl=0.0, clean_count=40)
+    assert FullAcceptance(0.015).eligible(one_lost, original)
+
+
+def test_a_rung_is_judged_checkpoint_by_checkpoint(tmp_path):
+    """Each of a stronger rung's checkpoints is held to the ladder's floor (the rung is not
+    refused for its most robust one), and early stopping waits while the rung still gets more
+    robust, so an early eligible checkpoint does not end a rung whose clean accuracy recovers."""
+    from cbpt.model import load_clip
+    from cbpt.prompts import ClassPrompts
+    from cbpt.tuning import FullAcceptance, HeldOut, Ladder, Rung, RungVerdict, Tuner, TuningConfig, TuningData
+
+    clip = load_clip(save_tiny_model(tmp_path / "m"))
+    names = ("cat", "dog", "bird")
+    with torch.no_grad():
+        g0 = ClassPrompts(clip.model, clip.tokenizer(), names)()
+    data = TuningData(_backdoored_features(g0, 4, 0), _backdoored_features(g0, 2, 1), g0, clip.logit_scale)
+
+    def h(clean_acc: float, trig_acc: float) -> HeldOut:
+        return HeldOut(clean_acc, trig_acc, objective=1.0, clean_kl=0.0, to_target=1 - trig_acc, clean_count=40)
+
+    def train(script: list[HeldOut], floor: float | None = None, steps: int = 20, patience: int = 10):
+        cfg = TuningConfig(steps=steps, patience=patience)
+        tuner = Tuner(ClassPrompts(clip.model, clip.tokenizer(), names), data, cfg, FullAcceptance())
+        tuner.original = h(1.0, 0.0)
+        evaluations = iter(script)
+        tuner.validate = lambda g, alpha: next(evaluations)
+        return tuner.train_rung(Rung(1, 1.0, 3.0), lambda _d: None, floor), len(tuner.log)
+
+    lost_one = [h(0.975, 0.9), h(1.0, 0.7)]  # one image lost and most robust; then none lost
+    assert train(lost_one)[0].step == 10  # the acceptance alone allows one image
+    kept, _ = train(lost_one, floor=1.0)  # a first rung that lost nothing on weak evidence
+    assert kept.step == 20 and Ladder().weigh(h(1.0, 0.5), kept.held_out, 1.0) is RungVerdict.TAKE
+    # eligible at step 10, then two images lost while it gets more robust, then recovered
+    recovers = [h(1.0, 0.3), h(0.95, 0.5), h(0.95, 0.6), h(0.95, 0.7), h(1.0, 0.8), h(1.0, 0.8)]
+    best, evaluated = train(recovers, steps=60, patience=2)
+    assert (best.step, evaluated) == (50, 6)
+    plateau = [h(1.0, 0.3), h(0.95, 0.5), h(0.95, 0.5), h(0.95, 0.5)] + [h(1.0, 0.9)] * 6
+    best, evaluated = train(plateau, steps=100, patience=2)
+    assert (best.step, evaluated) == (10, 4)  # nothing improved for two evaluations: stopped
+
+
 def _patch_detector(n: int = 40, size: int = 32, d: int = 16, corner: tuple[int, int] = (20, 4)):
     """A toy backdoored image tower: features of a smooth random projection, sent toward one
     direction by a detector of a 6 x 6 pattern at `corner`. Returns the encoder, uint8 shots,
