@@ -1,4 +1,5 @@
-"""Two sets of `cbpt_table.py --out` runs side by side: CA / ASR (worst shot set) per testbed.
+"""Two sets of `cbpt_table.py --out` runs side by side, per testbed: mean CA (lowest), mean ASR (worst
+shot set), ASR through a guard that rejects flagged images (worst), and how many shot sets the scan flagged.
 
     python benchmarks/compare_tables.py before/*.json --against after/*.json --labels c45098e now
 
@@ -24,11 +25,14 @@ def _load(files: list[Path]) -> dict[str, list[dict]]:
 def _cell(runs: list[dict] | None) -> str:
     if not runs:
         return "-"
-    ca = statistics.mean(r["ca"] for r in runs)
+    ca = [r["ca"] for r in runs]
     asr = [r["asr"] for r in runs if r["asr"] == r["asr"] and r["asr"] is not None]
+    guard = [g for r in runs if (g := (r["info"].get("alarm_eval") or {}).get("asr_through_guard")) is not None]
     flagged = sum(bool(r["info"]["scan"]["backdoored"]) for r in runs)
-    tail = f" / {statistics.mean(asr):.3f} ({max(asr):.3f})" if asr else " / -"
-    return f"{ca:.3f}{tail}, {flagged}/{len(runs)} flagged"
+    cell = f"{statistics.mean(ca):.3f} ({min(ca):.3f})"
+    cell += f" / {statistics.mean(asr):.3f} ({max(asr):.3f})" if asr else " / -"
+    cell += f" / {statistics.mean(guard):.3f} ({max(guard):.3f})" if asr and guard else " / -"
+    return f"{cell}, {flagged}/{len(runs)} flagged"
 
 
 def main() -> None:
@@ -39,8 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     a, b = _load(args.before), _load(args.against)
     print(
-        f"| testbed | CA before purify / ASR | {args.labels[0]}: CA / ASR (worst) | "
-        f"{args.labels[1]}: CA / ASR (worst) |"
+        f"| testbed | CA before purify / ASR | {args.labels[0]}: CA (lowest) / ASR (worst) / guard (worst) | "
+        f"{args.labels[1]}: CA (lowest) / ASR (worst) / guard (worst) |"
     )
     print("|---|---|---|---|")
     for name in sorted(set(a) | set(b), key=lambda n: (n.split("-")[0], n)):
