@@ -6,7 +6,8 @@
 The clean model is pretrained once per dataset (cached); each attack then poisons and
 fine-tunes its own copy. Writes `<out>/<dataset>-<attack>/` testbeds and `<out>/table-<dataset>.json`.
 Resumable: a testbed already in `--out` with the same configuration is read back, not rebuilt.
-The table keeps the rows of attacks not named this time, so subsets can be built one by one.
+The table is written after each attack and keeps the rows of attacks not named this time, so
+subsets can be built one by one and a stopped run keeps what it built.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ def stored(folder: Path, cfg: BuildConfig) -> dict | None:
     return metrics if metrics.get("config") == json.loads(json.dumps(config_dict(cfg))) else None
 
 
+def store(table: Path, rows: list[dict]) -> list[dict]:
+    """Merge `rows` into the table file (a row per attack; these replace the stored ones), write it
+    atomically, and return the merged rows."""
+    named = {r["attack"] for r in rows}
+    kept = [r for r in json.loads(table.read_text()) if r["attack"] not in named] if table.is_file() else []
+    merged = kept + rows
+    atomic.write_text(table, json.dumps(merged, indent=2))
+    return merged
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="shapes", choices=DATASETS)
@@ -47,7 +58,8 @@ def main() -> None:
     # the 32-px ResNet testbeds keep their old names; others say their tower and size
     default = (args.tower, args.image_size) == ("resnet", 32)
     prefix = args.dataset if default else f"{args.dataset}-{args.tower}{args.image_size}"
-    rows = []
+    built_now: list[dict] = []  # this call's rows; the table keeps other attacks' stored rows
+    rows: list[dict] = []
     for attack in args.attacks:
         cfg = BuildConfig(
             dataset=args.dataset, attack=attack, target=args.target, tower=Tower(args.tower), image_size=args.image_size
@@ -61,7 +73,7 @@ def main() -> None:
             m, seconds = built.metrics, time.perf_counter() - t0  # the folder's writing included
         else:
             seconds = m["seconds"]["total"]
-        rows.append(
+        built_now.append(
             {
                 "attack": attack,
                 "ca": m["ca"],
@@ -73,12 +85,8 @@ def main() -> None:
                 "finetune_s": m["seconds"]["finetune"],
             }
         )
-        print(json.dumps(rows[-1]), flush=True)
-    table = args.out / f"table-{prefix}.json"
-    named = {r["attack"] for r in rows}
-    kept = [r for r in json.loads(table.read_text()) if r["attack"] not in named] if table.is_file() else []
-    rows = kept + rows
-    atomic.write_text(table, json.dumps(rows, indent=2))
+        print(json.dumps(built_now[-1]), flush=True)
+        rows = store(args.out / f"table-{prefix}.json", built_now)  # after each attack: a stopped run keeps its rows
     print(f"\n| {prefix} attack | CA | ASR | RA | clean-model CA | clean-model ASR | build s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -126,3 +126,21 @@ def test_bench_refuses_unknown_names(capsys, tmp_path):
     code, _, err = run_cli(capsys, "bench", "--work", tmp_path / "w", "--method", "magic")
     assert code == 2 and "--method" in err
     assert not (tmp_path / "w").exists()
+
+
+def test_the_testbed_table_is_written_after_each_attack_and_keeps_other_rows(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "testbed_table.py"
+    spec = importlib.util.spec_from_file_location("testbed_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = tmp_path / "table-digits.json"
+    module.store(table, [{"attack": "none", "ca": 0.9}, {"attack": "badnet", "ca": 0.8}])
+    # a later call that rebuilds badnet and adds sig, stopped after sig: its rows replace, the rest stay
+    rows = module.store(table, [{"attack": "badnet", "ca": 0.7}])
+    rows = module.store(table, [{"attack": "badnet", "ca": 0.7}, {"attack": "sig", "ca": 0.6}])
+    stored = json.loads(table.read_text())
+    assert stored == rows
+    assert [(r["attack"], r["ca"]) for r in stored] == [("none", 0.9), ("badnet", 0.7), ("sig", 0.6)]
