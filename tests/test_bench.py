@@ -139,7 +139,7 @@ def test_the_testbed_table_is_written_after_each_attack_and_keeps_other_rows(tmp
     table = tmp_path / "table-digits.json"
     module.store(table, [{"attack": "none", "ca": 0.9}, {"attack": "badnet", "ca": 0.8}])
     # a later call that rebuilds badnet and adds sig, stopped after sig: its rows replace, the rest stay
-    rows = module.store(table, [{"attack": "badnet", "ca": 0.7}])
+    module.store(table, [{"attack": "badnet", "ca": 0.7}])
     rows = module.store(table, [{"attack": "badnet", "ca": 0.7}, {"attack": "sig", "ca": 0.6}])
     stored = json.loads(table.read_text())
     assert stored == rows
