@@ -167,7 +167,7 @@ def run_case(classes: int, shots: int, arch: str, model_dir: Path, threads: int)
     t0 = time.perf_counter()
     timing.update(seconds=0.0, images=0)
     cache = cache_features(encoder, shot_set.pixels, shot_set.labels, triggers, tc.views, tc.shifts, 0, tc.strengths)
-    held = cache_features(encoder, shot_set.held_pixels, shot_set.held_labels, triggers, 0, 1, 0, tc.strengths)
+    held = cache_features(encoder, shot_set.held_pixels, shot_set.held_labels, triggers, 0, 1, 0, tc.held_out_strengths)
     out["cache_images"] = cache.encoder_passes + held.encoder_passes
     out["cache_sample_s"] = round(time.perf_counter() - t0, 2)
     out["peak_rss_after_cache_mb"] = peak_rss_mb()

@@ -24,6 +24,15 @@ class FeatureCache:
     triggered_targets: torch.Tensor  # [Nt] the class each copy's trigger is aimed at
     centroids: torch.Tensor  # [K, D] each trigger's normalised mean triggered feature: the route (routing.py)
     encoder_passes: int  # images pushed through the image encoder to build the cache
+    # [Nt] how far along its trigger's shift each copy was taken (None: every copy as found, 1)
+    triggered_strengths: torch.Tensor | None = None
+
+    def strength_groups(self) -> list[tuple[float, torch.Tensor]]:
+        """Each strength the triggered copies were taken to, with their row indices."""
+        s = self.triggered_strengths
+        if s is None:
+            return [(1.0, torch.arange(self.triggered.shape[0], device=self.triggered.device))]
+        return [(float(v), (s == v).nonzero().flatten()) for v in s.unique()]
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ def cache_features(
     everyone = torch.arange(n)
     clean = torch.cat([encoder.all(pixels, everyone, look) for look in looks])
     trig_feats, trig_labels, trig_targets, centroids, encoded = [], [], [], [], 0
+    trig_strengths = []
     for cand in triggers:
         first = len(trig_feats)
         keep = everyone[labels != cand.target]
@@ -113,6 +123,8 @@ def cache_features(
             trig_feats += [extrapolate(bases, found, strength) for strength in strengths[1:]]
         trig_labels.append(labels[keep].repeat(shifts * len(looks) * len(strengths)))
         trig_targets.append(torch.full_like(trig_labels[-1], cand.target))
+        per_copy = keep.numel() * shifts * len(looks)
+        trig_strengths.append(torch.tensor(strengths).repeat_interleave(per_copy))
     triggered = torch.cat(trig_feats) if trig_feats else clean.new_zeros((0, clean.shape[1]))
     empty = labels.new_zeros((0,))
     device = clean.device
@@ -124,4 +136,5 @@ def cache_features(
         triggered_targets=(torch.cat(trig_targets) if trig_targets else empty).to(device),
         centroids=torch.stack(centroids) if centroids else clean.new_zeros((0, clean.shape[1])),
         encoder_passes=clean.shape[0] + encoded,  # extrapolated copies take no pass
+        triggered_strengths=(torch.cat(trig_strengths) if trig_strengths else torch.zeros(0)).to(device),
     )

@@ -111,7 +111,7 @@ def tuning_data(
     held = None
     if shots.held_pixels is not None:
         held = cache_features(
-            encoder, shots.held_pixels, shots.held_labels, triggers, 0, 1, tuning.seed, tuning.strengths
+            encoder, shots.held_pixels, shots.held_labels, triggers, 0, 1, tuning.seed, tuning.held_out_strengths
         )
     return TuningData(cache, held, original, clip.logit_scale)
 

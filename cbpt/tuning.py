@@ -1,10 +1,12 @@
 """Step 2 of CBPT: class-wise prompt tuning on cached image features.
 
 Only the context vectors learn; the losses are `losses.clean_loss`, `losses.trigger_loss`
-(triggered shots back to their true class) and a keep-close term. Two named rules decide
-what is kept (docs/method.md#acceptance, docs/method.md#escalation):
+(triggered shots back to their true class) and a keep-close term. Three named rules decide
+what is kept (docs/method.md#acceptance, #judging, #escalation):
 - an `Acceptance` policy says which tuned checkpoints may replace the original prompts;
-- a `Ladder` says how hard the trigger loss may push, rung by rung, on held-out evidence.
+- `Judging` says how held-out triggered shots rank them (`RungSearch` keeps a rung's best);
+- a `Ladder` says how hard the trigger loss may push, rung by rung, on held-out evidence
+  (`Climb` weighs the rungs).
 A `ClassSchedule` bounds what one step costs when there are many classes
 (docs/scale.md#class-bounded-tuning).
 """
@@ -54,19 +56,80 @@ class HeldOut:
     """A head's figures on the held-out shots (on the tuning shots when none are held out)."""
 
     clean_acc: float
-    trig_acc: float  # triggered shots classified as their true class
-    objective: float  # L_clean + alpha * L_trig
+    trig_acc: float  # triggered shots (as found) classified as their true class
+    objective: float  # L_clean + alpha * L_trig (as found)
     clean_kl: float  # how far the clean decisions moved from the original head's
-    to_target: float | None = None  # triggered shots sent to their trigger's target (the stand-in for ASR)
+    # triggered shots sent to their trigger's target, the worst over the strengths judged
+    # (`Judging`): the stand-in for ASR
+    to_target: float | None = None
     clean_count: int = 0  # clean images the accuracy was read on (0: not known)
+    found_to_target: float | None = None  # the same of the copies as found (None: `to_target`)
 
     @property
     def reach(self) -> float:
         return self.to_target or 0.0
 
+    @property
+    def found_reach(self) -> float:
+        """The share of the copies as found that reach the target: evidence from triggers the
+        inversion found, not from copies taken further."""
+        return self.reach if self.found_to_target is None else self.found_to_target
+
     def kept_by(self, h: HeldOut, tolerance: float) -> bool:
         """Whether `h` kept this head's clean accuracy within `tolerance` (`clean_kept`)."""
         return clean_kept(self.clean_acc, h.clean_acc, tolerance, self.clean_count)
+
+
+@dataclass(frozen=True)
+class Copies:
+    """A head's decisions on the held-out triggered copies taken one distance along their
+    trigger's feature shift (`features.extrapolate`; 1: as the inverted trigger took them)."""
+
+    strength: float
+    count: int
+    home: int  # sent to their true class
+    reached: int  # sent to their trigger's target
+    loss_sum: float  # trigger loss (no margin) summed over the copies
+
+
+@dataclass(frozen=True)
+class Judging:
+    """How the held-out triggered copies judge a checkpoint (docs/method.md#judging).
+
+    `beyond`: the held-out copies are also taken this many times as far along their trigger's
+    shift, and the share that reaches the target is the worst over every strength. The inverted
+    trigger is the smallest that flips the shots; a head that sends just those home has not
+    settled a backdoor whose real trigger reaches further.
+    `by_reach`: a rung's checkpoints are ranked by that share first (the stand-in for ASR), then
+    by the share sent home; a warped or occluded image often cannot go home, and the checkpoint
+    that sends most home need not be the one that sends fewest to the target."""
+
+    beyond: tuple[float, ...] = (1.25,)
+    by_reach: bool = True
+    rank_beyond: bool = True  # the ranking reads the worst strength's share (False: the copies as found)
+
+    @staticmethod
+    def read(
+        clean_acc: float, clean_loss: float, clean_kl: float, count: int, copies: list[Copies], alpha: float
+    ) -> HeldOut:
+        """The figures of one evaluation: home share and objective from the copies as found,
+        the share reaching the target from the worst strength."""
+        found = next(c for c in copies if c.strength == 1.0)
+        return HeldOut(
+            clean_acc,
+            found.home / found.count,
+            clean_loss + alpha * found.loss_sum / found.count,
+            clean_kl,
+            max(c.reached / c.count for c in copies),
+            count,
+            found.reached / found.count,
+        )
+
+    def key(self, h: HeldOut, eligible: bool) -> tuple:
+        """A checkpoint's rank (higher is better); `key[1:]` is its robustness."""
+        if self.by_reach:
+            return (eligible, -(h.reach if self.rank_beyond else h.found_reach), h.trig_acc, -h.objective)
+        return (eligible, h.trig_acc, -h.objective)
 
 
 @dataclass(frozen=True)
@@ -93,7 +156,7 @@ class Ladder:
     def floor(self, first: HeldOut, original: HeldOut, clean_tolerance: float) -> float:
         """The held-out clean accuracy a stronger rung must keep. The allowance is spent only
         where the first rung kept the original head's within `clean_tolerance`."""
-        strong = first.reach >= self.strong_evidence
+        strong = first.found_reach >= self.strong_evidence
         kept = original.kept_by(first, clean_tolerance)
         return first.clean_acc - (self.allowance if strong and kept else 0.0)
 
@@ -222,6 +285,7 @@ class TuningConfig:
     # how far each triggered copy's feature shift is taken: as the inverted trigger took it,
     # and optionally further (docs/method.md#trigger-strength: mixed results, off by default)
     strengths: tuple[float, ...] = (1.0,)
+    judging: Judging = field(default_factory=Judging)
     eval_every: int = 10
     patience: int = 10  # evaluations without held-out improvement before a rung stops
     clean_tolerance: float = 0.015  # held-out clean accuracy a checkpoint may lose
@@ -230,6 +294,11 @@ class TuningConfig:
     classes: ClassSchedule = field(default_factory=ClassSchedule)
     fixed: FixedSchedule = field(default_factory=FixedSchedule)
     seed: int = 0
+
+    @property
+    def held_out_strengths(self) -> tuple[float, ...]:
+        """How far the held-out triggered copies are taken: as tuned, and as judged."""
+        return tuple(dict.fromkeys(self.strengths + self.judging.beyond))
 
     def unchecked(self, shots_per_class: int) -> TuningConfig:
         """This config for tuning with no held-out shots (`FixedSchedule`)."""
@@ -370,17 +439,21 @@ class Tuner:
         if not len(d.triggered):
             self.picker.confused(wrong)
             return HeldOut(acc, 0.0, c, kl, clean_count=n)
-        t, trig_right, reached = 0.0, 0, 0
-        for i in range(0, d.triggered.shape[0], EVAL_ROWS):
-            f, y = d.triggered[i : i + EVAL_ROWS], d.triggered_labels[i : i + EVAL_ROWS]
-            t += float(trigger_loss(f, g, y, scale)) * f.shape[0]
-            pred = class_logits(f, g, scale).argmax(1)
-            trig_right += int((pred == y).sum())
-            reached += int((pred == d.triggered_targets[i : i + EVAL_ROWS]).sum())
-            wrong += torch.bincount(pred[pred != y], minlength=g.shape[0])
-        m = d.triggered.shape[0]
+        copies = []
+        for strength, rows in d.strength_groups():
+            t, home, reached = 0.0, 0, 0
+            for i in range(0, rows.numel(), EVAL_ROWS):
+                r = rows[i : i + EVAL_ROWS]
+                f, y = d.triggered[r], d.triggered_labels[r]
+                t += float(trigger_loss(f, g, y, scale)) * f.shape[0]
+                pred = class_logits(f, g, scale).argmax(1)
+                home += int((pred == y).sum())
+                reached += int((pred == d.triggered_targets[r]).sum())
+                if strength == 1.0:  # the copies as found: those further out are not images
+                    wrong += torch.bincount(pred[pred != y], minlength=g.shape[0])
+            copies.append(Copies(strength, rows.numel(), home, reached, t))
         self.picker.confused(wrong)
-        return HeldOut(acc, trig_right / m, c + alpha * t / m, kl, reached / m, n)
+        return Judging.read(acc, c, kl, n, copies, alpha)
 
     def loss(self, g: torch.Tensor, rung: Rung, classes: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The step's loss on the shots of `classes` (all of them when the schedule covers
@@ -416,40 +489,90 @@ class Tuner:
         return parts
 
     def train_rung(self, rung: Rung, tick: Callable[[int], None], floor: float | None = None) -> Checkpoint:
-        """One rung from the current context: its best checkpoint, ranked eligible (by the
-        acceptance and the ladder's `floor`) first, then most robust, then lowest objective.
-        Early stopping, only against held-out shots, once neither the best checkpoint nor the
-        rung's robustness whatever its eligibility improved for `patience` evaluations (an
-        early eligible checkpoint must not stop a rung whose clean accuracy has yet to recover:
-        docs/method.md#acceptance)."""
+        """One rung from the current context: its best checkpoint (`RungSearch`)."""
         cfg, prompts = self.cfg, self.prompts
         opt = torch.optim.Adam(prompts.parameters(), lr=cfg.lr)
         self.texts.reset()
-        best = self.acceptance.start(self.original, rung)
-        best_key = None if best is None else (True, best.held_out.trig_acc, -best.held_out.objective)
-        progress, stale = None, 0
+        search = RungSearch(rung, self.acceptance, self.original, cfg.judging, floor, cfg.patience)
+        stops = self.data.held_out is not None  # early stopping only against held-out shots
         for step in range(1, cfg.steps + 1):
             parts = self.step(opt, rung)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 h = self.validate(self.texts.current(), rung.alpha)
                 terms = {k: v.item() for k, v in parts.items()}
                 self.log.append({"rung": rung.index, "step": step, **terms, "held_out": asdict(h)})
-                eligible = self.acceptance.eligible(h, self.original) and Ladder.holds(h, floor)
-                key = (eligible, h.trig_acc, -h.objective)
-                improved = progress is None or key[1:] > progress
-                progress = key[1:] if improved else progress
-                if best_key is None or key > best_key:
-                    best_key, stale = key, 0
-                    best = Checkpoint(prompts.snapshot(), step, h, rung)
-                elif improved:  # still getting more robust: a later checkpoint may become eligible
-                    stale = 0
-                else:
-                    stale += 1
-                    if self.data.held_out is not None and stale >= cfg.patience:
-                        break
+                if search.offer(step, h, prompts.snapshot) and stops:
+                    break
             tick(step)
-        assert best is not None  # the last step is always evaluated
-        return best
+        return search.best
+
+
+class RungSearch:
+    """One rung's best checkpoint, read from its evaluations as they come: eligible (by the
+    acceptance and the ladder's `floor`) first, then by `Judging.key`. Early stopping once
+    neither the best checkpoint nor the rung's robustness whatever its eligibility improved
+    for `patience` evaluations (an early eligible checkpoint must not stop a rung whose clean
+    accuracy has yet to recover: docs/method.md#acceptance). Pure bookkeeping, so a rule can be
+    replayed on recorded evaluations (benchmarks/selection_replay.py)."""
+
+    def __init__(
+        self,
+        rung: Rung,
+        acceptance: Acceptance,
+        original: HeldOut,
+        judging: Judging,
+        floor: float | None,
+        patience: int,
+    ):
+        self.rung, self.acceptance, self.original = rung, acceptance, original
+        self.judging, self.floor, self.patience = judging, floor, patience
+        self.best = acceptance.start(original, rung)
+        self.best_key = None if self.best is None else judging.key(self.best.held_out, True)
+        self.progress: tuple | None = None
+        self.stale = 0
+
+    def offer(self, step: int, h: HeldOut, snapshot: Callable[[], torch.Tensor]) -> bool:
+        """Weigh one evaluation (`snapshot` gives its context, taken only if it is the best so
+        far); whether patience has run out."""
+        eligible = self.acceptance.eligible(h, self.original) and Ladder.holds(h, self.floor)
+        key = self.judging.key(h, eligible)
+        improved = self.progress is None or key[1:] > self.progress
+        self.progress = key[1:] if improved else self.progress
+        if self.best_key is None or key > self.best_key:
+            self.best_key, self.stale = key, 0
+            self.best = Checkpoint(snapshot(), step, h, self.rung)
+        elif improved:  # still getting more robust: a later checkpoint may become eligible
+            self.stale = 0
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
+
+
+@dataclass
+class Climb:
+    """The ladder's decisions from rung to rung (docs/method.md#escalation): the first rung's
+    best checkpoint sets the floor; each stronger one is weighed against the best so far."""
+
+    ladder: Ladder
+    original: HeldOut
+    clean_tolerance: float
+    chosen: Checkpoint | None = None
+    floor: float | None = None
+    refused: str | None = None  # why the climb stopped at a rung that failed the floor
+
+    def add(self, run: Checkpoint) -> bool:
+        """Weigh a rung's best checkpoint; whether the next rung is worth training."""
+        if self.chosen is None:
+            self.chosen, self.floor = run, self.ladder.floor(run.held_out, self.original, self.clean_tolerance)
+        else:
+            assert self.floor is not None
+            verdict = self.ladder.weigh(self.chosen.held_out, run.held_out, self.floor)
+            if verdict is RungVerdict.STOP:
+                self.refused = f"held-out clean accuracy fell below {self.floor:.4f}"
+                return False
+            if verdict is RungVerdict.TAKE:
+                self.chosen = run
+        return not self.ladder.settled(self.chosen.held_out)
 
 
 def _keep(
@@ -488,23 +611,17 @@ def tune(
         Rung(i + 1, a, m) for i, (a, m) in enumerate(cfg.ladder.rungs) if climbs
     ]
     total = cfg.steps * len(rungs)
-    chosen, floor = None, None
+    climb = Climb(cfg.ladder, tuner.original, cfg.clean_tolerance)
     for rung in rungs:
         prompts.restore(init)
         tick = (lambda d, off=rung.index * cfg.steps: progress(off + d, total)) if progress else (lambda _d: None)
-        run = tuner.train_rung(rung, tick, floor)
-        if chosen is None:
-            chosen, floor = run, cfg.ladder.floor(run.held_out, tuner.original, cfg.clean_tolerance)
-        else:
-            assert floor is not None
-            verdict = cfg.ladder.weigh(chosen.held_out, run.held_out, floor)
-            if verdict is RungVerdict.STOP:
-                tuner.log.append({"rung": rung.index, "rejected": f"held-out clean accuracy fell below {floor:.4f}"})
-                break
-            if verdict is RungVerdict.TAKE:
-                chosen = run
-        if cfg.ladder.settled(chosen.held_out):
+        go_on = climb.add(tuner.train_rung(rung, tick, climb.floor))
+        if climb.refused:
+            tuner.log.append({"rung": rung.index, "rejected": climb.refused})
+        if not go_on:
             break
+    chosen = climb.chosen
+    assert chosen is not None  # the first rung always runs
     if progress:  # the rungs not needed are skipped: the bar ends full
         progress(total, total)
     final = data.original.clone() if chosen.ctx is None else prompts.features(chosen.ctx)

@@ -119,3 +119,30 @@ def mini_build_config(
             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
         },
     )
+
+
+def backdoored_features(g0, n: int, seed: int):
+    """Clean shots on their class's text feature; triggered shots of cat and dog in one region
+    off bird's feature, in a direction no class text takes: a backdoor to class 2 that the
+    original head obeys and that prompts can learn to undo."""
+    import torch
+    import torch.nn.functional as F
+
+    from cbpt.features import FeatureCache
+
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(
+        torch.cat([g0.T, torch.randn(g0.shape[1], 1, generator=torch.Generator().manual_seed(9))], 1)
+    )
+    away = q[:, -1]  # orthogonal to every class's text feature
+    noise = 0.05 * torch.randn(2 * n, g0.shape[1], generator=gen)
+    trig = F.normalize(g0[2].expand(2 * n, -1) + 0.1 * away + noise, dim=-1)
+    return FeatureCache(
+        g0.repeat_interleave(n, 0),
+        torch.arange(3).repeat_interleave(n),
+        trig,
+        torch.tensor([0] * n + [1] * n),
+        torch.full((2 * n,), 2),
+        F.normalize(trig.mean(0, keepdim=True), dim=-1),
+        0,
+    )

@@ -144,3 +144,57 @@ def test_the_testbed_table_is_written_after_each_attack_and_keeps_other_rows(tmp
     stored = json.loads(table.read_text())
     assert stored == rows
     assert [(r["attack"], r["ca"]) for r in stored] == [("none", 0.9), ("badnet", 0.7), ("sig", 0.6)]
+
+
+def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
+    """benchmarks/selection_replay.py: full trajectories of every rung, replayed through the real
+    selection, keep the checkpoint `tune` keeps, under the rule before judging and today's."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from cbpt.model import load_clip
+    from cbpt.prompts import ClassPrompts
+    from cbpt.tuning import FullAcceptance, Judging, Ladder, TuningConfig, TuningData, tune
+    from tests.helpers import backdoored_features, save_tiny_model
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_replay.py"
+    spec = importlib.util.spec_from_file_location("selection_replay", path)
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+
+    clip = load_clip(save_tiny_model(tmp_path / "m"))
+    names = ("cat", "dog", "bird")
+    with torch.no_grad():
+        g0 = ClassPrompts(clip.model, clip.tokenizer(), names)()
+    held = backdoored_features(g0, 2, 1)
+    further = torch.nn.functional.normalize(held.triggered * 1.5 - held.triggered.mean(0) * 0.5, dim=-1)
+    held = type(held)(
+        held.clean,
+        held.clean_labels,
+        torch.cat([held.triggered, further]),
+        held.triggered_labels.repeat(2),
+        held.triggered_targets.repeat(2),
+        held.centroids,
+        0,
+        torch.tensor([1.0] * 4 + [1.5] * 4),
+    )
+    data = TuningData(backdoored_features(g0, 4, 0), held, g0, clip.logit_scale)
+    ladder = Ladder(rungs=((1.0, 3.0),), target_rate=0.0)  # always climbs: both rungs are weighed
+    for judging in (Judging(beyond=(), by_reach=False), Judging(beyond=(1.5,))):
+        cfg = TuningConfig(steps=30, eval_every=10, patience=1, alpha=0.0, ladder=ladder, judging=judging)
+        kept = tune(ClassPrompts(clip.model, clip.tokenizer(), names), data, cfg, FullAcceptance())
+        rec = {"attack": "badnet", "mode": "full", "rungs": [(cfg.alpha, cfg.margin), *ladder.rungs]}
+        rec |= replay.trajectories(
+            ClassPrompts(clip.model, clip.tokenizer(), names),
+            data,
+            cfg,
+            FullAcceptance(),
+            rec["rungs"],
+            lambda g: {"ca": 0.0, "asr": 0.0},
+            {"ca": 0.0, "asr": 0.0},
+        )
+        assert [len(t) for t in rec["trajectories"]] == [3, 3]  # every rung to its end, no early stop
+        again = replay.replay(rec, judging, cfg)
+        assert (again["rung"], again["step"]) == (kept.chosen.rung.index, kept.chosen.step)

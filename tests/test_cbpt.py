@@ -14,7 +14,7 @@ from cbpt.evidence import backdoor_score, over_alignment
 from cbpt.losses import clean_loss, contrastive_inversion_loss, keep_loss, trigger_loss
 from cbpt.scan import ALIGN_THRESHOLD, SCAN_THRESHOLD, Evidence, read_scan
 from cbpt.trigger import TriggerKind
-from tests.helpers import fake_inversion, run_cli, save_tiny_model
+from tests.helpers import backdoored_features, fake_inversion, run_cli, save_tiny_model
 
 
 def test_clean_and_trigger_losses_are_scaled_cross_entropy():
@@ -690,30 +690,6 @@ def test_stronger_copies_take_each_triggered_feature_further_from_its_clean_one(
     assert torch.allclose(extrapolate(clean, found, 1.0), found, atol=1e-6)
 
 
-def _backdoored_features(g0: torch.Tensor, n: int, seed: int):
-    """Clean shots on their class's text feature; triggered shots of cat and dog in one region
-    off bird's feature, in a direction no class text takes: a backdoor to class 2 that the
-    original head obeys and that prompts can learn to undo."""
-    from cbpt.features import FeatureCache
-
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(
-        torch.cat([g0.T, torch.randn(g0.shape[1], 1, generator=torch.Generator().manual_seed(9))], 1)
-    )
-    away = q[:, -1]  # orthogonal to every class's text feature
-    noise = 0.05 * torch.randn(2 * n, g0.shape[1], generator=gen)
-    trig = F.normalize(g0[2].expand(2 * n, -1) + 0.1 * away + noise, dim=-1)
-    return FeatureCache(
-        g0.repeat_interleave(n, 0),
-        torch.arange(3).repeat_interleave(n),
-        trig,
-        torch.tensor([0] * n + [1] * n),
-        torch.full((2 * n,), 2),
-        F.normalize(trig.mean(0, keepdim=True), dim=-1),
-        0,
-    )
-
-
 def test_the_trigger_loss_is_escalated_only_while_held_out_shots_reach_the_target(tmp_path):
     from cbpt.model import load_clip
     from cbpt.prompts import ClassPrompts
@@ -723,7 +699,7 @@ def test_the_trigger_loss_is_escalated_only_while_held_out_shots_reach_the_targe
     names = ("cat", "dog", "bird")
     with torch.no_grad():
         g0 = ClassPrompts(clip.model, clip.tokenizer(), names)()
-    data = TuningData(_backdoored_features(g0, 4, 0), _backdoored_features(g0, 2, 1), g0, clip.logit_scale)
+    data = TuningData(backdoored_features(g0, 4, 0), backdoored_features(g0, 2, 1), g0, clip.logit_scale)
     ticks: list[tuple[int, int]] = []
 
     def run(target_rate: float):
@@ -812,7 +788,7 @@ def test_a_rung_is_judged_checkpoint_by_checkpoint(tmp_path):
     names = ("cat", "dog", "bird")
     with torch.no_grad():
         g0 = ClassPrompts(clip.model, clip.tokenizer(), names)()
-    data = TuningData(_backdoored_features(g0, 4, 0), _backdoored_features(g0, 2, 1), g0, clip.logit_scale)
+    data = TuningData(backdoored_features(g0, 4, 0), backdoored_features(g0, 2, 1), g0, clip.logit_scale)
 
     def h(clean_acc: float, trig_acc: float) -> HeldOut:
         return HeldOut(clean_acc, trig_acc, objective=1.0, clean_kl=0.0, to_target=1 - trig_acc, clean_count=40)
@@ -904,3 +880,91 @@ def test_a_kl_cap_refuses_checkpoints_whose_held_out_decisions_moved_too_far():
     ):
         assert uncapped.eligible(moved, original) and uncapped.eligible(near, original)
         assert not capped.eligible(moved, original) and capped.eligible(near, original)
+
+
+def test_held_out_copies_are_judged_at_every_strength_and_the_worst_reach_counts(tmp_path):
+    """The inverted trigger is the smallest that flips the shots; a head that sends those home
+    while copies taken further along the same shift still reach the target has not settled
+    the backdoor (docs/method.md#judging)."""
+    from cbpt.features import FeatureCache
+    from cbpt.model import load_clip
+    from cbpt.prompts import ClassPrompts
+    from cbpt.tuning import FullAcceptance, Ladder, Tuner, TuningConfig, TuningData
+
+    clip = load_clip(save_tiny_model(tmp_path / "m"))
+    names = ("cat", "dog", "bird")
+    with torch.no_grad():
+        g0 = ClassPrompts(clip.model, clip.tokenizer(), names)()
+    reached = backdoored_features(g0, 2, 1)  # 4 triggered copies, all at bird, the target
+    home = replace(reached, triggered=g0[reached.triggered_labels])  # the same shots, each at its class
+    both = replace(
+        reached,
+        triggered=torch.cat([home.triggered, reached.triggered]),
+        triggered_labels=reached.triggered_labels.repeat(2),
+        triggered_targets=reached.triggered_targets.repeat(2),
+        triggered_strengths=torch.tensor([1.0] * 4 + [1.5] * 4),
+    )
+    assert [(s, r.tolist()) for s, r in both.strength_groups()] == [(1.0, [0, 1, 2, 3]), (1.5, [4, 5, 6, 7])]
+
+    def judged(held: FeatureCache):
+        data = TuningData(backdoored_features(g0, 4, 0), held, g0, clip.logit_scale)
+        tuner = Tuner(ClassPrompts(clip.model, clip.tokenizer(), names), data, TuningConfig(steps=10), FullAcceptance())
+        return tuner.validate(g0, 0.5)
+
+    as_found = judged(home)
+    assert (as_found.to_target, as_found.trig_acc) == (0.0, 1.0) and Ladder().settled(as_found)
+    # the copies as found all go home; those further out all reach bird: not settled
+    worst = judged(both)
+    assert (worst.to_target, worst.trig_acc) == (1.0, 1.0) and not Ladder().settled(worst)
+    assert worst.objective == pytest.approx(as_found.objective)  # the objective reads the copies as found
+    # untagged copies are one group, as found (the mean over every copy)
+    untagged = judged(replace(both, triggered_strengths=None))
+    assert (untagged.to_target, untagged.trig_acc) == (0.5, 0.5)
+
+
+def test_checkpoints_are_ranked_by_the_share_reaching_the_target_before_the_share_sent_home():
+    """WaNet's held-out copies: at most 15% ever go home, and the checkpoint that sends most
+    home kept 11% at the target where later ones kept 3% (docs/method.md#judging)."""
+    from cbpt.tuning import FullAcceptance, HeldOut, Judging, Rung, RungSearch
+
+    def h(home: float, reach: float) -> HeldOut:
+        return HeldOut(1.0, home, objective=1.0, clean_kl=0.0, to_target=reach, clean_count=40)
+
+    def best(judging: Judging) -> int:
+        search = RungSearch(Rung(2, 2.0, 3.0), FullAcceptance(), h(0.0, 0.92), judging, None, patience=10)
+        for step, e in zip((10, 20, 30), (h(0.06, 0.27), h(0.15, 0.11), h(0.12, 0.03))):
+            search.offer(step, e, lambda: torch.zeros(1))
+        return search.best.step
+
+    assert best(Judging()) == 30
+    assert best(Judging(by_reach=False)) == 20  # ranked by the share sent home, as before
+
+
+def test_the_held_out_copies_carry_the_judged_strengths_and_the_tuning_copies_do_not(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cbpt.data import ShotBudget, load_shots
+    from cbpt.inversion import Candidate
+    from cbpt.model import load_clip
+    from cbpt.purify import tuning_data
+    from cbpt.trigger import DummyTrigger
+    from cbpt.tuning import Judging, TuningConfig
+
+    clip = load_clip(save_tiny_model(tmp_path / "m"))
+    folder = tmp_path / "shots"
+    for c in ("cat", "dog", "bird"):
+        (folder / c).mkdir(parents=True)
+        for i in range(4):
+            pixels = np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / c / f"{i}.png")
+    shots = load_shots(clip, folder, None, ShotBudget(4, held_out=1), 0)
+    patch = DummyTrigger(
+        torch.zeros(32, 32).index_fill_(0, torch.arange(4), 1.0), torch.ones(3, 32, 32), torch.zeros(3, 32, 32)
+    )
+    cfg = TuningConfig(judging=Judging(beyond=(1.5, 2.0)))
+    data = tuning_data(clip, shots, [Candidate(patch, 2, 1.0, None)], cfg, torch.zeros(3, 8))
+    assert data.cache.triggered_strengths.unique().tolist() == [1.0]
+    # the held-out shots of cat and dog (bird is the target), as found and at 1.5 and 2
+    assert data.held_out.triggered_strengths.tolist() == [1.0, 1.0, 1.5, 1.5, 2.0, 2.0]
+    assert data.held_out.encoder_passes == 3 + 2  # the further copies are computed, not encoded

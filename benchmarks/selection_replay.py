@@ -1,0 +1,265 @@
+"""Which checkpoint a selection rule keeps, measured without re-tuning (docs/results.md#judging).
+
+Step 2 trains each rung from the same start with no randomness, so a rung's trajectory does not
+depend on where an earlier rung stopped or on which rung was kept. `record` trains every rung of
+a purify's plan for all its steps (no early stopping, no ladder) and stores, at every
+evaluation, the held-out figures at each strength of the held-out triggered copies
+(`STRENGTHS`) and the routed head's CA and ASR on the testbed's test split. `replay` then runs
+the real selection (`cbpt.tuning.RungSearch`, `Climb`, `Judging`, the plan's acceptance) over
+those records under each rule in `RULES`: seconds for a rule on every run, and the rule
+`purify` uses gives the CA / ASR `purify` gives (the bench's seeding: shot set, inversion and
+tuning seed all equal the shot set).
+
+    python benchmarks/selection_replay.py record TB/digits-* TB/shapes-* --seeds 0 1 2 --out records.json
+    python benchmarks/selection_replay.py replay records.json [--rules as-found by-reach beyond1.5]
+
+`record` costs a scan and three full rungs per run (2-3 minutes on a 32-px testbed, one
+thread) and resumes from --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from cbpt.data import ShotBudget, load_shots
+from cbpt.losses import class_logits, clean_loss, keep_kl_loss, trigger_loss
+from cbpt.model import load_clip
+from cbpt.prompts import ClassPrompts
+from cbpt.purify import (
+    PurifyConfig,
+    TuningMode,
+    calibration_features,
+    original_head,
+    plan_tuning,
+    route_for,
+    tuning_data,
+)
+from cbpt.scan import read_scan, run_scan
+from cbpt.tuning import (
+    Acceptance,
+    CautiousAcceptance,
+    Climb,
+    Copies,
+    FullAcceptance,
+    HeldOut,
+    Judging,
+    Ladder,
+    Rung,
+    RungSearch,
+    Tuner,
+    TuningConfig,
+    TuningData,
+)
+from cbpt_guard import atomic
+from cbpt_guard.artifacts import CLASSES
+from testbed.evaluate import class_order, encode_test_split, score_head
+
+STRENGTHS = (1.0, 1.25, 1.5, 2.0)  # the held-out copies recorded, as found and further out
+
+RULES: dict[str, Judging] = {
+    "as-found": Judging(beyond=(), by_reach=False),  # the rule before judging (4210b3a)
+    "by-reach": Judging(beyond=()),
+    "beyond1.25": Judging(beyond=(1.25,), by_reach=False),
+    "beyond1.5": Judging(beyond=(1.5,), by_reach=False),
+    "beyond2": Judging(beyond=(2.0,), by_reach=False),
+    "by-reach-beyond1.25": Judging(beyond=(1.25,)),
+    "by-reach-beyond1.5": Judging(beyond=(1.5,)),
+    "by-reach-beyond2": Judging(beyond=(2.0,)),
+    "found-rank-beyond1.25": Judging(beyond=(1.25,), rank_beyond=False),
+    "found-rank-beyond1.5": Judging(beyond=(1.5,), rank_beyond=False),
+    "found-rank-beyond2": Judging(beyond=(2.0,), rank_beyond=False),
+}
+
+
+def _figures(g: torch.Tensor, held, original: torch.Tensor, scale: float) -> dict:
+    """One evaluation of the head `g` on the held-out cache, per strength of its copies."""
+    pred = class_logits(held.clean, g, scale).argmax(1)
+    out = {
+        "clean_acc": int((pred == held.clean_labels).sum()) / held.clean.shape[0],
+        "clean_count": held.clean.shape[0],
+        "clean_loss": float(clean_loss(held.clean, g, held.clean_labels, scale)),
+        "clean_kl": float(keep_kl_loss(held.clean, g, original, scale)),
+        "copies": [],
+    }
+    for strength, rows in held.strength_groups():
+        f, y, t = held.triggered[rows], held.triggered_labels[rows], held.triggered_targets[rows]
+        p = class_logits(f, g, scale).argmax(1)
+        n = rows.numel()
+        out["copies"].append(
+            {
+                "strength": strength,
+                "count": n,
+                "home": int((p == y).sum()),
+                "reached": int((p == t).sum()),
+                "loss_sum": float(trigger_loss(f, g, y, scale)) * n,
+            }
+        )
+    return out
+
+
+def record(tb: Path, seed: int) -> dict:
+    base = PurifyConfig(budget=ShotBudget(16))
+    cfg = replace(
+        base,
+        seed=seed,
+        inversion=replace(base.inversion, seed=seed),
+        tuning=replace(base.tuning, seed=seed, judging=Judging(beyond=STRENGTHS[1:])),
+    )
+    clip = load_clip(tb / "model.pt")
+    shots = load_shots(clip, tb / "fewshot", tb / CLASSES, cfg.budget, cfg.seed)
+    feats = encode_test_split(clip, tb)
+    rows = class_order(list(shots.classnames), tb)
+    original = original_head(clip, shots.classnames)
+    inv = run_scan(clip, shots, cfg.inversion, original)
+    plan = plan_tuning(read_scan(inv), inv, cfg, held_out=True)
+    tc = plan.tuning
+    data = tuning_data(clip, shots, plan.triggers, tc, original)
+    route = route_for(data, calibration_features(data), cfg.routed_share, plan)
+    prompts = ClassPrompts(
+        clip.model, clip.tokenizer(), shots.classnames, n_ctx=tc.n_ctx, seed=tc.seed, autocast=clip.runtime.autocast
+    )
+
+    def test_of(g: torch.Tensor, head_route) -> dict:
+        e = score_head(feats, g[rows], None if head_route is None else head_route.reordered(rows))
+        return {"ca": e.ca, "asr": e.asr}
+
+    full = plan.mode is TuningMode.FULL
+    rungs = [(tc.alpha, tc.margin)] + (list(tc.ladder.rungs) if full else [])
+    attack = json.loads((tb / "metrics.json").read_text())["attack"]
+    return {"attack": attack, "mode": str(plan.mode), "rungs": rungs} | trajectories(
+        prompts, data, tc, plan.acceptance, rungs, lambda g: test_of(g, route), test_of(original, None)
+    )
+
+
+def trajectories(
+    prompts: ClassPrompts,
+    data: TuningData,
+    tc: TuningConfig,
+    acceptance: Acceptance,
+    rungs: list[tuple[float, float]],
+    test_of: Callable[[torch.Tensor], dict],
+    original_test: dict,
+) -> dict:
+    """Every rung trained from the same start for all its steps, each evaluation recorded."""
+    torch.manual_seed(tc.seed)  # as `tune` does
+    tuner = Tuner(prompts, data, tc, acceptance)
+    init = prompts.snapshot()
+    held = data.held_out or data.cache
+    out = {"original": _figures(data.original, held, data.original, data.scale) | {"test": original_test}}
+    out["trajectories"] = []
+    for i, (alpha, margin) in enumerate(rungs):
+        prompts.restore(init)
+        opt = torch.optim.Adam(prompts.parameters(), lr=tc.lr)
+        tuner.texts.reset()
+        trajectory = []
+        for step in range(1, tc.steps + 1):
+            tuner.step(opt, Rung(i, alpha, margin))
+            if step % tc.eval_every == 0 or step == tc.steps:
+                with torch.no_grad():
+                    g = tuner.texts.current()
+                    trajectory.append(
+                        {"step": step} | _figures(g, held, data.original, data.scale) | {"test": test_of(g)}
+                    )
+        out["trajectories"].append(trajectory)
+    return out
+
+
+def _held_out(e: dict, judging: Judging, alpha: float) -> HeldOut:
+    strengths = (1.0, *judging.beyond)
+    copies = [Copies(**c) for c in e["copies"] if c["strength"] in strengths]
+    return Judging.read(e["clean_acc"], e["clean_loss"], e["clean_kl"], e["clean_count"], copies, alpha)
+
+
+def replay(rec: dict, judging: Judging, cfg: TuningConfig = TuningConfig()) -> dict:
+    """The checkpoint the selection keeps under `judging`, and its test CA / ASR."""
+    cautious = rec["mode"] == str(TuningMode.CAUTIOUS)
+    acceptance = CautiousAcceptance(cfg.clean_tolerance) if cautious else FullAcceptance(cfg.clean_tolerance)
+    original = _held_out(rec["original"], judging, cfg.alpha)
+    climb = Climb(Ladder.off() if cautious else cfg.ladder, original, cfg.clean_tolerance)
+    for i, (alpha, margin) in enumerate(rec["rungs"]):
+        search = RungSearch(Rung(i, alpha, margin), acceptance, original, judging, climb.floor, cfg.patience)
+        for e in rec["trajectories"][i]:
+            if search.offer(e["step"], _held_out(e, judging, alpha), lambda: torch.zeros(1)):
+                break
+        assert search.best is not None
+        if not climb.add(search.best):
+            break
+    chosen = climb.chosen
+    assert chosen is not None
+    if chosen.ctx is None:  # cautious mode kept the original prompts
+        return {"rung": None, "step": None, **rec["original"]["test"]}
+    test = next(e["test"] for e in rec["trajectories"][chosen.rung.index] if e["step"] == chosen.step)
+    return {"rung": chosen.rung.index, "step": chosen.step, **test}
+
+
+def summarise(records: dict[str, dict], rules: list[str]) -> str:
+    """Per run the CA / ASR each rule keeps; per rule the spread over the backdoored runs (ASR)
+    and over every run (CA drop)."""
+    kept = {r: {k: replay(rec, RULES[r]) for k, rec in records.items()} for r in rules}
+    names = sorted(records)
+    lines = ["| run | CA / ASR before | " + " | ".join(rules) + " |", "|---|---|" + "---|" * len(rules)]
+    for k in names:
+        b = records[k]["original"]["test"]
+        clean = records[k]["attack"] == "none"
+        before = f"{b['ca']:.3f} / " + ("-" if clean else f"{b['asr']:.3f}")
+        cells = []
+        for r in rules:
+            x = kept[r][k]
+            asr = "-" if clean else f"{x['asr']:.3f}"
+            cells.append(f"{x['ca']:.3f} / {asr} ({'orig' if x['rung'] is None else x['rung']})")
+        lines.append(f"| {k} | {before} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| rule | runs | CA drop mean / worst | CA drop > 2 pt | backdoored runs | ASR mean | ASR > 2% | ASR > 5% "
+        "| worst ASR |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rules:
+        drops = [records[k]["original"]["test"]["ca"] - kept[r][k]["ca"] for k in names]
+        asr = [kept[r][k]["asr"] for k in names if records[k]["attack"] != "none"]
+        drop = f"{statistics.mean(drops):.4f} / {max(drops):.3f}"
+        lines.append(
+            f"| {r} | {len(names)} | {drop} | {sum(d > 0.02 for d in drops)} | "
+            f"{len(asr)} | {statistics.mean(asr):.4f} | {sum(a > 0.02 for a in asr)} | {sum(a > 0.05 for a in asr)} | "
+            f"{max(asr):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="full trajectories of every rung")
+    rec.add_argument("testbeds", nargs="+", type=Path)
+    rec.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    rec.add_argument("--out", type=Path, required=True)
+    rep = sub.add_parser("replay", help="the selection rules over stored records")
+    rep.add_argument("records", nargs="+", type=Path)
+    rep.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
+    args = ap.parse_args()
+    if args.command == "record":
+        torch.set_num_threads(1)
+        stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        for seed in args.seeds:
+            for tb in args.testbeds:
+                key = f"{tb.name}/s{seed}"
+                if key not in stored:
+                    stored[key] = record(tb, seed)
+                    atomic.write_text(args.out, json.dumps(stored))
+                    print(key, "recorded", flush=True)
+        return
+    records: dict[str, dict] = {}
+    for f in args.records:
+        records.update(json.loads(f.read_text()))
+    print(summarise(records, args.rules))
+
+
+if __name__ == "__main__":
+    main()
