@@ -39,26 +39,25 @@ import torch
 import torch.nn.functional as F
 
 from cbpt import inversion as inv_mod
-from cbpt.data import ShotBudget, Shots, load_shots
+from cbpt.data import ShotBudget, Shots
 from cbpt.inversion import Candidate, InversionResult
 from cbpt.losses import class_logits
-from cbpt.model import LoadedClip, load_clip
+from cbpt.model import LoadedClip
 from cbpt.purify import (
     PurifyConfig,
     TuningPlan,
     calibration_features,
-    original_head,
     plan_tuning,
     route_for,
     tune_prompts,
     tuning_data,
 )
-from cbpt.scan import read_scan, run_scan
+from cbpt.scan import read_scan
 from cbpt.trigger import DummyTrigger, TriggerKind
 from cbpt.tuning import Ladder, TuningConfig
 from cbpt_guard import atomic
-from cbpt_guard.artifacts import CLASSES
-from testbed.evaluate import class_order, encode_test_split, score_head
+from testbed.bench import scan_testbed
+from testbed.evaluate import score_head
 from testbed.triggers import Trigger
 
 
@@ -210,12 +209,8 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict) ->
     if "before" in done and all(k in done for k in keys):
         return done  # nothing to measure: no scan
     cfg = PurifyConfig(budget=ShotBudget(16))
-    clip = load_clip(tb / "model.pt")
-    shots = load_shots(clip, tb / "fewshot", tb / CLASSES, cfg.budget, cfg.seed)
-    feats = encode_test_split(clip, tb)
-    rows = class_order(list(shots.classnames), tb)
-    original = original_head(clip, shots.classnames)
-    inv = run_scan(clip, shots, cfg.inversion, original)
+    sc = scan_testbed(tb, cfg)
+    clip, shots, feats, rows, original, inv = sc.clip, sc.shots, sc.feats, sc.rows, sc.original, sc.inversion
     verdict = read_scan(inv)
     plan = plan_tuning(verdict, inv, cfg, held_out=True)
     meta = json.loads((tb / "metrics.json").read_text())

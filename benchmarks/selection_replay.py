@@ -12,6 +12,7 @@ tuning seed all equal the shot set).
 
     python benchmarks/selection_replay.py record TB/digits-* TB/shapes-* --seeds 0 1 2 --out records.json
     python benchmarks/selection_replay.py replay records.json [--rules as-found by-reach beyond1.5]
+    python benchmarks/selection_replay.py replay docs/bench/judging/records.json.gz   # the 48 runs of docs/results.md
 
 `record` costs a scan and three full rungs per run (2-3 minutes on a 32-px testbed, one
 thread) and resumes from --out.
@@ -20,6 +21,7 @@ thread) and resumes from --out.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 from collections.abc import Callable
@@ -28,20 +30,18 @@ from pathlib import Path
 
 import torch
 
-from cbpt.data import ShotBudget, load_shots
+from cbpt.data import ShotBudget
 from cbpt.losses import class_logits, clean_loss, keep_kl_loss, trigger_loss
-from cbpt.model import load_clip
 from cbpt.prompts import ClassPrompts
 from cbpt.purify import (
     PurifyConfig,
     TuningMode,
     calibration_features,
-    original_head,
     plan_tuning,
     route_for,
     tuning_data,
 )
-from cbpt.scan import read_scan, run_scan
+from cbpt.scan import read_scan
 from cbpt.tuning import (
     Acceptance,
     CautiousAcceptance,
@@ -58,8 +58,8 @@ from cbpt.tuning import (
     TuningData,
 )
 from cbpt_guard import atomic
-from cbpt_guard.artifacts import CLASSES
-from testbed.evaluate import class_order, encode_test_split, score_head
+from testbed.bench import scan_testbed
+from testbed.evaluate import score_head
 
 STRENGTHS = (1.0, 1.25, 1.5, 2.0)  # the held-out copies recorded, as found and further out
 
@@ -112,12 +112,8 @@ def record(tb: Path, seed: int) -> dict:
         inversion=replace(base.inversion, seed=seed),
         tuning=replace(base.tuning, seed=seed, judging=Judging(beyond=STRENGTHS[1:])),
     )
-    clip = load_clip(tb / "model.pt")
-    shots = load_shots(clip, tb / "fewshot", tb / CLASSES, cfg.budget, cfg.seed)
-    feats = encode_test_split(clip, tb)
-    rows = class_order(list(shots.classnames), tb)
-    original = original_head(clip, shots.classnames)
-    inv = run_scan(clip, shots, cfg.inversion, original)
+    sc = scan_testbed(tb, cfg)
+    clip, shots, feats, rows, original, inv = sc.clip, sc.shots, sc.feats, sc.rows, sc.original, sc.inversion
     plan = plan_tuning(read_scan(inv), inv, cfg, held_out=True)
     tc = plan.tuning
     data = tuning_data(clip, shots, plan.triggers, tc, original)
@@ -257,7 +253,7 @@ def main() -> None:
         return
     records: dict[str, dict] = {}
     for f in args.records:
-        records.update(json.loads(f.read_text()))
+        records.update(json.loads(gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_text()))
     print(summarise(records, args.rules))
 
 

@@ -28,6 +28,9 @@ from testbed.triggers import ATTACKS as TRIGGERS
 if TYPE_CHECKING:
     import torch
 
+    from cbpt.data import Shots
+    from cbpt.inversion import InversionResult
+    from cbpt.model import LoadedClip
     from cbpt_guard.routing import Route
     from testbed.evaluate import BackdoorEval, SplitFeatures
 
@@ -137,6 +140,40 @@ class OnTestbed:
     route: Route | None  # where `head` answers (None: everywhere)
     defended: Defended
     seconds: float  # the defense's wall time
+
+
+@dataclass(frozen=True)
+class Scanned:
+    """A testbed's model with one shot set drawn and scanned, its test split encoded: what the
+    step-2 studies (benchmarks/oracle_trigger.py, selection_replay.py) start from."""
+
+    clip: LoadedClip
+    shots: Shots
+    feats: SplitFeatures
+    rows: list[int]  # the shot set's class order -> the testbed's
+    original: torch.Tensor  # [C, D] the original prompts' head
+    inversion: InversionResult
+
+
+def scan_testbed(tb: Path, cfg: PurifyConfig) -> Scanned:
+    """Draw `cfg`'s shot set of the testbed `tb` and scan its model (`cfg.inversion`)."""
+    from cbpt.data import load_shots
+    from cbpt.model import load_clip
+    from cbpt.purify import original_head
+    from cbpt.scan import run_scan
+    from testbed.evaluate import class_order, encode_test_split
+
+    clip = load_clip(tb / "model.pt")
+    shots = load_shots(clip, tb / "fewshot", tb / CLASSES, cfg.budget, cfg.seed)
+    original = original_head(clip, shots.classnames)
+    return Scanned(
+        clip,
+        shots,
+        encode_test_split(clip, tb),
+        class_order(list(shots.classnames), tb),
+        original,
+        run_scan(clip, shots, cfg.inversion, original),
+    )
 
 
 def defend_on_testbed(
