@@ -25,13 +25,13 @@ import gzip
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from cbpt.data import ShotBudget
-from cbpt.losses import class_logits, clean_loss, keep_kl_loss, trigger_loss
+from cbpt.features import FeatureCache
 from cbpt.prompts import ClassPrompts
 from cbpt.purify import (
     PurifyConfig,
@@ -56,6 +56,7 @@ from cbpt.tuning import (
     Tuner,
     TuningConfig,
     TuningData,
+    evaluate,
 )
 from cbpt_guard import atomic
 from testbed.bench import scan_testbed
@@ -78,30 +79,17 @@ RULES: dict[str, Judging] = {
 }
 
 
-def _figures(g: torch.Tensor, held, original: torch.Tensor, scale: float) -> dict:
-    """One evaluation of the head `g` on the held-out cache, per strength of its copies."""
-    pred = class_logits(held.clean, g, scale).argmax(1)
-    out = {
-        "clean_acc": int((pred == held.clean_labels).sum()) / held.clean.shape[0],
-        "clean_count": held.clean.shape[0],
-        "clean_loss": float(clean_loss(held.clean, g, held.clean_labels, scale)),
-        "clean_kl": float(keep_kl_loss(held.clean, g, original, scale)),
-        "copies": [],
+def _figures(g: torch.Tensor, held: FeatureCache, original: torch.Tensor, scale: float) -> dict:
+    """One evaluation of the head `g` on the held-out cache (`cbpt.tuning.evaluate`, as `tune`
+    reads it), per strength of its copies."""
+    e = evaluate(held, g, original, scale)
+    return {
+        "clean_acc": e.clean_acc,
+        "clean_count": e.clean_count,
+        "clean_loss": e.clean_loss,
+        "clean_kl": e.clean_kl,
+        "copies": [asdict(c) for c in e.copies],
     }
-    for strength, rows in held.strength_groups():
-        f, y, t = held.triggered[rows], held.triggered_labels[rows], held.triggered_targets[rows]
-        p = class_logits(f, g, scale).argmax(1)
-        n = rows.numel()
-        out["copies"].append(
-            {
-                "strength": strength,
-                "count": n,
-                "home": int((p == y).sum()),
-                "reached": int((p == t).sum()),
-                "loss_sum": float(trigger_loss(f, g, y, scale)) * n,
-            }
-        )
-    return out
 
 
 def record(tb: Path, seed: int) -> dict:

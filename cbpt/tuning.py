@@ -409,6 +409,47 @@ def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x[rows]
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """A head's raw figures on a feature cache, before `Judging` reads them."""
+
+    clean_acc: float
+    clean_loss: float  # mean
+    clean_kl: float  # mean KL of the original head's decisions to this one's
+    clean_count: int
+    copies: list[Copies]  # one per strength of the triggered copies (none: no triggered copies)
+    wrong: torch.Tensor  # [C] images of other classes each class took (clean and as-found copies)
+
+
+@torch.no_grad()
+def evaluate(d: FeatureCache, g: torch.Tensor, original: torch.Tensor, scale: float) -> Evaluation:
+    """The head `g` on the cache `d`, `EVAL_ROWS` image features at a time."""
+    wrong = torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
+    c, kl, right = 0.0, 0.0, 0
+    for i in range(0, d.clean.shape[0], EVAL_ROWS):
+        f, y = d.clean[i : i + EVAL_ROWS], d.clean_labels[i : i + EVAL_ROWS]
+        c += float(clean_loss(f, g, y, scale)) * f.shape[0]
+        kl += float(keep_kl_loss(f, g, original, scale)) * f.shape[0]
+        pred = class_logits(f, g, scale).argmax(1)
+        right += int((pred == y).sum())
+        wrong += torch.bincount(pred[pred != y], minlength=g.shape[0])
+    n = d.clean.shape[0]
+    copies = []
+    for strength, rows in d.strength_groups() if len(d.triggered) else []:
+        t, home, reached = 0.0, 0, 0
+        for i in range(0, rows.numel(), EVAL_ROWS):
+            r = rows[i : i + EVAL_ROWS]
+            f, y = d.triggered[r], d.triggered_labels[r]
+            t += float(trigger_loss(f, g, y, scale)) * f.shape[0]
+            pred = class_logits(f, g, scale).argmax(1)
+            home += int((pred == y).sum())
+            reached += int((pred == d.triggered_targets[r]).sum())
+            if strength == 1.0:  # the copies as found: those further out are not images
+                wrong += torch.bincount(pred[pred != y], minlength=g.shape[0])
+        copies.append(Copies(strength, rows.numel(), home, reached, t))
+    return Evaluation(right / n, c / n, kl / n, n, copies, wrong)
+
+
 class Tuner:
     """Trains the context vectors rung by rung under one acceptance policy, logging each evaluation."""
 
@@ -420,40 +461,14 @@ class Tuner:
         self.original = self.validate(data.original, cfg.alpha)
         self.log: list[dict] = []
 
-    @torch.no_grad()
     def validate(self, g: torch.Tensor, alpha: float) -> HeldOut:
-        """The head `g` on the held-out shots, `EVAL_ROWS` image features at a time; also tells
-        the class picker which classes took the most images of others."""
-        d, scale = self.check, self.data.scale
-        wrong = torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
-        c, kl, right = 0.0, 0.0, 0
-        for i in range(0, d.clean.shape[0], EVAL_ROWS):
-            f, y = d.clean[i : i + EVAL_ROWS], d.clean_labels[i : i + EVAL_ROWS]
-            c += float(clean_loss(f, g, y, scale)) * f.shape[0]
-            kl += float(keep_kl_loss(f, g, self.data.original, scale)) * f.shape[0]
-            pred = class_logits(f, g, scale).argmax(1)
-            right += int((pred == y).sum())
-            wrong += torch.bincount(pred[pred != y], minlength=g.shape[0])
-        n = d.clean.shape[0]
-        acc, c, kl = right / n, c / n, kl / n
-        if not len(d.triggered):
-            self.picker.confused(wrong)
-            return HeldOut(acc, 0.0, c, kl, clean_count=n)
-        copies = []
-        for strength, rows in d.strength_groups():
-            t, home, reached = 0.0, 0, 0
-            for i in range(0, rows.numel(), EVAL_ROWS):
-                r = rows[i : i + EVAL_ROWS]
-                f, y = d.triggered[r], d.triggered_labels[r]
-                t += float(trigger_loss(f, g, y, scale)) * f.shape[0]
-                pred = class_logits(f, g, scale).argmax(1)
-                home += int((pred == y).sum())
-                reached += int((pred == d.triggered_targets[r]).sum())
-                if strength == 1.0:  # the copies as found: those further out are not images
-                    wrong += torch.bincount(pred[pred != y], minlength=g.shape[0])
-            copies.append(Copies(strength, rows.numel(), home, reached, t))
-        self.picker.confused(wrong)
-        return Judging.read(acc, c, kl, n, copies, alpha)
+        """The head `g` on the held-out shots (`evaluate`); also tells the class picker which
+        classes took the most images of others."""
+        e = evaluate(self.check, g, self.data.original, self.data.scale)
+        self.picker.confused(e.wrong)
+        if not e.copies:
+            return HeldOut(e.clean_acc, 0.0, e.clean_loss, e.clean_kl, clean_count=e.clean_count)
+        return Judging.read(e.clean_acc, e.clean_loss, e.clean_kl, e.clean_count, e.copies, alpha)
 
     def loss(self, g: torch.Tensor, rung: Rung, classes: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The step's loss on the shots of `classes` (all of them when the schedule covers
