@@ -816,6 +816,10 @@ def testbed_zoo(
     limit: Annotated[
         Optional[int], typer.Option(help="Measure at most this many new models now (the rest on a later run).")
     ] = None,
+    part: Annotated[
+        Optional[str],
+        typer.Option(help="Measure only this part's models, fit or report (the report covers everything stored)."),
+    ] = None,
     workers: Annotated[
         int,
         typer.Option(
@@ -833,10 +837,12 @@ def testbed_zoo(
         raise UsageError(f"--workers must be at least 1, got {workers}", "pass --workers 1, or one per core")
     runtime = _runtime(threads if threads or workers == 1 else 1, device)
     from cbpt_cli.progress import stage_progress
-    from testbed.zoo import ZooConfig, run_workers
+    from testbed.zoo import Part, ZooConfig, run_workers
 
     if backdoored < 0 or finetune_steps < 1 or (limit is not None and limit < 0):
         raise UsageError("--backdoored and --limit must be at least 0, --finetune-steps at least 1", "see --help")
+    if part is not None and part not in tuple(Part):
+        raise UsageError(f"--part must be one of {', '.join(Part)}, got {part!r}", "leave it out to measure both")
     cfg = ZooConfig(
         work=work,
         backdoored=backdoored,
@@ -847,7 +853,7 @@ def testbed_zoo(
         runtime=runtime,
     )
     with stage_progress() as progress:
-        results = run_workers(cfg, workers, threads or 1, progress, limit)
+        results = run_workers(cfg, workers, threads or 1, progress, limit, None if part is None else Part(part))
     s = results["summary"]["all"]
     if as_json:
         _print_json(s)

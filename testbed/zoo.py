@@ -84,12 +84,20 @@ class AttackSpec:
     params: dict  # the family's drawn settings (size, location, alpha, strength, ...)
 
 
+class Part(StrEnum):
+    """Which half of the zoo an entry belongs to: the rules may be tuned on `FIT`; the figures of
+    record are `REPORT`'s, only measured (docs/results.md#the-zoo)."""
+
+    FIT = "fit"
+    REPORT = "report"
+
+
 @dataclass(frozen=True)
 class Entry:
     name: str
     base: Base
     attack: AttackSpec | None  # None: the clean base itself
-    part: str  # "fit" (may tune the scan's rules) or "report" (reported, never tuned on)
+    part: Part | None  # set by `plan`: alternate entries
 
 
 def draw_attack(rng: np.random.Generator, n_classes: int, rates: tuple[float, float]) -> AttackSpec:
@@ -122,13 +130,13 @@ def plan(cfg: ZooConfig) -> list[Entry]:
     """Every clean snapshot, then `cfg.backdoored` attacks on bases drawn from them; entries
     alternate between the fit and the report part."""
     bases = [Base(d, s, k) for d in cfg.datasets for s in cfg.pretrain_seeds for k in cfg.snapshots]
-    entries = [Entry(f"clean-{b.name}", b, None, "") for b in bases]
+    entries = [Entry(f"clean-{b.name}", b, None, None) for b in bases]
     rng = np.random.default_rng([cfg.seed, 31])
     for i in range(cfg.backdoored):
         base = bases[int(rng.integers(len(bases)))]
         spec = draw_attack(rng, 10, cfg.poison_rates)
-        entries.append(Entry(f"bd{i:03d}-{spec.family}-{base.name}", base, spec, ""))
-    return [replace(e, part="fit" if i % 2 == 0 else "report") for i, e in enumerate(entries)]
+        entries.append(Entry(f"bd{i:03d}-{spec.family}-{base.name}", base, spec, None))
+    return [replace(e, part=Part.FIT if i % 2 == 0 else Part.REPORT) for i, e in enumerate(entries)]
 
 
 def interleaved(entries: list[Entry]) -> list[Entry]:
@@ -331,17 +339,19 @@ def stored_records(source: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
-def run_zoo(cfg: ZooConfig, progress: Progress = lambda *_: None, limit: int | None = None) -> dict:
-    """Measure every planned entry not yet stored (at most `limit` new ones), then write the
-    report from everything stored."""
+def run_zoo(
+    cfg: ZooConfig, progress: Progress = lambda *_: None, limit: int | None = None, part: Part | None = None
+) -> dict:
+    """Measure every planned entry of `part` (None: both) not yet stored, at most `limit` new
+    ones, then write the report from everything stored."""
     zoo = Zoo(cfg, progress)
     entries = interleaved(plan(cfg))
-    todo = [e for e in entries if not zoo.run_path(e).is_file()]
+    todo = [e for e in entries if not zoo.run_path(e).is_file() and part in (None, e.part)]
     zoo.pretrain_free_runs(todo if limit is None else todo[:limit])
     new = 0
     for i, entry in enumerate(entries):
         progress("zoo", i + 1, len(entries))
-        if zoo.run_path(entry).is_file() or (limit is not None and new >= limit):
+        if zoo.run_path(entry).is_file() or part not in (None, entry.part) or (limit is not None and new >= limit):
             continue
         with locks.claim(zoo.cfg.work / "claims" / f"{entry.name}.lock") as mine:
             if mine and not zoo.run_path(entry).is_file():  # else another worker has it, or just did it
@@ -353,33 +363,39 @@ def run_zoo(cfg: ZooConfig, progress: Progress = lambda *_: None, limit: int | N
         "tool": TOOL,
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
         "planned": len(entries),
-        "summary": {part: summarise(records, part) for part in ("all", "fit", "report")},
+        "summary": {p: summarise(records, p) for p in ("all", *Part)},
         "records": records,
     }
     write_report(cfg.work, results)
     return results
 
 
-def _worker(cfg: ZooConfig, limit: int | None, threads: int) -> None:
+def _worker(cfg: ZooConfig, limit: int | None, threads: int, part: Part | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    run_zoo(cfg, limit=limit)
+    run_zoo(cfg, limit=limit, part=part)
 
 
 def run_workers(
-    cfg: ZooConfig, workers: int, threads: int = 1, progress: Progress = lambda *_: None, limit: int | None = None
+    cfg: ZooConfig,
+    workers: int,
+    threads: int = 1,
+    progress: Progress = lambda *_: None,
+    limit: int | None = None,
+    part: Part | None = None,
 ) -> dict:
     """`run_zoo` in `workers` processes on one folder (this one shows `progress`), each with
-    `threads` torch threads; then the report from everything stored. `limit` is per worker."""
+    `threads` torch threads, on `part`'s entries (None: both); then the report from everything
+    stored. `limit` is per worker."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # a fresh torch per worker, not a forked thread pool
-    others = [ctx.Process(target=_worker, args=(cfg, limit, threads)) for _ in range(workers - 1)]
+    others = [ctx.Process(target=_worker, args=(cfg, limit, threads, part)) for _ in range(workers - 1)]
     for proc in others:
         proc.start()
     try:
-        results = run_zoo(cfg, progress, limit)
+        results = run_zoo(cfg, progress, limit, part)
     finally:
         for proc in others:
             proc.join()

@@ -112,10 +112,12 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
             tuning=TuningConfig(steps=5),
         ),
     )
-    first = zoo_module.run_zoo(cfg, limit=1)
+    assert zoo_module.run_zoo(cfg, limit=0)["records"] == []  # --limit 0: nothing new measured
+    # one part only: the fit part's clean model, not the report part's backdoored one
+    first = zoo_module.run_zoo(cfg, limit=5, part=zoo_module.Part.FIT)
     assert len(first["records"]) == 1 and first["planned"] == 2
     rec = first["records"][0]
-    assert rec["kind"] == "clean" and rec["taken"] and "suspicion" in rec["scan"]
+    assert rec["kind"] == "clean" and rec["part"] == "fit" and rec["taken"] and "suspicion" in rec["scan"]
     # every candidate is stored, so the scan's rules can be refitted without scanning again
     assert [c["kind"] for c in rec["scan"]["candidates"] if not c["probe"]] == ["mask"]
     assert {"target", "flip_rate", "mask_l1", "over_alignment"} <= set(rec["scan"]["candidates"][0])
@@ -185,7 +187,11 @@ def test_locks_let_one_worker_claim_a_step_and_make_the_others_wait(tmp_path):
 def test_zoo_refuses_bad_counts_before_any_work(tmp_path, capsys):
     from tests.helpers import run_cli
 
-    for args, says in ((["--workers", "0"], "--workers must be at least 1"), (["--limit", "-1"], "--limit")):
+    for args, says in (
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--limit", "-1"], "--limit"),
+        (["--part", "test"], "--part must be one of fit, report"),
+    ):
         code, _, err = run_cli(capsys, "testbed", "zoo", "--work", tmp_path / "zoo", *args)
         assert code == 2 and says in err
     assert not (tmp_path / "zoo").exists()
