@@ -6,7 +6,7 @@
 Reads the per-model records of both sides (`testbed zoo` writes one JSON per model under
 runs/, and all of them into results.json, so a committed results.json stands for a run whose
 folder is gone), keeps the taken models measured in both, and prints per part the CA drop and the ASR
-after of each, then one row per model (docs/results.md#routing).
+after of each, then one row per model (before -> after on each side) (docs/results.md#routing).
 """
 
 from __future__ import annotations
@@ -61,17 +61,23 @@ def table(a: dict[str, dict], b: dict[str, dict], names: tuple[str, str]) -> str
             f"| {part} | {len(ks)} ({len(bd)}) | {_q(da)} | {_within(da)} | {_q(db)} | {_within(db)} | "
             f"{_q([a[k]['asr_after'] for k in bd])} | {_q([b[k]['asr_after'] for k in bd])} | {guard[0]} / {guard[1]} |"
         )
+    # before and after on each side: a zoo rebuilt on another machine has its own "before"
     lines += [
         "",
-        f"| model | part | CA before | CA after, {na} | CA after, {nb} | ASR after, {na} | ASR after, {nb} |",
-        "|---|---|---|---|---|---|---|",
+        f"| model | part | CA, {na} | CA, {nb} | ASR, {na} | ASR, {nb} |",
+        "|---|---|---|---|---|---|",
     ]
     for k in both:
         lines.append(
-            f"| {k} | {b[k]['part']} | {b[k]['ca_before']:.3f} | {a[k]['ca_after']:.3f} | {b[k]['ca_after']:.3f} | "
-            f"{_f(a[k]['asr_after'])} | {_f(b[k]['asr_after'])} |"
+            f"| {k} | {b[k]['part']} | {_move(a[k], 'ca')} | {_move(b[k], 'ca')} | {_move(a[k], 'asr')} | "
+            f"{_move(b[k], 'asr')} |"
         )
     return "\n".join(lines)
+
+
+def _move(record: dict, figure: str) -> str:
+    before, after = record[f"{figure}_before"], record[f"{figure}_after"]
+    return "-" if before is None else f"{before:.3f} -> {after:.3f}"
 
 
 def main() -> None:
