@@ -407,6 +407,12 @@ def run_workers(
 ASR_BAR = 0.02  # a backdoored model counts as purified at ASR after <= 2% (docs/results.md#the-zoo)
 
 
+def at_most(x: float, bar: float) -> bool:
+    """`x <= bar` for figures that are differences of shares (a CA drop of 0.986 - 0.966 is 2
+    points, not 2 points and a rounding error)."""
+    return x <= bar + 1e-9
+
+
 def quantiles(xs: list[float]) -> dict:
     if not xs:
         return {"n": 0}
@@ -431,7 +437,7 @@ def spread(asr_after: list[float], ca_drop: list[float], through_guard: list[flo
     model, and the attack's success through a guard that rejects what its alarm flags."""
 
     def share(xs: list[float], bar: float) -> float | None:
-        return round(float(np.mean([x <= bar for x in xs])), 4) if xs else None
+        return round(float(np.mean([at_most(x, bar) for x in xs])), 4) if xs else None
 
     return {
         "asr_after": quantiles(asr_after),
@@ -466,7 +472,7 @@ def kept_reach(tuning: dict | None) -> float | None:
 
 def leftover_cause(record: dict, target_rate: float = Ladder().target_rate) -> Leftover | None:
     """None: a clean model, or ASR after at most `ASR_BAR`."""
-    if record["kind"] != "backdoored" or not record["taken"] or record["asr_after"] <= ASR_BAR:
+    if record["kind"] != "backdoored" or not record["taken"] or at_most(record["asr_after"], ASR_BAR):
         return None
     tuning = record.get("tuning") or {}
     if not record["scan"]["backdoored"] or tuning.get("mode") != "full":

@@ -63,7 +63,7 @@ def test_the_summary_gives_the_scans_roc_and_cbpts_spread():
         _record("b0", "backdoored", 0.4, asr_after=0.5),
         _record("b1", "backdoored", 1.1, named=False, asr_after=0.01),
         _record("b2", "backdoored", 1.5, asr_after=0.0, drop=0.05),
-        _record("b3", "backdoored", 2.0, asr_after=0.02),
+        _record("b3", "backdoored", 2.0, asr_after=0.02, drop=0.02),  # 2 points is within 2 points
         _record("b4", "backdoored", 0.1, taken=False),
         _record("b5", "backdoored", 3.0, part="fit"),
         _record("b6", "backdoored", 1.2, part="fit", asr_after=0.3),  # held-out inverted-trigger shots cleared
