@@ -519,6 +519,7 @@ class Tuner:
                 if search.offer(step, h, prompts.snapshot) and stops:
                     break
             tick(step)
+        assert search.best is not None  # the last step is always evaluated
         return search.best
 
 

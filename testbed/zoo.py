@@ -97,7 +97,7 @@ class Entry:
     name: str
     base: Base
     attack: AttackSpec | None  # None: the clean base itself
-    part: Part | None  # set by `plan`: alternate entries
+    part: Part
 
 
 def draw_attack(rng: np.random.Generator, n_classes: int, rates: tuple[float, float]) -> AttackSpec:
@@ -130,13 +130,13 @@ def plan(cfg: ZooConfig) -> list[Entry]:
     """Every clean snapshot, then `cfg.backdoored` attacks on bases drawn from them; entries
     alternate between the fit and the report part."""
     bases = [Base(d, s, k) for d in cfg.datasets for s in cfg.pretrain_seeds for k in cfg.snapshots]
-    entries = [Entry(f"clean-{b.name}", b, None, None) for b in bases]
+    models: list[tuple[str, Base, AttackSpec | None]] = [(f"clean-{b.name}", b, None) for b in bases]
     rng = np.random.default_rng([cfg.seed, 31])
     for i in range(cfg.backdoored):
         base = bases[int(rng.integers(len(bases)))]
         spec = draw_attack(rng, 10, cfg.poison_rates)
-        entries.append(Entry(f"bd{i:03d}-{spec.family}-{base.name}", base, spec, None))
-    return [replace(e, part=Part.FIT if i % 2 == 0 else Part.REPORT) for i, e in enumerate(entries)]
+        models.append((f"bd{i:03d}-{spec.family}-{base.name}", base, spec))
+    return [Entry(*m, Part.FIT if i % 2 == 0 else Part.REPORT) for i, m in enumerate(models)]
 
 
 def interleaved(entries: list[Entry]) -> list[Entry]:
@@ -346,12 +346,13 @@ def run_zoo(
     ones, then write the report from everything stored."""
     zoo = Zoo(cfg, progress)
     entries = interleaved(plan(cfg))
-    todo = [e for e in entries if not zoo.run_path(e).is_file() and part in (None, e.part)]
+    asked = [e for e in entries if part in (None, e.part)]
+    todo = [e for e in asked if not zoo.run_path(e).is_file()]
     zoo.pretrain_free_runs(todo if limit is None else todo[:limit])
     new = 0
-    for i, entry in enumerate(entries):
-        progress("zoo", i + 1, len(entries))
-        if zoo.run_path(entry).is_file() or part not in (None, entry.part) or (limit is not None and new >= limit):
+    for i, entry in enumerate(asked):
+        progress("zoo", i + 1, len(asked))
+        if zoo.run_path(entry).is_file() or (limit is not None and new >= limit):
             continue
         with locks.claim(zoo.cfg.work / "claims" / f"{entry.name}.lock") as mine:
             if mine and not zoo.run_path(entry).is_file():  # else another worker has it, or just did it
