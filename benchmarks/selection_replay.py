@@ -2,13 +2,14 @@
 
 Step 2 trains each rung from the same start with no randomness, so a rung's trajectory does not
 depend on where an earlier rung stopped or on which rung was kept. `record` trains every rung of
-a purify's plan for all its steps (no early stopping, no ladder) and stores, at every
-evaluation, the held-out figures at each strength of the held-out triggered copies
-(`STRENGTHS`) and the routed head's CA and ASR on the testbed's test split. `replay` then runs
-the real selection (`cbpt.tuning.RungSearch`, `Climb`, `Judging`, the plan's acceptance) over
-those records under each rule in `RULES`: seconds for a rule on every run, and the rule
-`purify` uses gives the CA / ASR `purify` gives (the bench's seeding: shot set, inversion and
-tuning seed all equal the shot set).
+the ladder for all its steps (no early stopping; in cautious mode too, which today does not
+climb) and stores, at every evaluation, the held-out figures at each strength of the held-out
+triggered copies (`STRENGTHS`) and the routed head's CA and ASR on the testbed's test split.
+`replay` then runs the real selection (`cbpt.tuning.RungSearch`, `Climb`, `Judging`, the plan's
+acceptance) over those records under each rule in `RULES` (`--oracle` adds the best checkpoint
+the test split allows): seconds for a rule on every run, and the rule `purify` uses gives the
+CA / ASR `purify` gives (the bench's seeding: shot set, inversion and tuning seed all equal the
+shot set). A zoo's models are testbeds too (`zoo-out/models/NAME`, shot set 0 as the zoo used).
 
     python benchmarks/selection_replay.py record TB/digits-* TB/shapes-* --seeds 0 1 2 --out records.json
     python benchmarks/selection_replay.py replay records.json [--rules as-found by-reach beyond1.5]
@@ -25,7 +26,7 @@ import gzip
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -61,21 +62,68 @@ from cbpt.tuning import (
 from cbpt_guard import atomic
 from testbed.bench import scan_testbed
 from testbed.evaluate import score_head
+from testbed.zoo import at_most
 
 STRENGTHS = (1.0, 1.25, 1.5, 2.0)  # the held-out copies recorded, as found and further out
 
-RULES: dict[str, Judging] = {
-    "as-found": Judging(beyond=(), by_reach=False),  # the rule before judging (4210b3a)
-    "by-reach": Judging(beyond=()),
-    "beyond1.25": Judging(beyond=(1.25,), by_reach=False),
-    "beyond1.5": Judging(beyond=(1.5,), by_reach=False),
-    "beyond2": Judging(beyond=(2.0,), by_reach=False),
-    "by-reach-beyond1.25": Judging(beyond=(1.25,)),
-    "by-reach-beyond1.5": Judging(beyond=(1.5,)),
-    "by-reach-beyond2": Judging(beyond=(2.0,)),
-    "found-rank-beyond1.25": Judging(beyond=(1.25,), rank_beyond=False),
-    "found-rank-beyond1.5": Judging(beyond=(1.5,), rank_beyond=False),
-    "found-rank-beyond2": Judging(beyond=(2.0,), rank_beyond=False),
+
+@dataclass(frozen=True)
+class KeptTies(Judging):
+    """Ties in the share reaching the target go to the checkpoint whose held-out clean decisions
+    moved least (KL), not to the one sending most copies home. Measured, not taken: the early
+    checkpoints of a strong rung move the decisions little yet cost the most test CA
+    (docs/results.md#the-selection-on-the-zoo)."""
+
+    def key(self, h: HeldOut, eligible: bool) -> tuple:
+        return (eligible, -(h.reach if self.rank_beyond else h.found_reach), -h.clean_kl)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A selection replayed: the tuning settings it reads (judging, acceptance, ladder), and
+    what cautious mode may do (docs/method.md#cautious-mode)."""
+
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    min_gain: float = CautiousAcceptance.min_gain
+    cautious_ladder: bool = False  # cautious mode climbs the ladder too (where its rungs were recorded)
+
+
+def _judged(**kw) -> Rule:
+    return Rule(TuningConfig(judging=Judging(**kw)))
+
+
+def _laddered(**kw) -> Rule:
+    return Rule(TuningConfig(ladder=Ladder(**kw)))
+
+
+RULES: dict[str, Rule] = {
+    "today": Rule(),  # what purify does (docs/method.md#judging)
+    "as-found": _judged(beyond=(), by_reach=False),  # the rule before judging (4210b3a)
+    "by-reach": _judged(beyond=()),
+    "beyond1.25": _judged(beyond=(1.25,), by_reach=False),
+    "beyond1.5": _judged(beyond=(1.5,), by_reach=False),
+    "beyond2": _judged(beyond=(2.0,), by_reach=False),
+    "by-reach-beyond1.25": _judged(beyond=(1.25,)),
+    "by-reach-beyond1.5": _judged(beyond=(1.5,)),
+    "by-reach-beyond2": _judged(beyond=(2.0,)),
+    "found-rank-beyond1.25": _judged(beyond=(1.25,), rank_beyond=False),
+    "found-rank-beyond1.5": _judged(beyond=(1.5,), rank_beyond=False),
+    "found-rank-beyond2": _judged(beyond=(2.0,), rank_beyond=False),
+    # ties in the share reaching the target go to the checkpoint whose clean decisions moved least
+    "kept-ties": Rule(TuningConfig(judging=KeptTies())),
+    # the ladder's clean-accuracy allowance for a stronger rung: half, none
+    "allowance1.5": _laddered(allowance=0.015),
+    "allowance0": _laddered(allowance=0.0),
+    # climb while any held-out copy still reaches the target
+    "settle-at-0": _laddered(target_rate=0.0),
+    # held-out decisions may move at most this far (docs/method.md#acceptance)
+    "klcap0.05": Rule(TuningConfig(max_clean_kl=0.05)),
+    "klcap0.1": Rule(TuningConfig(max_clean_kl=0.1)),
+    # a model the scan reads clean: a smaller gain on the held-out triggered shots lets a tuned
+    # head in; or the ladder climbed as for a found backdoor
+    "cautious-gain0.1": Rule(min_gain=0.1),
+    "cautious-ladder": Rule(cautious_ladder=True),
+    "cautious-ladder-gain0.1": Rule(min_gain=0.1, cautious_ladder=True),
 }
 
 
@@ -114,8 +162,8 @@ def record(tb: Path, seed: int) -> dict:
         e = score_head(feats, g[rows], None if head_route is None else head_route.reordered(rows))
         return {"ca": e.ca, "asr": e.asr}
 
-    full = plan.mode is TuningMode.FULL
-    rungs = [(tc.alpha, tc.margin)] + (list(tc.ladder.rungs) if full else [])
+    # every mode records the ladder's rungs: a rule may let cautious mode climb too
+    rungs = [(tc.alpha, tc.margin), *cfg.tuning.ladder.rungs]
     attack = json.loads((tb / "metrics.json").read_text())["attack"]
     return {"attack": attack, "mode": str(plan.mode), "rungs": rungs} | trajectories(
         prompts, data, tc, plan.acceptance, rungs, lambda g: test_of(g, route), test_of(original, None)
@@ -161,13 +209,17 @@ def _held_out(e: dict, judging: Judging, alpha: float) -> HeldOut:
     return Judging.read(e["clean_acc"], e["clean_loss"], e["clean_kl"], e["clean_count"], copies, alpha)
 
 
-def replay(rec: dict, judging: Judging, cfg: TuningConfig = TuningConfig()) -> dict:
-    """The checkpoint the selection keeps under `judging`, and its test CA / ASR."""
+def replay(rec: dict, rule: Rule = Rule()) -> dict:
+    """The checkpoint the selection keeps under `rule` (acceptance and ladder as
+    `cbpt.purify.plan_tuning` sets them from its tuning settings), and its test CA / ASR."""
+    cfg = rule.tuning
     cautious = rec["mode"] == str(TuningMode.CAUTIOUS)
-    acceptance = CautiousAcceptance(cfg.clean_tolerance) if cautious else FullAcceptance(cfg.clean_tolerance)
+    judging, tol, kl = cfg.judging, cfg.clean_tolerance, cfg.max_clean_kl
+    acceptance = CautiousAcceptance(tol, rule.min_gain, kl) if cautious else FullAcceptance(tol, kl)
+    ladder = Ladder.off() if cautious and not rule.cautious_ladder else cfg.ladder
     original = _held_out(rec["original"], judging, cfg.alpha)
-    climb = Climb(Ladder.off() if cautious else cfg.ladder, original, cfg.clean_tolerance)
-    for i, (alpha, margin) in enumerate(rec["rungs"]):
+    climb = Climb(ladder, original, tol)
+    for i, (alpha, margin) in enumerate(rec["rungs"][: 1 + len(ladder.rungs)]):
         search = RungSearch(Rung(i, alpha, margin), acceptance, original, judging, climb.floor, cfg.patience)
         for e in rec["trajectories"][i]:
             if search.offer(e["step"], _held_out(e, judging, alpha), lambda: torch.zeros(1)):
@@ -183,10 +235,27 @@ def replay(rec: dict, judging: Judging, cfg: TuningConfig = TuningConfig()) -> d
     return {"rung": chosen.rung.index, "step": chosen.step, **test}
 
 
-def summarise(records: dict[str, dict], rules: list[str]) -> str:
+def oracle(rec: dict, max_drop: float = 0.02) -> dict:
+    """What no selection rule can beat: of every recorded checkpoint (and the original prompts)
+    that keeps test CA within `max_drop`, the one with the lowest test ASR (a clean model: the
+    highest CA). Read on the test split, so a bound, not a rule."""
+    before = rec["original"]["test"]
+    options = [{"rung": None, "step": None, **before}] + [
+        {"rung": i, "step": e["step"], **e["test"]} for i, t in enumerate(rec["trajectories"]) for e in t
+    ]
+    kept = [o for o in options if before["ca"] - o["ca"] <= max_drop + 1e-9] or [max(options, key=lambda o: o["ca"])]
+    if rec["attack"] == "none":
+        return max(kept, key=lambda o: o["ca"])
+    return min(kept, key=lambda o: (o["asr"], -o["ca"]))
+
+
+def summarise(records: dict[str, dict], rules: list[str], with_oracle: bool = False) -> str:
     """Per run the CA / ASR each rule keeps; per rule the spread over the backdoored runs (ASR)
-    and over every run (CA drop)."""
+    and over every run (CA drop); `with_oracle`: beside them, `oracle`'s bound."""
     kept = {r: {k: replay(rec, RULES[r]) for k, rec in records.items()} for r in rules}
+    if with_oracle:
+        kept["oracle"] = {k: oracle(rec) for k, rec in records.items()}
+        rules = [*rules, "oracle"]
     names = sorted(records)
     lines = ["| run | CA / ASR before | " + " | ".join(rules) + " |", "|---|---|" + "---|" * len(rules)]
     for k in names:
@@ -202,17 +271,20 @@ def summarise(records: dict[str, dict], rules: list[str]) -> str:
     lines += [
         "",
         "| rule | runs | CA drop mean / worst | CA drop > 2 pt | backdoored runs | ASR mean | ASR > 2% | ASR > 5% "
-        "| worst ASR |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| worst ASR | runs meeting both goals |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rules:
-        drops = [records[k]["original"]["test"]["ca"] - kept[r][k]["ca"] for k in names]
-        asr = [kept[r][k]["asr"] for k in names if records[k]["attack"] != "none"]
-        drop = f"{statistics.mean(drops):.4f} / {max(drops):.3f}"
+        drops = {k: records[k]["original"]["test"]["ca"] - kept[r][k]["ca"] for k in names}
+        bd = [k for k in names if records[k]["attack"] != "none"]
+        asr = [kept[r][k]["asr"] for k in bd]
+        # the zoo's goals (docs/results.md#the-zoo): CA within 2 points, and ASR after <= 2%
+        met = sum(at_most(drops[k], 0.02) and (k not in bd or at_most(kept[r][k]["asr"], 0.02)) for k in names)
+        drop = f"{statistics.mean(drops.values()):.4f} / {max(drops.values()):.3f}"
         lines.append(
-            f"| {r} | {len(names)} | {drop} | {sum(d > 0.02 for d in drops)} | "
-            f"{len(asr)} | {statistics.mean(asr):.4f} | {sum(a > 0.02 for a in asr)} | {sum(a > 0.05 for a in asr)} | "
-            f"{max(asr):.3f} |"
+            f"| {r} | {len(names)} | {drop} | {sum(not at_most(d, 0.02) for d in drops.values())} | "
+            f"{len(asr)} | {statistics.mean(asr):.4f} | {sum(not at_most(a, 0.02) for a in asr)} | "
+            f"{sum(not at_most(a, 0.05) for a in asr)} | {max(asr):.3f} | {met} |"
         )
     return "\n".join(lines)
 
@@ -227,6 +299,7 @@ def main() -> None:
     rep = sub.add_parser("replay", help="the selection rules over stored records")
     rep.add_argument("records", nargs="+", type=Path)
     rep.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
+    rep.add_argument("--oracle", action="store_true", help="add the best checkpoint the test split allows")
     args = ap.parse_args()
     if args.command == "record":
         torch.set_num_threads(1)
@@ -242,7 +315,7 @@ def main() -> None:
     records: dict[str, dict] = {}
     for f in args.records:
         records.update(json.loads(gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_text()))
-    print(summarise(records, args.rules))
+    print(summarise(records, args.rules, args.oracle))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ class CompactProbes:
     backdoor (docs/method.md#compact-probes). A per-pixel mask stops at the
     cheapest trigger that collapses the shots, often scattered pixels weaker than a real patch;
     a compact one stands for the region such a backdoor learnt to see. They never enter the
-    verdict: a compact prior cannot draw a blend, so it would miss those.
+    verdict: a compact prior cannot draw a blend, and on the zoo's fit part (first half) they did
+    not tell a missed patch from clean models (docs/results.md#compact-probes-in-the-verdict).
 
     `stand_in`: a compact mask that reaches the found target, flips at least this share of what
     the best per-pixel mask flips, and over-aligns toward the target at least as far as every

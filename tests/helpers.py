@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -146,3 +149,14 @@ def backdoored_features(g0, n: int, seed: int):
         F.normalize(trig.mean(0, keepdim=True), dim=-1),
         0,
     )
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script of benchmarks/ as a module (registered, so its dataclasses resolve their module)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

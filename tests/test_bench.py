@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import load_benchmark, run_cli
 
 
 def test_der_credits_asr_drops_and_charges_ca_drops():
@@ -129,13 +129,7 @@ def test_bench_refuses_unknown_names(capsys, tmp_path):
 
 
 def test_the_testbed_table_is_written_after_each_attack_and_keeps_other_rows(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "testbed_table.py"
-    spec = importlib.util.spec_from_file_location("testbed_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("testbed_table")
     table = tmp_path / "table-digits.json"
     module.store(table, [{"attack": "none", "ca": 0.9}, {"attack": "badnet", "ca": 0.8}])
     # a later call that rebuilds badnet and adds sig, stopped after sig: its rows replace, the rest stay
@@ -148,10 +142,8 @@ def test_the_testbed_table_is_written_after_each_attack_and_keeps_other_rows(tmp
 
 def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
     """benchmarks/selection_replay.py: full trajectories of every rung, replayed through the real
-    selection, keep the checkpoint `tune` keeps, under the rule before judging and today's."""
-    import importlib.util
-    from pathlib import Path
-
+    selection, keep the checkpoint `tune` keeps, under the rule before judging, today's and one
+    defined by the benchmark (ties to the checkpoint that kept the clean decisions)."""
     import torch
 
     from cbpt.model import load_clip
@@ -159,11 +151,7 @@ def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
     from cbpt.tuning import FullAcceptance, Judging, Ladder, TuningConfig, TuningData, tune
     from tests.helpers import backdoored_features, save_tiny_model
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_replay.py"
-    spec = importlib.util.spec_from_file_location("selection_replay", path)
-    replay = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(replay)
-
+    replay = load_benchmark("selection_replay")
     clip = load_clip(save_tiny_model(tmp_path / "m"))
     names = ("cat", "dog", "bird")
     with torch.no_grad():
@@ -182,7 +170,7 @@ def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
     )
     data = TuningData(backdoored_features(g0, 4, 0), held, g0, clip.logit_scale)
     ladder = Ladder(rungs=((1.0, 3.0),), target_rate=0.0)  # always climbs: both rungs are weighed
-    for judging in (Judging(beyond=(), by_reach=False), Judging(beyond=(1.5,))):
+    for judging in (Judging(beyond=(), by_reach=False), Judging(beyond=(1.5,)), replay.KeptTies()):
         cfg = TuningConfig(steps=30, eval_every=10, patience=1, alpha=0.0, ladder=ladder, judging=judging)
         kept = tune(ClassPrompts(clip.model, clip.tokenizer(), names), data, cfg, FullAcceptance())
         rec = {"attack": "badnet", "mode": "full", "rungs": [(cfg.alpha, cfg.margin), *ladder.rungs]}
@@ -196,5 +184,5 @@ def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
             {"ca": 0.0, "asr": 0.0},
         )
         assert [len(t) for t in rec["trajectories"]] == [3, 3]  # every rung to its end, no early stop
-        again = replay.replay(rec, judging, cfg)
+        again = replay.replay(rec, replay.Rule(cfg))
         assert (again["rung"], again["step"]) == (kept.chosen.rung.index, kept.chosen.step)
