@@ -46,6 +46,7 @@ from cbpt.scan import read_scan
 from cbpt.tuning import (
     Acceptance,
     CautiousAcceptance,
+    Checkpoint,
     Climb,
     Copies,
     FullAcceptance,
@@ -70,9 +71,8 @@ STRENGTHS = (1.0, 1.25, 1.5, 2.0)  # the held-out copies recorded, as found and 
 @dataclass(frozen=True)
 class KeptTies(Judging):
     """Ties in the share reaching the target go to the checkpoint whose held-out clean decisions
-    moved least (KL), not to the one sending most copies home. Measured, not taken: the early
-    checkpoints of a strong rung move the decisions little yet cost the most test CA
-    (docs/results.md#the-selection-on-the-zoo)."""
+    moved least (KL), not to the one sending most copies home. Measured on the zoo's fit part,
+    not taken (docs/results.md#selection-rules-replayed-on-the-zoo)."""
 
     def key(self, h: HeldOut, eligible: bool) -> tuple:
         return (eligible, -(h.reach if self.rank_beyond else h.found_reach), -h.clean_kl)
@@ -86,6 +86,22 @@ class Rule:
     tuning: TuningConfig = field(default_factory=TuningConfig)
     min_gain: float = CautiousAcceptance.min_gain
     cautious_ladder: bool = False  # cautious mode climbs the ladder too (where its rungs were recorded)
+    # a stronger rung's checkpoints are held to the ladder's floor alone, not also to the
+    # acceptance's tolerance against the original head (which leaves the allowance no room)
+    floor_decides: bool = False
+
+
+@dataclass(frozen=True)
+class _FloorOnly:
+    """A stronger rung's acceptance under `Rule.floor_decides`: `RungSearch` checks the floor."""
+
+    max_clean_kl: float | None = None
+
+    def start(self, original: HeldOut, rung: Rung) -> Checkpoint | None:
+        return None
+
+    def eligible(self, h: HeldOut, original: HeldOut) -> bool:
+        return self.max_clean_kl is None or h.clean_kl <= self.max_clean_kl
 
 
 def _judged(**kw) -> Rule:
@@ -124,6 +140,7 @@ RULES: dict[str, Rule] = {
     "cautious-gain0.1": Rule(min_gain=0.1),
     "cautious-ladder": Rule(cautious_ladder=True),
     "cautious-ladder-gain0.1": Rule(min_gain=0.1, cautious_ladder=True),
+    "floor-decides": Rule(floor_decides=True),
 }
 
 
@@ -220,7 +237,8 @@ def replay(rec: dict, rule: Rule = Rule()) -> dict:
     original = _held_out(rec["original"], judging, cfg.alpha)
     climb = Climb(ladder, original, tol)
     for i, (alpha, margin) in enumerate(rec["rungs"][: 1 + len(ladder.rungs)]):
-        search = RungSearch(Rung(i, alpha, margin), acceptance, original, judging, climb.floor, cfg.patience)
+        accepts = _FloorOnly(kl) if i and rule.floor_decides and not cautious else acceptance
+        search = RungSearch(Rung(i, alpha, margin), accepts, original, judging, climb.floor, cfg.patience)
         for e in rec["trajectories"][i]:
             if search.offer(e["step"], _held_out(e, judging, alpha), lambda: torch.zeros(1)):
                 break
@@ -253,6 +271,7 @@ def summarise(records: dict[str, dict], rules: list[str], with_oracle: bool = Fa
     """Per run the CA / ASR each rule keeps; per rule the spread over the backdoored runs (ASR)
     and over every run (CA drop); `with_oracle`: beside them, `oracle`'s bound."""
     kept = {r: {k: replay(rec, RULES[r]) for k, rec in records.items()} for r in rules}
+    unread = not any(e["clean_kl"] for rec in records.values() for t in rec["trajectories"] for e in t)
     if with_oracle:
         kept["oracle"] = {k: oracle(rec) for k, rec in records.items()}
         rules = [*rules, "oracle"]
@@ -286,6 +305,8 @@ def summarise(records: dict[str, dict], rules: list[str], with_oracle: bool = Fa
             f"{len(asr)} | {statistics.mean(asr):.4f} | {sum(not at_most(a, 0.02) for a in asr)} | "
             f"{sum(not at_most(a, 0.05) for a in asr)} | {max(asr):.3f} | {met} |"
         )
+    if unread:  # records made before `evaluate` read the KL store 0 for it
+        lines += ["", "These records hold no KL of the clean decisions: rules that read it (klcap, kept-ties) read 0."]
     return "\n".join(lines)
 
 
