@@ -261,7 +261,7 @@ def oracle(rec: dict, max_drop: float = 0.02) -> dict:
     options = [{"rung": None, "step": None, **before}] + [
         {"rung": i, "step": e["step"], **e["test"]} for i, t in enumerate(rec["trajectories"]) for e in t
     ]
-    kept = [o for o in options if before["ca"] - o["ca"] <= max_drop + 1e-9] or [max(options, key=lambda o: o["ca"])]
+    kept = [o for o in options if at_most(before["ca"] - o["ca"], max_drop)] or [max(options, key=lambda o: o["ca"])]
     if rec["attack"] == "none":
         return max(kept, key=lambda o: o["ca"])
     return min(kept, key=lambda o: (o["asr"], -o["ca"]))

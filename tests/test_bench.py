@@ -186,3 +186,23 @@ def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
         assert [len(t) for t in rec["trajectories"]] == [3, 3]  # every rung to its end, no early stop
         again = replay.replay(rec, replay.Rule(cfg))
         assert (again["rung"], again["step"]) == (kept.chosen.rung.index, kept.chosen.step)
+
+
+def test_the_selection_oracle_keeps_the_lowest_asr_within_two_ca_points():
+    """benchmarks/selection_replay.py --oracle: the bound any selection rule is read against. A
+    drop of exactly 2 points is within; past it the lower ASR does not count; a clean model keeps
+    its highest CA; with nothing within 2 points, the highest CA."""
+    replay = load_benchmark("selection_replay")
+
+    def rec(attack: str, *rungs: list[tuple[float, float]]) -> dict:
+        trajectories = [
+            [{"step": 10 * (j + 1), "test": {"ca": ca, "asr": asr}} for j, (ca, asr) in enumerate(r)] for r in rungs
+        ]
+        return {"attack": attack, "original": {"test": {"ca": 0.986, "asr": 0.95}}, "trajectories": trajectories}
+
+    bd = rec("badnet", [(0.980, 0.30), (0.966, 0.05)], [(0.960, 0.00), (0.975, 0.10)])
+    assert (replay.oracle(bd)["rung"], replay.oracle(bd)["step"]) == (0, 20)  # 0.986 - 0.966 is 2 points
+    clean = rec("none", [(0.984, 0.0), (0.990, 0.0)])
+    assert replay.oracle(clean)["ca"] == 0.990
+    lost = rec("badnet", [(0.900, 0.0)])
+    assert replay.oracle(lost)["rung"] is None  # the original prompts: the highest CA there is
