@@ -157,8 +157,10 @@ def _figures(g: torch.Tensor, held: FeatureCache, original: torch.Tensor, scale:
     }
 
 
-def record(tb: Path, seed: int) -> dict:
-    base = PurifyConfig(budget=ShotBudget(16))
+def record(tb: Path, seed: int, held_out: int | None = None) -> dict:
+    """Every rung of one purify of the testbed `tb` (shot set `seed`, K = 16 with `held_out`
+    of them held out per class; None: ShotBudget's quarter)."""
+    base = PurifyConfig(budget=ShotBudget(16, held_out))
     cfg = replace(
         base,
         seed=seed,
@@ -317,6 +319,7 @@ def main() -> None:
     rec.add_argument("testbeds", nargs="+", type=Path)
     rec.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     rec.add_argument("--out", type=Path, required=True)
+    rec.add_argument("--held-out", type=int, default=None, help="held-out shots per class of the 16 (default: 4)")
     rep = sub.add_parser("replay", help="the selection rules over stored records")
     rep.add_argument("records", nargs="+", type=Path)
     rep.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
@@ -329,7 +332,7 @@ def main() -> None:
             for tb in args.testbeds:
                 key = f"{tb.name}/s{seed}"
                 if key not in stored:
-                    stored[key] = record(tb, seed)
+                    stored[key] = record(tb, seed, args.held_out)
                     atomic.write_text(args.out, json.dumps(stored))
                     print(key, "recorded", flush=True)
         return
