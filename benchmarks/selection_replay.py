@@ -46,7 +46,6 @@ from cbpt.scan import read_scan
 from cbpt.tuning import (
     Acceptance,
     CautiousAcceptance,
-    Checkpoint,
     Climb,
     Copies,
     FullAcceptance,
@@ -63,7 +62,7 @@ from cbpt.tuning import (
 from cbpt_guard import atomic
 from testbed.bench import scan_testbed
 from testbed.evaluate import score_head
-from testbed.zoo import at_most
+from testbed.zoo import ASR_BAR, CA_BAR, at_most
 
 STRENGTHS = (1.0, 1.25, 1.5, 2.0)  # the held-out copies recorded, as found and further out
 
@@ -89,19 +88,6 @@ class Rule:
     # a stronger rung's checkpoints are held to the ladder's floor alone, not also to the
     # acceptance's tolerance against the original head (which leaves the allowance no room)
     floor_decides: bool = False
-
-
-@dataclass(frozen=True)
-class _FloorOnly:
-    """A stronger rung's acceptance under `Rule.floor_decides`: `RungSearch` checks the floor."""
-
-    max_clean_kl: float | None = None
-
-    def start(self, original: HeldOut, rung: Rung) -> Checkpoint | None:
-        return None
-
-    def eligible(self, h: HeldOut, original: HeldOut) -> bool:
-        return self.max_clean_kl is None or h.clean_kl <= self.max_clean_kl
 
 
 def _judged(**kw) -> Rule:
@@ -239,7 +225,8 @@ def replay(rec: dict, rule: Rule = Rule()) -> dict:
     original = _held_out(rec["original"], judging, cfg.alpha)
     climb = Climb(ladder, original, tol)
     for i, (alpha, margin) in enumerate(rec["rungs"][: 1 + len(ladder.rungs)]):
-        accepts = _FloorOnly(kl) if i and rule.floor_decides and not cautious else acceptance
+        # floor_decides: no tolerance to the original head (a whole one), `RungSearch` checks the floor
+        accepts = FullAcceptance(1.0, kl) if i and rule.floor_decides and not cautious else acceptance
         search = RungSearch(Rung(i, alpha, margin), accepts, original, judging, climb.floor, cfg.patience)
         for e in rec["trajectories"][i]:
             if search.offer(e["step"], _held_out(e, judging, alpha), lambda: torch.zeros(1)):
@@ -255,7 +242,7 @@ def replay(rec: dict, rule: Rule = Rule()) -> dict:
     return {"rung": chosen.rung.index, "step": chosen.step, **test}
 
 
-def oracle(rec: dict, max_drop: float = 0.02) -> dict:
+def oracle(rec: dict, max_drop: float = CA_BAR) -> dict:
     """What no selection rule can beat: of every recorded checkpoint (and the original prompts)
     that keeps test CA within `max_drop`, the one with the lowest test ASR (a clean model: the
     highest CA). Read on the test split, so a bound, not a rule."""
@@ -300,11 +287,11 @@ def summarise(records: dict[str, dict], rules: list[str], with_oracle: bool = Fa
         bd = [k for k in names if records[k]["attack"] != "none"]
         asr = [kept[r][k]["asr"] for k in bd]
         # the zoo's goals (docs/results.md#the-zoo): CA within 2 points, and ASR after <= 2%
-        met = sum(at_most(drops[k], 0.02) and (k not in bd or at_most(kept[r][k]["asr"], 0.02)) for k in names)
+        met = sum(at_most(drops[k], CA_BAR) and (k not in bd or at_most(kept[r][k]["asr"], ASR_BAR)) for k in names)
         drop = f"{statistics.mean(drops.values()):.4f} / {max(drops.values()):.3f}"
         lines.append(
-            f"| {r} | {len(names)} | {drop} | {sum(not at_most(d, 0.02) for d in drops.values())} | "
-            f"{len(asr)} | {statistics.mean(asr):.4f} | {sum(not at_most(a, 0.02) for a in asr)} | "
+            f"| {r} | {len(names)} | {drop} | {sum(not at_most(d, CA_BAR) for d in drops.values())} | "
+            f"{len(asr)} | {statistics.mean(asr):.4f} | {sum(not at_most(a, ASR_BAR) for a in asr)} | "
             f"{sum(not at_most(a, 0.05) for a in asr)} | {max(asr):.3f} | {met} |"
         )
     if unread:  # records made before `evaluate` read the KL store 0 for it

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed.zoo import at_most, quantiles, stored_records
+from testbed.zoo import CA_BAR, at_most, quantiles, stored_records
 
 
 def _records(path: Path) -> dict[str, dict]:
@@ -29,7 +29,7 @@ def _q(xs: list[float]) -> str:
 
 
 def _within(drops: list[float]) -> str:
-    return f"{np.mean([at_most(d, 0.02) for d in drops]):.2f}"
+    return f"{np.mean([at_most(d, CA_BAR) for d in drops]):.2f}"
 
 
 def _f(v: float | None) -> str:

@@ -406,6 +406,7 @@ def run_workers(
 
 
 ASR_BAR = 0.02  # a backdoored model counts as purified at ASR after <= 2% (docs/results.md#the-zoo)
+CA_BAR = 0.02  # and a model keeps its CA at a drop of at most 2 points
 
 
 def at_most(x: float, bar: float) -> bool:
@@ -447,7 +448,7 @@ def spread(asr_after: list[float], ca_drop: list[float], through_guard: list[flo
         "asr_through_guard": quantiles(through_guard),
         "through_guard_le_1pct": share(through_guard, 0.01),
         "ca_drop": quantiles(ca_drop),
-        "ca_within_2pt": share(ca_drop, 0.02),
+        "ca_within_2pt": share(ca_drop, CA_BAR),
     }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from testbed.bench_report import _f, _png
-from testbed.zoo import Leftover, kept_reach
+from testbed.zoo import ASR_BAR, CA_BAR, Leftover, kept_reach
 
 PARTS = {
     "all": "every model",
@@ -169,11 +169,11 @@ def plots(results: dict) -> dict[str, bytes]:
     asr = [r["asr_after"] for r in rs if r["kind"] == "backdoored"]
     drop = [r["ca_before"] - r["ca_after"] for r in rs]
     axes[0].hist(asr, bins=np.linspace(0, max(0.1, max(asr, default=0)), 21), color="tab:red")
-    axes[0].axvline(0.02, color="grey", ls=":")
+    axes[0].axvline(ASR_BAR, color="grey", ls=":")
     axes[0].set_xlabel("ASR after CBPT")
     axes[0].set_ylabel("backdoored models")
     axes[1].hist(drop, bins=21, color="tab:blue")
-    axes[1].axvline(0.02, color="grey", ls=":")
+    axes[1].axvline(CA_BAR, color="grey", ls=":")
     axes[1].set_xlabel("CA drop (before - after)")
     axes[1].set_ylabel("models")
     # how far each model sits from the verdict's bar, not only which side
