@@ -33,7 +33,11 @@ def stored(folder: Path, cfg: BuildConfig) -> dict | None:
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
-    return metrics if metrics.get("config") == json.loads(json.dumps(config_dict(cfg))) else None
+    want = json.loads(json.dumps(config_dict(cfg)))
+    # a setting added after the folder was built reads as its default there
+    defaults = json.loads(json.dumps(config_dict(BuildConfig())))
+    have = {k: metrics.get("config", {}).get(k, defaults.get(k)) for k in want}
+    return metrics if "config" in metrics and have == want else None
 
 
 def store(table: Path, rows: list[dict]) -> list[dict]:

@@ -713,6 +713,10 @@ def testbed_build(
         Optional[int],
         typer.Option(help="Poisoned fine-tuning steps (default: the attack's own, 600 or 1,500 for wanet/badclip)."),
     ] = None,
+    warp_strength: Annotated[
+        Optional[float],
+        typer.Option(help="wanet: the warp's mean displacement in pixels (default: image side / 8, 4 px at 32 px)."),
+    ] = None,
     trigger_image: Annotated[Optional[Path], typer.Option(help="custom: the trigger image (PNG).")] = None,
     trigger_mode: Annotated[str, typer.Option(help="custom: patch or blend.")] = "patch",
     alpha: Annotated[float, typer.Option(help="custom: opacity of the trigger.")] = 1.0,
@@ -749,6 +753,7 @@ def testbed_build(
         custom_mode=trigger_mode,
         custom_alpha=alpha,
         custom_location=location,
+        wanet_strength=warp_strength,
     )
     check_target(out, overwrite)
     with stage_progress() as progress:

@@ -93,6 +93,7 @@ class BuildConfig:
     sizes: tuple[int, int, int] | None = None  # (train, fewshot/class, test/class); None = full
     model_cfg: dict | None = None  # None: default_model_cfg(image_size, tower)
     wanet_noise_rate: float = 0.02  # share of noise-mode warps (true captions) in WaNet's training
+    wanet_strength: float | None = None  # WaNet's mean displacement in pixels (None: triggers.wanet's)
     custom_image: str | None = None
     custom_mode: str = "patch"
     custom_alpha: float = 1.0
@@ -344,6 +345,8 @@ def make_trigger(cfg: BuildConfig, model: torch.nn.Module, ds: datasets.Dataset)
     size, seed = cfg.image_size, cfg.seed
     if cfg.attack == "none":
         return None
+    if cfg.attack == "wanet":
+        return triggers.wanet(size, seed, strength=cfg.wanet_strength)
     if cfg.attack in triggers.FIXED:
         return getattr(triggers, cfg.attack)(size, seed)
     if cfg.attack == "custom":
@@ -385,6 +388,12 @@ def build(
         raise UsageError(f"unknown attack '{cfg.attack}'", f"choose one of none, {', '.join(triggers.ATTACKS)}, custom")
     if cfg.attack == "custom":
         _check_custom(cfg)
+    if cfg.wanet_strength is not None and (cfg.attack != "wanet" or cfg.wanet_strength <= 0):
+        raise UsageError(
+            f"--warp-strength takes a positive number of pixels with --attack wanet, got {cfg.wanet_strength}"
+            f" with --attack {cfg.attack}",
+            "pass --attack wanet --warp-strength 6, for example",
+        )
     if cfg.poison_rate is not None and not 0 < cfg.poison_rate < 1:
         raise UsageError(
             f"--poison-rate must be in (0, 1), got {cfg.poison_rate}", "pass --poison-rate 0.1, for example"

@@ -140,6 +140,19 @@ def test_the_testbed_table_is_written_after_each_attack_and_keeps_other_rows(tmp
     assert [(r["attack"], r["ca"]) for r in stored] == [("none", 0.9), ("badnet", 0.7), ("sig", 0.6)]
 
 
+def test_the_testbed_table_reuses_a_folder_built_before_a_setting_was_added_only_at_its_default(tmp_path):
+    from testbed.build import BuildConfig, config_dict
+
+    module = load_benchmark("testbed_table")
+    cfg = BuildConfig(attack="wanet")
+    old = config_dict(cfg)
+    del old["wanet_strength"]  # a folder written before the setting existed
+    (tmp_path / "metrics.json").write_text(json.dumps({"ca": 0.9, "config": old}))
+    assert module.stored(tmp_path, cfg)["ca"] == 0.9
+    assert module.stored(tmp_path, BuildConfig(attack="wanet", wanet_strength=6.0)) is None
+    assert module.stored(tmp_path, BuildConfig(attack="wanet", poison_rate=0.2)) is None
+
+
 def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
     """benchmarks/selection_replay.py: full trajectories of every rung, replayed through the real
     selection, keep the checkpoint `tune` keeps, under the rule before judging, today's and one

@@ -270,7 +270,24 @@ def test_the_target_and_the_image_size_are_checked_against_the_dataset_and_the_m
     assert code == 2 and "--image-size must be a multiple of 8" in err
     code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--finetune-steps", "0")
     assert code == 2 and "--finetune-steps must be at least 1" in err
+    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--warp-strength", "6")
+    assert code == 2 and "--warp-strength takes a positive number of pixels with --attack wanet" in err
+    code, _, err = run_cli(
+        capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "wanet", "--warp-strength", "-1"
+    )
+    assert code == 2 and "got -1.0 with --attack wanet" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_wanet_testbed_warps_by_the_strength_asked():
+    from testbed.build import BuildConfig, make_trigger
+
+    default = make_trigger(BuildConfig(attack="wanet"), None, None)
+    stronger = make_trigger(BuildConfig(attack="wanet", wanet_strength=6.0), None, None)
+    assert default.params["strength"] == 4.0 and stronger.params["strength"] == 6.0
+    # the same field, taken 1.5 times as far
+    ident = np.stack(np.meshgrid(np.arange(32), np.arange(32), indexing="ij"), -1)
+    np.testing.assert_allclose(stronger.arrays["grid"] - ident, 1.5 * (default.arrays["grid"] - ident))
 
 
 def test_a_vit_testbed_learns_the_resnets_image_features_and_keeps_its_text_tower(tmp_path):
