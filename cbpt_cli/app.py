@@ -713,6 +713,9 @@ def testbed_build(
         Optional[int],
         typer.Option(help="Poisoned fine-tuning steps (default: the attack's own, 600 or 1,500 for wanet/badclip)."),
     ] = None,
+    finetune_lr: Annotated[
+        Optional[float], typer.Option(help="Poisoned fine-tuning's peak learning rate (default: 5e-4).")
+    ] = None,
     warp_strength: Annotated[
         Optional[float],
         typer.Option(help="wanet: the warp's mean displacement in pixels (default: image side / 8, 4 px at 32 px)."),
@@ -732,7 +735,7 @@ def testbed_build(
 
     from cbpt_cli.progress import stage_progress
     from cbpt_guard.atomic import check_target
-    from testbed.build import DEFAULT_FINETUNE, BuildConfig, Tower, build, default_cache_dir, write
+    from testbed.build import BuildConfig, Tower, build, default_cache_dir, finetune_config, write
 
     if tower not in tuple(Tower):
         raise UsageError(f"--tower must be resnet or vit, got '{tower}'", "pass --tower vit, for example")
@@ -740,6 +743,9 @@ def testbed_build(
         raise UsageError(f"--image-size must be a multiple of 8 from 16, got {image_size}", "pass --image-size 64")
     if finetune_steps is not None and finetune_steps < 1:
         raise UsageError(f"--finetune-steps must be at least 1, got {finetune_steps}", "pass --finetune-steps 1500")
+    if finetune_lr is not None and not finetune_lr > 0:
+        raise UsageError(f"--finetune-lr must be positive, got {finetune_lr}", "pass --finetune-lr 2e-4")
+    tuned = {k: v for k, v in (("steps", finetune_steps), ("lr", finetune_lr)) if v is not None}
     cfg = BuildConfig(
         dataset=dataset,
         attack=attack,
@@ -748,7 +754,7 @@ def testbed_build(
         tower=Tower(tower),
         image_size=image_size,
         poison_rate=poison_rate,
-        finetune=None if finetune_steps is None else replace(DEFAULT_FINETUNE, steps=finetune_steps),
+        finetune=replace(finetune_config(BuildConfig(attack=attack)), **tuned) if tuned else None,
         custom_image=str(trigger_image) if trigger_image else None,
         custom_mode=trigger_mode,
         custom_alpha=alpha,

@@ -270,6 +270,8 @@ def test_the_target_and_the_image_size_are_checked_against_the_dataset_and_the_m
     assert code == 2 and "--image-size must be a multiple of 8" in err
     code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--finetune-steps", "0")
     assert code == 2 and "--finetune-steps must be at least 1" in err
+    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--finetune-lr", "0")
+    assert code == 2 and "--finetune-lr must be positive, got 0.0" in err
     code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--warp-strength", "6")
     assert code == 2 and "--warp-strength takes a positive number of pixels with --attack wanet" in err
     code, _, err = run_cli(
