@@ -281,6 +281,27 @@ def test_the_target_and_the_image_size_are_checked_against_the_dataset_and_the_m
     assert not (tmp_path / "x").exists()
 
 
+def test_testbed_build_hands_the_attack_settings_asked_to_the_build(tmp_path, capsys, monkeypatch):
+    import testbed.build
+    from cbpt_guard.errors import UsageError
+
+    seen = []
+
+    def stop(cfg, **_kw):
+        seen.append(cfg)
+        raise UsageError("stopped before training", "-")
+
+    monkeypatch.setattr(testbed.build, "build", stop)
+    out = ("--out", tmp_path / "x", "--cache", tmp_path)
+    run_cli(capsys, "testbed", "build", *out, "--attack", "badclip", "--finetune-lr", "2e-4")
+    run_cli(capsys, "testbed", "build", *out, "--attack", "wanet", "--finetune-steps", "900", "--warp-strength", "6")
+    run_cli(capsys, "testbed", "build", *out, "--attack", "wanet")
+    lr_only, steps_only, default = seen
+    assert (lr_only.finetune.steps, lr_only.finetune.lr) == (1500, 2e-4)  # badclip's own steps kept
+    assert (steps_only.finetune.steps, steps_only.finetune.lr, steps_only.wanet_strength) == (900, 5e-4, 6.0)
+    assert default.finetune is None and default.wanet_strength is None
+
+
 def test_a_wanet_testbed_warps_by_the_strength_asked():
     from testbed.build import BuildConfig, make_trigger
 
