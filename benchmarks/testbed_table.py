@@ -33,11 +33,13 @@ def stored(folder: Path, cfg: BuildConfig) -> dict | None:
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
+    saved = metrics.get("config")
+    if saved is None:
+        return None
     want = json.loads(json.dumps(config_dict(cfg)))
     # a setting added after the folder was built reads as its default there
     defaults = json.loads(json.dumps(config_dict(BuildConfig())))
-    have = {k: metrics.get("config", {}).get(k, defaults.get(k)) for k in want}
-    return metrics if "config" in metrics and have == want else None
+    return metrics if {k: saved.get(k, defaults[k]) for k in want} == want else None
 
 
 def store(table: Path, rows: list[dict]) -> list[dict]:

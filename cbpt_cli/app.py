@@ -745,7 +745,6 @@ def testbed_build(
         raise UsageError(f"--finetune-steps must be at least 1, got {finetune_steps}", "pass --finetune-steps 1500")
     if finetune_lr is not None and not finetune_lr > 0:
         raise UsageError(f"--finetune-lr must be positive, got {finetune_lr}", "pass --finetune-lr 2e-4")
-    tuned = {k: v for k, v in (("steps", finetune_steps), ("lr", finetune_lr)) if v is not None}
     cfg = BuildConfig(
         dataset=dataset,
         attack=attack,
@@ -754,13 +753,15 @@ def testbed_build(
         tower=Tower(tower),
         image_size=image_size,
         poison_rate=poison_rate,
-        finetune=replace(finetune_config(BuildConfig(attack=attack)), **tuned) if tuned else None,
         custom_image=str(trigger_image) if trigger_image else None,
         custom_mode=trigger_mode,
         custom_alpha=alpha,
         custom_location=location,
         wanet_strength=warp_strength,
     )
+    tuned = {k: v for k, v in (("steps", finetune_steps), ("lr", finetune_lr)) if v is not None}
+    if tuned:  # the attack's own fine-tuning, with what was asked replaced
+        cfg = replace(cfg, finetune=replace(finetune_config(cfg), **tuned))
     check_target(out, overwrite)
     with stage_progress() as progress:
         built = build(cfg, cache=cache or default_cache_dir(), progress=progress, device=runtime.device)
