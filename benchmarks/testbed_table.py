@@ -60,15 +60,22 @@ def main() -> None:
     ap.add_argument("--target", type=int, default=0)
     ap.add_argument("--tower", default="resnet", choices=[t.value for t in Tower])
     ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--patch-size", type=int, default=None, help="vit: patch side (default: a 4 x 4 grid)")
     args = ap.parse_args()
     # the 32-px ResNet testbeds keep their old names; others say their tower and size
     default = (args.tower, args.image_size) == ("resnet", 32)
     prefix = args.dataset if default else f"{args.dataset}-{args.tower}{args.image_size}"
+    prefix += f"-p{args.patch_size}" if args.patch_size else ""
     built_now: list[dict] = []  # this call's rows; the table keeps other attacks' stored rows
     rows: list[dict] = []
     for attack in args.attacks:
         cfg = BuildConfig(
-            dataset=args.dataset, attack=attack, target=args.target, tower=Tower(args.tower), image_size=args.image_size
+            dataset=args.dataset,
+            attack=attack,
+            target=args.target,
+            tower=Tower(args.tower),
+            image_size=args.image_size,
+            patch_size=args.patch_size,
         )
         folder = args.out / f"{prefix}-{attack}"
         t0 = time.perf_counter()

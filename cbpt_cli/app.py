@@ -701,11 +701,15 @@ def testbed_build(
     tower: Annotated[
         str,
         typer.Option(
-            help="Image tower: resnet (open_clip's ModifiedResNet) or vit (VisionTransformer, 8-px patches; "
-            "it learns the clean ResNet testbed's image features, which is built first)."
+            help="Image tower: resnet (open_clip's ModifiedResNet) or vit (VisionTransformer, a 4 x 4 grid of "
+            "patches; it learns the clean ResNet testbed's image features, which is built first)."
         ),
     ] = "resnet",
     image_size: Annotated[int, typer.Option(help="Image side in pixels (32 or 64; triggers scale with it).")] = 32,
+    patch_size: Annotated[
+        Optional[int],
+        typer.Option(help="vit: the patch side in pixels, dividing --image-size (default: image side / 4)."),
+    ] = None,
     poison_rate: Annotated[
         Optional[float], typer.Option(help="Fraction of training pairs poisoned (default: the attack's own).")
     ] = None,
@@ -752,6 +756,7 @@ def testbed_build(
         seed=seed,
         tower=Tower(tower),
         image_size=image_size,
+        patch_size=patch_size,
         poison_rate=poison_rate,
         custom_image=str(trigger_image) if trigger_image else None,
         custom_mode=trigger_mode,

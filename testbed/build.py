@@ -42,18 +42,20 @@ class Tower(StrEnum):
     """The testbed's image tower."""
 
     RESNET = "resnet"  # open_clip's ModifiedResNet, as in RN50
-    VIT = "vit"  # open_clip's VisionTransformer, as in ViT-B-32: 8-px patches
+    VIT = "vit"  # open_clip's VisionTransformer, as in ViT-B-32: a coarse grid of patches
 
 
-def default_model_cfg(image_size: int = 32, tower: Tower = Tower.RESNET) -> dict:
+def default_model_cfg(image_size: int = 32, tower: Tower = Tower.RESNET, patch_size: int | None = None) -> dict:
     """A small open_clip CLIP for `image_size`-px images: the image `tower` + a text transformer.
 
     A small ResNet learns in minutes on 2 cores and exercises the same code paths as a real
-    RN50 (docs/results.md#testbed-settings). The ViT cuts 8-px patches: a 4 x 4 grid at 32 px,
-    8 x 8 at 64 px (ViT-B-32 sees 7 x 7 at 224 px); a 4-px patch grid costs 3x the time a step
-    and learns no faster (docs/results.md#the-vit-tower)."""
+    RN50 (docs/results.md#testbed-settings). The ViT cuts a 4 x 4 grid of patches unless
+    `patch_size` says otherwise (ViT-B-32 sees 7 x 7 at 224 px): at 64 px the 8-px patch
+    trigger is then half a token wide, as a 16-px patch is on ViT-B-32. A finer grid costs
+    3x the time a step at 32 px and learns no faster, 2.7x at 64 px (docs/results.md#the-vit-tower)."""
     if tower is Tower.VIT:
-        vision = {"image_size": image_size, "patch_size": 8, "layers": 6, "width": 128, "head_width": 32}
+        patch = patch_size or image_size // 4
+        vision = {"image_size": image_size, "patch_size": patch, "layers": 6, "width": 128, "head_width": 32}
     else:
         vision = {"image_size": image_size, "layers": [1, 1, 1, 1], "width": 32}
     return {
@@ -91,7 +93,8 @@ class BuildConfig:
     distil: TrainConfig = TrainConfig(steps=4500, lr=1e-3, augment=Augment.SHIFT)
     finetune: TrainConfig | None = None  # None: DEFAULT_FINETUNE with the attack's own steps
     sizes: tuple[int, int, int] | None = None  # (train, fewshot/class, test/class); None = full
-    model_cfg: dict | None = None  # None: default_model_cfg(image_size, tower)
+    model_cfg: dict | None = None  # None: default_model_cfg(image_size, tower, patch_size)
+    patch_size: int | None = None  # the ViT's patch side in pixels (None: a 4 x 4 grid)
     wanet_noise_rate: float = 0.02  # share of noise-mode warps (true captions) in WaNet's training
     wanet_strength: float | None = None  # WaNet's mean displacement in pixels (None: triggers.wanet's)
     custom_image: str | None = None
@@ -100,7 +103,7 @@ class BuildConfig:
     custom_location: str = "random"
 
     def model(self) -> dict:
-        return self.model_cfg or default_model_cfg(self.image_size, self.tower)
+        return self.model_cfg or default_model_cfg(self.image_size, self.tower, self.patch_size)
 
     def clean_recipe(self) -> Recipe:
         if self.recipe is not None:
@@ -113,7 +116,9 @@ class BuildConfig:
         m = self.model()
         resnet = default_model_cfg(self.image_size, Tower.RESNET)
         resnet |= {"embed_dim": m["embed_dim"], "text_cfg": m["text_cfg"]}
-        return replace(self, attack="none", tower=Tower.RESNET, recipe=Recipe.CONTRASTIVE, model_cfg=resnet)
+        return replace(
+            self, attack="none", tower=Tower.RESNET, recipe=Recipe.CONTRASTIVE, model_cfg=resnet, patch_size=None
+        )
 
     def clean_key(self) -> str:
         """Everything the clean model depends on, and nothing it does not."""
@@ -383,6 +388,14 @@ def build(
         raise UsageError(
             f"the model's image size {cfg.model()['vision_cfg']['image_size']} is not --image-size {cfg.image_size}",
             "leave model_cfg to the default or make them agree",
+        )
+    if cfg.patch_size is not None and (
+        cfg.tower is not Tower.VIT or cfg.patch_size < 1 or cfg.image_size % cfg.patch_size
+    ):
+        raise UsageError(
+            f"--patch-size takes a ViT tower's patch side dividing --image-size {cfg.image_size}, got"
+            f" {cfg.patch_size} with --tower {cfg.tower}",
+            f"pass --tower vit --patch-size {cfg.image_size // 8}, for example",
         )
     if cfg.attack not in ("none", "custom", *triggers.ATTACKS):
         raise UsageError(f"unknown attack '{cfg.attack}'", f"choose one of none, {', '.join(triggers.ATTACKS)}, custom")

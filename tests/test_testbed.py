@@ -278,7 +278,26 @@ def test_the_target_and_the_image_size_are_checked_against_the_dataset_and_the_m
         capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "wanet", "--warp-strength", "-1"
     )
     assert code == 2 and "got -1.0 with --attack wanet" in err
+    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--patch-size", "8")
+    assert code == 2 and "--patch-size takes a ViT tower's patch side" in err and "--tower resnet" in err
+    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--tower", "vit", "--patch-size", "5")
+    assert code == 2 and "dividing --image-size 32, got 5" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_vit_cuts_a_four_by_four_grid_unless_told_and_its_teacher_has_no_patches():
+    from testbed.build import BuildConfig, Tower
+
+    def grid(cfg: BuildConfig) -> int:
+        vision = cfg.model()["vision_cfg"]
+        return vision["image_size"] // vision["patch_size"]
+
+    assert grid(BuildConfig(tower=Tower.VIT)) == grid(BuildConfig(tower=Tower.VIT, image_size=64)) == 4
+    fine = BuildConfig(tower=Tower.VIT, image_size=64, patch_size=8)
+    assert grid(fine) == 8 and fine.clean_key() != BuildConfig(tower=Tower.VIT, image_size=64).clean_key()
+    # the ResNet teacher is the same whatever the student's patches
+    assert fine.teacher().clean_key() == BuildConfig(tower=Tower.VIT, image_size=64).teacher().clean_key()
+    assert "patch_size" not in fine.teacher().model()["vision_cfg"]
 
 
 def test_testbed_build_hands_the_attack_settings_asked_to_the_build(tmp_path, capsys, monkeypatch):
@@ -299,7 +318,9 @@ def test_testbed_build_hands_the_attack_settings_asked_to_the_build(tmp_path, ca
     lr_only, steps_only, default = seen
     assert (lr_only.finetune.steps, lr_only.finetune.lr) == (1500, 2e-4)  # badclip's own steps kept
     assert (steps_only.finetune.steps, steps_only.finetune.lr, steps_only.wanet_strength) == (900, 5e-4, 6.0)
-    assert default.finetune is None and default.wanet_strength is None
+    assert default.finetune is None and default.wanet_strength is None and default.patch_size is None
+    run_cli(capsys, "testbed", "build", *out, "--tower", "vit", "--image-size", "64", "--patch-size", "8")
+    assert seen[-1].patch_size == 8 and seen[-1].model()["vision_cfg"]["patch_size"] == 8
 
 
 def test_a_wanet_testbed_warps_by_the_strength_asked():
