@@ -88,6 +88,12 @@ class Rule:
     # a stronger rung's checkpoints are held to the ladder's floor alone, not also to the
     # acceptance's tolerance against the original head (which leaves the allowance no room)
     floor_decides: bool = False
+    # the held-out clean figures of the head as served: the tuned embeddings where the route sends
+    # a shot, the original ones elsewhere (records made before hold only the tuned embeddings')
+    served: bool = False
+    # the held-out clean accuracy may always lose one image (`cbpt.tuning.clean_kept`); False: only
+    # the tolerance as configured (1.5 points: none of 40)
+    whole_images: bool = True
 
 
 def _judged(**kw) -> Rule:
@@ -100,6 +106,10 @@ def _laddered(**kw) -> Rule:
 
 RULES: dict[str, Rule] = {
     "today": Rule(),  # what purify does (docs/method.md#judging)
+    # the held-out clean shots read as the routed head serves them (docs/results.md#judged-as-served)
+    "served": Rule(served=True),
+    "served-no-spare-image": Rule(served=True, whole_images=False),
+    "no-spare-image": Rule(whole_images=False),
     "as-found": _judged(beyond=(), by_reach=False),  # the rule before judging (4210b3a)
     "by-reach": _judged(beyond=()),
     "beyond1.25": _judged(beyond=(1.25,), by_reach=False),
@@ -130,17 +140,24 @@ RULES: dict[str, Rule] = {
 }
 
 
-def _figures(g: torch.Tensor, held: FeatureCache, original: torch.Tensor, scale: float) -> dict:
-    """One evaluation of the head `g` on the held-out cache (`cbpt.tuning.evaluate`, as `tune`
-    reads it), per strength of its copies."""
+def _figures(
+    g: torch.Tensor, held: FeatureCache, original: torch.Tensor, scale: float, routed: torch.Tensor | None = None
+) -> dict:
+    """One evaluation of the head `g` on the held-out cache (`cbpt.tuning.evaluate`), per strength
+    of its copies, read with the tuned embeddings everywhere as `tune` reads it; with `routed` ([N]
+    bool over the held-out clean shots), also the clean figures of the head as served (`served`)."""
     e = evaluate(held, g, original, scale)
-    return {
+    out = {
         "clean_acc": e.clean_acc,
         "clean_count": e.clean_count,
         "clean_loss": e.clean_loss,
         "clean_kl": e.clean_kl,
         "copies": [asdict(c) for c in e.copies],
     }
+    if routed is not None:
+        s = evaluate(held, g, original, scale, routed)
+        out["served"] = {"clean_acc": s.clean_acc, "clean_loss": s.clean_loss, "clean_kl": s.clean_kl}
+    return out
 
 
 def record(tb: Path, seed: int, held_out: int | None = None) -> dict:
@@ -170,8 +187,10 @@ def record(tb: Path, seed: int, held_out: int | None = None) -> dict:
     # every mode records the ladder's rungs: a rule may let cautious mode climb too
     rungs = [(tc.alpha, tc.margin), *cfg.tuning.ladder.rungs]
     attack = json.loads((tb / "metrics.json").read_text())["attack"]
+    held = data.held_out or data.cache
+    routed = None if route is None else torch.from_numpy(route.routed(held.clean.float().cpu().numpy()))
     return {"attack": attack, "mode": str(plan.mode), "rungs": rungs} | trajectories(
-        prompts, data, tc, plan.acceptance, rungs, lambda g: test_of(g, route), test_of(original, None)
+        prompts, data, tc, plan.acceptance, rungs, lambda g: test_of(g, route), test_of(original, None), routed
     )
 
 
@@ -183,13 +202,15 @@ def trajectories(
     rungs: list[tuple[float, float]],
     test_of: Callable[[torch.Tensor], dict],
     original_test: dict,
+    routed: torch.Tensor | None = None,
 ) -> dict:
-    """Every rung trained from the same start for all its steps, each evaluation recorded."""
+    """Every rung trained from the same start for all its steps, each evaluation recorded (with
+    `routed`, the held-out clean shots the route sends to the tuned head: the served figures too)."""
     torch.manual_seed(tc.seed)  # as `tune` does
     tuner = Tuner(prompts, data, tc, acceptance)
     init = prompts.snapshot()
     held = data.held_out or data.cache
-    out = {"original": _figures(data.original, held, data.original, data.scale) | {"test": original_test}}
+    out = {"original": _figures(data.original, held, data.original, data.scale, routed) | {"test": original_test}}
     out["trajectories"] = []
     for i, (alpha, margin) in enumerate(rungs):
         prompts.restore(init)
@@ -201,17 +222,19 @@ def trajectories(
             if step % tc.eval_every == 0 or step == tc.steps:
                 with torch.no_grad():
                     g = tuner.texts.current()
-                    trajectory.append(
-                        {"step": step} | _figures(g, held, data.original, data.scale) | {"test": test_of(g)}
-                    )
+                    figures = _figures(g, held, data.original, data.scale, routed)
+                    trajectory.append({"step": step} | figures | {"test": test_of(g)})
         out["trajectories"].append(trajectory)
     return out
 
 
-def _held_out(e: dict, judging: Judging, alpha: float) -> HeldOut:
+def _held_out(e: dict, judging: Judging, alpha: float, rule: Rule) -> HeldOut:
+    """A recorded evaluation as the selection under `rule` reads it."""
     strengths = (1.0, *judging.beyond)
     copies = [Copies(**c) for c in e["copies"] if c["strength"] in strengths]
-    return Judging.read(e["clean_acc"], e["clean_loss"], e["clean_kl"], e["clean_count"], copies, alpha)
+    clean = e | e["served"] if rule.served and "served" in e else e
+    count = e["clean_count"] if rule.whole_images else 0
+    return Judging.read(clean["clean_acc"], clean["clean_loss"], clean["clean_kl"], count, copies, alpha)
 
 
 def replay(rec: dict, rule: Rule = Rule()) -> dict:
@@ -222,14 +245,14 @@ def replay(rec: dict, rule: Rule = Rule()) -> dict:
     judging, tol, kl = cfg.judging, cfg.clean_tolerance, cfg.max_clean_kl
     acceptance = CautiousAcceptance(tol, rule.min_gain, kl) if cautious else FullAcceptance(tol, kl)
     ladder = Ladder.off() if cautious and not rule.cautious_ladder else cfg.ladder
-    original = _held_out(rec["original"], judging, cfg.alpha)
+    original = _held_out(rec["original"], judging, cfg.alpha, rule)
     climb = Climb(ladder, original, tol)
     for i, (alpha, margin) in enumerate(rec["rungs"][: 1 + len(ladder.rungs)]):
         # floor_decides: no tolerance to the original head (a whole one), `RungSearch` checks the floor
         accepts = FullAcceptance(1.0, kl) if i and rule.floor_decides and not cautious else acceptance
         search = RungSearch(Rung(i, alpha, margin), accepts, original, judging, climb.floor, cfg.patience)
         for e in rec["trajectories"][i]:
-            if search.offer(e["step"], _held_out(e, judging, alpha), lambda: torch.zeros(1)):
+            if search.offer(e["step"], _held_out(e, judging, alpha, rule), lambda: torch.zeros(1)):
                 break
         assert search.best is not None
         if not climb.add(search.best):

@@ -20,6 +20,7 @@ from enum import StrEnum
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from cbpt.features import FeatureCache
 from cbpt.losses import class_logits, clean_loss, keep_kl_loss, keep_loss, trigger_loss
@@ -422,16 +423,23 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(d: FeatureCache, g: torch.Tensor, original: torch.Tensor, scale: float) -> Evaluation:
-    """The head `g` on the cache `d`, `EVAL_ROWS` image features at a time."""
+def evaluate(
+    d: FeatureCache, g: torch.Tensor, original: torch.Tensor, scale: float, served: torch.Tensor | None = None
+) -> Evaluation:
+    """The head `g` on the cache `d`, `EVAL_ROWS` image features at a time. With `served` ([N]
+    bool over `d.clean`: the rows a route sends to `g`), the clean figures are those of the head
+    as served, `g` on those rows and `original` on the others; `wrong` counts `g`'s own decisions.
+    `tune` reads them with `g` everywhere (docs/results.md#judged-as-served)."""
     wrong = torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
     c, kl, right = 0.0, 0.0, 0
     for i in range(0, d.clean.shape[0], EVAL_ROWS):
         f, y = d.clean[i : i + EVAL_ROWS], d.clean_labels[i : i + EVAL_ROWS]
-        c += float(clean_loss(f, g, y, scale)) * f.shape[0]
-        kl += float(keep_kl_loss(f, g, original, scale)) * f.shape[0]
-        pred = class_logits(f, g, scale).argmax(1)
-        right += int((pred == y).sum())
+        tuned, kept = class_logits(f, g, scale), class_logits(f, original, scale)
+        answer = tuned if served is None else torch.where(served[i : i + EVAL_ROWS, None], tuned, kept)
+        c += float(F.cross_entropy(answer, y, reduction="sum"))
+        kl += float(F.kl_div(answer.log_softmax(1), kept.log_softmax(1), log_target=True, reduction="sum"))
+        right += int((answer.argmax(1) == y).sum())
+        pred = tuned.argmax(1)
         wrong += torch.bincount(pred[pred != y], minlength=g.shape[0])
     n = d.clean.shape[0]
     copies = []

@@ -156,7 +156,8 @@ def test_the_testbed_table_reuses_a_folder_built_before_a_setting_was_added_only
 def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
     """benchmarks/selection_replay.py: full trajectories of every rung, replayed through the real
     selection, keep the checkpoint `tune` keeps, under the rule before judging, today's and one
-    defined by the benchmark (ties to the checkpoint that kept the clean decisions)."""
+    defined by the benchmark (ties to the checkpoint that kept the clean decisions), and where
+    the route serves only some held-out shots."""
     import torch
 
     from cbpt.model import load_clip
@@ -182,6 +183,7 @@ def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
         torch.tensor([1.0] * 4 + [1.5] * 4),
     )
     data = TuningData(backdoored_features(g0, 4, 0), held, g0, clip.logit_scale)
+    routed = torch.tensor([True, False] * 3)  # the route serves half the held-out clean shots
     ladder = Ladder(rungs=((1.0, 3.0),), target_rate=0.0)  # always climbs: both rungs are weighed
     for judging in (Judging(beyond=(), by_reach=False), Judging(beyond=(1.5,)), replay.KeptTies()):
         cfg = TuningConfig(steps=30, eval_every=10, patience=1, alpha=0.0, ladder=ladder, judging=judging)
@@ -195,10 +197,16 @@ def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
             rec["rungs"],
             lambda g: {"ca": 0.0, "asr": 0.0},
             {"ca": 0.0, "asr": 0.0},
+            routed,
         )
         assert [len(t) for t in rec["trajectories"]] == [3, 3]  # every rung to its end, no early stop
         again = replay.replay(rec, replay.Rule(cfg))
         assert (again["rung"], again["step"]) == (kept.chosen.rung.index, kept.chosen.step)
+    # the records hold both readings; the `served` rule reads the head as served, the others not
+    late = rec["trajectories"][1][-1]
+    assert late["served"]["clean_kl"] < late["clean_kl"]
+    served, tuned = (replay._held_out(late, cfg.judging, 1.0, r) for r in (replay.RULES["served"], replay.Rule()))
+    assert served.clean_kl == late["served"]["clean_kl"] and tuned.clean_kl == late["clean_kl"]
 
 
 def test_the_selection_oracle_keeps_the_lowest_asr_within_two_ca_points():

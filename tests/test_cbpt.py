@@ -867,6 +867,31 @@ def test_a_planted_patch_is_inverted_as_a_compact_region_and_the_priors_keep_it_
         MaskPrior(cell=0)
 
 
+def test_held_out_clean_shots_are_read_through_the_route_as_the_head_is_served():
+    """A head that would lose a clean shot the route leaves to the original embeddings is not
+    charged for it; one routed to it is (docs/method.md#acceptance)."""
+    import torch.nn.functional as F
+
+    from cbpt.features import FeatureCache
+    from cbpt.tuning import evaluate
+
+    original = torch.eye(3)
+    clean = F.normalize(torch.tensor([[1.0, 0.1, 0.0], [0.1, 1.0, 0.0], [0.0, 0.1, 1.0], [0.0, 1.0, 0.1]]), dim=-1)
+    none = torch.zeros(0)
+    held = FeatureCache(clean, torch.tensor([0, 1, 2, 1]), torch.zeros(0, 3), none, none, original, 0)
+    tuned = original[[0, 2, 1]]  # dog and bird swapped: every dog and bird shot lost
+    everywhere = evaluate(held, tuned, original, 10.0)
+    assert everywhere.clean_acc == 0.25 and everywhere.clean_kl > 1
+    routed = torch.tensor([True, False, True, False])  # the bird shot is the one the tuned head answers
+    served = evaluate(held, tuned, original, 10.0, routed)
+    assert served.clean_acc == 0.75
+    # the decisions moved on the routed bird shot alone, one of the three shots the swap moves
+    assert served.clean_kl == pytest.approx(everywhere.clean_kl / 3, rel=0.05)
+    assert evaluate(held, tuned, original, 10.0, torch.zeros(4, dtype=torch.bool)).clean_kl == 0
+    # what the class picker sees stays the tuned head's own confusions
+    assert served.wrong.tolist() == everywhere.wrong.tolist()
+
+
 def test_a_kl_cap_refuses_checkpoints_whose_held_out_decisions_moved_too_far():
     from cbpt.tuning import CautiousAcceptance, FullAcceptance, HeldOut
 
