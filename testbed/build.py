@@ -52,7 +52,8 @@ def default_model_cfg(image_size: int = 32, tower: Tower = Tower.RESNET, patch_s
     RN50 (docs/results.md#testbed-settings). The ViT cuts a 4 x 4 grid of patches unless
     `patch_size` says otherwise (ViT-B-32 sees 7 x 7 at 224 px): at 64 px the 8-px patch
     trigger is then half a token wide, as a 16-px patch is on ViT-B-32. A finer grid costs
-    3x the time a step at 32 px and learns no faster, 2.7x at 64 px (docs/results.md#the-vit-tower)."""
+    3x the time a step at 32 px and learns no faster (docs/results.md#the-vit-tower), 2.7x at 64 px
+    (docs/results.md#a-vit-at-64-px)."""
     if tower is Tower.VIT:
         patch = patch_size or image_size // 4
         vision = {"image_size": image_size, "patch_size": patch, "layers": 6, "width": 128, "head_width": 32}
