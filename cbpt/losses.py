@@ -64,11 +64,17 @@ def contrastive_inversion_loss(
     return torch.cat(per_anchor).mean()
 
 
+def decision_kl(logits: torch.Tensor, original_logits: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+    """KL(original predictions || current ones) from the two heads' logits [N, C]."""
+    target = F.log_softmax(original_logits, dim=-1)
+    return F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction=reduction)
+
+
 def keep_kl_loss(
     image_features: torch.Tensor, text_features: torch.Tensor, original_features: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """L_keep, decision form: KL(original zero-shot predictions || current ones) on clean image
     features: keeps what the hand-crafted prompts decide, not merely where they point."""
-    target = F.log_softmax(class_logits(image_features, original_features, scale), dim=-1)
-    current = F.log_softmax(class_logits(image_features, text_features, scale), dim=-1)
-    return F.kl_div(current, target, log_target=True, reduction="batchmean")
+    return decision_kl(
+        class_logits(image_features, text_features, scale), class_logits(image_features, original_features, scale)
+    )

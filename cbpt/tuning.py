@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from cbpt.features import FeatureCache
-from cbpt.losses import class_logits, clean_loss, keep_kl_loss, keep_loss, trigger_loss
+from cbpt.losses import class_logits, clean_loss, decision_kl, keep_kl_loss, keep_loss, trigger_loss
 from cbpt.prompts import ClassPrompts
 
 EVAL_ROWS = 8192  # image features per matrix product while evaluating a head
@@ -437,7 +437,7 @@ def evaluate(
         tuned, kept = class_logits(f, g, scale), class_logits(f, original, scale)
         answer = tuned if served is None else torch.where(served[i : i + EVAL_ROWS, None], tuned, kept)
         c += float(F.cross_entropy(answer, y, reduction="sum"))
-        kl += float(F.kl_div(answer.log_softmax(1), kept.log_softmax(1), log_target=True, reduction="sum"))
+        kl += float(decision_kl(answer, kept, reduction="sum"))
         right += int((answer.argmax(1) == y).sum())
         pred = tuned.argmax(1)
         wrong += torch.bincount(pred[pred != y], minlength=g.shape[0])
