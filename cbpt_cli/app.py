@@ -837,6 +837,10 @@ def testbed_zoo(
         Optional[str],
         typer.Option(help="Measure only this part's models, fit or report (the report covers everything stored)."),
     ] = None,
+    dataset: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Measure only this dataset's models (repeatable; the plan and its names stay the zoo's)."),
+    ] = None,
     workers: Annotated[
         int,
         typer.Option(
@@ -854,12 +858,16 @@ def testbed_zoo(
         raise UsageError(f"--workers must be at least 1, got {workers}", "pass --workers 1, or one per core")
     runtime = _runtime(threads if threads or workers == 1 else 1, device)
     from cbpt_cli.progress import stage_progress
-    from testbed.zoo import Part, ZooConfig, run_workers
+    from testbed.zoo import Part, Scope, ZooConfig, run_workers, too_few_shots
 
     if backdoored < 0 or finetune_steps < 1 or (limit is not None and limit < 0):
         raise UsageError("--backdoored and --limit must be at least 0, --finetune-steps at least 1", "see --help")
     if part is not None and part not in tuple(Part):
         raise UsageError(f"--part must be one of {', '.join(Part)}, got {part!r}", "leave it out to measure both")
+    unknown = [d for d in dataset or () if d not in TEN_CLASS]  # the zoo plans both ten-class datasets
+    if unknown:
+        raise UsageError(f"--dataset must be one of {', '.join(TEN_CLASS)}, got {', '.join(unknown)}", "see --help")
+    scope = Scope(None if part is None else Part(part), tuple(dataset) if dataset else None)
     cfg = ZooConfig(
         work=work,
         backdoored=backdoored,
@@ -869,8 +877,12 @@ def testbed_zoo(
         seed=seed,
         runtime=runtime,
     )
+    short = too_few_shots(cfg, scope)
+    if short:
+        pools = ", ".join(f"{d} has {n} per class" for d, n in short)
+        raise UsageError(f"--shots {shots} is more than the few-shot pool: {pools}", "lower --shots, or pick --dataset")
     with stage_progress() as progress:
-        results = run_workers(cfg, workers, threads or 1, progress, limit, None if part is None else Part(part))
+        results = run_workers(cfg, workers, threads or 1, progress, limit, scope)
     s = results["summary"]["all"]
     if as_json:
         _print_json(s)

@@ -29,7 +29,7 @@ from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime
 from cbpt.tuning import Ladder
 from cbpt_guard import TOOL, atomic, locks
-from testbed.datasets import TEN_CLASS
+from testbed.datasets import DEFAULT_SIZES, TEN_CLASS
 from testbed.train import TrainConfig
 
 Progress = Callable[[str, int, int], None]
@@ -61,6 +61,10 @@ class ZooConfig:
     def base_steps(self) -> TrainConfig:
         return TrainConfig(steps=self.pretrain_steps, lr=self.pretrain_lr, batch_size=self.batch_size)
 
+    def fewshot_per_class(self, dataset: str) -> int:
+        """The defender's pool per class in `dataset`'s models: K can be at most this."""
+        return (self.sizes or DEFAULT_SIZES[dataset])[1]
+
 
 @dataclass(frozen=True)
 class Base:
@@ -90,6 +94,25 @@ class Part(StrEnum):
 
     FIT = "fit"
     REPORT = "report"
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which planned entries a run measures: one part, some datasets, or (None) all of them. The
+    plan, and so every model's name and draw, stays the whole zoo's."""
+
+    part: Part | None = None
+    datasets: tuple[str, ...] | None = None
+
+    def covers(self, entry: Entry) -> bool:
+        return self.part in (None, entry.part) and (self.datasets is None or entry.base.dataset in self.datasets)
+
+
+def too_few_shots(cfg: ZooConfig, scope: Scope) -> list[tuple[str, int]]:
+    """(dataset, images per class) for each dataset in scope whose few-shot pool is smaller than
+    `cfg.shots`: checked before any work, since a purify would fail only when it got there."""
+    names = [d for d in cfg.datasets if scope.datasets is None or d in scope.datasets]
+    return [(d, cfg.fewshot_per_class(d)) for d in names if cfg.fewshot_per_class(d) < cfg.shots]
 
 
 @dataclass(frozen=True)
@@ -340,13 +363,19 @@ def stored_records(source: Path) -> list[dict]:
 
 
 def run_zoo(
-    cfg: ZooConfig, progress: Progress = lambda *_: None, limit: int | None = None, part: Part | None = None
+    cfg: ZooConfig, progress: Progress = lambda *_: None, limit: int | None = None, scope: Scope = Scope()
 ) -> dict:
-    """Measure every planned entry of `part` (None: both) not yet stored, at most `limit` new
-    ones, then write the report from everything stored."""
+    """Measure every planned entry in `scope` not yet stored, at most `limit` new ones, then
+    write the report from everything stored."""
+    short = too_few_shots(cfg, scope)
+    if short:
+        raise ValueError(
+            f"--shots {cfg.shots} is more than the few-shot pool of "
+            + ", ".join(f"{d} ({n} per class)" for d, n in short)
+        )
     zoo = Zoo(cfg, progress)
     entries = interleaved(plan(cfg))
-    asked = [e for e in entries if part in (None, e.part)]
+    asked = [e for e in entries if scope.covers(e)]
     todo = [e for e in asked if not zoo.run_path(e).is_file()]
     zoo.pretrain_free_runs(todo if limit is None else todo[:limit])
     new = 0
@@ -371,11 +400,11 @@ def run_zoo(
     return results
 
 
-def _worker(cfg: ZooConfig, limit: int | None, threads: int, part: Part | None) -> None:
+def _worker(cfg: ZooConfig, limit: int | None, threads: int, scope: Scope) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    run_zoo(cfg, limit=limit, part=part)
+    run_zoo(cfg, limit=limit, scope=scope)
 
 
 def run_workers(
@@ -384,19 +413,19 @@ def run_workers(
     threads: int = 1,
     progress: Progress = lambda *_: None,
     limit: int | None = None,
-    part: Part | None = None,
+    scope: Scope = Scope(),
 ) -> dict:
     """`run_zoo` in `workers` processes on one folder (this one shows `progress`), each with
-    `threads` torch threads, on `part`'s entries (None: both); then the report from everything
+    `threads` torch threads, on the entries in `scope`; then the report from everything
     stored. `limit` is per worker."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # a fresh torch per worker, not a forked thread pool
-    others = [ctx.Process(target=_worker, args=(cfg, limit, threads, part)) for _ in range(workers - 1)]
+    others = [ctx.Process(target=_worker, args=(cfg, limit, threads, scope)) for _ in range(workers - 1)]
     for proc in others:
         proc.start()
     try:
-        results = run_zoo(cfg, progress, limit, part)
+        results = run_zoo(cfg, progress, limit, scope)
     finally:
         for proc in others:
             proc.join()

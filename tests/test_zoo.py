@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from testbed.zoo import FAMILIES, ZooConfig, draw_attack, interleaved, plan, summarise
+from testbed.zoo import FAMILIES, Part, Scope, ZooConfig, draw_attack, interleaved, plan, summarise, too_few_shots
 
 
 def test_attacks_are_drawn_from_the_seed_across_every_family_and_setting():
@@ -36,6 +37,19 @@ def test_the_plan_has_every_snapshot_clean_and_alternates_fit_and_report(tmp_pat
     # measured clean and backdoored in turn, so a zoo stopped part-way has both
     kinds = [e.attack is None for e in interleaved(entries)]
     assert kinds[:12] == [True, False] * 6 and sorted(interleaved(entries), key=entries.index) == entries
+
+
+def test_a_scope_picks_entries_without_changing_the_plan_and_shots_are_checked_against_its_pools(tmp_path):
+    cfg = ZooConfig(work=tmp_path, backdoored=12, shots=32)
+    entries = plan(cfg)
+    shapes_fit = [e for e in entries if Scope(Part.FIT, ("shapes",)).covers(e)]
+    assert shapes_fit and all(e.part == "fit" and e.base.dataset == "shapes" for e in shapes_fit)
+    assert shapes_fit == [e for e in entries if e.part == "fit" and e.base.dataset == "shapes"]
+    assert all(Scope().covers(e) for e in entries)
+    # digits keep 20 images per class for the defender, shapes 32: K = 32 fits shapes alone
+    assert too_few_shots(cfg, Scope()) == [("digits", 20)]
+    assert too_few_shots(cfg, Scope(datasets=("shapes",))) == []
+    assert too_few_shots(ZooConfig(work=tmp_path, shots=20), Scope()) == []
 
 
 def _record(name, kind, suspicion, part="report", named=True, asr_after=0.0, drop=0.0, taken=True, reach=0.0):
@@ -112,9 +126,12 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
             tuning=TuningConfig(steps=5),
         ),
     )
+    with pytest.raises(ValueError, match="--shots 17 is more than the few-shot pool of shapes \\(16 per class\\)"):
+        zoo_module.run_zoo(replace(cfg, shots=17))
+    assert not cfg.work.exists()  # refused before any work
     assert zoo_module.run_zoo(cfg, limit=0)["records"] == []  # --limit 0: nothing new measured
     # one part only: the fit part's clean model, not the report part's backdoored one
-    first = zoo_module.run_zoo(cfg, limit=5, part=zoo_module.Part.FIT)
+    first = zoo_module.run_zoo(cfg, limit=5, scope=Scope(Part.FIT))
     assert len(first["records"]) == 1 and first["planned"] == 2
     rec = first["records"][0]
     assert rec["kind"] == "clean" and rec["part"] == "fit" and rec["taken"] and "suspicion" in rec["scan"]
@@ -191,6 +208,8 @@ def test_zoo_refuses_bad_counts_before_any_work(tmp_path, capsys):
         (["--workers", "0"], "--workers must be at least 1"),
         (["--limit", "-1"], "--limit"),
         (["--part", "test"], "--part must be one of fit, report"),
+        (["--dataset", "mnist"], "--dataset must be one of shapes, digits, got mnist"),
+        (["--shots", "32"], "--shots 32 is more than the few-shot pool: digits has 20 per class"),
     ):
         code, _, err = run_cli(capsys, "testbed", "zoo", "--work", tmp_path / "zoo", *args)
         assert code == 2 and says in err
