@@ -43,7 +43,8 @@ def markdown(results: dict) -> str:
     out = [
         f"# cbpt-guard zoo ({results['tool']})",
         "",
-        f"{len(results['records'])} of {results['planned']} planned models measured. The scan's continuous "
+        f"{len(results['records'])} of {results['planned']} planned models measured, each scanned and purified "
+        f"with K = {results['config']['shots']} clean images per class in all. The scan's continuous "
         "score is `suspicion` (cbpt.scan.suspicion: the mask score over its threshold or the best warp's "
         "or mask's over-alignment margin over its bar; >= 1 is the verdict). ASR after and CA drop: median / 95th "
         "percentile / worst; CA drop = CA before - CA after on the model's own test split.",

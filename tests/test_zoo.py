@@ -167,7 +167,8 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
     third = zoo_module.run_zoo(cfg)
     assert third["records"] == second["records"]
     assert {"results.json", "results.md", "roc.png", "spread.png"} <= {p.name for p in cfg.work.iterdir()}
-    assert bd["name"] in (cfg.work / "results.md").read_text()
+    report = (cfg.work / "results.md").read_text()
+    assert bd["name"] in report and "with K = 16 clean images per class in all" in report
     # the benchmarks read the same records from the work folder, its runs/, or the committed results.json
     by_name = sorted(third["records"], key=lambda r: r["name"])
     for source in (cfg.work, cfg.work / "runs", cfg.work / "results.json"):
