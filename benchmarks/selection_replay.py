@@ -337,6 +337,7 @@ def main() -> None:
     rep.add_argument("records", nargs="+", type=Path)
     rep.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
     rep.add_argument("--oracle", action="store_true", help="add the best checkpoint the test split allows")
+    rep.add_argument("--only", default=None, help="replay only the runs whose name holds this text (e.g. -shapes-)")
     args = ap.parse_args()
     if args.command == "record":
         torch.set_num_threads(1)
@@ -352,6 +353,8 @@ def main() -> None:
     records: dict[str, dict] = {}
     for f in args.records:
         records.update(json.loads(gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_text()))
+    if args.only is not None:
+        records = {k: v for k, v in records.items() if args.only in k}
     print(summarise(records, args.rules, args.oracle))
 
 
