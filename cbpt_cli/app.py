@@ -858,7 +858,7 @@ def testbed_zoo(
         raise UsageError(f"--workers must be at least 1, got {workers}", "pass --workers 1, or one per core")
     runtime = _runtime(threads if threads or workers == 1 else 1, device)
     from cbpt_cli.progress import stage_progress
-    from testbed.zoo import Part, Scope, ZooConfig, run_workers, too_few_shots
+    from testbed.zoo import Part, Scope, ZooConfig, check_shots, run_workers
 
     if backdoored < 0 or finetune_steps < 1 or (limit is not None and limit < 0):
         raise UsageError("--backdoored and --limit must be at least 0, --finetune-steps at least 1", "see --help")
@@ -877,10 +877,10 @@ def testbed_zoo(
         seed=seed,
         runtime=runtime,
     )
-    short = too_few_shots(cfg, scope)
-    if short:
-        pools = ", ".join(f"{d} has {n} per class" for d, n in short)
-        raise UsageError(f"--shots {shots} is more than the few-shot pool: {pools}", "lower --shots, or pick --dataset")
+    try:
+        check_shots(cfg, scope)
+    except ValueError as e:
+        raise UsageError(str(e), "lower --shots, or measure only --dataset with a larger pool") from None
     with stage_progress() as progress:
         results = run_workers(cfg, workers, threads or 1, progress, limit, scope)
     s = results["summary"]["all"]

@@ -108,11 +108,14 @@ class Scope:
         return self.part in (None, entry.part) and (self.datasets is None or entry.base.dataset in self.datasets)
 
 
-def too_few_shots(cfg: ZooConfig, scope: Scope) -> list[tuple[str, int]]:
-    """(dataset, images per class) for each dataset in scope whose few-shot pool is smaller than
-    `cfg.shots`: checked before any work, since a purify would fail only when it got there."""
+def check_shots(cfg: ZooConfig, scope: Scope) -> None:
+    """Refuse a K larger than the few-shot pool of a dataset in scope: checked before any work,
+    since a purify would fail only when it got to that dataset's first model."""
     names = [d for d in cfg.datasets if scope.datasets is None or d in scope.datasets]
-    return [(d, cfg.fewshot_per_class(d)) for d in names if cfg.fewshot_per_class(d) < cfg.shots]
+    pools = {d: cfg.fewshot_per_class(d) for d in names}
+    short = [f"{d} ({n} images per class)" for d, n in pools.items() if n < cfg.shots]
+    if short:
+        raise ValueError(f"--shots {cfg.shots} is more than the few-shot pool of {', '.join(short)}")
 
 
 @dataclass(frozen=True)
@@ -367,12 +370,7 @@ def run_zoo(
 ) -> dict:
     """Measure every planned entry in `scope` not yet stored, at most `limit` new ones, then
     write the report from everything stored."""
-    short = too_few_shots(cfg, scope)
-    if short:
-        raise ValueError(
-            f"--shots {cfg.shots} is more than the few-shot pool of "
-            + ", ".join(f"{d} ({n} per class)" for d, n in short)
-        )
+    check_shots(cfg, scope)
     zoo = Zoo(cfg, progress)
     entries = interleaved(plan(cfg))
     asked = [e for e in entries if scope.covers(e)]

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from testbed.zoo import FAMILIES, Part, Scope, ZooConfig, draw_attack, interleaved, plan, summarise, too_few_shots
+from testbed.zoo import FAMILIES, Part, Scope, ZooConfig, check_shots, draw_attack, interleaved, plan, summarise
 
 
 def test_attacks_are_drawn_from_the_seed_across_every_family_and_setting():
@@ -47,9 +47,10 @@ def test_a_scope_picks_entries_without_changing_the_plan_and_shots_are_checked_a
     assert shapes_fit == [e for e in entries if e.part == "fit" and e.base.dataset == "shapes"]
     assert all(Scope().covers(e) for e in entries)
     # digits keep 20 images per class for the defender, shapes 32: K = 32 fits shapes alone
-    assert too_few_shots(cfg, Scope()) == [("digits", 20)]
-    assert too_few_shots(cfg, Scope(datasets=("shapes",))) == []
-    assert too_few_shots(ZooConfig(work=tmp_path, shots=20), Scope()) == []
+    with pytest.raises(ValueError, match=r"--shots 32 is more than the few-shot pool of digits \(20 images per"):
+        check_shots(cfg, Scope())
+    check_shots(cfg, Scope(datasets=("shapes",)))
+    check_shots(ZooConfig(work=tmp_path, shots=20), Scope())
 
 
 def _record(name, kind, suspicion, part="report", named=True, asr_after=0.0, drop=0.0, taken=True, reach=0.0):
@@ -126,7 +127,7 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
             tuning=TuningConfig(steps=5),
         ),
     )
-    with pytest.raises(ValueError, match="--shots 17 is more than the few-shot pool of shapes \\(16 per class\\)"):
+    with pytest.raises(ValueError, match=r"--shots 17 is more than the few-shot pool of shapes \(16 images"):
         zoo_module.run_zoo(replace(cfg, shots=17))
     assert not cfg.work.exists()  # refused before any work
     assert zoo_module.run_zoo(cfg, limit=0)["records"] == []  # --limit 0: nothing new measured
@@ -210,7 +211,7 @@ def test_zoo_refuses_bad_counts_before_any_work(tmp_path, capsys):
         (["--limit", "-1"], "--limit"),
         (["--part", "test"], "--part must be one of fit, report"),
         (["--dataset", "mnist"], "--dataset must be one of shapes, digits, got mnist"),
-        (["--shots", "32"], "--shots 32 is more than the few-shot pool: digits has 20 per class"),
+        (["--shots", "32"], "--shots 32 is more than the few-shot pool of digits (20 images per class)"),
     ):
         code, _, err = run_cli(capsys, "testbed", "zoo", "--work", tmp_path / "zoo", *args)
         assert code == 2 and says in err
