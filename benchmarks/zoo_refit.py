@@ -1,7 +1,9 @@
 """Do the scan's rules hold on the zoo? Reads every stored model's scan candidates (the record's
-own, or `benchmarks/zoo_scans.py`'s for records that predate them), reads each model again under
-two rule sets (`cbpt.scan.ScanRules`: the mask score and warp over-alignment as the zoo ran,
-and with over-aligned masks too, docs/method.md#aligned-masks), and prints per rule set and
+own, or `benchmarks/zoo_scans.py`'s where it holds the model: for records that predate the
+candidates or their typicality), reads each model again under three rule sets
+(`cbpt.scan.ScanRules`: the mask score and warp over-alignment; with over-aligned masks too,
+docs/method.md#aligned-masks; and those masks only where atypical, docs/method.md#typicality,
+which bounds nothing in a scan stored without typicality), and prints per rule set and
 part the scan's AUROC, TPR at 5% FPR, verdict TPR / FPR at the bar (suspicion >= 1) and how
 often the target is named. Then it picks the bar again on the fit part and reads it on the
 report part, which was never looked at while choosing.
@@ -30,8 +32,9 @@ from cbpt_guard.artifacts import CLASSES
 from testbed.zoo import stored_records, summarise
 
 RULES = {
-    "mask score, warps (as the zoo ran)": ScanRules((Evidence.MASK, Evidence.WARP)),
-    "with over-aligned masks (today)": ScanRules(),
+    "mask score, warps (as the zoo ran)": ScanRules((Evidence.MASK, Evidence.WARP), atypical=None),
+    "with over-aligned masks (as the zoo ran)": ScanRules(atypical=None),
+    "over-aligned masks only where atypical (today)": ScanRules(),
 }
 
 
@@ -50,6 +53,7 @@ def inversion(scan: dict, classes: list[str]) -> InversionResult:
             c["flip_rate"],
             c["over_alignment"],
             c["probe"],
+            c.get("typicality"),  # None in scans stored before it: it then bounds nothing
         )
         for c in scan["candidates"]
     ]
@@ -104,7 +108,7 @@ def load(zoo: Path, scans: Path | None, runs: str = "runs") -> tuple[list[tuple[
     for r in stored_records(zoo / runs):
         if not r["taken"]:
             continue
-        scan = r["scan"] if "candidates" in r["scan"] else extra.get(r["name"])
+        scan = extra.get(r["name"]) or (r["scan"] if "candidates" in r["scan"] else None)
         if scan is None:
             lacking.append(r["name"])
             continue

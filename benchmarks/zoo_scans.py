@@ -1,12 +1,14 @@
 """The scan's candidates for zoo models whose stored record predates them (records written
-since keep them, testbed/zoo.py). The scan alone, as the zoo ran it (K = 16, shot set 0, the
-default inversion), on every taken model in ZOO/runs without `scan.candidates`; each scan's
-mask score must equal the record's, so the candidates are those of the scan that was recorded.
+since keep them, testbed/zoo.py), or predates a statistic they now carry. The scan alone, as the
+zoo ran it (K = 16, shot set 0, the default inversion), on every taken model in ZOO/runs without
+`scan.candidates`, or on the models named by `--models`; each scan's mask score must equal the
+record's, so the candidates are those of the scan that was recorded.
 
     python benchmarks/zoo_scans.py zoo-out --out zoo-out/scans.json
+    python benchmarks/zoo_scans.py zoo-out --models clean-shapes-s1-600 bd008-badnet-shapes-s2-600 --out typ.json
 
-Resumable: models already in --out are skipped. About 2 minutes per model on one core.
-benchmarks/zoo_refit.py reads the file beside the records.
+Resumable: models already in --out are skipped. About 1-2 minutes per model on one core.
+benchmarks/zoo_refit.py reads the file beside the records, in preference to them.
 """
 
 from __future__ import annotations
@@ -27,9 +29,14 @@ from cbpt_guard import atomic
 from cbpt_guard.artifacts import CLASSES
 
 
-def missing(zoo: Path) -> list[dict]:
-    """The taken records without the scan's candidates."""
+def missing(zoo: Path, names: list[str] | None = None) -> list[dict]:
+    """The taken records without the scan's candidates, or those of `names`."""
     records = [json.loads(p.read_text()) for p in sorted((zoo / "runs").glob("*.json"))]
+    if names is not None:
+        unknown = set(names) - {r["name"] for r in records}
+        if unknown:
+            raise SystemExit(f"no record for {', '.join(sorted(unknown))} in {zoo / 'runs'}")
+        return [r for r in records if r["taken"] and r["name"] in names]
     return [r for r in records if r["taken"] and "candidates" not in r["scan"]]
 
 
@@ -45,10 +52,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("zoo", type=Path, help="the zoo's work folder (runs/, models/)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--models", nargs="+", default=None, help="scan these taken models again, candidates or not")
     args = ap.parse_args()
     torch.set_num_threads(1)
     stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    todo = [r for r in missing(args.zoo) if r["name"] not in stored]
+    todo = [r for r in missing(args.zoo, args.models) if r["name"] not in stored]
     for r in tqdm(todo, desc="scans"):
         summary = scan(args.zoo / "models" / r["name"])
         if abs(summary["score"] - r["scan"]["score"]) > 1e-3:  # the mask score: the same under any ScanRules

@@ -65,3 +65,21 @@ def over_alignment(
         return None
     trig = feats[others] @ class_weights[target]
     return float((trig.mean() - own.mean()) / own.std().clamp_min(1e-6))
+
+
+def typicality(
+    feats: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor, target: int, min_shots: int = MIN_ALIGNMENT_SHOTS
+) -> float | None:
+    """How close the triggered shots of the other classes come to the centre of the target's own
+    clean shots, beside those shots themselves, in units of their spread (None with fewer than
+    `min_shots` of them). About 0 or above: the trigger makes images look like the class's own,
+    as a natural feature drawn on them does (a ring around any shape); far below: it sends them
+    where the class's own images are not, which only a learnt shortcut does
+    (docs/method.md#typicality)."""
+    own = clean[labels == target]
+    others = labels != target
+    if own.shape[0] < max(min_shots, 2) or not bool(others.any()):
+        return None
+    centre = F.normalize(own.mean(0), dim=-1)
+    near = own @ centre
+    return float(((feats[others] @ centre).mean() - near.mean()) / near.std().clamp_min(1e-6))

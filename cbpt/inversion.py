@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from cbpt.encoding import ImageEncoder
-from cbpt.evidence import backdoor_score, flip_rate, mean_pairwise_cos, over_alignment, points_to
+from cbpt.evidence import backdoor_score, flip_rate, mean_pairwise_cos, over_alignment, points_to, typicality
 from cbpt.losses import contrastive_inversion_loss, total_variation
 from cbpt.trigger import DummyTrigger, TriggerKind, smooth_flow
 from cbpt_guard.errors import UserError
@@ -123,6 +123,7 @@ class Candidate:
     flip_rate: float  # the share of the shots outside `target` it sends there
     over_alignment: float | None  # `evidence.over_alignment` (None: too few shots of `target`)
     probe: bool = False  # searched after the restarts by `probe`
+    typicality: float | None = None  # `evidence.typicality` (None: too few shots of `target`, or not measured)
 
     @property
     def kind(self) -> TriggerKind:
@@ -280,6 +281,7 @@ def _describe(
         flip_rate(run.feats, labels, class_weights, target),
         over_alignment(run.feats, clean, labels, class_weights, target),
         probe,
+        typicality(run.feats, clean, labels, target),
     )
 
 

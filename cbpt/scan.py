@@ -6,7 +6,8 @@ Three rules, in the order `ScanRules` lists them (docs/method.md#the-scan):
 2. where the masks read clean, over-alignment: an inverted warp whose triggered shots come
    closer to the target's text than the target's own shots do (docs/method.md#over-alignment);
 3. then the same of an inverted mask: a patch the per-pixel masks reproduce only with more of
-   the image than the mask score allows still over-aligns (docs/method.md#aligned-masks).
+   the image than the mask score allows still over-aligns (docs/method.md#aligned-masks), and
+   sends the shots where the target's own images are not (docs/method.md#typicality).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ ALIGN_THRESHOLD = 0.5
 # mask score at least this. A mask near MASK_SCALE can draw the class itself, more typical than
 # the class's own images (docs/method.md#aligned-masks: the clean ViT's over-align by 3.7-4.9).
 ALIGNED_MIN_SCORE = SCAN_THRESHOLD / 2
+# ... and only where its triggered shots sit at least this many of the target's own spreads short
+# of the centre of the target's own images: a mask that draws the class makes them typical of it,
+# a planted trigger does not (docs/method.md#typicality: midway between the clean ViTs' ring
+# masks, -0.93 and up, and the backdoors' over-aligned masks, -1.50 and down).
+ATYPICAL_THRESHOLD = 1.2
 
 
 class Evidence(StrEnum):
@@ -50,9 +56,12 @@ class ScanRules:
     """The evidence the scan reads, first found first (docs/method.md#the-scan). The mask
     score's bar is `SCAN_THRESHOLD`, over-alignment's `ALIGN_THRESHOLD`; `evidence` without
     ALIGNED_MASK is the scan before docs/method.md#aligned-masks, kept to compare the two on
-    the zoo (benchmarks/zoo_refit.py)."""
+    the zoo (benchmarks/zoo_refit.py). `atypical`: how far short of the target's own images an
+    over-aligned mask's shots must sit (`ATYPICAL_THRESHOLD`); None reads over-aligned masks as
+    before docs/method.md#typicality."""
 
     evidence: tuple[Evidence, ...] = (Evidence.MASK, Evidence.WARP, Evidence.ALIGNED_MASK)
+    atypical: float | None = ATYPICAL_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -72,41 +81,43 @@ def masks_found(inv: InversionResult) -> bool:
     return inv.score >= SCAN_THRESHOLD
 
 
-def _aligned_margins(inv: InversionResult, kind: TriggerKind, threshold: float) -> list[tuple[float, Candidate]]:
+def _aligned_margins(inv: InversionResult, kind: TriggerKind, rules: ScanRules) -> list[tuple[float, Candidate]]:
     """Each restart or probe of `kind`'s over-alignment beyond the masks that point to another
-    class (or beyond zero, where none of those over-aligns), in units of `threshold`: 1 is the
-    bar. A mask over-aligned toward the candidate's own target corroborates it rather than
+    class (or beyond zero, where none of those over-aligns), in units of ALIGN_THRESHOLD: 1 is
+    the bar. A mask over-aligned toward the candidate's own target corroborates it rather than
     raising its bar (docs/method.md#over-alignment). A mask's margin is also at most its mask
-    score over ALIGNED_MIN_SCORE: both must reach 1."""
+    score over ALIGNED_MIN_SCORE, and how far short of typical its shots sit over
+    `rules.atypical` (docs/method.md#typicality; unmeasured, as in scans stored before it, it
+    bounds nothing): each must reach 1."""
     masks = [m for m in inv.masks() if not m.probe]  # compact probes never change the verdict
 
     def others(target: int) -> float:
         return max([0.0] + [m.over_alignment for m in masks if m.over_alignment is not None and m.target != target])
 
     def margin(c: Candidate) -> float:
-        aligned = (c.over_alignment - others(c.target)) / threshold
+        aligned = (c.over_alignment - others(c.target)) / ALIGN_THRESHOLD
         if kind is TriggerKind.WARP:
             return aligned
-        return min(aligned, c.mask_score / ALIGNED_MIN_SCORE)
+        atypical = rules.atypical
+        short = float("inf") if atypical is None or c.typicality is None else -c.typicality / atypical
+        return min(aligned, c.mask_score / ALIGNED_MIN_SCORE, short)
 
     pool = inv.warps() if kind is TriggerKind.WARP else masks
     return [(margin(c), c) for c in pool if c.over_alignment is not None]
 
 
-def over_aligned(
-    inv: InversionResult, kind: TriggerKind = TriggerKind.WARP, threshold: float = ALIGN_THRESHOLD
-) -> list[Candidate]:
+def over_aligned(inv: InversionResult, kind: TriggerKind, rules: ScanRules) -> list[Candidate]:
     """The candidates of `kind` over-aligned past their bar, toward the target of the most
     over-aligned one, most first."""
-    found = sorted((c for m, c in _aligned_margins(inv, kind, threshold) if m >= 1), key=lambda c: -c.over_alignment)
+    found = sorted((c for m, c in _aligned_margins(inv, kind, rules) if m >= 1), key=lambda c: -c.over_alignment)
     return [c for c in found if c.target == found[0].target]
 
 
-def _margin(inv: InversionResult, evidence: Evidence) -> float:
+def _margin(inv: InversionResult, evidence: Evidence, rules: ScanRules) -> float:
     """How far `evidence` goes toward its bar: at least 1 exactly where it shows a backdoor."""
     if evidence is Evidence.MASK:
         return inv.score / SCAN_THRESHOLD
-    return max([float("-inf")] + [m for m, _ in _aligned_margins(inv, ALIGNED_KIND[evidence], ALIGN_THRESHOLD)])
+    return max([float("-inf")] + [m for m, _ in _aligned_margins(inv, ALIGNED_KIND[evidence], rules)])
 
 
 def suspicion(inv: InversionResult, rules: ScanRules = ScanRules()) -> float:
@@ -114,7 +125,7 @@ def suspicion(inv: InversionResult, rules: ScanRules = ScanRules()) -> float:
     and the best over-alignment margins (warps, masks) over ALIGN_THRESHOLD. It is at least 1
     exactly where `read_scan` finds a backdoor, so a threshold on it is the verdict's ROC
     (docs/method.md#suspicion)."""
-    return max(_margin(inv, e) for e in rules.evidence)
+    return max(_margin(inv, e, rules) for e in rules.evidence)
 
 
 def read_scan(inv: InversionResult, rules: ScanRules = ScanRules()) -> Verdict:
@@ -124,7 +135,7 @@ def read_scan(inv: InversionResult, rules: ScanRules = ScanRules()) -> Verdict:
                 return Verdict(Evidence.MASK, inv.target, [replace(c, target=inv.target) for c in inv.masks()])
             continue
         kind = ALIGNED_KIND[evidence]
-        aligned = over_aligned(inv, kind)
+        aligned = over_aligned(inv, kind, rules)
         if aligned:  # every candidate of that kind then becomes a trigger for that target
             target = aligned[0].target
             pool = inv.warps() if kind is TriggerKind.WARP else inv.masks()
@@ -181,6 +192,8 @@ def scan_summary(inv: InversionResult, classnames: tuple[str, ...]) -> dict:
                 "flip_rate": round(c.flip_rate, 4),
                 "mask_l1": round(c.mask_l1, 4) if c.kind is TriggerKind.MASK else None,
                 "over_alignment": None if c.over_alignment is None else round(c.over_alignment, 3),
+                # how typical of the target's own images the triggered shots are (docs/method.md#typicality)
+                "typicality": None if c.typicality is None else round(c.typicality, 3),
             }
             for c in inv.candidates
         ],

@@ -46,8 +46,8 @@ def run_cli_plain(*args) -> tuple[int, str, str]:
 
 
 def fake_inversion(candidates: list[tuple], score: float, side: int = 32, dim: int = 32):
-    """An InversionResult with the given (kind, target, flip rate, over-alignment[, probe])
-    candidates, best mask first, and identity triggers of `side` px: a scan reading fixed by
+    """An InversionResult with the given (kind, target, flip rate, over-alignment[, probe[,
+    typicality]]) candidates, best mask first, and identity triggers of `side` px: a scan reading fixed by
     the test rather than by a miniature model too small to be calibrated."""
     import torch
 
@@ -55,8 +55,8 @@ def fake_inversion(candidates: list[tuple], score: float, side: int = 32, dim: i
     from cbpt.trigger import DummyTrigger, TriggerKind
 
     cands = [
-        Candidate(DummyTrigger.blank(side, side, TriggerKind(kind)), target, flip, align, *probe)
-        for kind, target, flip, align, *probe in candidates
+        Candidate(DummyTrigger.blank(side, side, TriggerKind(kind)), target, flip, align, *rest)
+        for kind, target, flip, align, *rest in candidates
     ]
     return InversionResult(
         candidates=cands,

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cbpt.evidence import backdoor_score, over_alignment
+from cbpt.evidence import backdoor_score, over_alignment, typicality
 from cbpt.losses import clean_loss, contrastive_inversion_loss, keep_loss, trigger_loss
 from cbpt.scan import ALIGN_THRESHOLD, SCAN_THRESHOLD, Evidence, read_scan
 from cbpt.trigger import TriggerKind
@@ -484,6 +484,46 @@ def test_over_alignment_is_how_far_triggered_shots_pass_the_targets_own_toward_i
     assert over_alignment(backdoor, clean, labels, text, 0) == pytest.approx(0.2 / spread, rel=1e-5)
     assert over_alignment(natural, clean, labels, text, 0) == pytest.approx(0.0, abs=1e-5)
     assert over_alignment(backdoor, clean, labels, text, 0, min_shots=9) is None  # 8 shots give no spread
+
+
+def test_typicality_is_how_far_triggered_shots_sit_from_the_targets_own_images():
+    def at(cos_to_axis0: torch.Tensor) -> torch.Tensor:  # unit features at given cosines to axis 0
+        return torch.stack([cos_to_axis0, (1 - cos_to_axis0**2).sqrt(), torch.zeros_like(cos_to_axis0)], 1)
+
+    labels = torch.arange(3).repeat_interleave(8)
+    own = at(torch.linspace(0.9, 1.0, 8))  # class 0's clean shots, around axis 0
+    clean = torch.cat([own, F.normalize(torch.tensor([[0.0, 0.0, 1.0]]).repeat(16, 1), dim=-1)])
+    centre = F.normalize(own.mean(0), dim=-1)
+    near = own @ centre
+    drawn = centre.repeat(24, 1)  # a natural feature drawn on them: the class's very centre
+    planted = at(torch.full((24,), 0.5))  # somewhere the class's own images are not
+    assert typicality(drawn, clean, labels, 0) == pytest.approx(float((1 - near.mean()) / near.std()), rel=1e-4)
+    assert typicality(drawn, clean, labels, 0) > 0
+    assert typicality(planted, clean, labels, 0) < -10
+    assert typicality(planted, clean, labels, 0, min_shots=9) is None  # 8 shots give no spread
+
+
+def test_an_over_aligned_mask_that_draws_the_class_is_no_backdoor():
+    """The clean 64-px ViT: masks that draw a ring send every shot to 'ring' and over-align
+    toward it, but leave the shots as typical of the ring's own images as those are; a planted
+    trigger's shots over-align from a place the class's images are not."""
+    from cbpt.scan import ATYPICAL_THRESHOLD, ScanRules, suspicion
+
+    def result(typ: float | None):
+        masks = [("mask", 7, 1.0, 3.4, False, typ), ("mask", 7, 1.0, 1.3, False, typ), ("mask", 5, 0.6, -2.0)]
+        return fake_inversion([*masks, ("warp", 2, 0.3, -9.0)], 0.36)
+
+    for typ in (1.5, 0.2, -0.93, -ATYPICAL_THRESHOLD + 0.01):  # the clean ViTs' ring masks: -0.93 to +1.5
+        assert not read_scan(result(typ)).backdoored and suspicion(result(typ)) < 1
+        # the rule before typicality read it backdoored
+        assert read_scan(result(typ), ScanRules(atypical=None)).evidence is Evidence.ALIGNED_MASK
+    for typ in (-ATYPICAL_THRESHOLD, -1.5, -3.6, None):  # the backdoors' -1.5 to -3.6; None: not measured
+        found = read_scan(result(typ))
+        assert (found.evidence, found.target) == (Evidence.ALIGNED_MASK, 7) and suspicion(result(typ)) >= 1
+    # the margin is the least of the three: over-alignment, mask score, and how atypical
+    assert suspicion(result(-2.0)) == pytest.approx(2.0 / ATYPICAL_THRESHOLD)
+    # the mask score reads first, whatever the typicality
+    assert read_scan(replace(result(1.0), score=SCAN_THRESHOLD)).evidence is Evidence.MASK
 
 
 def test_the_scan_reads_a_warp_that_over_aligns_when_the_masks_read_clean():

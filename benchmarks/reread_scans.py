@@ -1,0 +1,46 @@
+"""Stored scans read again under each rule set of `benchmarks/zoo_refit.py`: the verdict and
+suspicion every rule set gives, from the candidates a run stored, without scanning again.
+
+    python benchmarks/reread_scans.py docs/bench/typicality/*.json docs/bench/typicality/scans/*.json
+
+Takes `benchmarks/cbpt_table.py`'s run files (a list of runs, each with `info.scan`) and `cbpt-guard
+scan --json` outputs. A rule a stored scan has no statistic for bounds nothing (typicality in
+scans stored before it), as in `zoo_refit.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from zoo_refit import RULES, inversion
+
+from cbpt.scan import read_scan, suspicion
+
+
+def scans(path: Path) -> list[tuple[str, dict]]:
+    """(a name, the stored scan) per scan in a run file or a `scan --json` output."""
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):
+        return [(path.stem, data)]
+    return [(f"{Path(r['testbed']).name} K={r['shots']} s{r['seed']}", r["info"]["scan"]) for r in data]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("files", type=Path, nargs="+")
+    args = ap.parse_args()
+    print("| scan | " + " | ".join(RULES) + " |")
+    print("|---|" + "---|" * len(RULES))
+    for path in args.files:
+        for name, scan in scans(path):
+            # class indices only need to agree within one scan
+            classes = sorted({c["target"] for c in scan["candidates"]} | {scan["target"]})
+            inv = inversion(scan, classes)
+            cells = [f"{read_scan(inv, r).evidence or 'clean'}, {suspicion(inv, r):.2f}" for r in RULES.values()]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
