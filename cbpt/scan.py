@@ -34,8 +34,8 @@ ALIGN_THRESHOLD = 0.5
 ALIGNED_MIN_SCORE = SCAN_THRESHOLD / 2
 # ... and only where its triggered shots sit at least this many of the target's own spreads short
 # of the centre of the target's own images: a mask that draws the class makes them typical of it,
-# a planted trigger does not (docs/method.md#typicality: midway between the clean ViTs' ring
-# masks, -0.93 and up, and the backdoors' over-aligned masks, -1.50 and down).
+# a planted trigger does not (docs/method.md#typicality: set midway between the clean ViTs' ring
+# masks, -0.93 and up, and the backdoors' over-aligned masks, -1.50 and down; the groups overlap).
 ATYPICAL_THRESHOLD = 1.2
 
 
