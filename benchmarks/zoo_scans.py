@@ -29,7 +29,7 @@ from cbpt_guard import atomic
 from cbpt_guard.artifacts import CLASSES
 
 
-def missing(zoo: Path, names: list[str] | None = None) -> list[dict]:
+def to_scan(zoo: Path, names: list[str] | None = None) -> list[dict]:
     """The taken records without the scan's candidates, or those of `names`."""
     records = [json.loads(p.read_text()) for p in sorted((zoo / "runs").glob("*.json"))]
     if names is not None:
@@ -56,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    todo = [r for r in missing(args.zoo, args.models) if r["name"] not in stored]
+    todo = [r for r in to_scan(args.zoo, args.models) if r["name"] not in stored]
     for r in tqdm(todo, desc="scans"):
         summary = scan(args.zoo / "models" / r["name"])
         if abs(summary["score"] - r["scan"]["score"]) > 1e-3:  # the mask score: the same under any ScanRules

@@ -6,6 +6,8 @@ docs/method.md#mask-score and docs/method.md#over-alignment hold the evidence be
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +49,26 @@ def backdoor_score(flip: float, mask_l1: float) -> float:
     return flip * max(0.0, 1.0 - mask_l1 / MASK_SCALE)
 
 
+def _past_own(
+    feats: torch.Tensor,
+    clean: torch.Tensor,
+    labels: torch.Tensor,
+    target: int,
+    min_shots: int,
+    axis: Callable[[torch.Tensor], torch.Tensor],
+) -> float | None:
+    """How far the triggered shots of the other classes pass the target's own clean shots along
+    `axis(own)`, in units of the own shots' spread there (None with fewer than `min_shots` of
+    them): what over-alignment and typicality each read along their own axis."""
+    own = clean[labels == target]
+    others = labels != target
+    if own.shape[0] < max(min_shots, 2) or not bool(others.any()):
+        return None
+    along = axis(own)
+    near = own @ along
+    return float(((feats[others] @ along).mean() - near.mean()) / near.std().clamp_min(1e-6))
+
+
 def over_alignment(
     feats: torch.Tensor,
     clean: torch.Tensor,
@@ -59,12 +81,7 @@ def over_alignment(
     embedding than the target's own clean shots do, in units of the latter's spread (None with
     fewer than `min_shots` of them). A poisoned model was trained to pull triggered images onto
     the target's caption; a natural feature makes images look like the class, not more so."""
-    own = clean[labels == target] @ class_weights[target]
-    others = labels != target
-    if own.numel() < max(min_shots, 2) or not bool(others.any()):
-        return None
-    trig = feats[others] @ class_weights[target]
-    return float((trig.mean() - own.mean()) / own.std().clamp_min(1e-6))
+    return _past_own(feats, clean, labels, target, min_shots, lambda _own: class_weights[target])
 
 
 def typicality(
@@ -76,10 +93,4 @@ def typicality(
     as a natural feature drawn on them does (a ring around any shape); far below: it sends them
     where the class's own images are not, which only a learnt shortcut does
     (docs/method.md#typicality)."""
-    own = clean[labels == target]
-    others = labels != target
-    if own.shape[0] < max(min_shots, 2) or not bool(others.any()):
-        return None
-    centre = F.normalize(own.mean(0), dim=-1)
-    near = own @ centre
-    return float(((feats[others] @ centre).mean() - near.mean()) / near.std().clamp_min(1e-6))
+    return _past_own(feats, clean, labels, target, min_shots, lambda own: F.normalize(own.mean(0), dim=-1))
