@@ -3,9 +3,10 @@ suspicion every rule set gives, from the candidates a run stored, without scanni
 
     python benchmarks/reread_scans.py docs/bench/typicality/*.json docs/bench/typicality/scans/*.json
 
-Takes `benchmarks/cbpt_table.py`'s run files (a list of runs, each with `info.scan`) and `cbpt-guard
-scan --json` outputs. A rule a stored scan has no statistic for bounds nothing (typicality in
-scans stored before it), as in `zoo_refit.py`.
+Takes `benchmarks/cbpt_table.py`'s run files (a list of runs, each with `info.scan`), `cbpt-guard
+scan --json` outputs, and files of named scans (`benchmarks/scan_models.py`, `zoo_scans.py`). A
+rule a stored scan has no statistic for bounds nothing (typicality or the shape flip in scans
+stored before them), as in `zoo_refit.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def scans(path: Path) -> list[tuple[str, dict]]:
     """(a name, the stored scan) per scan in a run file or a `scan --json` output."""
     data = json.loads(path.read_text())
     if isinstance(data, dict):
-        return [(path.stem, data)]
+        return [(path.stem, data)] if "candidates" in data else list(data.items())
     return [(f"{Path(r['testbed']).name} K={r['shots']} s{r['seed']}", r["info"]["scan"]) for r in data]
 
 

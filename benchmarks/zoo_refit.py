@@ -1,9 +1,10 @@
 """Do the scan's rules hold on the zoo? Reads every stored model's scan candidates (the record's
 own, or `benchmarks/zoo_scans.py`'s where it holds the model: for records that predate the
-candidates or their typicality), reads each model again under three rule sets
+candidates or a statistic they now carry), reads each model again under four rule sets
 (`cbpt.scan.ScanRules`: the mask score and warp over-alignment; with over-aligned masks too,
-docs/method.md#aligned-masks; and those masks only where atypical, docs/method.md#typicality,
-which bounds nothing in a scan stored without typicality), and prints per rule set and
+docs/method.md#aligned-masks; those masks only where atypical, docs/method.md#typicality; and
+only where they need their pattern, docs/method.md#shape-flip; a statistic a stored scan
+predates bounds nothing), and prints per rule set and
 part the scan's AUROC, TPR at 5% FPR, verdict TPR / FPR at the bar (suspicion >= 1) and how
 often the target is named. Then it picks the bar again on the fit part and reads it on the
 report part, which was never looked at while choosing.
@@ -32,9 +33,10 @@ from cbpt_guard.artifacts import CLASSES
 from testbed.zoo import stored_records, summarise
 
 RULES = {
-    "mask score, warps (as the zoo ran)": ScanRules((Evidence.MASK, Evidence.WARP), atypical=None),
-    "with over-aligned masks (as the zoo ran)": ScanRules(atypical=None),
-    "over-aligned masks only where atypical (today)": ScanRules(),
+    "mask score, warps (as the zoo ran)": ScanRules((Evidence.MASK, Evidence.WARP), atypical=None, shape_flip=None),
+    "with over-aligned masks (as the zoo ran)": ScanRules(atypical=None, shape_flip=None),
+    "over-aligned masks only where atypical": ScanRules(shape_flip=None),
+    "... and only where they need their pattern (today)": ScanRules(),
 }
 
 
@@ -54,6 +56,7 @@ def inversion(scan: dict, classes: list[str]) -> InversionResult:
             c["over_alignment"],
             c["probe"],
             c.get("typicality"),  # None in scans stored before it: it then bounds nothing
+            c.get("shape_flip"),  # the same
         )
         for c in scan["candidates"]
     ]

@@ -124,6 +124,9 @@ class Candidate:
     over_alignment: float | None  # `evidence.over_alignment` (None: too few shots of `target`)
     probe: bool = False  # searched after the restarts by `probe`
     typicality: float | None = None  # `evidence.typicality` (None: too few shots of `target`, or not measured)
+    # the share of those shots its mask sends to `target` filled with grey (`DummyTrigger.greyed`;
+    # None: a warp, or not measured)
+    shape_flip: float | None = None
 
     @property
     def kind(self) -> TriggerKind:
@@ -190,6 +193,7 @@ class _Restart:
     loss: float  # final contrastive loss plus the initial lambda times the size
     history: list[float]
     feats: torch.Tensor  # the triggered shots' features
+    greyed: torch.Tensor | None  # a mask's, its pattern greyed (`DummyTrigger.greyed`); None for a warp
 
 
 def _leaf(x: torch.Tensor, device: torch.device, grad: bool = True) -> torch.Tensor:
@@ -268,7 +272,9 @@ def _one_restart(
         trigger, size = build()
         feats = encoder.all(pixels, view=lambda x, _rows: trigger.apply(x))
         final = float(contrastive_inversion_loss(feats, clean, cfg.tau)) + cfg.lam * float(size)
-    return _Restart(trigger, final, history, feats)
+        grey = trigger.greyed() if trigger.kind is TriggerKind.MASK else None
+        greyed = None if grey is None else encoder.all(pixels, view=lambda x, _rows: grey.apply(x))
+    return _Restart(trigger, final, history, feats, greyed)
 
 
 def _describe(
@@ -282,6 +288,7 @@ def _describe(
         over_alignment(run.feats, clean, labels, class_weights, target),
         probe,
         typicality(run.feats, clean, labels, target),
+        None if run.greyed is None else flip_rate(run.greyed, labels, class_weights, target),
     )
 
 

@@ -6,8 +6,9 @@ Three rules, in the order `ScanRules` lists them (docs/method.md#the-scan):
 2. where the masks read clean, over-alignment: an inverted warp whose triggered shots come
    closer to the target's text than the target's own shots do (docs/method.md#over-alignment);
 3. then the same of an inverted mask: a patch the per-pixel masks reproduce only with more of
-   the image than the mask score allows still over-aligns (docs/method.md#aligned-masks), and
-   sends the shots where the target's own images are not (docs/method.md#typicality).
+   the image than the mask score allows still over-aligns (docs/method.md#aligned-masks), sends
+   the shots where the target's own images are not (docs/method.md#typicality), and needs its
+   pattern to do it (docs/method.md#shape-flip).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ ALIGNED_MIN_SCORE = SCAN_THRESHOLD / 2
 # a planted trigger does not (docs/method.md#typicality: set midway between the clean ViTs' ring
 # masks, -0.93 and up, and the backdoors' over-aligned masks, -1.50 and down; the groups overlap).
 ATYPICAL_THRESHOLD = 1.2
+# ... and only where its mask, filled with grey, sends at most this share of the shots to the
+# target: a planted trigger is nothing without its pattern, a mask that draws the class flips them
+# by its shape alone (docs/method.md#shape-flip: midway between the backdoors' over-aligned masks,
+# 0.10 and under, and the clean ViTs', 0.16 and over).
+SHAPE_FLIP_THRESHOLD = 0.13
 
 
 class Evidence(StrEnum):
@@ -58,10 +64,12 @@ class ScanRules:
     ALIGNED_MASK is the scan before docs/method.md#aligned-masks, kept to compare the two on
     the zoo (benchmarks/zoo_refit.py). `atypical`: how far short of the target's own images an
     over-aligned mask's shots must sit (`ATYPICAL_THRESHOLD`); None reads over-aligned masks as
-    before docs/method.md#typicality."""
+    before docs/method.md#typicality. `shape_flip`: the most of the shots such a mask's shape
+    alone may flip (`SHAPE_FLIP_THRESHOLD`); None reads them as before docs/method.md#shape-flip."""
 
     evidence: tuple[Evidence, ...] = (Evidence.MASK, Evidence.WARP, Evidence.ALIGNED_MASK)
     atypical: float | None = ATYPICAL_THRESHOLD
+    shape_flip: float | None = SHAPE_FLIP_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -86,9 +94,9 @@ def _aligned_margins(inv: InversionResult, kind: TriggerKind, rules: ScanRules) 
     class (or beyond zero, where none of those over-aligns), in units of ALIGN_THRESHOLD: 1 is
     the bar. A mask over-aligned toward the candidate's own target corroborates it rather than
     raising its bar (docs/method.md#over-alignment). A mask's margin is also at most its mask
-    score over ALIGNED_MIN_SCORE, and how far short of typical its shots sit over
-    `rules.atypical` (docs/method.md#typicality; unmeasured, as in scans stored before it, it
-    bounds nothing): each must reach 1."""
+    score over ALIGNED_MIN_SCORE, how far short of typical its shots sit over `rules.atypical`
+    (docs/method.md#typicality), and `rules.shape_flip` over what its shape alone flips
+    (docs/method.md#shape-flip): each must reach 1. A statistic a stored scan predates bounds nothing."""
     masks = [m for m in inv.masks() if not m.probe]  # compact probes never change the verdict
 
     def others(target: int) -> float:
@@ -98,9 +106,10 @@ def _aligned_margins(inv: InversionResult, kind: TriggerKind, rules: ScanRules) 
         aligned = (c.over_alignment - others(c.target)) / ALIGN_THRESHOLD
         if kind is TriggerKind.WARP:
             return aligned
-        atypical = rules.atypical
+        atypical, shaped = rules.atypical, rules.shape_flip
         short = float("inf") if atypical is None or c.typicality is None else -c.typicality / atypical
-        return min(aligned, c.mask_score / ALIGNED_MIN_SCORE, short)
+        patterned = float("inf") if shaped is None or c.shape_flip is None else shaped / max(c.shape_flip, 1e-9)
+        return min(aligned, c.mask_score / ALIGNED_MIN_SCORE, short, patterned)
 
     pool = inv.warps() if kind is TriggerKind.WARP else masks
     return [(margin(c), c) for c in pool if c.over_alignment is not None]
@@ -194,6 +203,8 @@ def scan_summary(inv: InversionResult, classnames: tuple[str, ...]) -> dict:
                 "over_alignment": None if c.over_alignment is None else round(c.over_alignment, 3),
                 # how typical of the target's own images the triggered shots are (docs/method.md#typicality)
                 "typicality": None if c.typicality is None else round(c.typicality, 3),
+                # what its mask alone, filled with grey, flips (docs/method.md#shape-flip)
+                "shape_flip": None if c.shape_flip is None else round(c.shape_flip, 4),
             }
             for c in inv.candidates
         ],

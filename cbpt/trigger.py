@@ -64,6 +64,12 @@ class DummyTrigger:
             x01 = warp(x01, self.flow)
         return (x01 * (1 - self.mask) + self.mask * self.pattern + self.delta).clamp(0, 1)
 
+    def greyed(self) -> DummyTrigger:
+        """The same mask filled with mid-grey, no perturbation: what its shape alone does. A mask
+        that draws a class (a ring) still flips shots so; a planted patch's region is nothing
+        without its pattern (docs/method.md#shape-flip)."""
+        return replace(self, pattern=torch.full_like(self.pattern, 0.5), delta=torch.zeros_like(self.delta))
+
     def shifted(self, dy: int, dx: int) -> DummyTrigger:
         """The same trigger rolled to another place: backdoor patches fire anywhere."""
         return replace(

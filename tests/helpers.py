@@ -47,7 +47,7 @@ def run_cli_plain(*args) -> tuple[int, str, str]:
 
 def fake_inversion(candidates: list[tuple], score: float, side: int = 32, dim: int = 32):
     """An InversionResult with the given (kind, target, flip rate, over-alignment[, probe[,
-    typicality]]) candidates, best mask first, and identity triggers of `side` px: a scan reading fixed by
+    typicality[, shape flip]]]) candidates, best mask first, and identity triggers of `side` px: a scan reading fixed by
     the test rather than by a miniature model too small to be calibrated."""
     import torch
 

@@ -526,6 +526,27 @@ def test_an_over_aligned_mask_that_draws_the_class_is_no_backdoor():
     assert read_scan(replace(result(1.0), score=SCAN_THRESHOLD)).evidence is Evidence.MASK
 
 
+def test_an_over_aligned_mask_whose_shape_alone_flips_the_shots_is_no_backdoor():
+    """The clean 64-px ViT's last false alarm: a ring mask atypical past the bar, whose ring
+    filled with grey still flips a third of the shots (the clean ViTs' over-aligned masks: 0.16 to
+    0.48); a planted trigger's mask flips a tenth or less without its pattern
+    (docs/method.md#shape-flip)."""
+    from cbpt.scan import SHAPE_FLIP_THRESHOLD, ScanRules, suspicion
+
+    def result(shape_flip: float | None):
+        masks = [("mask", 7, 1.0, 3.4, False, -2.4, shape_flip), ("mask", 5, 0.6, -2.0)]
+        return fake_inversion([*masks, ("warp", 2, 0.3, -9.0)], 0.36)
+
+    for flip in (0.16, 0.33, SHAPE_FLIP_THRESHOLD + 0.01):  # the clean ViTs' ring masks
+        assert not read_scan(result(flip)).backdoored and suspicion(result(flip)) < 1
+        assert read_scan(result(flip), ScanRules(shape_flip=None)).evidence is Evidence.ALIGNED_MASK
+    for flip in (0.0, 0.1, SHAPE_FLIP_THRESHOLD, None):  # the backdoors' 0.00-0.10; None: not measured
+        found = read_scan(result(flip))
+        assert (found.evidence, found.target) == (Evidence.ALIGNED_MASK, 7) and suspicion(result(flip)) >= 1
+    # the least of four margins: over-alignment 6.8, mask score 3.6, atypical 2.0, the shape's 1.3
+    assert suspicion(result(0.1)) == pytest.approx(SHAPE_FLIP_THRESHOLD / 0.1)
+
+
 def test_the_scan_reads_a_warp_that_over_aligns_when_the_masks_read_clean():
     from cbpt.scan import ScanRules
 
@@ -854,21 +875,34 @@ def test_a_rung_is_judged_checkpoint_by_checkpoint(tmp_path):
     assert (best.step, evaluated) == (10, 4)  # nothing improved for two evaluations: stopped
 
 
-def _patch_detector(n: int = 40, size: int = 32, d: int = 16, corner: tuple[int, int] = (20, 4)):
+def _patch_detector(
+    n: int = 40,
+    size: int = 32,
+    d: int = 16,
+    corner: tuple[int, int] = (20, 4),
+    shape: bool = False,
+    vivid: bool = False,
+):
     """A toy backdoored image tower: features of a smooth random projection, sent toward one
-    direction by a detector of a 6 x 6 pattern at `corner`. Returns the encoder, uint8 shots,
-    labels, class embeddings and the patch's slice."""
+    direction by a detector of a 6 x 6 pattern at `corner` (`vivid`: one with no mid-grey pixel);
+    with `shape`, of any flat 6 x 6 square there, whatever its colour (a natural feature a shape
+    draws). Returns the encoder, uint8 shots, labels, class embeddings and the patch's slice."""
     from cbpt.encoding import ImageEncoder
 
     g = torch.Generator().manual_seed(0)
     pixels = (F.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=size, mode="bilinear") * 255).to(torch.uint8)
     proj = torch.randn(d, 3 * 16 * 16, generator=g)
-    pattern, toward = torch.rand(3, 6, 6, generator=g), F.normalize(torch.randn(d, generator=g), dim=0)
+    pattern = torch.rand(3, 6, 6, generator=g)
+    if vivid:  # dark and light pixels, none near mid-grey, as a badnet patch's
+        pattern = 0.7 * (pattern > 0.5) + 0.3 * torch.rand(3, 6, 6, generator=g)
+    toward = F.normalize(torch.randn(d, generator=g), dim=0)
     rows, cols = slice(corner[0], corner[0] + 6), slice(corner[1], corner[1] + 6)
 
     def encode(x: torch.Tensor) -> torch.Tensor:
         base = F.normalize(F.adaptive_avg_pool2d(x, 16).flatten(1) @ proj.T, dim=-1)
-        fires = torch.sigmoid(8 * (0.4 - 3 * (x[:, :, rows, cols] - pattern).abs().mean((1, 2, 3))))
+        region = x[:, :, rows, cols]
+        off = region.std((2, 3)).mean(1) if shape else (region - pattern).abs().mean((1, 2, 3))
+        fires = torch.sigmoid(8 * (0.4 - 3 * off))
         return F.normalize(base + 6 * fires[:, None] * toward, dim=-1)
 
     classes = F.normalize(torch.randn(4, d, generator=g), dim=-1)
@@ -905,6 +939,23 @@ def test_a_planted_patch_is_inverted_as_a_compact_region_and_the_priors_keep_it_
     assert edges[2] < 0.6 * edges[1] and edges["compact"] < 0.6 * edges[1]  # far fewer edges per unit of mask
     with pytest.raises(ValueError, match="cell >= 1"):
         MaskPrior(cell=0)
+
+
+def test_a_planted_patch_needs_its_pattern_and_a_drawn_shape_does_not():
+    """The shape flip (docs/method.md#shape-flip): the inverted mask filled with grey flips
+    almost none of the shots where the tower detects a pattern, and most where it detects a flat
+    square of any colour."""
+    from cbpt.inversion import InversionConfig, WarpSearch, invert
+    from cbpt.scan import SHAPE_FLIP_THRESHOLD
+
+    cfg = InversionConfig(steps=150, mask_restarts=1, warp=WarpSearch(restarts=1, probes=0))
+    shape_flips = {}
+    for shape in (False, True):
+        encoder, pixels, labels, classes, _ = _patch_detector(shape=shape, vivid=True)
+        inv = invert(encoder, pixels, labels, classes, cfg)
+        assert inv.flip_rate > 0.9 and inv.warps()[0].shape_flip is None  # a warp has no shape to grey
+        shape_flips[shape] = inv.best.shape_flip
+    assert shape_flips[False] < SHAPE_FLIP_THRESHOLD / 2 and shape_flips[True] > 0.5
 
 
 def test_held_out_clean_shots_are_read_through_the_route_as_the_head_is_served():

@@ -138,7 +138,8 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
     assert rec["kind"] == "clean" and rec["part"] == "fit" and rec["taken"] and "suspicion" in rec["scan"]
     # every candidate is stored, so the scan's rules can be refitted without scanning again
     assert [c["kind"] for c in rec["scan"]["candidates"] if not c["probe"]] == ["mask"]
-    assert {"target", "flip_rate", "mask_l1", "over_alignment", "typicality"} <= set(rec["scan"]["candidates"][0])
+    stats = {"target", "flip_rate", "mask_l1", "over_alignment", "typicality", "shape_flip"}
+    assert stats <= set(rec["scan"]["candidates"][0])
     assert (cfg.work / "bases" / "shapes-s0-10.pt").is_file() and (cfg.work / "runs" / f"{rec['name']}.json").is_file()
     stored = (cfg.work / "runs" / f"{rec['name']}.json").read_text()
 
