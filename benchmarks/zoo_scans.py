@@ -1,8 +1,8 @@
 """The scan's candidates for zoo models whose stored record predates them (records written
-since keep them, testbed/zoo.py), or predates a statistic they now carry. The scan alone, as the
-zoo ran it (K = 16, shot set 0, the default inversion), on every taken model in ZOO/runs without
-`scan.candidates`, or on the models named by `--models`; each scan's mask score must equal the
-record's, so the candidates are those of the scan that was recorded.
+since keep them, testbed/zoo.py), or predates a statistic they now carry. The scan alone, as
+the zoo ran it (`scan_models.scan` at K = 16, shot set 0: the default inversion), on every taken
+model in ZOO/runs without `scan.candidates`, or on the models named by `--models`; each scan's
+mask score must equal the record's, so the candidates are those of the scan that was recorded.
 
     python benchmarks/zoo_scans.py zoo-out --out zoo-out/scans.json
     python benchmarks/zoo_scans.py zoo-out --models clean-shapes-s1-600 bd008-badnet-shapes-s2-600 --out typ.json
@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
+from scan_models import scan
 from tqdm import tqdm
 
-from cbpt.data import load_shots
-from cbpt.model import load_clip
-from cbpt.purify import PurifyConfig, original_head
-from cbpt.scan import run_scan, scan_summary
 from cbpt_guard import atomic
-from cbpt_guard.artifacts import CLASSES
 
 
 def to_scan(zoo: Path, names: list[str] | None = None) -> list[dict]:
@@ -40,14 +35,6 @@ def to_scan(zoo: Path, names: list[str] | None = None) -> list[dict]:
     return [r for r in records if r["taken"] and "candidates" not in r["scan"]]
 
 
-def scan(model: Path, shots: int = 16, seed: int = 0) -> dict:
-    cfg = PurifyConfig()
-    clip = load_clip(model / "model.pt")
-    shot_set = load_shots(clip, model / "fewshot", model / CLASSES, replace(cfg.budget, shots=shots), seed)
-    inv = run_scan(clip, shot_set, cfg.inversion, original_head(clip, shot_set.classnames))
-    return scan_summary(inv, shot_set.classnames)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("zoo", type=Path, help="the zoo's work folder (runs/, models/)")
@@ -58,7 +45,7 @@ def main() -> None:
     stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
     todo = [r for r in to_scan(args.zoo, args.models) if r["name"] not in stored]
     for r in tqdm(todo, desc="scans"):
-        summary = scan(args.zoo / "models" / r["name"])
+        summary = scan(args.zoo / "models" / r["name"], shots=16, seed=0)
         if abs(summary["score"] - r["scan"]["score"]) > 1e-3:  # the mask score: the same under any ScanRules
             raise SystemExit(f"{r['name']}: mask score {summary['score']} is not the record's {r['scan']['score']}")
         stored[r["name"]] = summary
