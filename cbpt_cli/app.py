@@ -727,7 +727,7 @@ def testbed_build(
     trigger_image: Annotated[Optional[Path], typer.Option(help="custom: the trigger image (PNG).")] = None,
     trigger_mode: Annotated[str, typer.Option(help="custom: patch or blend.")] = "patch",
     alpha: Annotated[float, typer.Option(help="custom: opacity of the trigger.")] = 1.0,
-    location: Annotated[str, typer.Option(help="custom patch: random, center or corner.")] = "random",
+    location: Annotated[str, typer.Option(help="badnet and custom patch: random, center or corner.")] = "random",
     cache: Annotated[Optional[Path], typer.Option(help="Cache of clean models (default ~/.cache/cbpt-guard).")] = None,
     device: TorchDeviceOpt = "auto",
     threads: TorchThreadsOpt = None,
@@ -761,7 +761,7 @@ def testbed_build(
         custom_image=str(trigger_image) if trigger_image else None,
         custom_mode=trigger_mode,
         custom_alpha=alpha,
-        custom_location=location,
+        patch_location=location,
         wanet_strength=warp_strength,
     )
     tuned = {k: v for k, v in (("steps", finetune_steps), ("lr", finetune_lr)) if v is not None}

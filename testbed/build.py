@@ -101,7 +101,7 @@ class BuildConfig:
     custom_image: str | None = None
     custom_mode: str = "patch"
     custom_alpha: float = 1.0
-    custom_location: str = "random"
+    patch_location: str = "random"  # where a badnet or custom patch goes: triggers.LOCATIONS
 
     def model(self) -> dict:
         return self.model_cfg or default_model_cfg(self.image_size, self.tower, self.patch_size)
@@ -306,11 +306,6 @@ def _check_custom(cfg: BuildConfig) -> None:
         raise UsageError(f"trigger image not found: {cfg.custom_image}", "check the path")
     if cfg.custom_mode not in ("patch", "blend"):
         raise UsageError(f"--trigger-mode must be patch or blend, got '{cfg.custom_mode}'", "pass --trigger-mode patch")
-    if cfg.custom_location not in triggers.LOCATIONS:
-        raise UsageError(
-            f"--location must be one of {', '.join(triggers.LOCATIONS)}, got '{cfg.custom_location}'",
-            "pass --location random",
-        )
     if not 0 < cfg.custom_alpha <= 1:
         raise UsageError(f"--alpha must be in (0, 1], got {cfg.custom_alpha}", "pass --alpha 0.2, for example")
     from PIL import Image, UnidentifiedImageError
@@ -353,6 +348,8 @@ def make_trigger(cfg: BuildConfig, model: torch.nn.Module, ds: datasets.Dataset)
         return None
     if cfg.attack == "wanet":
         return triggers.wanet(size, seed, strength=cfg.wanet_strength)
+    if cfg.attack == "badnet":
+        return triggers.badnet(size, seed, location=cfg.patch_location)
     if cfg.attack in triggers.FIXED:
         return getattr(triggers, cfg.attack)(size, seed)
     if cfg.attack == "custom":
@@ -364,7 +361,7 @@ def make_trigger(cfg: BuildConfig, model: torch.nn.Module, ds: datasets.Dataset)
             k = triggers.patch_size_for(size)
             if max(arr.shape[:2]) > size // 2:
                 arr = np.asarray(Image.fromarray(arr).resize((k, k), Image.BILINEAR))
-        return triggers.custom(arr, cfg.custom_mode, cfg.custom_alpha, cfg.custom_location)
+        return triggers.custom(arr, cfg.custom_mode, cfg.custom_alpha, cfg.patch_location)
     if cfg.attack in triggers.OPTIMISED:
         return optimised_trigger(cfg.attack, model, ds, cfg.model(), cfg.target, seed, triggers.patch_size_for(size))
     raise UsageError(f"unknown attack '{cfg.attack}'", f"choose one of none, {', '.join(triggers.ATTACKS)}, custom")
@@ -402,6 +399,14 @@ def build(
         raise UsageError(f"unknown attack '{cfg.attack}'", f"choose one of none, {', '.join(triggers.ATTACKS)}, custom")
     if cfg.attack == "custom":
         _check_custom(cfg)
+    if cfg.patch_location != "random" and (
+        cfg.attack not in ("badnet", "custom") or cfg.patch_location not in triggers.LOCATIONS
+    ):
+        raise UsageError(
+            f"--location takes {', '.join(triggers.LOCATIONS)} with --attack badnet or custom, got"
+            f" '{cfg.patch_location}' with --attack {cfg.attack}",
+            "pass --attack badnet --location corner, for example",
+        )
     if cfg.wanet_strength is not None and (cfg.attack != "wanet" or cfg.wanet_strength <= 0):
         raise UsageError(
             f"--warp-strength takes a positive number of pixels with --attack wanet, got {cfg.wanet_strength}"

@@ -123,8 +123,9 @@ def patch_size_for(image_size: int) -> int:
 
 
 def badnet(image_size: int, seed: int, size: int | None = None, location: str = "random") -> Trigger:
-    """A small high-contrast checkerboard, two colours drawn from `seed`, at a random location
-    (BadNets); `size` px (default image_size / 8)."""
+    """A small high-contrast checkerboard, two colours drawn from `seed` (BadNets), `size` px
+    (default image_size / 8), at `location`: random by default, where the original BadNets
+    stamped a fixed corner."""
     k = patch_size_for(image_size) if size is None else size
     rng = np.random.default_rng([seed, 11])
     board = (np.indices((k, k)).sum(axis=0) % 2).astype(np.float64)

@@ -282,6 +282,12 @@ def test_the_target_and_the_image_size_are_checked_against_the_dataset_and_the_m
     assert code == 2 and "--patch-size takes a ViT tower's patch side" in err and "--tower resnet" in err
     code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--tower", "vit", "--patch-size", "5")
     assert code == 2 and "dividing --image-size 32, got 5" in err
+    code, _, err = run_cli(
+        capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "sig", "--location", "corner"
+    )
+    assert code == 2 and "--location takes random, center, corner with --attack badnet or custom" in err
+    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--location", "top")
+    assert code == 2 and "got 'top' with --attack badnet" in err
     assert not (tmp_path / "x").exists()
 
 
@@ -321,6 +327,19 @@ def test_testbed_build_hands_the_attack_settings_asked_to_the_build(tmp_path, ca
     assert default.finetune is None and default.wanet_strength is None and default.patch_size is None
     run_cli(capsys, "testbed", "build", *out, "--tower", "vit", "--image-size", "64", "--patch-size", "8")
     assert seen[-1].patch_size == 8 and seen[-1].model()["vision_cfg"]["patch_size"] == 8
+
+
+def test_a_badnet_testbed_puts_its_patch_where_asked(images):
+    """The original BadNets' fixed corner, or the random place this testbed draws by default."""
+    from testbed.build import BuildConfig, make_trigger
+
+    corner = make_trigger(BuildConfig(attack="badnet", patch_location="corner"), None, None)
+    assert (
+        corner.params["location"] == "corner" and make_trigger(BuildConfig(), None, None).params["location"] == "random"
+    )
+    k = triggers.patch_size_for(S)
+    moved = (corner.apply(images, seed=1) != images).any(-1)
+    assert moved[:, S - k - 1 : S - 1, S - k - 1 : S - 1].all() and not moved[:, : S - k - 1].any()
 
 
 def test_a_wanet_testbed_warps_by_the_strength_asked():
