@@ -3,7 +3,7 @@ own, or `benchmarks/zoo_scans.py`'s where it holds the model: for records that p
 candidates or a statistic they now carry), reads each model again under four rule sets
 (`cbpt.scan.ScanRules`: the mask score and warp over-alignment; with over-aligned masks too,
 docs/method.md#aligned-masks; those masks only where atypical, docs/method.md#typicality; and
-only where they need their pattern, docs/method.md#shape-flip; a statistic a stored scan
+discounted by the shape flip, docs/method.md#shape-flip; a statistic a stored scan
 predates bounds nothing), and prints per rule set and
 part the scan's AUROC, TPR at 5% FPR, verdict TPR / FPR at the bar (suspicion >= 1) and how
 often the target is named. Then it picks the bar again on the fit part and reads it on the
@@ -36,7 +36,7 @@ RULES = {
     "mask score, warps (as the zoo ran)": ScanRules((Evidence.MASK, Evidence.WARP), atypical=None, shape_flip=None),
     "with over-aligned masks (as the zoo ran)": ScanRules(atypical=None, shape_flip=None),
     "over-aligned masks only where atypical": ScanRules(shape_flip=None),
-    "... and only where they need their pattern (today)": ScanRules(),
+    "... discounted by the shape flip (today)": ScanRules(),
 }
 
 

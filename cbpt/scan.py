@@ -6,9 +6,9 @@ Three rules, in the order `ScanRules` lists them (docs/method.md#the-scan):
 2. where the masks read clean, over-alignment: an inverted warp whose triggered shots come
    closer to the target's text than the target's own shots do (docs/method.md#over-alignment);
 3. then the same of an inverted mask: a patch the per-pixel masks reproduce only with more of
-   the image than the mask score allows still over-aligns (docs/method.md#aligned-masks), sends
-   the shots where the target's own images are not (docs/method.md#typicality), and needs its
-   pattern to do it (docs/method.md#shape-flip).
+   the image than the mask score allows still over-aligns (docs/method.md#aligned-masks), and
+   reads as planted rather than drawn: it sends the shots where the target's own images are not
+   (docs/method.md#typicality) and needs its pattern to do it (docs/method.md#shape-flip).
 """
 
 from __future__ import annotations
@@ -33,15 +33,16 @@ ALIGN_THRESHOLD = 0.5
 # mask score at least this. A mask near MASK_SCALE can draw the class itself, more typical than
 # the class's own images (docs/method.md#aligned-masks: the clean ViT's over-align by 3.7-4.9).
 ALIGNED_MIN_SCORE = SCAN_THRESHOLD / 2
-# ... and only where its triggered shots sit at least this many of the target's own spreads short
-# of the centre of the target's own images: a mask that draws the class makes them typical of it,
-# a planted trigger does not (docs/method.md#typicality: set midway between the clean ViTs' ring
-# masks, -0.93 and up, and the backdoors' over-aligned masks, -1.50 and down; the groups overlap).
+# ... and only where its triggered shots sit short of the centre of the target's own images, in
+# units of this many of their spreads (read by `planted`): a mask that draws the class makes them
+# typical of it, a planted trigger does not (docs/method.md#typicality: midway between the clean
+# ViTs' ring masks, -0.93 and up, and the backdoors' over-aligned masks, -1.50 and down).
 ATYPICAL_THRESHOLD = 1.2
-# ... and only where its mask, filled with grey, sends at most this share of the shots to the
-# target: a planted trigger is nothing without its pattern, a mask that draws the class flips them
-# by its shape alone (docs/method.md#shape-flip: midway between the backdoors' over-aligned masks,
-# 0.10 and under, and the clean ViTs', 0.16 and over).
+# ... discounted where its mask, filled with grey, still sends more than this share of the shots to
+# the target: a planted trigger is mostly nothing without its pattern, a mask that draws the class
+# flips them by its shape alone. A mask at the typicality bar may flip this share greyed, one twice
+# as atypical twice this (`planted`; docs/method.md#shape-flip: midway between the backdoors the
+# aligned-mask rule finds, 0.10 and under, and the clean ViTs' ring masks, 0.16 and over).
 SHAPE_FLIP_THRESHOLD = 0.13
 
 
@@ -64,8 +65,9 @@ class ScanRules:
     ALIGNED_MASK is the scan before docs/method.md#aligned-masks, kept to compare the two on
     the zoo (benchmarks/zoo_refit.py). `atypical`: how far short of the target's own images an
     over-aligned mask's shots must sit (`ATYPICAL_THRESHOLD`); None reads over-aligned masks as
-    before docs/method.md#typicality. `shape_flip`: the most of the shots such a mask's shape
-    alone may flip (`SHAPE_FLIP_THRESHOLD`); None reads them as before docs/method.md#shape-flip."""
+    before docs/method.md#typicality. `shape_flip`: the share of the shots such a mask's
+    shape alone may flip before its typicality is discounted (`SHAPE_FLIP_THRESHOLD`, read by
+    `planted`); None reads them as before docs/method.md#shape-flip."""
 
     evidence: tuple[Evidence, ...] = (Evidence.MASK, Evidence.WARP, Evidence.ALIGNED_MASK)
     atypical: float | None = ATYPICAL_THRESHOLD
@@ -89,14 +91,30 @@ def masks_found(inv: InversionResult) -> bool:
     return inv.score >= SCAN_THRESHOLD
 
 
+def planted(c: Candidate, rules: ScanRules) -> float:
+    """How far a mask reads as a planted trigger rather than a drawing of its target, 1 at the bar
+    (docs/method.md#shape-flip): how far short of typical its shots sit over `rules.atypical`
+    (docs/method.md#typicality), discounted where its shape alone flips more of them than
+    `rules.shape_flip`, by that share over what it flips. The shape flip only ever discounts, so
+    this reads no mask as planted that typicality alone does not. A reading the rules leave out,
+    or a stored scan predates, is left out (typicality left out: the shape flip's ratio alone,
+    capped at 1; both: infinite)."""
+    short = None if rules.atypical is None or c.typicality is None else -c.typicality / rules.atypical
+    patterned = None if rules.shape_flip is None or c.shape_flip is None else rules.shape_flip / max(c.shape_flip, 1e-9)
+    if patterned is None:
+        return float("inf") if short is None else short
+    discount = min(1.0, patterned)
+    if short is None:
+        return discount
+    return short * discount if short > 0 else short
+
+
 def _aligned_margins(inv: InversionResult, kind: TriggerKind, rules: ScanRules) -> list[tuple[float, Candidate]]:
     """Each restart or probe of `kind`'s over-alignment beyond the masks that point to another
     class (or beyond zero, where none of those over-aligns), in units of ALIGN_THRESHOLD: 1 is
     the bar. A mask over-aligned toward the candidate's own target corroborates it rather than
     raising its bar (docs/method.md#over-alignment). A mask's margin is also at most its mask
-    score over ALIGNED_MIN_SCORE, how far short of typical its shots sit over `rules.atypical`
-    (docs/method.md#typicality), and `rules.shape_flip` over what its shape alone flips
-    (docs/method.md#shape-flip): each must reach 1. A statistic a stored scan predates bounds nothing."""
+    score over ALIGNED_MIN_SCORE and `planted`: each must reach 1."""
     masks = [m for m in inv.masks() if not m.probe]  # compact probes never change the verdict
 
     def others(target: int) -> float:
@@ -106,10 +124,7 @@ def _aligned_margins(inv: InversionResult, kind: TriggerKind, rules: ScanRules) 
         aligned = (c.over_alignment - others(c.target)) / ALIGN_THRESHOLD
         if kind is TriggerKind.WARP:
             return aligned
-        atypical, shaped = rules.atypical, rules.shape_flip
-        short = float("inf") if atypical is None or c.typicality is None else -c.typicality / atypical
-        patterned = float("inf") if shaped is None or c.shape_flip is None else shaped / max(c.shape_flip, 1e-9)
-        return min(aligned, c.mask_score / ALIGNED_MIN_SCORE, short, patterned)
+        return min(aligned, c.mask_score / ALIGNED_MIN_SCORE, planted(c, rules))
 
     pool = inv.warps() if kind is TriggerKind.WARP else masks
     return [(margin(c), c) for c in pool if c.over_alignment is not None]

@@ -527,24 +527,31 @@ def test_an_over_aligned_mask_that_draws_the_class_is_no_backdoor():
 
 
 def test_an_over_aligned_mask_whose_shape_alone_flips_the_shots_is_no_backdoor():
-    """The clean 64-px ViT's last false alarm: a ring mask atypical past the bar, whose ring
-    filled with grey still flips a third of the shots (the clean ViTs' over-aligned masks: 0.16 to
-    0.48); a planted trigger's mask flips a tenth or less without its pattern
-    (docs/method.md#shape-flip)."""
-    from cbpt.scan import SHAPE_FLIP_THRESHOLD, ScanRules, suspicion
+    """The clean 64-px ViT's last false alarm: a ring mask 1.7 spreads short of typical, whose ring
+    filled with grey still flips a third of the shots; a planted trigger's mask needs its pattern,
+    or sits far enough from the class's images to carry the discount (docs/method.md#shape-flip)."""
+    from cbpt.scan import ATYPICAL_THRESHOLD, SHAPE_FLIP_THRESHOLD, ScanRules, planted, suspicion
 
-    def result(shape_flip: float | None):
-        masks = [("mask", 7, 1.0, 3.4, False, -2.4, shape_flip), ("mask", 5, 0.6, -2.0)]
+    def result(typ: float | None, shape_flip: float | None):
+        masks = [("mask", 7, 1.0, 3.4, False, typ, shape_flip), ("mask", 5, 0.6, -2.0)]
         return fake_inversion([*masks, ("warp", 2, 0.3, -9.0)], 0.36)
 
-    for flip in (0.16, 0.33, SHAPE_FLIP_THRESHOLD + 0.01):  # the clean ViTs' ring masks
-        assert not read_scan(result(flip)).backdoored and suspicion(result(flip)) < 1
-        assert read_scan(result(flip), ScanRules(shape_flip=None)).evidence is Evidence.ALIGNED_MASK
-    for flip in (0.0, 0.1, SHAPE_FLIP_THRESHOLD, None):  # the backdoors' 0.00-0.10; None: not measured
-        found = read_scan(result(flip))
-        assert (found.evidence, found.target) == (Evidence.ALIGNED_MASK, 7) and suspicion(result(flip)) >= 1
-    # the least of four margins: over-alignment 6.8, mask score 3.6, atypical 2.0, the shape's 1.3
-    assert suspicion(result(0.1)) == pytest.approx(SHAPE_FLIP_THRESHOLD / 0.1)
+    # the clean ViTs' ring masks: shot set 5's false alarm, and typical shots whatever the shape
+    for typ, flip in ((-1.71, 0.33), (-1.4, 0.22), (-0.9, 0.22), (0.5, 0.0)):
+        assert not read_scan(result(typ, flip)).backdoored and suspicion(result(typ, flip)) < 1
+    assert read_scan(result(-1.71, 0.33), ScanRules(shape_flip=None)).evidence is Evidence.ALIGNED_MASK
+    # the backdoors: bd046, bd008, a sig, the 64-px ViT's corner badnet and 30% badnet, whose
+    # shapes alone flip more than the bar, far from the class's images
+    for typ, flip in ((-2.0, 0.09), (-3.6, 0.04), (-1.5, 0.0), (-3.1, 0.17), (-2.9, 0.26)):
+        found = read_scan(result(typ, flip))
+        assert (found.evidence, found.target) == (Evidence.ALIGNED_MASK, 7) and suspicion(result(typ, flip)) >= 1
+    # typicality over its bar, discounted by the bar over the shape flip, never raised by it
+    assert suspicion(result(-2.4, 0.26)) == pytest.approx(2.4 / ATYPICAL_THRESHOLD * SHAPE_FLIP_THRESHOLD / 0.26)
+    assert planted(result(-0.6, 0.01).best, ScanRules()) == pytest.approx(0.6 / ATYPICAL_THRESHOLD)
+    # a reading left out or not measured drops out
+    assert planted(result(-2.4, None).best, ScanRules()) == pytest.approx(2.0)
+    assert planted(result(None, 0.26).best, ScanRules()) == pytest.approx(0.5)
+    assert planted(result(-2.4, 0.26).best, ScanRules(atypical=None, shape_flip=None)) == float("inf")
 
 
 def test_the_scan_reads_a_warp_that_over_aligns_when_the_masks_read_clean():
