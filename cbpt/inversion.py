@@ -272,8 +272,10 @@ def _one_restart(
         trigger, size = build()
         feats = encoder.all(pixels, view=lambda x, _rows: trigger.apply(x))
         final = float(contrastive_inversion_loss(feats, clean, cfg.tau)) + cfg.lam * float(size)
-        grey = trigger.greyed() if trigger.kind is TriggerKind.MASK else None
-        greyed = None if grey is None else encoder.all(pixels, view=lambda x, _rows: grey.apply(x))
+        greyed = None
+        if trigger.kind is TriggerKind.MASK:  # a warp has no shape to grey
+            grey = trigger.greyed()
+            greyed = encoder.all(pixels, view=lambda x, _rows: grey.apply(x))
     return _Restart(trigger, final, history, feats, greyed)
 
 

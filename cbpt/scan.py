@@ -137,7 +137,7 @@ def over_aligned(inv: InversionResult, kind: TriggerKind, rules: ScanRules) -> l
     return [c for c in found if c.target == found[0].target]
 
 
-def _margin(inv: InversionResult, evidence: Evidence, rules: ScanRules) -> float:
+def evidence_margin(inv: InversionResult, evidence: Evidence, rules: ScanRules) -> float:
     """How far `evidence` goes toward its bar: at least 1 exactly where it shows a backdoor."""
     if evidence is Evidence.MASK:
         return inv.score / SCAN_THRESHOLD
@@ -149,7 +149,7 @@ def suspicion(inv: InversionResult, rules: ScanRules = ScanRules()) -> float:
     and the best over-alignment margins (warps, masks) over ALIGN_THRESHOLD. It is at least 1
     exactly where `read_scan` finds a backdoor, so a threshold on it is the verdict's ROC
     (docs/method.md#suspicion)."""
-    return max(_margin(inv, e, rules) for e in rules.evidence)
+    return max(evidence_margin(inv, e, rules) for e in rules.evidence)
 
 
 def read_scan(inv: InversionResult, rules: ScanRules = ScanRules()) -> Verdict:
