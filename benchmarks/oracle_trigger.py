@@ -49,6 +49,7 @@ from cbpt.purify import (
     calibration_features,
     plan_tuning,
     route_for,
+    served_by,
     tune_prompts,
     tuning_data,
 )
@@ -236,8 +237,9 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict) ->
             acceptance=replace(plan.acceptance, clean_tolerance=tol),
         )
         data = tuning_data(clip, shots, p.triggers, p.tuning, original)
-        result = tune_prompts(clip, shots.classnames, data, p.tuning, p.acceptance)
-        route = None if result.kept_original else route_for(data, calibration_features(data), cfg.routed_share, p)
+        route = route_for(data, calibration_features(data), cfg.routed_share, p)
+        result = tune_prompts(clip, shots.classnames, served_by(data, route), p.tuning, p.acceptance)
+        route = None if result.kept_original else route
         chosen = result.chosen
         row = scored(result.text_features, route) | {"rung": chosen.rung.index, "step": chosen.step}
         return result.text_features, row | {"triggers": len(triggers)}

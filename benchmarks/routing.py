@@ -28,6 +28,7 @@ from cbpt.purify import (
     original_head,
     plan_tuning,
     route_for,
+    served_by,
     tune_prompts,
     tuning_data,
 )
@@ -55,11 +56,12 @@ def measure(tb: Path) -> dict:
     if plan.mode == "skipped":
         return {**out, "kept_original": True, "seconds": round(time.perf_counter() - t0, 1)}
     data = tuning_data(clip, shots, plan.triggers, plan.tuning, original)
-    result = tune_prompts(clip, shots.classnames, data, plan.tuning, plan.acceptance)
+    calibration = calibration_features(data)
+    served = served_by(data, route_for(data, calibration, cfg.routed_share, plan))  # tuned as purify tunes
+    result = tune_prompts(clip, shots.classnames, served, plan.tuning, plan.acceptance)
     head = result.text_features[rows]
     plain = score_head(feats, head)
     out |= {"kept_original": result.kept_original, "ca_plain": plain.ca, "asr_plain": _asr(feats, plain.asr)}
-    calibration = calibration_features(data)
     clean = feats.clean.float().numpy()
     triggered = None if feats.triggered is None else feats.triggered.float().numpy()
     for share in SHARES:

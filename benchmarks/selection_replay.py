@@ -46,6 +46,7 @@ from cbpt.scan import read_scan
 from cbpt.tuning import (
     Acceptance,
     CautiousAcceptance,
+    CleanFigures,
     Climb,
     Copies,
     FullAcceptance,
@@ -54,6 +55,7 @@ from cbpt.tuning import (
     Ladder,
     Rung,
     RungSearch,
+    ServedReading,
     Tuner,
     TuningConfig,
     TuningData,
@@ -79,8 +81,8 @@ class KeptTies(Judging):
 
 @dataclass(frozen=True)
 class Rule:
-    """A selection replayed: the tuning settings it reads (judging, acceptance, ladder), and
-    what cautious mode may do (docs/method.md#cautious-mode)."""
+    """A selection replayed: the tuning settings it reads (judging, acceptance, ladder, how the
+    held-out clean shots are read), and what cautious mode may do (docs/method.md#cautious-mode)."""
 
     tuning: TuningConfig = field(default_factory=TuningConfig)
     min_gain: float = CautiousAcceptance.min_gain
@@ -88,30 +90,47 @@ class Rule:
     # a stronger rung's checkpoints are held to the ladder's floor alone, not also to the
     # acceptance's tolerance against the original head (which leaves the allowance no room)
     floor_decides: bool = False
-    # the held-out clean figures of the head as served: the tuned embeddings where the route sends
-    # a shot, the original ones elsewhere (records made before hold only the tuned embeddings')
-    served: bool = False
     # the held-out clean accuracy may always lose one image (`cbpt.tuning.clean_kept`); False: only
     # the tolerance as configured (1.5 points: none of 40)
     whole_images: bool = True
 
 
+# the held-out clean shots read with the tuned embeddings answering all of them: purify's reading
+# before docs/method.md#served-reading, and the one every rule below it varies
+EVERYWHERE = TuningConfig(served=None)
+
+
 def _judged(**kw) -> Rule:
-    return Rule(TuningConfig(judging=Judging(**kw)))
+    return Rule(replace(EVERYWHERE, judging=Judging(**kw)))
 
 
 def _laddered(**kw) -> Rule:
-    return Rule(TuningConfig(ladder=Ladder(**kw)))
+    return Rule(replace(EVERYWHERE, ladder=Ladder(**kw)))
+
+
+def _read(**kw) -> Rule:
+    return Rule(replace(EVERYWHERE, **kw))
+
+
+def _served(slack: float) -> Rule:
+    return Rule(TuningConfig(served=ServedReading(slack)))
 
 
 RULES: dict[str, Rule] = {
-    "today": Rule(),  # what purify does (docs/method.md#judging)
-    # the held-out clean shots read as the routed head serves them (docs/results.md#judged-as-served)
-    "served": Rule(served=True),
-    "served-no-spare-image": Rule(served=True, whole_images=False),
-    "no-spare-image": Rule(whole_images=False),
+    "today": Rule(),  # what purify does (docs/method.md#judging, #served-reading)
+    # the reading before: the tuned embeddings answer every held-out clean shot (docs/results.md's
+    # tables before #served-reading call it "today")
+    "everywhere": Rule(EVERYWHERE),
+    # read as the routed head serves them (docs/results.md#judged-as-served) with no cap on the
+    # tuned embeddings read everywhere, or capped at the tolerance plus 2.5, 7.5 or 10 points
+    "served": _served(1.0),
+    "served-capped2.5": _served(0.025),
+    "served-capped7.5": _served(0.075),
+    "served-capped10": _served(0.10),
+    "served-no-spare-image": replace(_served(1.0), whole_images=False),
+    "no-spare-image": Rule(EVERYWHERE, whole_images=False),
     # the held-out clean accuracy's tolerance as the one image K = 16 allows (2.5 points), at any K
-    "tolerance2.5": Rule(TuningConfig(clean_tolerance=0.025)),
+    "tolerance2.5": _read(clean_tolerance=0.025),
     "as-found": _judged(beyond=(), by_reach=False),  # the rule before judging (4210b3a)
     "by-reach": _judged(beyond=()),
     "beyond1.25": _judged(beyond=(1.25,), by_reach=False),
@@ -124,21 +143,21 @@ RULES: dict[str, Rule] = {
     "found-rank-beyond1.5": _judged(beyond=(1.5,), rank_beyond=False),
     "found-rank-beyond2": _judged(beyond=(2.0,), rank_beyond=False),
     # ties in the share reaching the target go to the checkpoint whose clean decisions moved least
-    "kept-ties": Rule(TuningConfig(judging=KeptTies())),
+    "kept-ties": _read(judging=KeptTies()),
     # the ladder's clean-accuracy allowance for a stronger rung: half, none
     "allowance1.5": _laddered(allowance=0.015),
     "allowance0": _laddered(allowance=0.0),
     # climb while any held-out copy still reaches the target
     "settle-at-0": _laddered(target_rate=0.0),
     # held-out decisions may move at most this far (docs/method.md#acceptance)
-    "klcap0.05": Rule(TuningConfig(max_clean_kl=0.05)),
-    "klcap0.1": Rule(TuningConfig(max_clean_kl=0.1)),
+    "klcap0.05": _read(max_clean_kl=0.05),
+    "klcap0.1": _read(max_clean_kl=0.1),
     # a model the scan reads clean: a smaller gain on the held-out triggered shots lets a tuned
     # head in; or the ladder climbed as for a found backdoor
-    "cautious-gain0.1": Rule(min_gain=0.1),
-    "cautious-ladder": Rule(cautious_ladder=True),
-    "cautious-ladder-gain0.1": Rule(min_gain=0.1, cautious_ladder=True),
-    "floor-decides": Rule(floor_decides=True),
+    "cautious-gain0.1": Rule(EVERYWHERE, min_gain=0.1),
+    "cautious-ladder": Rule(EVERYWHERE, cautious_ladder=True),
+    "cautious-ladder-gain0.1": Rule(EVERYWHERE, min_gain=0.1, cautious_ladder=True),
+    "floor-decides": Rule(EVERYWHERE, floor_decides=True),
 }
 
 
@@ -146,9 +165,9 @@ def _figures(
     g: torch.Tensor, held: FeatureCache, original: torch.Tensor, scale: float, routed: torch.Tensor | None = None
 ) -> dict:
     """One evaluation of the head `g` on the held-out cache (`cbpt.tuning.evaluate`), per strength
-    of its copies, read with the tuned embeddings everywhere as `tune` reads it; with `routed` ([N]
+    of its copies, with the tuned embeddings answering everywhere; with `routed` ([N]
     bool over the held-out clean shots), also the clean figures of the head as served (`served`)."""
-    e = evaluate(held, g, original, scale)
+    e = evaluate(held, g, original, scale, routed)
     out = {
         "clean_acc": e.clean_acc,
         "clean_count": e.clean_count,
@@ -156,9 +175,8 @@ def _figures(
         "clean_kl": e.clean_kl,
         "copies": [asdict(c) for c in e.copies],
     }
-    if routed is not None:
-        s = evaluate(held, g, original, scale, routed)
-        out["served"] = {"clean_acc": s.clean_acc, "clean_loss": s.clean_loss, "clean_kl": s.clean_kl}
+    if e.served is not None:
+        out["served"] = {"clean_acc": e.served.acc, "clean_loss": e.served.loss, "clean_kl": e.served.kl}
     return out
 
 
@@ -234,9 +252,17 @@ def _held_out(e: dict, judging: Judging, alpha: float, rule: Rule) -> HeldOut:
     """A recorded evaluation as the selection under `rule` reads it."""
     strengths = (1.0, *judging.beyond)
     copies = [Copies(**c) for c in e["copies"] if c["strength"] in strengths]
-    clean = e | e["served"] if rule.served and "served" in e else e
+    everywhere = CleanFigures(e["clean_acc"], e["clean_loss"], e["clean_kl"])
+    # records made before the served figures were stored hold only the tuned embeddings' reading;
+    # the first that stored them hold the served accuracy and KL, not the loss
+    as_served = e | e["served"] if "served" in e else None
+    served = (
+        None if as_served is None else CleanFigures(*(as_served[k] for k in ("clean_acc", "clean_loss", "clean_kl")))
+    )
+    reading = rule.tuning.served
+    clean = everywhere if reading is None else reading.read(everywhere, served)
     count = e["clean_count"] if rule.whole_images else 0
-    return Judging.read(clean["clean_acc"], clean["clean_loss"], clean["clean_kl"], count, copies, alpha)
+    return Judging.read(clean.acc, clean.loss, clean.kl, count, copies, alpha)
 
 
 def replay(rec: dict, rule: Rule = Rule()) -> dict:

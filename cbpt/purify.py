@@ -148,6 +148,16 @@ def route_for(data: TuningData, calibration: torch.Tensor, share: float, plan: T
     return calibrate_route(clean, centroids, share, original, targets)
 
 
+def served_by(data: TuningData, route: Route | None) -> TuningData:
+    """`data` with the held-out clean shots `route` sends to the tuned embeddings marked, so
+    checkpoints are judged as the head will be served (docs/method.md#served-reading). Nothing
+    held out, or no route (the tuned embeddings answer everywhere): `data` as it is."""
+    if data.held_out is None or route is None:
+        return data
+    rows = route.routed(data.held_out.clean.float().cpu().numpy())
+    return replace(data, served=torch.from_numpy(rows).to(data.held_out.clean.device))
+
+
 def alarm_centres(inversion: InversionResult, verdict: Verdict, data: TuningData | None) -> torch.Tensor:
     """[K, D] where triggered images land (docs/method.md#trigger-alarm): the best mask's mean
     triggered feature, and where the scan found a backdoor, the mean triggered feature of every
@@ -206,6 +216,9 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
             alarm_centres=centres,
         )
     data = tuning_data(clip, shots, plan.triggers, plan.tuning, original)
+    calibration = calibration_features(data)
+    route = route_for(data, calibration, cfg.routed_share, plan)
+    data = served_by(data, route)
     t2 = time.perf_counter()
     result = tune_prompts(
         clip,
@@ -216,7 +229,6 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
         (lambda d, t: progress("tune", d, t)) if progress else None,
     )
     t3 = time.perf_counter()
-    calibration = calibration_features(data)
     centres = alarm_centres(inversion, verdict, data)
     return Purified(
         **done,
@@ -233,5 +245,5 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
         },
         alarm=alarm_threshold(calibration, centres),
         alarm_centres=centres,
-        route=None if result.kept_original else route_for(data, calibration, cfg.routed_share, plan),
+        route=None if result.kept_original else route,
     )

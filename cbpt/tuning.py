@@ -94,6 +94,36 @@ class Copies:
 
 
 @dataclass(frozen=True)
+class CleanFigures:
+    """A head's clean figures on the held-out shots, read one way (`ServedReading`)."""
+
+    acc: float
+    loss: float  # mean cross-entropy
+    kl: float  # mean KL of the original head's decisions to this one's
+
+
+@dataclass(frozen=True)
+class ServedReading:
+    """How a checkpoint's held-out clean accuracy is read (docs/method.md#served-reading).
+
+    Purify ships a routed head: the tuned embeddings answer only for the images the route sends
+    them. Read with the tuned embeddings answering everywhere, a stronger rung is charged for
+    held-out shots it will never answer, and the first rung is kept where the backdoor is not
+    settled (the 32-px ViT's sig). Read as served alone, it is charged only for the few shots the
+    route sends it (about a fifth of the held-out set), too few to see what it costs the test
+    images it will answer. So: as served, and the tuned embeddings read everywhere may lose at
+    most `slack` more than the tolerance."""
+
+    slack: float = 0.05
+
+    def read(self, everywhere: CleanFigures, served: CleanFigures | None) -> CleanFigures:
+        """The figures the acceptance and the ladder judge (`served` None: no route, `everywhere`)."""
+        if served is None:
+            return everywhere
+        return replace(served, acc=min(served.acc, everywhere.acc + self.slack))
+
+
+@dataclass(frozen=True)
 class Judging:
     """How the held-out triggered copies judge a checkpoint (docs/method.md#judging).
 
@@ -290,6 +320,8 @@ class TuningConfig:
     eval_every: int = 10
     patience: int = 10  # evaluations without held-out improvement before a rung stops
     clean_tolerance: float = 0.015  # held-out clean accuracy a checkpoint may lose
+    # as the routed head serves the held-out shots (None: the tuned embeddings answering all)
+    served: ServedReading | None = field(default_factory=ServedReading)
     max_clean_kl: float | None = None  # how far held-out decisions may move (None: no cap; docs/method.md#acceptance)
     ladder: Ladder = field(default_factory=Ladder)
     classes: ClassSchedule = field(default_factory=ClassSchedule)
@@ -314,6 +346,9 @@ class TuningData:
     held_out: FeatureCache | None  # early stopping and escalation; None: none were held out
     original: torch.Tensor  # [C, D] the original prompts' head: the keep-close anchor
     scale: float  # the model's logit scale
+    # [N] bool over `held_out.clean`: the shots the route sends to the tuned embeddings (None: no
+    # route, they answer for every image; `cbpt.purify.route_for`)
+    served: torch.Tensor | None = None
 
 
 @dataclass
@@ -414,12 +449,17 @@ def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 class Evaluation:
     """A head's raw figures on a feature cache, before `Judging` reads them."""
 
-    clean_acc: float
+    clean_acc: float  # the tuned embeddings answering for every clean image
     clean_loss: float  # mean
     clean_kl: float  # mean KL of the original head's decisions to this one's
     clean_count: int
     copies: list[Copies]  # one per strength of the triggered copies (none: no triggered copies)
     wrong: torch.Tensor  # [C] images of other classes each class took (clean and as-found copies)
+    served: CleanFigures | None = None  # the head as served (`evaluate(served=...)`), None: not asked
+
+    @property
+    def everywhere(self) -> CleanFigures:
+        return CleanFigures(self.clean_acc, self.clean_loss, self.clean_kl)
 
 
 @torch.no_grad()
@@ -427,20 +467,25 @@ def evaluate(
     d: FeatureCache, g: torch.Tensor, original: torch.Tensor, scale: float, served: torch.Tensor | None = None
 ) -> Evaluation:
     """The head `g` on the cache `d`, `EVAL_ROWS` image features at a time. With `served` ([N]
-    bool over `d.clean`: the rows a route sends to `g`), the clean figures are those of the head
-    as served, `g` on those rows and `original` on the others; `wrong` counts `g`'s own decisions.
-    `tune` reads them with `g` everywhere (docs/results.md#judged-as-served)."""
+    bool over `d.clean`: the rows a route sends to `g`), also the clean figures of the head as
+    served, `g` on those rows and `original` on the others (`Evaluation.served`); `wrong` counts
+    `g`'s own decisions (docs/method.md#served-reading)."""
     wrong = torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
     c, kl, right = 0.0, 0.0, 0
+    sc, skl, sright = 0.0, 0.0, 0
     for i in range(0, d.clean.shape[0], EVAL_ROWS):
         f, y = d.clean[i : i + EVAL_ROWS], d.clean_labels[i : i + EVAL_ROWS]
         tuned, kept = class_logits(f, g, scale), class_logits(f, original, scale)
-        answer = tuned if served is None else torch.where(served[i : i + EVAL_ROWS, None], tuned, kept)
-        c += float(F.cross_entropy(answer, y, reduction="sum"))
-        kl += float(decision_kl(answer, kept, reduction="sum"))
-        right += int((answer.argmax(1) == y).sum())
+        c += float(F.cross_entropy(tuned, y, reduction="sum"))
+        kl += float(decision_kl(tuned, kept, reduction="sum"))
         pred = tuned.argmax(1)
+        right += int((pred == y).sum())
         wrong += torch.bincount(pred[pred != y], minlength=g.shape[0])
+        if served is not None:
+            answer = torch.where(served[i : i + EVAL_ROWS, None], tuned, kept)
+            sc += float(F.cross_entropy(answer, y, reduction="sum"))
+            skl += float(decision_kl(answer, kept, reduction="sum"))
+            sright += int((answer.argmax(1) == y).sum())
     n = d.clean.shape[0]
     copies = []
     for strength, rows in d.strength_groups() if len(d.triggered) else []:
@@ -455,7 +500,8 @@ def evaluate(
             if strength == 1.0:  # the copies as found: those further out are not images
                 wrong += torch.bincount(pred[pred != y], minlength=g.shape[0])
         copies.append(Copies(strength, rows.numel(), home, reached, t))
-    return Evaluation(right / n, c / n, kl / n, n, copies, wrong)
+    as_served = None if served is None else CleanFigures(sright / n, sc / n, skl / n)
+    return Evaluation(right / n, c / n, kl / n, n, copies, wrong, as_served)
 
 
 class Tuner:
@@ -472,11 +518,14 @@ class Tuner:
     def validate(self, g: torch.Tensor, alpha: float) -> HeldOut:
         """The head `g` on the held-out shots (`evaluate`); also tells the class picker which
         classes took the most images of others."""
-        e = evaluate(self.check, g, self.data.original, self.data.scale)
+        reading = self.cfg.served
+        served = self.data.served if reading is not None and self.check is self.data.held_out else None
+        e = evaluate(self.check, g, self.data.original, self.data.scale, served)
         self.picker.confused(e.wrong)
+        clean = e.everywhere if reading is None else reading.read(e.everywhere, e.served)
         if not e.copies:
-            return HeldOut(e.clean_acc, 0.0, e.clean_loss, e.clean_kl, clean_count=e.clean_count)
-        return Judging.read(e.clean_acc, e.clean_loss, e.clean_kl, e.clean_count, e.copies, alpha)
+            return HeldOut(clean.acc, 0.0, clean.loss, clean.kl, clean_count=e.clean_count)
+        return Judging.read(clean.acc, clean.loss, clean.kl, e.clean_count, e.copies, alpha)
 
     def loss(self, g: torch.Tensor, rung: Rung, classes: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The step's loss on the shots of `classes` (all of them when the schedule covers

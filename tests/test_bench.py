@@ -182,8 +182,8 @@ def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
         0,
         torch.tensor([1.0] * 4 + [1.5] * 4),
     )
-    data = TuningData(backdoored_features(g0, 4, 0), held, g0, clip.logit_scale)
     routed = torch.tensor([True, False] * 3)  # the route serves half the held-out clean shots
+    data = TuningData(backdoored_features(g0, 4, 0), held, g0, clip.logit_scale, routed)
     ladder = Ladder(rungs=((1.0, 3.0),), target_rate=0.0)  # always climbs: both rungs are weighed
     for judging in (Judging(beyond=(), by_reach=False), Judging(beyond=(1.5,)), replay.KeptTies()):
         cfg = TuningConfig(steps=30, eval_every=10, patience=1, alpha=0.0, ladder=ladder, judging=judging)
@@ -202,11 +202,14 @@ def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
         assert [len(t) for t in rec["trajectories"]] == [3, 3]  # every rung to its end, no early stop
         again = replay.replay(rec, replay.Rule(cfg))
         assert (again["rung"], again["step"]) == (kept.chosen.rung.index, kept.chosen.step)
-    # the records hold both readings; the `served` rule reads the head as served, the others not
+    # the records hold both readings; purify's and the `served` rule read the head as served (the
+    # accuracy capped by the tuned embeddings' everywhere reading), `everywhere` the tuned embeddings'
     late = rec["trajectories"][1][-1]
     assert late["served"]["clean_kl"] < late["clean_kl"]
-    served, tuned = (replay._held_out(late, cfg.judging, 1.0, r) for r in (replay.RULES["served"], replay.Rule()))
-    assert served.clean_kl == late["served"]["clean_kl"] and tuned.clean_kl == late["clean_kl"]
+    read = {r: replay._held_out(late, cfg.judging, 1.0, replay.RULES[r]) for r in ("served", "today", "everywhere")}
+    assert read["served"].clean_kl == read["today"].clean_kl == late["served"]["clean_kl"]
+    assert read["everywhere"].clean_kl == late["clean_kl"]
+    assert read["today"].clean_acc == min(late["served"]["clean_acc"], late["clean_acc"] + 0.05)
 
 
 def test_the_selection_oracle_keeps_the_lowest_asr_within_two_ca_points():

@@ -965,29 +965,75 @@ def test_a_planted_patch_needs_its_pattern_and_a_drawn_shape_does_not():
     assert shape_flips[False] < SHAPE_FLIP_THRESHOLD / 2 and shape_flips[True] > 0.5
 
 
-def test_held_out_clean_shots_are_read_through_the_route_as_the_head_is_served():
-    """A head that would lose a clean shot the route leaves to the original embeddings is not
-    charged for it; one routed to it is (docs/method.md#acceptance)."""
+def _swapped_head_on_four_shots():
+    """Three classes, four held-out clean shots, and a tuned head with dog and bird swapped."""
     import torch.nn.functional as F
 
     from cbpt.features import FeatureCache
-    from cbpt.tuning import evaluate
 
     original = torch.eye(3)
     clean = F.normalize(torch.tensor([[1.0, 0.1, 0.0], [0.1, 1.0, 0.0], [0.0, 0.1, 1.0], [0.0, 1.0, 0.1]]), dim=-1)
     none = torch.zeros(0)
     held = FeatureCache(clean, torch.tensor([0, 1, 2, 1]), torch.zeros(0, 3), none, none, original, 0)
-    tuned = original[[0, 2, 1]]  # dog and bird swapped: every dog and bird shot lost
+    return held, original[[0, 2, 1]], original  # every dog and bird shot lost by the tuned head
+
+
+def test_held_out_clean_shots_are_read_through_the_route_as_the_head_is_served():
+    """A head that would lose a clean shot the route leaves to the original embeddings is not
+    charged for it; one routed to it is (docs/method.md#served-reading)."""
+    from cbpt.tuning import evaluate
+
+    held, tuned, original = _swapped_head_on_four_shots()
     everywhere = evaluate(held, tuned, original, 10.0)
-    assert everywhere.clean_acc == 0.25 and everywhere.clean_kl > 1
+    assert everywhere.clean_acc == 0.25 and everywhere.clean_kl > 1 and everywhere.served is None
     routed = torch.tensor([True, False, True, False])  # the bird shot is the one the tuned head answers
-    served = evaluate(held, tuned, original, 10.0, routed)
-    assert served.clean_acc == 0.75
+    e = evaluate(held, tuned, original, 10.0, routed)
+    assert e.everywhere == everywhere.everywhere  # the tuned embeddings' own reading is kept beside
+    assert e.served.acc == 0.75
     # the decisions moved on the routed bird shot alone, one of the three shots the swap moves
-    assert served.clean_kl == pytest.approx(everywhere.clean_kl / 3, rel=0.05)
-    assert evaluate(held, tuned, original, 10.0, torch.zeros(4, dtype=torch.bool)).clean_kl == 0
+    assert e.served.kl == pytest.approx(everywhere.clean_kl / 3, rel=0.05)
+    assert evaluate(held, tuned, original, 10.0, torch.zeros(4, dtype=torch.bool)).served.kl == 0
     # what the class picker sees stays the tuned head's own confusions
-    assert served.wrong.tolist() == everywhere.wrong.tolist()
+    assert e.wrong.tolist() == everywhere.wrong.tolist()
+
+
+def test_the_served_reading_lets_the_tuned_embeddings_lose_at_most_its_slack_more_everywhere():
+    """As served the swapped head loses one shot of four; read everywhere it loses three. The
+    reading judges the served figures, but never more than `slack` above the everywhere accuracy."""
+    from cbpt.tuning import CleanFigures, ServedReading, evaluate
+
+    held, tuned, original = _swapped_head_on_four_shots()
+    e = evaluate(held, tuned, original, 10.0, torch.tensor([True, False, True, False]))
+    capped = ServedReading(slack=0.05).read(e.everywhere, e.served)
+    assert capped.acc == pytest.approx(0.30) and capped.kl == e.served.kl and capped.loss == e.served.loss
+    assert ServedReading(slack=1.0).read(e.everywhere, e.served).acc == 0.75  # uncapped: as served
+    assert ServedReading().read(e.everywhere, None) == e.everywhere  # no route: the tuned embeddings'
+    mild = CleanFigures(acc=0.90, loss=0.3, kl=0.01)
+    assert ServedReading().read(mild, CleanFigures(0.92, 0.2, 0.005)).acc == 0.92  # within the slack
+
+
+def test_purify_judges_held_out_shots_through_the_route_it_ships():
+    """`served_by` marks exactly the held-out clean shots the shipped route sends to the tuned
+    embeddings; with no route, or nothing held out, the data is left as it is."""
+    import numpy as np
+
+    from cbpt.features import FeatureCache
+    from cbpt.purify import served_by
+    from cbpt.tuning import TuningData
+    from cbpt_guard.routing import calibrate_route
+
+    g = torch.Generator().manual_seed(0)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1)  # noqa: E731
+    none = torch.zeros(0)
+    cache = FeatureCache(unit(40), torch.arange(40) % 4, torch.zeros(0, 8), none, none, unit(2), 0)
+    held = FeatureCache(unit(20), torch.arange(20) % 4, torch.zeros(0, 8), none, none, cache.centroids, 0)
+    original = unit(4)
+    route = calibrate_route(cache.clean.numpy(), cache.centroids.numpy(), 0.2, original.numpy(), [1])
+    data = served_by(TuningData(cache, held, original, 10.0), route)
+    expected = route.routed(held.clean.numpy())
+    assert 0 < expected.sum() < 20 and np.array_equal(data.served.numpy(), expected)
+    assert served_by(TuningData(cache, held, original, 10.0), None).served is None
+    assert served_by(TuningData(cache, None, original, 10.0), route).served is None
 
 
 def test_a_kl_cap_refuses_checkpoints_whose_held_out_decisions_moved_too_far():
