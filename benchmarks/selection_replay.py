@@ -128,6 +128,12 @@ RULES: dict[str, Rule] = {
     "served-capped7.5": _served(0.075),
     "served-capped10": _served(0.10),
     "served-no-spare-image": replace(_served(1.0), whole_images=False),
+    # today's reading with the copies judged further out, the ladder climbing while any copy reaches
+    # the target, or half the allowance (docs/results.md#served-reading)
+    "today-beyond1.5": Rule(TuningConfig(judging=Judging(beyond=(1.5,)))),
+    "today-beyond2": Rule(TuningConfig(judging=Judging(beyond=(2.0,)))),
+    "today-settle-at-0": Rule(TuningConfig(ladder=Ladder(target_rate=0.0))),
+    "today-allowance1.5": Rule(TuningConfig(ladder=Ladder(allowance=0.015))),
     "no-spare-image": Rule(EVERYWHERE, whole_images=False),
     # the held-out clean accuracy's tolerance as the one image K = 16 allows (2.5 points), at any K
     "tolerance2.5": _read(clean_tolerance=0.025),
