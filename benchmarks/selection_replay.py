@@ -87,6 +87,8 @@ class Rule:
     tuning: TuningConfig = field(default_factory=TuningConfig)
     min_gain: float = CautiousAcceptance.min_gain
     cautious_ladder: bool = False  # cautious mode climbs the ladder too (where its rungs were recorded)
+    # cautious mode reads the held-out clean shots as `tuning.served` says too (purify: on every shot)
+    cautious_served: bool = False
     # a stronger rung's checkpoints are held to the ladder's floor alone, not also to the
     # acceptance's tolerance against the original head (which leaves the allowance no room)
     floor_decides: bool = False
@@ -112,8 +114,8 @@ def _read(**kw) -> Rule:
     return Rule(replace(EVERYWHERE, **kw))
 
 
-def _served(slack: float) -> Rule:
-    return Rule(TuningConfig(served=ServedReading(slack)))
+def _served(slack: float, cautious: bool = False) -> Rule:
+    return Rule(TuningConfig(served=ServedReading(slack)), cautious_served=cautious)
 
 
 RULES: dict[str, Rule] = {
@@ -121,13 +123,15 @@ RULES: dict[str, Rule] = {
     # the reading before: the tuned embeddings answer every held-out clean shot (docs/results.md's
     # tables before #served-reading call it "today")
     "everywhere": Rule(EVERYWHERE),
-    # read as the routed head serves them (docs/results.md#judged-as-served) with no cap on the
-    # tuned embeddings read everywhere, or capped at the tolerance plus 2.5, 7.5 or 10 points
-    "served": _served(1.0),
+    # read as the routed head serves them (docs/results.md#judged-as-served), in cautious mode too,
+    # with no cap on the tuned embeddings read everywhere; or, as purify reads, capped at the
+    # tolerance plus 2.5, 7.5 or 10 points, in cautious mode too or not
+    "served": _served(1.0, cautious=True),
+    "served-no-spare-image": replace(_served(1.0, cautious=True), whole_images=False),
     "served-capped2.5": _served(0.025),
     "served-capped7.5": _served(0.075),
     "served-capped10": _served(0.10),
-    "served-no-spare-image": replace(_served(1.0), whole_images=False),
+    "served-capped5-cautious": _served(0.05, cautious=True),  # purify's reading in its first version
     # today's reading with the copies judged further out, the ladder climbing while any copy reaches
     # the target, or half the allowance (docs/results.md#served-reading)
     "today-beyond1.5": Rule(TuningConfig(judging=Judging(beyond=(1.5,)))),
@@ -279,6 +283,8 @@ def replay(rec: dict, rule: Rule = Rule()) -> dict:
     judging, tol, kl = cfg.judging, cfg.clean_tolerance, cfg.max_clean_kl
     acceptance = CautiousAcceptance(tol, rule.min_gain, kl) if cautious else FullAcceptance(tol, kl)
     ladder = Ladder.off() if cautious and not rule.cautious_ladder else cfg.ladder
+    if cautious and not rule.cautious_served:  # as `cbpt.purify.plan_tuning` plans cautious mode
+        rule = replace(rule, tuning=replace(cfg, served=None))
     original = _held_out(rec["original"], judging, cfg.alpha, rule)
     climb = Climb(ladder, original, tol)
     for i, (alpha, margin) in enumerate(rec["rungs"][: 1 + len(ladder.rungs)]):

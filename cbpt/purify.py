@@ -67,8 +67,10 @@ def plan_tuning(verdict: Verdict, inversion: InversionResult, cfg: PurifyConfig,
     """A found backdoor is tuned against the triggers that showed it, each aimed at its target;
     a model that reads clean (tuned cautiously, or with --force) against every restart but the
     probes, each at its own target. A model that reads clean is never escalated: a natural
-    feature keeps held-out shots at its class whatever the strength. With no held-out shots the
-    schedule is `TuningConfig.unchecked`'s."""
+    feature keeps held-out shots at its class whatever the strength; and its checkpoints are
+    judged on every held-out shot, not as served (docs/method.md#served-reading: read as served,
+    a clean model's tuned head lost 4.9 CA points). With no held-out shots the schedule is
+    `TuningConfig.unchecked`'s."""
     tol, kl = cfg.tuning.clean_tolerance, cfg.tuning.max_clean_kl
     tuning = cfg.tuning if held_out else cfg.tuning.unchecked(cfg.budget.tuning())
     suspected = verdict.backdoored or cfg.force
@@ -78,7 +80,8 @@ def plan_tuning(verdict: Verdict, inversion: InversionResult, cfg: PurifyConfig,
     if suspected:
         return TuningPlan(TuningMode.FULL, triggers, FullAcceptance(tol, kl), tuning)
     mode = TuningMode.CAUTIOUS if held_out else TuningMode.SKIPPED
-    return TuningPlan(mode, triggers, CautiousAcceptance(tol, max_clean_kl=kl), replace(tuning, ladder=Ladder.off()))
+    cautious = replace(tuning, ladder=Ladder.off(), served=None)
+    return TuningPlan(mode, triggers, CautiousAcceptance(tol, max_clean_kl=kl), cautious)
 
 
 @dataclass

@@ -389,9 +389,11 @@ def test_the_tuning_plan_follows_the_verdict():
     assert plan.mode == TuningMode.FULL and isinstance(plan.acceptance, FullAcceptance)
     assert [(c.kind, c.target) for c in plan.triggers] == [("mask", 5), ("mask", 5)]
     assert plan.tuning.ladder == cfg.tuning.ladder
+    assert plan.tuning.served == cfg.tuning.served is not None  # judged as the routed head serves
     plan = plan_tuning(read_scan(clean), clean, cfg, held_out=True)
     assert plan.mode == TuningMode.CAUTIOUS and isinstance(plan.acceptance, CautiousAcceptance)
     assert plan.tuning.ladder.rungs == () and [(c.kind, c.target) for c in plan.triggers] == [("mask", 5), ("warp", 4)]
+    assert plan.tuning.served is None  # a model read clean is judged on every held-out shot
     assert plan_tuning(read_scan(clean), clean, cfg, held_out=False).mode == TuningMode.SKIPPED
     forced = plan_tuning(read_scan(clean), clean, PurifyConfig(force=True), held_out=False)
     assert forced.mode == TuningMode.FULL and forced.tuning.ladder == cfg.tuning.ladder
