@@ -112,7 +112,8 @@ class ServedReading:
     settled (the 32-px ViT's sig). Read as served alone, it is charged only for the few shots the
     route sends it (about a fifth of the held-out set), too few to see what it costs the test
     images it will answer. So: as served, and the tuned embeddings read everywhere may lose at
-    most `slack` more than the tolerance."""
+    most `slack` more than the tolerance. Found backdoors only: a model read clean is judged on
+    every shot (`cbpt.purify.plan_tuning`)."""
 
     slack: float = 0.05
 
