@@ -40,6 +40,7 @@ from cbpt.purify import (
     calibration_features,
     plan_tuning,
     route_for,
+    served_by,
     tuning_data,
 )
 from cbpt.scan import read_scan
@@ -206,6 +207,7 @@ def record(tb: Path, seed: int, held_out: int | None = None, shots: int = 16) ->
     tc = plan.tuning
     data = tuning_data(clip, shots, plan.triggers, tc, original)
     route = route_for(data, calibration_features(data), cfg.routed_share, plan)
+    data = served_by(data, route)  # as purify tunes; recorded in every mode, a rule may read it
     prompts = ClassPrompts(
         clip.model, clip.tokenizer(), shots.classnames, n_ctx=tc.n_ctx, seed=tc.seed, autocast=clip.runtime.autocast
     )
@@ -217,10 +219,8 @@ def record(tb: Path, seed: int, held_out: int | None = None, shots: int = 16) ->
     # every mode records the ladder's rungs: a rule may let cautious mode climb too
     rungs = [(tc.alpha, tc.margin), *cfg.tuning.ladder.rungs]
     attack = json.loads((tb / "metrics.json").read_text())["attack"]
-    held = data.held_out or data.cache
-    routed = None if route is None else torch.from_numpy(route.routed(held.clean.float().cpu().numpy()))
     return {"attack": attack, "mode": str(plan.mode), "rungs": rungs} | trajectories(
-        prompts, data, tc, plan.acceptance, rungs, lambda g: test_of(g, route), test_of(original, None), routed
+        prompts, data, tc, plan.acceptance, rungs, lambda g: test_of(g, route), test_of(original, None)
     )
 
 
@@ -232,14 +232,14 @@ def trajectories(
     rungs: list[tuple[float, float]],
     test_of: Callable[[torch.Tensor], dict],
     original_test: dict,
-    routed: torch.Tensor | None = None,
 ) -> dict:
-    """Every rung trained from the same start for all its steps, each evaluation recorded (with
-    `routed`, the held-out clean shots the route sends to the tuned head: the served figures too)."""
+    """Every rung trained from the same start for all its steps, each evaluation recorded (where
+    `data.served` marks the held-out clean shots the route sends to the tuned head, the served
+    figures too)."""
     torch.manual_seed(tc.seed)  # as `tune` does
     tuner = Tuner(prompts, data, tc, acceptance)
     init = prompts.snapshot()
-    held = data.held_out or data.cache
+    held, routed = data.held_out or data.cache, data.served
     out = {"original": _figures(data.original, held, data.original, data.scale, routed) | {"test": original_test}}
     out["trajectories"] = []
     for i, (alpha, margin) in enumerate(rungs):

@@ -197,7 +197,6 @@ def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
             rec["rungs"],
             lambda g: {"ca": 0.0, "asr": 0.0},
             {"ca": 0.0, "asr": 0.0},
-            routed,
         )
         assert [len(t) for t in rec["trajectories"]] == [3, 3]  # every rung to its end, no early stop
         again = replay.replay(rec, replay.Rule(cfg))
