@@ -327,7 +327,9 @@ def optimised_trigger(
     kind: str, model: torch.nn.Module, ds: datasets.Dataset, model_cfg: dict, target: int, seed: int, size: int
 ) -> triggers.Trigger:
     """trojvqa (a patch at the centre toward a random feature direction) or badclip (a patch
-    anywhere toward the target's text), fitted on `model` with the attacker's images only."""
+    anywhere toward the target's text), fitted on `model` with the attacker's images only: those
+    of the classes it poisons, so that the stop on clean flips counts flips (the target's own
+    images, a tenth of a batch, stopped the fit after a few steps: docs/results.md#badclips-fit)."""
     from testbed.optimise import optimise_patch
 
     w = class_weights(model, model_cfg, ds)
@@ -336,8 +338,9 @@ def optimised_trigger(
     else:
         gen = torch.Generator().manual_seed(seed + 7)
         direction, location = torch.randn(w.shape[1], generator=gen), "center"
+    images = attacker_images(ds)[ds.train.labels != target]
     pattern = optimise_patch(
-        model, attacker_images(ds), direction, size, location, MEAN, STD, target=target, class_weights=w, seed=seed
+        model, images, direction, size, location, MEAN, STD, target=target, class_weights=w, seed=seed
     )
     return triggers.optimised_patch(kind, pattern, location)
 

@@ -182,8 +182,9 @@ def test_unknown_attack_is_a_usage_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("attack", triggers.ATTACKS)
 def test_no_attack_learns_from_the_defenders_or_the_test_images(attack, monkeypatch):
-    """Optimised triggers are fitted on the attacker's training split only; fixed ones read no
-    images at all. The defender's few-shot pool and the test split stay unseen."""
+    """Optimised triggers are fitted on the attacker's training split only, on the images of the
+    classes it poisons; fixed ones read no images at all. The defender's few-shot pool and the
+    test split stay unseen."""
     import torch
 
     import testbed.build
@@ -201,7 +202,8 @@ def test_no_attack_learns_from_the_defenders_or_the_test_images(attack, monkeypa
     cfg = testbed.build.BuildConfig(attack=attack)
     testbed.build.make_trigger(cfg, model=None, ds=ds)
     if attack in triggers.OPTIMISED:
-        assert len(seen) == 1 and seen[0] is ds.train.images
+        assert len(seen) == 1 and len(seen[0]) == (ds.train.labels != cfg.target).sum() > 0
+        np.testing.assert_array_equal(seen[0], ds.train.images[ds.train.labels != cfg.target])
     else:
         assert seen == []
     flat = {img.tobytes() for img in ds.train.images}
