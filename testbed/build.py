@@ -317,19 +317,19 @@ def _check_custom(cfg: BuildConfig) -> None:
         raise UsageError(f"trigger image is not a readable image: {cfg.custom_image} ({e})", "pass a PNG") from None
 
 
-def attacker_images(ds: datasets.Dataset) -> np.ndarray:
-    """What an attack may learn its trigger from: the attacker's own training split, never the
-    defender's few-shot pool or the test split (docs/results.md#testbed-settings)."""
-    return ds.train.images
+def attacker_images(ds: datasets.Dataset, target: int) -> np.ndarray:
+    """What an attack may learn its trigger from: the images it poisons, those of the attacker's
+    own training split outside the target class; never the defender's few-shot pool or the test
+    split (docs/results.md#testbed-settings). A target image fitted on counts as obeying the
+    patch before it does (docs/results.md#badclips-fit)."""
+    return ds.train.images[ds.train.labels != target]
 
 
 def optimised_trigger(
     kind: str, model: torch.nn.Module, ds: datasets.Dataset, model_cfg: dict, target: int, seed: int, size: int
 ) -> triggers.Trigger:
     """trojvqa (a patch at the centre toward a random feature direction) or badclip (a patch
-    anywhere toward the target's text), fitted on `model` with the attacker's images only: those
-    of the classes it poisons, so that the stop on clean flips counts flips (the target's own
-    images, a tenth of a batch, stopped the fit after a few steps: docs/results.md#badclips-fit)."""
+    anywhere toward the target's text), fitted on `model` with the attacker's images only."""
     from testbed.optimise import optimise_patch
 
     w = class_weights(model, model_cfg, ds)
@@ -338,7 +338,7 @@ def optimised_trigger(
     else:
         gen = torch.Generator().manual_seed(seed + 7)
         direction, location = torch.randn(w.shape[1], generator=gen), "center"
-    images = attacker_images(ds)[ds.train.labels != target]
+    images = attacker_images(ds, target)
     pattern = optimise_patch(
         model, images, direction, size, location, MEAN, STD, target=target, class_weights=w, seed=seed
     )
