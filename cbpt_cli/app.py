@@ -727,7 +727,9 @@ def testbed_build(
     trigger_image: Annotated[Optional[Path], typer.Option(help="custom: the trigger image (PNG).")] = None,
     trigger_mode: Annotated[str, typer.Option(help="custom: patch or blend.")] = "patch",
     alpha: Annotated[float, typer.Option(help="custom: opacity of the trigger.")] = 1.0,
-    location: Annotated[str, typer.Option(help="badnet and custom patch: random, center or corner.")] = "random",
+    location: Annotated[
+        str, typer.Option(help="badnet, badclip and custom patch: random, center or corner.")
+    ] = "random",
     cache: Annotated[Optional[Path], typer.Option(help="Cache of clean models (default ~/.cache/cbpt-guard).")] = None,
     device: TorchDeviceOpt = "auto",
     threads: TorchThreadsOpt = None,

@@ -101,7 +101,7 @@ class BuildConfig:
     custom_image: str | None = None
     custom_mode: str = "patch"
     custom_alpha: float = 1.0
-    patch_location: str = "random"  # where a badnet or custom patch goes: triggers.LOCATIONS
+    patch_location: str = "random"  # where a triggers.PLACED patch goes: triggers.LOCATIONS
 
     def model(self) -> dict:
         return self.model_cfg or default_model_cfg(self.image_size, self.tower, self.patch_size)
@@ -326,15 +326,23 @@ def attacker_images(ds: datasets.Dataset, target: int) -> np.ndarray:
 
 
 def optimised_trigger(
-    kind: str, model: torch.nn.Module, ds: datasets.Dataset, model_cfg: dict, target: int, seed: int, size: int
+    kind: str,
+    model: torch.nn.Module,
+    ds: datasets.Dataset,
+    model_cfg: dict,
+    target: int,
+    seed: int,
+    size: int,
+    location: str = "random",
 ) -> triggers.Trigger:
     """trojvqa (a patch at the centre toward a random feature direction) or badclip (a patch
-    anywhere toward the target's text), fitted on `model` with the attacker's images only."""
+    at `location` toward the target's text; BadCLIP's own code pastes it at the centre),
+    fitted on `model` at the place it is later stamped, with the attacker's images only."""
     from testbed.optimise import optimise_patch
 
     w = class_weights(model, model_cfg, ds)
     if kind == "badclip":
-        direction, location = w[target], "random"
+        direction = w[target]
     else:
         gen = torch.Generator().manual_seed(seed + 7)
         direction, location = torch.randn(w.shape[1], generator=gen), "center"
@@ -366,7 +374,8 @@ def make_trigger(cfg: BuildConfig, model: torch.nn.Module, ds: datasets.Dataset)
                 arr = np.asarray(Image.fromarray(arr).resize((k, k), Image.BILINEAR))
         return triggers.custom(arr, cfg.custom_mode, cfg.custom_alpha, cfg.patch_location)
     if cfg.attack in triggers.OPTIMISED:
-        return optimised_trigger(cfg.attack, model, ds, cfg.model(), cfg.target, seed, triggers.patch_size_for(size))
+        size_px = triggers.patch_size_for(size)
+        return optimised_trigger(cfg.attack, model, ds, cfg.model(), cfg.target, seed, size_px, cfg.patch_location)
     raise UsageError(f"unknown attack '{cfg.attack}'", f"choose one of none, {', '.join(triggers.ATTACKS)}, custom")
 
 
@@ -403,10 +412,10 @@ def build(
     if cfg.attack == "custom":
         _check_custom(cfg)
     if cfg.patch_location != "random" and (
-        cfg.attack not in ("badnet", "custom") or cfg.patch_location not in triggers.LOCATIONS
+        cfg.attack not in triggers.PLACED or cfg.patch_location not in triggers.LOCATIONS
     ):
         raise UsageError(
-            f"--location takes {', '.join(triggers.LOCATIONS)} with --attack badnet or custom, got"
+            f"--location takes {', '.join(triggers.LOCATIONS)} with --attack {', '.join(triggers.PLACED)}, got"
             f" '{cfg.patch_location}' with --attack {cfg.attack}",
             "pass --attack badnet --location corner, for example",
         )

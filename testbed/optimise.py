@@ -16,17 +16,20 @@ import torch
 import torch.nn.functional as F
 
 from cbpt.model import encode_pixels
+from testbed.triggers import fixed_origin
 
 
 def _paste(x: torch.Tensor, patch: torch.Tensor, location: str, gen: torch.Generator) -> torch.Tensor:
-    """Differentiable paste of `patch` into each image, at the centre or a random place."""
+    """Differentiable paste of `patch` into each image, at a random place or where
+    `triggers.fixed_origin` puts it, as the fitted trigger is later applied."""
     n, _, h, w = x.shape
     k = patch.shape[-1]
-    if location == "center":
-        tops = lefts = [(h - k) // 2] * n
-    else:
+    if location == "random":
         tops = torch.randint(0, h - k + 1, (n,), generator=gen).tolist()
         lefts = torch.randint(0, w - k + 1, (n,), generator=gen).tolist()
+    else:
+        top, left = fixed_origin(location, (h, w), (k, k))
+        tops, lefts = [top] * n, [left] * n
     out = []
     for i, (top, left) in enumerate(zip(tops, lefts)):
         xi = x[i].clone()

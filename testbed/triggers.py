@@ -21,6 +21,7 @@ FIXED = ("badnet", "blended", "wanet", "sig", "ssba")
 OPTIMISED = ("trojvqa", "badclip")
 ATTACKS = FIXED + OPTIMISED
 LOCATIONS = ("random", "center", "corner")
+PLACED = ("badnet", "badclip", "custom")  # patches whose place the attacker picks from LOCATIONS
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,17 @@ def _fit(pattern: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(img.resize((hw[1], hw[0]), Image.BILINEAR), dtype=np.float64) / 255.0
 
 
+def fixed_origin(location: str, image_hw: tuple[int, int], patch_hw: tuple[int, int]) -> tuple[int, int]:
+    """Top-left pixel of a patch at a fixed `location`: "center", or "corner" (bottom right,
+    one pixel in). Every paste of a fixed-place patch, fitted or applied, goes through here."""
+    (h, w), (ph, pw) = image_hw, patch_hw
+    if location == "center":
+        return (h - ph) // 2, (w - pw) // 2
+    if location == "corner":
+        return max(0, h - ph - 1), max(0, w - pw - 1)
+    raise ValueError(f"a fixed location is center or corner, got {location!r}")
+
+
 def _paste(x: np.ndarray, pattern: np.ndarray, location: str, rng: np.random.Generator) -> np.ndarray:
     out = x.copy()
     n, h, w, _ = x.shape
@@ -92,10 +104,8 @@ def _paste(x: np.ndarray, pattern: np.ndarray, location: str, rng: np.random.Gen
     for i in range(n):
         if location == "random":
             top, left = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
-        elif location == "center":
-            top, left = (h - ph) // 2, (w - pw) // 2
-        else:  # corner: bottom right, one pixel in
-            top, left = max(0, h - ph - 1), max(0, w - pw - 1)
+        else:
+            top, left = fixed_origin(location, (h, w), (ph, pw))
         region = out[i, top : top + ph, left : left + pw]
         out[i, top : top + ph, left : left + pw] = (1 - alpha) * region + alpha * rgb
     return out

@@ -287,7 +287,7 @@ def test_the_target_and_the_image_size_are_checked_against_the_dataset_and_the_m
     code, _, err = run_cli(
         capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "sig", "--location", "corner"
     )
-    assert code == 2 and "--location takes random, center, corner with --attack badnet or custom" in err
+    assert code == 2 and "--location takes random, center, corner with --attack badnet, badclip, custom" in err
     code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--location", "top")
     assert code == 2 and "got 'top' with --attack badnet" in err
     assert not (tmp_path / "x").exists()
@@ -342,6 +342,35 @@ def test_a_badnet_testbed_puts_its_patch_where_asked(images):
     k = triggers.patch_size_for(S)
     moved = (corner.apply(images, seed=1) != images).any(-1)
     assert moved[:, S - k - 1 : S - 1, S - k - 1 : S - 1].all() and not moved[:, : S - k - 1].any()
+
+
+@pytest.mark.parametrize("location", ["center", "corner"])
+def test_a_badclip_patch_is_fitted_where_it_is_stamped(location, images, monkeypatch):
+    """`--location` reaches the fit: the optimiser pastes the patch where the stored trigger later
+    stamps it (one `fixed_origin` for both), so the patch learnt is the patch planted."""
+    import torch
+
+    import testbed.build
+    import testbed.optimise
+
+    ds = build_dataset("shapes", seed=0, sizes=(40, 2, 2))
+    placed = []
+
+    def capture(model, imgs, direction, size, loc, *a, **k):
+        x = torch.zeros(1, 3, S, S)
+        placed.append((testbed.optimise._paste(x, torch.ones(3, size, size), loc, torch.Generator())[0, 0] > 0).numpy())
+        return np.ones((size, size, 3))
+
+    monkeypatch.setattr(testbed.optimise, "optimise_patch", capture)
+    monkeypatch.setattr(testbed.build, "class_weights", lambda *a: torch.eye(10, 8))
+    cfg = testbed.build.BuildConfig(attack="badclip", patch_location=location)
+    trig = testbed.build.make_trigger(cfg, model=None, ds=ds)
+    stamped = (trig.apply(np.zeros_like(images), seed=5) > 0).any(-1)
+    assert trig.params["location"] == location and stamped.any()
+    assert all(np.array_equal(m, placed[0]) for m in stamped)
+    k = triggers.patch_size_for(S)
+    top = (S - k) // 2 if location == "center" else S - k - 1
+    assert placed[0][top : top + k, top : top + k].all() and placed[0].sum() == k * k
 
 
 def test_a_wanet_testbed_warps_by_the_strength_asked():
