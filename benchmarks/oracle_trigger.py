@@ -201,7 +201,7 @@ def _key(triggers: str, tol: float, lever: str) -> str:
     return f"{triggers}/tol{tol:g}" + ("" if lever == "base" else f"/{lever}")
 
 
-def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict) -> dict:
+def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict, seed: int = 0) -> dict:
     keys = [
         _key(t, tol, lever)
         for t, tol, lever in product(("inverted", "real"), tolerances, levers)
@@ -209,7 +209,7 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict) ->
     ]
     if "before" in done and all(k in done for k in keys):
         return done  # nothing to measure: no scan
-    cfg = PurifyConfig(budget=ShotBudget(16))
+    cfg = PurifyConfig(budget=ShotBudget(16)).seeded(seed)
     sc = scan_testbed(tb, cfg)
     clip, shots, feats, rows, original, inv = sc.clip, sc.shots, sc.feats, sc.rows, sc.original, sc.inversion
     verdict = read_scan(inv)
@@ -275,12 +275,14 @@ def main() -> None:
     ap.add_argument(
         "--levers", nargs="+", default=["base"], choices=[*STEP2_LEVERS, *COVERAGE_LEVERS], help="step-2 changes"
     )
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="shot sets (purify's --seed)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
     stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    for tb in args.testbeds:
-        stored[tb.name] = measure(tb, args.tolerances, args.levers, stored.get(tb.name, {}))
+    for tb, seed in product(args.testbeds, args.seeds):
+        name = tb.name if seed == 0 else f"{tb.name}@{seed}"  # rows stored before --seeds read back
+        stored[name] = measure(tb, args.tolerances, args.levers, stored.get(name, {}), seed)
         atomic.write_text(args.out, json.dumps(stored, indent=1))
     print(
         "| model | CA / ASR before | triggers tuned against | clean tolerance | lever | CA / ASR after (routed) | "

@@ -194,13 +194,8 @@ def _figures(
 def record(tb: Path, seed: int, held_out: int | None = None, shots: int = 16) -> dict:
     """Every rung of one purify of the testbed `tb` (shot set `seed`, K = `shots` with `held_out`
     of them held out per class; None: ShotBudget's quarter)."""
-    base = PurifyConfig(budget=ShotBudget(shots, held_out))
-    cfg = replace(
-        base,
-        seed=seed,
-        inversion=replace(base.inversion, seed=seed),
-        tuning=replace(base.tuning, seed=seed, judging=Judging(beyond=STRENGTHS[1:])),
-    )
+    cfg = PurifyConfig(budget=ShotBudget(shots, held_out)).seeded(seed)
+    cfg = replace(cfg, tuning=replace(cfg.tuning, judging=Judging(beyond=STRENGTHS[1:])))
     sc = scan_testbed(tb, cfg)
     clip, shots, feats, rows, original, inv = sc.clip, sc.shots, sc.feats, sc.rows, sc.original, sc.inversion
     plan = plan_tuning(read_scan(inv), inv, cfg, held_out=True)

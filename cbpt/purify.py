@@ -46,6 +46,13 @@ class PurifyConfig:
     inversion: InversionConfig = field(default_factory=InversionConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
 
+    def seeded(self, seed: int) -> PurifyConfig:
+        """This config as `purify --seed` runs it: the shot draw, the inversion and the tuning
+        all seeded with `seed`, so one seed names one shot set's whole run."""
+        return replace(
+            self, seed=seed, inversion=replace(self.inversion, seed=seed), tuning=replace(self.tuning, seed=seed)
+        )
+
 
 class TuningMode(StrEnum):
     FULL = "full"  # a backdoor was found, or --force

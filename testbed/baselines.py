@@ -160,9 +160,7 @@ def defend(
     if method == "prompt":
         return prompt_tuning(clip, shots, tuning)
     if method == "cbpt":
-        return cbpt(
-            clip, shots, replace(purify, seed=seed, inversion=replace(purify.inversion, seed=seed), tuning=tuning)
-        )
+        return cbpt(clip, shots, purify.seeded(seed))
     raise ValueError(f"unknown method {method!r}: {', '.join(METHODS)}")
 
 

@@ -19,6 +19,23 @@ def test_der_credits_asr_drops_and_charges_ca_drops():
     assert math.isnan(der(0.9, float("nan"), 0.9, float("nan")))
 
 
+def test_one_seed_names_a_whole_cbpt_run(monkeypatch):
+    """The bench's cbpt, a recorded purify and `purify --seed` seed the shot draw, the inversion
+    and the tuning alike, from one `PurifyConfig.seeded`, so a shot set's figures can be redone."""
+    import testbed.baselines
+    from cbpt.data import ShotBudget
+    from cbpt.purify import PurifyConfig
+
+    base = PurifyConfig(budget=ShotBudget(8), routed_share=0.5)
+    cfg = base.seeded(3)
+    assert (cfg.seed, cfg.inversion.seed, cfg.tuning.seed) == (3, 3, 3)
+    assert (cfg.budget, cfg.routed_share, cfg.inversion.steps) == (base.budget, 0.5, base.inversion.steps)
+    seen = []
+    monkeypatch.setattr(testbed.baselines, "cbpt", lambda clip, shots, c: seen.append(c))
+    testbed.baselines.defend("cbpt", None, None, 3, base)
+    assert seen == [cfg]
+
+
 @pytest.fixture(scope="module")
 def bench_results(mini_testbeds, tmp_path_factory):
     """A small real bench on the miniature testbeds: every method, a 2-point shots sweep."""
