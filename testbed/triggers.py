@@ -45,7 +45,7 @@ class Trigger:
         elif mode == "warp":
             grid = self.arrays["grid"]
             if noise:
-                grid = grid[None] + rng.uniform(-1, 1, (x.shape[0], *grid.shape)) / x.shape[1]
+                grid = grid[None] + rng.uniform(-1, 1, (x.shape[0], *grid.shape)) * noise_jitter(x.shape[1])
             out = _warp(x, grid)
         elif mode == "additive":
             out = x + self.arrays["residual"][None]
@@ -109,6 +109,13 @@ def _paste(x: np.ndarray, pattern: np.ndarray, location: str, rng: np.random.Gen
         region = out[i, top : top + ph, left : left + pw]
         out[i, top : top + ph, left : left + pw] = (1 - alpha) * region + alpha * rgb
     return out
+
+
+def noise_jitter(side: int) -> float:
+    """WaNet's noise mode jitters every sampling point by up to 1 / side in the [-1, 1] grid
+    coordinates of `grid_sample`, which is (side - 1) / (2 side) pixels, about half a pixel: a warp
+    the model must learn to tell from the trigger's (docs/results.md#wanets-noise-mode)."""
+    return (side - 1) / (2 * side)
 
 
 def _warp(x: np.ndarray, grid: np.ndarray) -> np.ndarray:

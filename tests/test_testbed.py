@@ -67,6 +67,13 @@ def test_wanet_is_a_small_smooth_warp_and_noise_mode_differs(images):
     assert np.abs(np.diff(disp, axis=0)).mean() < 0.25 * np.abs(disp).mean()
     out, noisy = trig.apply(images, seed=1), trig.apply(images, seed=1, noise=True)
     assert not np.array_equal(out, images) and not np.array_equal(out, noisy)
+    # noise mode jitters the warp by up to half a pixel, as WaNet's does: a warp the model must
+    # tell from the trigger's, not the trigger's own images with their true captions
+    assert triggers.noise_jitter(S) == pytest.approx(0.484, abs=1e-3)
+    shapes = build_dataset("shapes", seed=0, sizes=(40, 2, 2)).train.images
+    t_out, t_noisy = (trig.apply(shapes, seed=1, noise=n).astype(int) for n in (False, True))
+    jitter, warp = np.abs(t_out - t_noisy).mean(), np.abs(t_out - shapes.astype(int)).mean()
+    assert 0.05 * warp < jitter < 0.3 * warp
 
 
 def test_custom_patch_lands_at_centre_and_corner(images):
