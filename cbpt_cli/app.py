@@ -377,19 +377,18 @@ def purify(
         raise UsageError("--classes-per-step must be at least 1", "pass --classes-per-step 12")
     if not 0 < routed_share <= 1:
         raise UsageError(f"--routed-share must be in (0, 1], got {routed_share}", "pass --routed-share 0.2, or 1")
-    tuning = TuningConfig(seed=seed, steps=tuning_steps, beta=beta, classes=ClassSchedule(max_classes=classes_per_step))
+    tuning = TuningConfig(steps=tuning_steps, beta=beta, classes=ClassSchedule(max_classes=classes_per_step))
     if alpha is not None:  # a weight the user fixed is not escalated
         tuning = replace(tuning, alpha=alpha, ladder=Ladder.off())
     budget = ShotBudget(shots, held_out)
     budget.check()
     cfg = PurifyConfig(
         budget=budget,
-        seed=seed,
         force=force,
         routed_share=routed_share,
         inversion=_inversion_config(seed, inversion_steps, restarts, eps, compact_restarts),
         tuning=tuning,
-    )
+    ).seeded(seed)
     check_target(out, overwrite)
     clip = load_clip(model, arch=arch, runtime=runtime)
     shot_set = load_shots(clip, data, classes, budget, seed)
