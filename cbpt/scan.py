@@ -20,6 +20,7 @@ from enum import StrEnum
 import torch
 
 from cbpt.data import Shots
+from cbpt.evidence import MASK_SCALE
 from cbpt.inversion import Candidate, InversionConfig, InversionResult, invert, probe
 from cbpt.model import LoadedClip
 from cbpt.trigger import TriggerKind
@@ -29,10 +30,11 @@ SCAN_THRESHOLD = 0.55
 # A trigger over-aligned by this much beyond the masks that point elsewhere shows a backdoor
 # (docs/method.md#over-alignment).
 ALIGN_THRESHOLD = 0.5
-# An over-aligned mask shows a backdoor only where it is a shortcut by its size as well: its own
-# mask score at least this. A mask near MASK_SCALE can draw the class itself, more typical than
-# the class's own images (docs/method.md#aligned-masks: the clean ViT's over-align by 3.7-4.9).
-ALIGNED_MIN_SCORE = SCAN_THRESHOLD / 2
+# An over-aligned mask shows a backdoor only where it covers at most this share of the image: past
+# it a mask is a new image rather than a trigger stamped on one. Under it, size is left to
+# typicality and the shape flip, which tell the clean ViTs' ring masks (7-8%) from a warp's
+# per-pixel stand-in (9-11%) where a mask-score floor could not (docs/method.md#aligned-masks).
+ALIGNED_MAX_AREA = 2 * MASK_SCALE
 # ... and only where its triggered shots sit short of the centre of the target's own images, in
 # units of this many of their spreads (read by `planted`): a mask that draws the class makes them
 # typical of it, a planted trigger does not (docs/method.md#typicality: midway between the clean
@@ -113,8 +115,8 @@ def _aligned_margins(inv: InversionResult, kind: TriggerKind, rules: ScanRules) 
     """Each restart or probe of `kind`'s over-alignment beyond the masks that point to another
     class (or beyond zero, where none of those over-aligns), in units of ALIGN_THRESHOLD: 1 is
     the bar. A mask over-aligned toward the candidate's own target corroborates it rather than
-    raising its bar (docs/method.md#over-alignment). A mask's margin is also at most its mask
-    score over ALIGNED_MIN_SCORE and `planted`: each must reach 1."""
+    raising its bar (docs/method.md#over-alignment). A mask's margin is also at most
+    ALIGNED_MAX_AREA over its area and `planted`: each must reach 1."""
     masks = [m for m in inv.masks() if not m.probe]  # compact probes never change the verdict
 
     def others(target: int) -> float:
@@ -124,7 +126,7 @@ def _aligned_margins(inv: InversionResult, kind: TriggerKind, rules: ScanRules) 
         aligned = (c.over_alignment - others(c.target)) / ALIGN_THRESHOLD
         if kind is TriggerKind.WARP:
             return aligned
-        return min(aligned, c.mask_score / ALIGNED_MIN_SCORE, planted(c, rules))
+        return min(aligned, ALIGNED_MAX_AREA / max(c.mask_l1, 1e-9), planted(c, rules))
 
     pool = inv.warps() if kind is TriggerKind.WARP else masks
     return [(margin(c), c) for c in pool if c.over_alignment is not None]

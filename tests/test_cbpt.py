@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cbpt.evidence import backdoor_score, over_alignment, typicality
 from cbpt.losses import clean_loss, contrastive_inversion_loss, keep_loss, trigger_loss
-from cbpt.scan import ALIGN_THRESHOLD, SCAN_THRESHOLD, Evidence, read_scan
+from cbpt.scan import ALIGN_THRESHOLD, ALIGNED_MAX_AREA, SCAN_THRESHOLD, Evidence, read_scan
 from cbpt.trigger import TriggerKind
 from tests.helpers import backdoored_features, fake_inversion, run_cli, save_tiny_model
 
@@ -603,16 +603,21 @@ def test_an_over_aligned_mask_shows_a_backdoor_its_mask_score_missed():
     assert not read_scan(result([0.88, -2.3, 0.5])).backdoored
     assert read_scan(result([1.0 + 1e-6, -2.3, 0.5])).target == 7
 
-    # ... and a mask near MASK_SCALE, which can draw the class itself, is no shortcut however it
-    # over-aligns (the clean ViT testbed: 7-8% of the image, over-aligned by 3.7-4.9)
-    def sized(inv, area: float):
+    # a mask's size bounds the rule only past ALIGNED_MAX_AREA: under it, a mask that draws the class
+    # is told by its typicality (the clean ViT's ring masks: 7-8% of the image, over-aligned by
+    # 3.7-4.9, typical of the ring), not by its mask score
+    def sized(inv, area: float, typicality: float | None = None):
         cands = [
-            replace(c, trigger=replace(c.trigger, mask=torch.full_like(c.trigger.mask, area))) for c in inv.candidates
+            replace(c, trigger=replace(c.trigger, mask=torch.full_like(c.trigger.mask, area)), typicality=typicality)
+            for c in inv.candidates
         ]
         return replace(inv, candidates=cands)
 
     assert read_scan(sized(result([4.85, -2.3, -10.8]), 0.039)).evidence is Evidence.ALIGNED_MASK  # bd008: score 0.46
-    assert not read_scan(sized(result([4.85, -2.3, -10.8]), 0.074)).backdoored  # score 0.07
+    # the mended 6-px ViT WaNet's masks: 9.1% of the image, mask score 0, 3.5 spreads short of the target's images
+    assert read_scan(sized(result([4.74, -2.3, -10.8]), 0.091, -3.5)).evidence is Evidence.ALIGNED_MASK
+    assert not read_scan(sized(result([4.85, -2.3, -10.8]), 0.074, 0.8)).backdoored  # a ring mask, typical
+    assert not read_scan(sized(result([4.85, -2.3, -10.8]), ALIGNED_MAX_AREA * 1.05, -3.5)).backdoored  # a new image
     # a warp's over-alignment is read first
     warp = fake_inversion([("mask", 7, 0.9, 0.9), ("warp", 3, 0.9, 1.5)], 0.3)
     assert (read_scan(warp).evidence, read_scan(warp).target) == (Evidence.WARP, 3)
