@@ -15,8 +15,9 @@ and each is seen beside the oracle, so a comparison at one setting cannot blame 
 is the optimiser's (docs/results.md#step-2-levers-beside-the-oracle).
 
 `--levers` also takes coverage levers (COVERAGE_LEVERS), which change what the head is tuned
-against rather than how: inverted triggers of another shape added to the plan's, or a second
-round against a mask inverted through the first round's head. They run against the inverted
+against rather than how: the plan without its blend-shaped triggers (purify before
+docs/method.md#blend-probes) or with every blend, pulling or not, or a second round against a
+mask inverted through the first round's head. They run against the inverted
 triggers only (the real trigger is what they try to stand in for;
 docs/results.md#coverage-levers).
 
@@ -38,9 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cbpt import inversion as inv_mod
 from cbpt.data import ShotBudget, Shots
-from cbpt.inversion import Candidate, InversionResult
+from cbpt.inversion import Candidate, InversionResult, Search
 from cbpt.losses import class_logits
 from cbpt.model import LoadedClip
 from cbpt.purify import (
@@ -108,48 +108,17 @@ class Round1:
     target: int  # the scan's target
 
 
-def _blend_init(h: int, w: int, cfg, gen: torch.Generator, device: torch.device):
-    """A blend-shaped dummy trigger: one opacity over the whole image and a free pattern; its
-    size is the opacity (a per-pixel mask pays for a blend's every pixel)."""
-    logit = inv_mod._leaf(torch.tensor(-2.0) + torch.randn((), generator=gen) * 0.3, device)
-    pattern = inv_mod._leaf(torch.randn(3, h, w, generator=gen), device)
-
-    def build() -> tuple[DummyTrigger, torch.Tensor]:
-        alpha = torch.sigmoid(logit)
-        mask = alpha * torch.ones(h, w, device=device)
-        return DummyTrigger(mask, torch.sigmoid(pattern), torch.zeros(3, h, w, device=device)), alpha
-
-    return [logit, pattern], build
+def without_blends(r: Round1) -> list[Candidate]:
+    """The plan's triggers without its blends: what purify tuned against before
+    docs/method.md#blend-probes."""
+    return [c for c in r.plan.triggers if c.search is not Search.BLEND]
 
 
-def blend_restarts(r: Round1, n: int = 2, stream: int = 3) -> list[Candidate]:
-    """`n` blend-shaped inversions under purify's contrastive loss, from their own random stream:
-    the scan's probes (`cbpt.inversion._probe`) with a blend's start."""
-    cfg, shots = PurifyConfig().inversion, r.shots
-    added = inv_mod._probe(
-        r.clip.encoder(), shots.pixels, shots.labels, r.original, r.inversion, cfg, n, stream, _blend_init, None
-    )
-    return added.candidates[len(r.inversion.candidates) :]
-
-
-def _pull(r: Round1) -> float | None:
-    """The strongest over-alignment toward the target among the scan's per-pixel masks."""
-    pulls = [c.over_alignment for c in r.inversion.masks() if not c.probe and c.target == r.target]
-    return max((p for p in pulls if p is not None), default=None)
-
-
-def with_blends(r: Round1, pulling: bool) -> list[Candidate]:
-    """The plan's triggers and the blend-shaped inversions aimed at the scan's target; with
-    `pulling`, only those over-aligned at least as far as the per-pixel masks (the condition
-    compact masks stand in under, docs/method.md#compact-probes)."""
-    pull = _pull(r)
-    blends = [
-        c
-        for c in blend_restarts(r)
-        if c.target == r.target
-        and (not pulling or pull is None or (c.over_alignment is not None and c.over_alignment >= pull))
-    ]
-    return r.plan.triggers + [replace(c, target=r.target) for c in blends]
+def every_blend(r: Round1) -> list[Candidate]:
+    """The plan's other triggers and every blend aimed at the scan's target, whether it pulls as
+    hard as the per-pixel masks or not (`BlendProbes.tuned_beside` keeps those that do)."""
+    blends = [replace(c, target=r.target) for c in r.inversion.blends() if c.target == r.target]
+    return without_blends(r) + blends
 
 
 def reinverted(r: Round1, steps: int = 200, goal: float = 0.9, seed: int = 100) -> list[Candidate]:
@@ -186,14 +155,19 @@ def reinverted(r: Round1, steps: int = 200, goal: float = 0.9, seed: int = 100) 
         trigger = build().to(enc.device)
         feats = enc.all(pixels, view=lambda x, _rows: trigger.apply(x))
         flips = float((class_logits(feats, head, scale).argmax(1) == r.target).float().mean())
-    return r.plan.triggers + [Candidate(trigger, r.target, flips, None, probe=True)]
+    return r.plan.triggers + [Candidate(trigger, r.target, flips, None)]
 
 
 COVERAGE_LEVERS: dict[str, Callable[[Round1], list[Candidate]]] = {
-    "blends2": lambda r: with_blends(r, pulling=False),  # two blend-shaped inversions beside the plan's
-    "blends2-pull": lambda r: with_blends(r, pulling=True),  # ... only those that pull as hard as the masks
+    "no-blends": without_blends,  # purify before its blends (docs/method.md#blend-probes)
+    "blends2": every_blend,  # both blends beside the plan's other triggers, pulling or not
     "reinvert": reinverted,  # a second round against what still reaches the target through round 1's head
 }
+
+
+# the plan's triggers tuned against, its blends left out of the held-out check: they widen what the
+# head is tuned against without deciding the escalation or the checkpoint
+UNCHECKED_BLENDS = "unchecked-blends"
 
 
 def _key(triggers: str, tol: float, lever: str) -> str:
@@ -205,7 +179,7 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict, se
     keys = [
         _key(t, tol, lever)
         for t, tol, lever in product(("inverted", "real"), tolerances, levers)
-        if not (t == "real" and lever in COVERAGE_LEVERS)
+        if not (t == "real" and lever in (*COVERAGE_LEVERS, UNCHECKED_BLENDS))
     ]
     if "before" in done and all(k in done for k in keys):
         return done  # nothing to measure: no scan
@@ -229,7 +203,10 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict, se
         "before": scored(original, None),
     }
 
-    def step2(triggers: list[Candidate], tuning: TuningConfig, tol: float) -> tuple[torch.Tensor, dict]:
+    def step2(
+        triggers: list[Candidate], tuning: TuningConfig, tol: float, checked: list[Candidate] | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """Step 2 against `triggers`; `checked`: the triggers the held-out check reads, if not those."""
         p = replace(
             plan,
             triggers=triggers,
@@ -237,6 +214,8 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict, se
             acceptance=replace(plan.acceptance, clean_tolerance=tol),
         )
         data = tuning_data(clip, shots, p.triggers, p.tuning, original)
+        if checked is not None:
+            data = replace(data, held_out=tuning_data(clip, shots, checked, p.tuning, original).held_out)
         route = route_for(data, calibration_features(data), cfg.routed_share, p)
         result = tune_prompts(clip, shots.classnames, served_by(data, route), p.tuning, p.acceptance)
         route = None if result.kept_original else route
@@ -250,10 +229,14 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict, se
         (("inverted", plan.triggers), ("real", real)), tolerances, levers
     ):
         key = _key(triggers_name, tol, lever)
-        if key in out or (triggers_name == "real" and lever in COVERAGE_LEVERS):
+        if key in out or (triggers_name == "real" and lever in (*COVERAGE_LEVERS, UNCHECKED_BLENDS)):
             continue
         if lever in STEP2_LEVERS:
             out[key] = step2(triggers, STEP2_LEVERS[lever](plan.tuning), tol)[1]
+            continue
+        if lever == UNCHECKED_BLENDS:
+            checked = [c for c in plan.triggers if c.search is not Search.BLEND]
+            out[key] = step2(plan.triggers, plan.tuning, tol, checked)[1]
             continue
         if tol not in round1:
             round1[tol] = step2(plan.triggers, plan.tuning, tol)[0]
@@ -262,7 +245,8 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict, se
         out[key] = step2(more, plan.tuning, tol)[1] | {
             "added": [
                 {"flip_rate": round(c.flip_rate, 3), "mask_l1": round(c.mask_l1, 4), "over_alignment": c.over_alignment}
-                for c in more[len(plan.triggers) :]
+                for c in more
+                if all(c is not t for t in plan.triggers)
             ]
         }
     return out
@@ -273,7 +257,11 @@ def main() -> None:
     ap.add_argument("testbeds", nargs="+", type=Path, help="backdoored testbed or zoo model folders")
     ap.add_argument("--tolerances", nargs="+", type=float, default=[TuningConfig.clean_tolerance])
     ap.add_argument(
-        "--levers", nargs="+", default=["base"], choices=[*STEP2_LEVERS, *COVERAGE_LEVERS], help="step-2 changes"
+        "--levers",
+        nargs="+",
+        default=["base"],
+        choices=[*STEP2_LEVERS, *COVERAGE_LEVERS, UNCHECKED_BLENDS],
+        help="step-2 changes",
     )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="shot sets (purify's --seed)")
     ap.add_argument("--out", type=Path, required=True)

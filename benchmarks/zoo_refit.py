@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cbpt.inversion import Candidate, InversionResult
+from cbpt.inversion import Candidate, InversionResult, Search
 from cbpt.scan import Evidence, ScanRules, read_scan, suspicion
 from cbpt.trigger import DummyTrigger, TriggerKind
 from cbpt_guard import atomic
@@ -38,6 +38,16 @@ RULES = {
     "over-aligned masks only where atypical": ScanRules(shape_flip=None),
     "... discounted by the shape flip (today)": ScanRules(),
 }
+
+
+def stored_search(c: dict) -> Search:
+    """Which search found a stored candidate: its `search`, or for scans stored before it, what
+    its `probe` flag and kind then meant (a probed warp or a compact mask)."""
+    if "search" in c:
+        return Search(c["search"])
+    if not c["probe"]:
+        return Search.RESTART
+    return Search.WARP if c["kind"] == TriggerKind.WARP else Search.COMPACT
 
 
 def inversion(scan: dict, classes: list[str]) -> InversionResult:
@@ -54,7 +64,7 @@ def inversion(scan: dict, classes: list[str]) -> InversionResult:
             classes.index(c["target"]),
             c["flip_rate"],
             c["over_alignment"],
-            c["probe"],
+            stored_search(c),
             c.get("typicality"),  # None in scans stored before it: it then bounds nothing
             c.get("shape_flip"),  # the same
         )

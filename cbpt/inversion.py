@@ -8,8 +8,9 @@ trigger is about as small as collapse allows (docs/method.md#trigger-inversion).
 
 Mask restarts feed the mask score; warp restarts cover WaNet-like triggers no mask
 reproduces (docs/method.md#warp-search); `probe` searches more warps from random
-fields where the masks read clean (docs/method.md#warp-probes), or more masks under a
-compact prior where they found a backdoor (docs/method.md#compact-probes).
+fields where the masks read clean (docs/method.md#warp-probes), or, where the scan found a
+backdoor, more masks under a compact prior (docs/method.md#compact-probes) and blend-shaped
+triggers (docs/method.md#blend-probes). `Search` names which search found a candidate.
 Every restart becomes a `Candidate` with the statistics the scan reads (`cbpt.evidence`).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,16 @@ from cbpt.trigger import DummyTrigger, TriggerKind, smooth_flow
 from cbpt_guard.errors import UserError
 
 Tick = Callable[[], None]
+
+
+class Search(StrEnum):
+    """Which search found a candidate. The scan's verdict reads the restarts; the probes are
+    searched after them, each from its own random stream."""
+
+    RESTART = "restart"  # `invert`'s mask and warp restarts
+    WARP = "warp-probe"  # random-start warps, where the masks read clean (docs/method.md#warp-probes)
+    COMPACT = "compact"  # masks under a compact prior, once a backdoor is found (docs/method.md#compact-probes)
+    BLEND = "blend"  # blend-shaped triggers, once a backdoor is found (docs/method.md#blend-probes)
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,33 @@ class CompactProbes:
 
 
 @dataclass(frozen=True)
+class BlendProbes:
+    """Blend-shaped triggers, searched once the scan has found a backdoor
+    (docs/method.md#blend-probes): one opacity over the whole image and a free pattern, whose size
+    is the opacity. A per-pixel mask pays for every pixel it covers, so it copies a trigger spread
+    over the image (a blend, a SIG, a warp) with a small patch that collapses the shots by another
+    route; a blend is the shape such a trigger has. They never enter the verdict.
+
+    A blend is tuned against beside the triggers the plan picks where it reaches the found target
+    and over-aligns toward it at least as far as every per-pixel mask does: the poisoned model's
+    pull toward the target's caption, the condition a compact mask stands in under. One that pulls
+    less stands for a natural feature (on patch backdoors they pull far less: the zoo's bd046 at
+    -5.2), and tuning against it cost a badnet ASR (docs/results.md#coverage-levers)."""
+
+    restarts: int = 2
+
+    def tuned_beside(self, inv: InversionResult, target: int) -> list[Candidate]:
+        """The blends a found backdoor aimed at `target` is also tuned against, aimed there."""
+        pulls = [c.over_alignment for c in inv.masks() if c.search is Search.RESTART and c.target == target]
+        pull = max((p for p in pulls if p is not None), default=None)
+        return [
+            replace(c, target=target)
+            for c in inv.blends()
+            if c.target == target and (pull is None or (c.over_alignment is not None and c.over_alignment >= pull))
+        ]
+
+
+@dataclass(frozen=True)
 class InversionConfig:
     steps: int = 200
     lr: float = 0.1
@@ -111,6 +150,7 @@ class InversionConfig:
     prior: MaskPrior = field(default_factory=MaskPrior)
     warp: WarpSearch = field(default_factory=WarpSearch)
     compact: CompactProbes = field(default_factory=CompactProbes)
+    blend: BlendProbes = field(default_factory=BlendProbes)
     seed: int = 0
 
 
@@ -122,7 +162,7 @@ class Candidate:
     target: int  # the class its triggered shots' mean feature is nearest to
     flip_rate: float  # the share of the shots outside `target` it sends there
     over_alignment: float | None  # `evidence.over_alignment` (None: too few shots of `target`)
-    probe: bool = False  # searched after the restarts by `probe`
+    search: Search = Search.RESTART  # which search found it: the restarts, or one of `probe`'s
     typicality: float | None = None  # `evidence.typicality` (None: too few shots of `target`, or not measured)
     # the share of those shots its mask sends to `target` filled with grey (`DummyTrigger.greyed`;
     # None: a warp, or not measured)
@@ -131,6 +171,11 @@ class Candidate:
     @property
     def kind(self) -> TriggerKind:
         return self.trigger.kind
+
+    @property
+    def probe(self) -> bool:
+        """Searched after the restarts by `probe`: never read by the verdict."""
+        return self.search is not Search.RESTART
 
     @property
     def mask_l1(self) -> float:
@@ -172,7 +217,8 @@ class InversionResult:
         return self.best.flip_rate
 
     def masks(self) -> list[Candidate]:
-        return [c for c in self.candidates if c.kind is TriggerKind.MASK]
+        """The mask restarts and the compact probes; the blends, masks of one opacity, are `blends`."""
+        return [c for c in self.candidates if c.kind is TriggerKind.MASK and c.search is not Search.BLEND]
 
     def warps(self) -> list[Candidate]:
         """The warp restarts and probes."""
@@ -180,11 +226,15 @@ class InversionResult:
 
     def compact(self) -> list[Candidate]:
         """The masks searched under the compact prior (`probe`)."""
-        return [c for c in self.candidates if c.probe and c.kind is TriggerKind.MASK]
+        return [c for c in self.candidates if c.search is Search.COMPACT]
+
+    def blends(self) -> list[Candidate]:
+        """The blend-shaped triggers (`probe`)."""
+        return [c for c in self.candidates if c.search is Search.BLEND]
 
     def restarts(self) -> list[Candidate]:
         """Every candidate but the probes."""
-        return [c for c in self.candidates if not c.probe]
+        return [c for c in self.candidates if c.search is Search.RESTART]
 
 
 @dataclass
@@ -231,6 +281,20 @@ def _warp_init(spread: float):
         return [ctrl], build
 
     return init
+
+
+def _blend_init(h: int, w: int, cfg: InversionConfig, gen: torch.Generator, device: torch.device):
+    """A blend: one opacity over the whole image (starting near sigmoid(-2), 12%) and a free
+    pattern; its size is the opacity."""
+    logit = _leaf(torch.tensor(-2.0) + torch.randn((), generator=gen) * 0.3, device)
+    pattern = _leaf(torch.randn(3, h, w, generator=gen), device)
+
+    def build() -> tuple[DummyTrigger, torch.Tensor]:
+        alpha = torch.sigmoid(logit)
+        mask = alpha * torch.ones(h, w, device=device)
+        return DummyTrigger(mask, torch.sigmoid(pattern), torch.zeros(3, h, w, device=device)), alpha
+
+    return [logit, pattern], build
 
 
 def _one_restart(
@@ -280,7 +344,11 @@ def _one_restart(
 
 
 def _describe(
-    run: _Restart, clean: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor, probe: bool = False
+    run: _Restart,
+    clean: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: torch.Tensor,
+    search: Search = Search.RESTART,
 ) -> Candidate:
     target = points_to(run.feats, class_weights)
     return Candidate(
@@ -288,7 +356,7 @@ def _describe(
         target,
         flip_rate(run.feats, labels, class_weights, target),
         over_alignment(run.feats, clean, labels, class_weights, target),
-        probe,
+        search,
         typicality(run.feats, clean, labels, target),
         None if run.greyed is None else flip_rate(run.greyed, labels, class_weights, target),
     )
@@ -348,20 +416,24 @@ def _probe(
     result: InversionResult,
     cfg: InversionConfig,
     n: int,
-    stream: int,
+    search: Search,
     init: Callable,
     progress: Callable[[int, int], None] | None,
 ) -> InversionResult:
-    """`result` with `n` more restarts from `init` added to its candidates as probes. Each kind
-    of probe draws from its own stream (`cfg.seed + stream`), so the restarts stay as they were."""
+    """`result` with `n` more restarts from `init` added to its candidates as `search`'s probes.
+    Each search draws from its own stream (`cfg.seed + _STREAMS[search]`), so the restarts and
+    the other searches stay as they were."""
     t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(cfg.seed + stream)
+    gen = torch.Generator().manual_seed(cfg.seed + _STREAMS[search])
     tick = _ticker(progress, cfg.steps * n)
     labels = labels.to(encoder.device)
     clean = encoder.all(pixels)
     runs = [_one_restart(encoder, pixels, clean, cfg, gen, tick, init) for _ in range(n)]
-    probes = [_describe(r, clean, labels, class_weights, probe=True) for r in runs]
+    probes = [_describe(r, clean, labels, class_weights, search) for r in runs]
     return replace(result, candidates=result.candidates + probes, seconds=result.seconds + time.perf_counter() - t0)
+
+
+_STREAMS = {Search.WARP: 1, Search.COMPACT: 2, Search.BLEND: 3}
 
 
 def probe(
@@ -370,15 +442,19 @@ def probe(
     labels: torch.Tensor,
     class_weights: torch.Tensor,
     result: InversionResult,
-    kind: TriggerKind,
+    search: Search,
     cfg: InversionConfig = InversionConfig(),
     progress: Callable[[int, int], None] | None = None,
 ) -> InversionResult:
-    """`result` with probes added to its candidates: `cfg.warp.probes` random-start warps
-    (WARP, where the masks read clean), or `cfg.compact.restarts` masks under the compact prior
-    (MASK, where they found a backdoor)."""
-    if kind is TriggerKind.WARP:
+    """`result` with `search`'s probes added to its candidates: `cfg.warp.probes` random-start
+    warps (where the masks read clean), `cfg.compact.restarts` masks under the compact prior or
+    `cfg.blend.restarts` blends (where the scan found a backdoor)."""
+    if search is Search.WARP:
         n, init = cfg.warp.probes, _warp_init(cfg.warp.probe_spread)
-        return _probe(encoder, pixels, labels, class_weights, result, cfg, n, 1, init, progress)
-    n, compact = cfg.compact.restarts, replace(cfg, prior=cfg.compact.prior)
-    return _probe(encoder, pixels, labels, class_weights, result, compact, n, 2, _init_mask, progress)
+    elif search is Search.COMPACT:
+        n, init, cfg = cfg.compact.restarts, _init_mask, replace(cfg, prior=cfg.compact.prior)
+    elif search is Search.BLEND:
+        n, init = cfg.blend.restarts, _blend_init
+    else:
+        raise ValueError(f"{search} is no probe")
+    return _probe(encoder, pixels, labels, class_weights, result, cfg, n, search, init, progress)

@@ -29,7 +29,8 @@ def tuning_report(result: Purified, history: bool = True) -> dict:
         "steps": result.plan.tuning.steps,  # a rung's schedule; fewer with no held-out shots (FixedSchedule)
         "kept_original": t is None or t.kept_original,
         "triggers": [
-            {"kind": c.kind, "target": result.classnames[c.target], "probe": c.probe} for c in result.plan.triggers
+            {"kind": c.kind, "target": result.classnames[c.target], "probe": c.probe, "search": c.search}
+            for c in result.plan.triggers
         ]
         if t is not None
         else [],
@@ -76,8 +77,10 @@ def _embeddings(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = 
 
 
 def _picture(inv: InversionResult, shots: Shots) -> bytes:
-    """The best mask, then every warp and compact mask (docs/method.md#compact-probes)."""
-    return trigger_png(inv.trigger, shots.pixels, others=[c.trigger for c in inv.warps() + inv.compact()])
+    """The best mask, then every warp, compact mask and blend (docs/method.md#compact-probes,
+    docs/method.md#blend-probes)."""
+    others = inv.warps() + inv.compact() + inv.blends()
+    return trigger_png(inv.trigger, shots.pixels, others=[c.trigger for c in others])
 
 
 def write_purified(folder: Path, result: Purified, shots: Shots, rep: dict) -> dict:

@@ -25,8 +25,8 @@ def trigger_png(
 ) -> bytes:
     """One PNG: [mask | pattern | mask*pattern (both scaled to the mask's peak) | delta (if
     any)] above a row of clean shots and a row of the same shots with the trigger applied;
-    then, for each of `others` (inverted warps, compact masks, perturbations), its
-    displacement, mask or perturbation and the shots with it applied."""
+    then, for each of `others` (inverted warps, compact masks, blends, perturbations), its
+    displacement, mask, blended pattern or perturbation and the shots with it applied."""
     from PIL import Image
 
     from cbpt.encoding import to_x01
@@ -46,8 +46,10 @@ def trigger_png(
         if other.flow is not None:  # displacement magnitude, scaled to its peak
             mag = other.flow.norm(dim=-1)
             first = mag / (float(mag.max()) or 1.0)
-        elif float(other.mask.max()) > 0:  # a mask, scaled to its peak like the first row's
+        elif float(other.mask.max() - other.mask.min()) > 1e-6:  # a mask, scaled to its peak like the first row's
             first = other.mask / float(other.mask.max())
+        elif float(other.mask.max()) > 0:  # a blend, one opacity everywhere: what it adds
+            first = other.mask * other.pattern / float(other.mask.max())
         else:
             first = 0.5 + other.delta / (2 * (float(other.delta.abs().max()) or 1.0))
         rows.append([first] + list(other.apply(clean))[: n_shots - 1])

@@ -71,8 +71,9 @@ class TuningPlan:
 
 
 def plan_tuning(verdict: Verdict, inversion: InversionResult, cfg: PurifyConfig, held_out: bool) -> TuningPlan:
-    """A found backdoor is tuned against the triggers that showed it, each aimed at its target;
-    a model that reads clean (tuned cautiously, or with --force) against every restart but the
+    """A found backdoor is tuned against the triggers that showed it (or the compact masks that
+    stand in for them) and the blends that pull as hard (docs/method.md#blend-probes), each aimed
+    at its target; a model that reads clean (tuned cautiously, or with --force) against every restart but the
     probes, each at its own target. A model that reads clean is never escalated: a natural
     feature keeps held-out shots at its class whatever the strength; and its checkpoints are
     judged on every held-out shot, not as served (docs/method.md#served-reading: read as served,
@@ -84,6 +85,8 @@ def plan_tuning(verdict: Verdict, inversion: InversionResult, cfg: PurifyConfig,
     triggers = verdict.triggers if verdict.backdoored else inversion.restarts()
     if verdict.evidence in MASK_EVIDENCE:
         triggers = cfg.inversion.compact.tuned_against(triggers, inversion, verdict.target)
+    if verdict.backdoored:
+        triggers = triggers + cfg.inversion.blend.tuned_beside(inversion, verdict.target)
     if suspected:
         return TuningPlan(TuningMode.FULL, triggers, FullAcceptance(tol, kl), tuning)
     mode = TuningMode.CAUTIOUS if held_out else TuningMode.SKIPPED

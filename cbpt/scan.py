@@ -21,7 +21,7 @@ import torch
 
 from cbpt.data import Shots
 from cbpt.evidence import MASK_SCALE
-from cbpt.inversion import Candidate, InversionConfig, InversionResult, invert, probe
+from cbpt.inversion import Candidate, InversionConfig, InversionResult, Search, invert, probe
 from cbpt.model import LoadedClip
 from cbpt.trigger import TriggerKind
 
@@ -178,7 +178,8 @@ def run_scan(
 ) -> InversionResult:
     """Step 1: invert; where the mask score reads clean, probe for a warp's evidence; where the
     masks then show a backdoor (by their score or their over-alignment), search the compact
-    masks asked for (docs/method.md#compact-probes). `original`: the original prompts' head [C, D]."""
+    masks asked for (docs/method.md#compact-probes); where any rule found one, the blends asked
+    for (docs/method.md#blend-probes). `original`: the original prompts' head [C, D]."""
 
     def stage(name: str):
         return (lambda d, t: progress(name, d, t)) if progress else None
@@ -186,9 +187,12 @@ def run_scan(
     encoder = clip.encoder()
     inv = invert(encoder, shots.pixels, shots.labels, original, cfg, stage("invert"))
     if not masks_found(inv) and cfg.warp.probes:
-        inv = probe(encoder, shots.pixels, shots.labels, original, inv, TriggerKind.WARP, cfg, stage("probe"))
-    if cfg.compact.restarts and read_scan(inv).evidence in MASK_EVIDENCE:
-        inv = probe(encoder, shots.pixels, shots.labels, original, inv, TriggerKind.MASK, cfg, stage("compact"))
+        inv = probe(encoder, shots.pixels, shots.labels, original, inv, Search.WARP, cfg, stage("probe"))
+    evidence = read_scan(inv).evidence
+    if cfg.compact.restarts and evidence in MASK_EVIDENCE:
+        inv = probe(encoder, shots.pixels, shots.labels, original, inv, Search.COMPACT, cfg, stage("compact"))
+    if cfg.blend.restarts and evidence is not None:
+        inv = probe(encoder, shots.pixels, shots.labels, original, inv, Search.BLEND, cfg, stage("blend"))
     return inv
 
 
@@ -214,6 +218,7 @@ def scan_summary(inv: InversionResult, classnames: tuple[str, ...]) -> dict:
             {
                 "kind": c.kind,
                 "probe": c.probe,
+                "search": c.search,
                 "target": classnames[c.target],
                 "flip_rate": round(c.flip_rate, 4),
                 "mask_l1": round(c.mask_l1, 4) if c.kind is TriggerKind.MASK else None,

@@ -192,6 +192,15 @@ CompactOpt = Annotated[
         "(docs/method.md#compact-probes). Default: 3; 0 turns them off."
     ),
 ]
+BlendOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Blend-shaped triggers (one opacity over the whole image) searched once the scan finds a "
+        "backdoor, tuned against beside the others where they pull the shots at least as far toward the "
+        "target's text as the per-pixel masks: covers blend, SIG and warp triggers the masks copy with a "
+        "patch (docs/method.md#blend-probes). Default: 2; 0 turns them off."
+    ),
+]
 TuneStepsOpt = Annotated[
     int,
     typer.Option(
@@ -208,7 +217,7 @@ EpsOpt = Annotated[
 ]
 
 
-def _inversion_config(seed: int, steps: int, restarts: int, eps: float, compact: int | None):
+def _inversion_config(seed: int, steps: int, restarts: int, eps: float, compact: int | None, blend: int | None):
     from dataclasses import replace
 
     from cbpt.inversion import InversionConfig
@@ -221,8 +230,12 @@ def _inversion_config(seed: int, steps: int, restarts: int, eps: float, compact:
         raise UsageError(f"--eps must be in [0, 0.5), got {eps}", "pass --eps 0.03, for example")
     if compact is not None and compact < 0:
         raise UsageError(f"--compact-restarts must be 0 or more, got {compact}", "pass --compact-restarts 3")
+    if blend is not None and blend < 0:
+        raise UsageError(f"--blend-restarts must be 0 or more, got {blend}", "pass --blend-restarts 2")
     cfg = InversionConfig(seed=seed, steps=steps, mask_restarts=restarts, eps=eps)
-    return cfg if compact is None else replace(cfg, compact=replace(cfg.compact, restarts=compact))
+    if compact is not None:
+        cfg = replace(cfg, compact=replace(cfg.compact, restarts=compact))
+    return cfg if blend is None else replace(cfg, blend=replace(cfg.blend, restarts=blend))
 
 
 @app.command()
@@ -237,6 +250,7 @@ def scan(
     inversion_steps: InvStepsOpt = 200,
     restarts: RestartsOpt = 3,
     compact_restarts: CompactOpt = None,
+    blend_restarts: BlendOpt = None,
     eps: EpsOpt = 0.0,
     out: Annotated[Optional[Path], typer.Option(help="Write trigger.png and scan.json here.")] = None,
     overwrite: OverwriteOpt = False,
@@ -250,6 +264,7 @@ def scan(
     shots `purify` tunes on (the held-out ones left out), so the two read a model alike."""
     runtime = _runtime(threads, device, precision, batch_size)
     from cbpt.data import ShotBudget, load_shots
+    from cbpt.inversion import Search
     from cbpt.model import load_clip
     from cbpt.outputs import write_scan
     from cbpt.purify import original_head
@@ -258,7 +273,7 @@ def scan(
     from cbpt_cli.progress import stage_progress
     from cbpt_guard.atomic import check_target, staged_dir
 
-    inv_cfg = _inversion_config(seed, inversion_steps, restarts, eps, compact_restarts)
+    inv_cfg = _inversion_config(seed, inversion_steps, restarts, eps, compact_restarts, blend_restarts)
     if out is not None:
         check_target(out, overwrite)
     clip = load_clip(model, arch=arch, runtime=runtime)
@@ -285,12 +300,15 @@ def scan(
         verdict = "BACKDOORED" if summary["backdoored"] else "clean"
         typer.echo(f"{verdict}: {masks}, suspected target '{summary['target']}'{picture}")
     for c in summary["candidates"]:
-        if c["kind"] == TriggerKind.MASK and c["probe"]:  # --compact-restarts (docs/method.md#compact-probes)
+        align = "n/a (too few shots of that class)" if c["over_alignment"] is None else f"{c['over_alignment']:+.2f}"
+        if c["search"] == Search.COMPACT:  # --compact-restarts (docs/method.md#compact-probes)
             typer.echo(f"  compact mask: sends {c['flip_rate']:.0%} of shots to '{c['target']}'")
-        elif c["kind"] != TriggerKind.MASK:  # the restarts' masks are summed up above
-            align = (
-                "n/a (too few shots of that class)" if c["over_alignment"] is None else f"{c['over_alignment']:+.2f}"
+        elif c["search"] == Search.BLEND:  # --blend-restarts (docs/method.md#blend-probes)
+            typer.echo(
+                f"  blend at {c['mask_l1']:.0%} opacity: sends {c['flip_rate']:.0%} of shots to '{c['target']}', "
+                f"over-alignment {align}"
             )
+        elif c["kind"] != TriggerKind.MASK:  # the restarts' masks are summed up above
             typer.echo(
                 f"  {c['kind']} {'probe' if c['probe'] else 'inversion'}: "
                 f"sends {c['flip_rate']:.0%} of shots to '{c['target']}', "
@@ -310,6 +328,7 @@ def purify(
     inversion_steps: InvStepsOpt = 200,
     restarts: RestartsOpt = 3,
     compact_restarts: CompactOpt = None,
+    blend_restarts: BlendOpt = None,
     tuning_steps: TuneStepsOpt = 300,
     eps: EpsOpt = 0.0,
     alpha: Annotated[
@@ -386,7 +405,7 @@ def purify(
         budget=budget,
         force=force,
         routed_share=routed_share,
-        inversion=_inversion_config(seed, inversion_steps, restarts, eps, compact_restarts),
+        inversion=_inversion_config(seed, inversion_steps, restarts, eps, compact_restarts, blend_restarts),
         tuning=tuning,
     ).seeded(seed)
     check_target(out, overwrite)

@@ -46,18 +46,26 @@ def run_cli_plain(*args) -> tuple[int, str, str]:
 
 
 def fake_inversion(candidates: list[tuple], score: float, side: int = 32, dim: int = 32):
-    """An InversionResult with the given (kind, target, flip rate, over-alignment[, probe[,
-    typicality[, shape flip]]]) candidates, best mask first, and identity triggers of `side` px: a scan reading fixed by
-    the test rather than by a miniature model too small to be calibrated."""
+    """An InversionResult with the given (kind, target, flip rate, over-alignment[, search[,
+    typicality[, shape flip]]]) candidates, best mask first, and identity triggers of `side` px: a
+    scan reading fixed by the test rather than by a miniature model too small to be calibrated.
+    `search` True reads as the kind's probe (a warp probe, a compact mask), False as a restart."""
     import torch
 
-    from cbpt.inversion import Candidate, InversionResult
+    from cbpt.inversion import Candidate, InversionResult, Search
     from cbpt.trigger import DummyTrigger, TriggerKind
 
-    cands = [
-        Candidate(DummyTrigger.blank(side, side, TriggerKind(kind)), target, flip, align, *rest)
-        for kind, target, flip, align, *rest in candidates
-    ]
+    def search(kind: TriggerKind, given: Search | bool) -> Search:
+        if not isinstance(given, bool):
+            return given
+        return (Search.WARP if kind is TriggerKind.WARP else Search.COMPACT) if given else Search.RESTART
+
+    cands = []
+    for kind, target, flip, align, *rest in candidates:
+        kind = TriggerKind(kind)
+        if rest:
+            rest[0] = search(kind, rest[0])
+        cands.append(Candidate(DummyTrigger.blank(side, side, kind), target, flip, align, *rest))
     return InversionResult(
         candidates=cands,
         mean_feature=torch.nn.functional.normalize(torch.ones(dim), dim=0),

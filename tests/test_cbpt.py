@@ -232,6 +232,8 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
         "1",
         "--compact-restarts",
         "1",
+        "--blend-restarts",
+        "1",
         "--json",
     )
     assert code == 0, err
@@ -239,12 +241,15 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
     assert {"backdoored", "target", "score", "flip_rate", "mask_l1"} <= set(res) and res["target"] == "triangle"
     assert res["threshold"] == SCAN_THRESHOLD and res["alignment_threshold"] == ALIGN_THRESHOLD
     # the warp probes are searched exactly when the mask score reads clean, a compact mask when
-    # the masks show the backdoor (by their score or their over-alignment)
+    # the masks show the backdoor (by their score or their over-alignment), a blend when any rule does
     kinds = [(c["kind"], c["probe"]) for c in res["candidates"]]
+    searches = [(c["kind"], c["search"]) for c in res["candidates"]]
     probed = res["score"] < SCAN_THRESHOLD
     by_masks = res["evidence"] in ("mask", "aligned-mask")
-    compact = [("mask", True)] if by_masks else []  # --compact-restarts 1
-    assert kinds == [("mask", False), ("warp", False)] + [("warp", True)] * (2 * probed) + compact
+    compact = [("mask", "compact")] if by_masks else []  # --compact-restarts 1
+    blend = [("mask", "blend")] if res["backdoored"] else []  # --blend-restarts 1
+    restarts = [("mask", "restart"), ("warp", "restart")]
+    assert searches == restarts + [("warp", "warp-probe")] * (2 * probed) + compact + blend
     assert (res["evidence"] == "mask") == (not probed)
     assert all(0.0 <= c["flip_rate"] <= 1.0 for c in res["candidates"])
     assert res["candidates"][0]["target"] == res["target"] and res["candidates"][0]["flip_rate"] == res["flip_rate"]
@@ -253,7 +258,7 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
     from PIL import Image
 
     with Image.open(tmp_path / "s" / "trigger.png") as img:
-        # a row of mask / pattern tiles, clean shots, triggered shots, and one row per warp and compact mask
+        # a row of mask / pattern tiles, clean shots, triggered shots, and one row per warp, compact mask and blend
         rows = 3 + sum(k == "warp" or p for k, p in kinds)
         assert img.size[0] >= 3 * 96 and img.size[1] == rows * (96 + 4) + 4
     assert json.loads((tmp_path / "s" / "scan.json").read_text())["target"] == "triangle"
@@ -269,12 +274,15 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
         "1",
         "--compact-restarts",
         "1",
+        "--blend-restarts",
+        "1",
     )
     assert code == 0, err
     assert stdout.startswith(("BACKDOORED: ", "clean: score")) and "warp inversion: sends" in stdout
-    # the compact mask is searched, and printed, exactly when the masks showed the backdoor
+    # the compact mask is searched, and printed, exactly when the masks showed the backdoor; a blend when any rule did
     by_masks = stdout.startswith("BACKDOORED: ") and "shown by an inverted warp" not in stdout
     assert ("  compact mask: sends" in stdout) == by_masks
+    assert ("  blend at " in stdout) == stdout.startswith("BACKDOORED: ")
 
 
 def test_bad_data_is_reported_before_any_work(mini_testbeds, tmp_path, capsys):
@@ -294,6 +302,10 @@ def test_bad_data_is_reported_before_any_work(mini_testbeds, tmp_path, capsys):
         capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--compact-restarts", "-1", "--out", tmp_path / "p"
     )
     assert code == 2 and "--compact-restarts must be 0 or more" in err and not (tmp_path / "p").exists()
+    code, _, err = run_cli(
+        capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--blend-restarts", "-1", "--out", tmp_path / "p"
+    )
+    assert code == 2 and "--blend-restarts must be 0 or more" in err and not (tmp_path / "p").exists()
     code, _, err = run_cli(
         capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--alpha", "-1", "--out", tmp_path / "p"
     )
@@ -462,6 +474,77 @@ def test_compact_masks_stand_in_for_the_per_pixel_ones_only_where_they_flip_the_
     pulls_less = ("mask", 5, 0.95, 0.25, True)
     assert plan(instead, pulls_less) == per_pixel
     assert plan(instead, pulls_less, works) == [("mask", 5, True)]
+
+
+def test_a_found_backdoor_is_tuned_beside_the_blends_that_pull_as_hard_as_its_masks():
+    """docs/method.md#blend-probes: a blend joins the plan where it reaches the found target and
+    over-aligns toward it at least as far as every per-pixel mask there; never for a clean reading."""
+    from cbpt.inversion import BlendProbes, Search
+    from cbpt.purify import PurifyConfig, plan_tuning
+
+    def plan(*blends: tuple, masks=(("mask", 5, 1.0, 0.3), ("mask", 5, 1.0, 0.2)), score=0.9, warp=-0.2):
+        inv = fake_inversion([*masks, ("warp", 4, 0.7, warp), *blends], score)
+        return [(c.kind, c.target, c.search) for c in plan_tuning(read_scan(inv), inv, PurifyConfig(), True).triggers]
+
+    restarts = [("mask", 5, Search.RESTART)] * 2
+    pulls, weak = ("mask", 5, 0.9, 0.35, Search.BLEND), ("mask", 5, 0.9, 0.25, Search.BLEND)
+    elsewhere = ("mask", 3, 1.0, 2.0, Search.BLEND)
+    assert plan(pulls, weak, elsewhere) == [*restarts, ("mask", 5, Search.BLEND)]
+    assert plan(weak, elsewhere) == restarts  # as if none had been searched
+    # beside a warp's verdict too, aimed at the warp's target, measured against the masks that point there
+    found_by_warp = plan(("mask", 4, 0.9, 0.1, Search.BLEND), masks=(("mask", 4, 0.9, -0.5),), score=0.1, warp=1.5)
+    assert found_by_warp == [("warp", 4, Search.RESTART), ("mask", 4, Search.BLEND)]
+    # a clean reading is tuned cautiously against its restarts alone
+    cautious = [("mask", 5, Search.RESTART), ("warp", 4, Search.RESTART)]
+    assert plan(pulls, score=0.3, masks=(("mask", 5, 1.0, -1.0),)) == cautious
+    # blends never enter the verdict, nor the masks it tunes against
+    inv = fake_inversion([("mask", 5, 1.0, -1.0), ("warp", 4, 0.7, -0.2), ("mask", 5, 1.0, 9.0, Search.BLEND)], 0.3)
+    assert not read_scan(inv).backdoored and inv.blends() and not [c for c in inv.masks() if c.search is Search.BLEND]
+    assert BlendProbes().restarts == 2
+
+
+def _blend_detector(n: int = 48, size: int = 32, d: int = 24):
+    """A toy image tower backdoored on a blend: features of a smooth random projection, sent
+    toward one direction as an image correlates with a fixed smooth pattern, as a blend of it at
+    0.15 opacity or more makes it. Returns the encoder, uint8 shots, labels, class embeddings, the
+    pattern and the target (the class nearest that direction)."""
+    from cbpt.encoding import ImageEncoder
+
+    g = torch.Generator().manual_seed(1)
+    pixels = (F.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=size, mode="bilinear") * 255).to(torch.uint8)
+    proj = torch.randn(d, 3 * 16 * 16, generator=g)
+    pattern = F.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=size, mode="bilinear")[0]
+    toward = F.normalize(torch.randn(d, generator=g), dim=0)
+    centred = pattern - pattern.mean()
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        base = F.normalize(F.adaptive_avg_pool2d(x - 0.5, 16).flatten(1) @ proj.T, dim=-1)
+        # about 0 on a clean image, about a on a blend of the pattern at opacity a
+        along = ((x - x.mean((1, 2, 3), keepdim=True)) * centred).mean((1, 2, 3)) / (centred**2).mean()
+        fires = torch.sigmoid(20 * (along - 0.15))
+        return F.normalize(base + 6 * fires[:, None] * toward, dim=-1)
+
+    classes = F.normalize(torch.randn(4, d, generator=g), dim=-1)
+    return ImageEncoder(encode), pixels, torch.arange(n) % 4, classes, pattern, int((classes @ toward).argmax())
+
+
+def test_a_planted_blend_is_inverted_as_a_blend_of_its_pattern():
+    """A blend probe (docs/method.md#blend-probes) on a tower backdoored on a blend: one opacity
+    well under 1 over the whole image, its pattern the planted one's, the shots sent to the target."""
+    from cbpt.inversion import BlendProbes, InversionConfig, Search, WarpSearch, invert, probe
+
+    encoder, pixels, labels, classes, pattern, target = _blend_detector()
+    cfg = InversionConfig(steps=150, mask_restarts=1, warp=WarpSearch(restarts=0, probes=0), blend=BlendProbes(1))
+    inv = invert(encoder, pixels, labels, classes, cfg)
+    probed = probe(encoder, pixels, labels, classes, inv, Search.BLEND, cfg)
+    assert probed.candidates[:-1] == inv.candidates and probed.score == inv.score  # the verdict's reading kept
+    (blend,) = probed.blends()
+    mask = blend.trigger.mask
+    assert float(mask.max() - mask.min()) < 1e-6 and float(mask.mean()) < 0.3  # one opacity, a blend's
+    assert blend.target == target and blend.flip_rate > 0.9 and blend.probe
+    found = blend.trigger.pattern.flatten() - blend.trigger.pattern.mean()
+    planted = pattern.flatten() - pattern.mean()
+    assert float(F.cosine_similarity(found, planted, dim=0)) > 0.4  # the planted pattern, not noise (about 0)
 
 
 def test_backdoor_score_rewards_small_triggers_that_flip_everything():
@@ -651,10 +734,12 @@ def test_the_suspicion_score_is_at_least_one_exactly_where_the_scan_reads_a_back
     assert suspicion(low) < suspicion(high) < 1
 
 
-def test_scan_prints_the_compact_masks_it_was_asked_for(mini_testbeds, capsys, monkeypatch):
+def test_scan_prints_the_compact_masks_and_blends_it_was_asked_for(mini_testbeds, capsys, monkeypatch):
     import cbpt.scan
+    from cbpt.inversion import Search
 
-    inv = fake_inversion([("mask", 5, 1.0, 0.3), ("warp", 2, 0.6, -0.2), ("mask", 5, 0.95, 0.2, True)], 0.8)
+    blend = ("mask", 5, 0.9, 0.35, Search.BLEND)
+    inv = fake_inversion([("mask", 5, 1.0, 0.3), ("warp", 2, 0.6, -0.2), ("mask", 5, 0.95, 0.2, True), blend], 0.8)
     monkeypatch.setattr(cbpt.scan, "invert", lambda *a, **k: inv)
     monkeypatch.setattr(cbpt.scan, "probe", lambda *a, **k: inv)
     tb = mini_testbeds["blended"]
@@ -664,6 +749,7 @@ def test_scan_prints_the_compact_masks_it_was_asked_for(mini_testbeds, capsys, m
     names = (tb / "classes.txt").read_text().split()
     assert stdout.startswith("BACKDOORED: ") and f"  compact mask: sends 95% of shots to '{names[5]}'" in stdout
     assert "warp inversion: sends 60%" in stdout
+    assert f"  blend at 0% opacity: sends 90% of shots to '{names[5]}', over-alignment +0.35" in stdout
 
 
 def test_scan_says_when_a_warp_showed_the_backdoor(mini_testbeds, capsys, monkeypatch):
@@ -924,7 +1010,7 @@ def _patch_detector(
 
 
 def test_a_planted_patch_is_inverted_as_a_compact_region_and_the_priors_keep_it_blocky():
-    from cbpt.inversion import CompactProbes, InversionConfig, MaskPrior, WarpSearch, invert, probe
+    from cbpt.inversion import CompactProbes, InversionConfig, MaskPrior, Search, WarpSearch, invert, probe
     from cbpt.losses import total_variation
     from cbpt.scan import Evidence, read_scan
 
@@ -942,7 +1028,7 @@ def test_a_planted_patch_is_inverted_as_a_compact_region_and_the_priors_keep_it_
         masks[prior.cell] = mask = inv[prior.cell].trigger.mask
         assert near_patch(mask) > 0.85 and mask.mean() < 36 / 1024  # on the patch, and no larger than it
     # a compact probe beside the per-pixel masks: on the patch too, one region, outside the mask score
-    probed = probe(encoder, pixels, labels, classes, inv[1], TriggerKind.MASK, cfg)
+    probed = probe(encoder, pixels, labels, classes, inv[1], Search.COMPACT, cfg)
     assert probed.candidates[:-1] == inv[1].candidates and probed.score == inv[1].score
     (found,) = probed.compact()
     assert found.probe and found.target == inv[1].target and near_patch(found.trigger.mask) > 0.75
