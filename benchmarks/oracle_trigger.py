@@ -111,7 +111,11 @@ class Round1:
 def without_blends(r: Round1) -> list[Candidate]:
     """The plan's triggers without its blends: what purify tuned against before
     docs/method.md#blend-probes."""
-    return [c for c in r.plan.triggers if c.search is not Search.BLEND]
+    return _no_blends(r.plan.triggers)
+
+
+def _no_blends(triggers: list[Candidate]) -> list[Candidate]:
+    return [c for c in triggers if c.search is not Search.BLEND]
 
 
 def every_blend(r: Round1) -> list[Candidate]:
@@ -168,6 +172,8 @@ COVERAGE_LEVERS: dict[str, Callable[[Round1], list[Candidate]]] = {
 # the plan's triggers tuned against, its blends left out of the held-out check: they widen what the
 # head is tuned against without deciding the escalation or the checkpoint
 UNCHECKED_BLENDS = "unchecked-blends"
+# levers that change the plan's inverted triggers: never run against the real trigger
+PLAN_LEVERS = (*COVERAGE_LEVERS, UNCHECKED_BLENDS)
 
 
 def _key(triggers: str, tol: float, lever: str) -> str:
@@ -179,7 +185,7 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict, se
     keys = [
         _key(t, tol, lever)
         for t, tol, lever in product(("inverted", "real"), tolerances, levers)
-        if not (t == "real" and lever in (*COVERAGE_LEVERS, UNCHECKED_BLENDS))
+        if not (t == "real" and lever in PLAN_LEVERS)
     ]
     if "before" in done and all(k in done for k in keys):
         return done  # nothing to measure: no scan
@@ -229,14 +235,13 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict, se
         (("inverted", plan.triggers), ("real", real)), tolerances, levers
     ):
         key = _key(triggers_name, tol, lever)
-        if key in out or (triggers_name == "real" and lever in (*COVERAGE_LEVERS, UNCHECKED_BLENDS)):
+        if key in out or (triggers_name == "real" and lever in PLAN_LEVERS):
             continue
         if lever in STEP2_LEVERS:
             out[key] = step2(triggers, STEP2_LEVERS[lever](plan.tuning), tol)[1]
             continue
         if lever == UNCHECKED_BLENDS:
-            checked = [c for c in plan.triggers if c.search is not Search.BLEND]
-            out[key] = step2(plan.triggers, plan.tuning, tol, checked)[1]
+            out[key] = step2(plan.triggers, plan.tuning, tol, _no_blends(plan.triggers))[1]
             continue
         if tol not in round1:
             round1[tol] = step2(plan.triggers, plan.tuning, tol)[0]
@@ -260,7 +265,7 @@ def main() -> None:
         "--levers",
         nargs="+",
         default=["base"],
-        choices=[*STEP2_LEVERS, *COVERAGE_LEVERS, UNCHECKED_BLENDS],
+        choices=[*STEP2_LEVERS, *PLAN_LEVERS],
         help="step-2 changes",
     )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="shot sets (purify's --seed)")

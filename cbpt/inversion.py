@@ -97,15 +97,7 @@ class CompactProbes:
         if self.stand_in is None:
             return found
         bar = self.stand_in * inv.flip_rate
-        pulls = [c.over_alignment for c in inv.masks() if not c.probe and c.target == target]
-        pull = max((p for p in pulls if p is not None), default=None)
-        standing = [
-            c
-            for c in inv.compact()
-            if c.target == target
-            and c.flip_rate >= bar
-            and (pull is None or (c.over_alignment is not None and c.over_alignment >= pull))
-        ]
+        standing = [c for c in inv.pulling(inv.compact(), target) if c.flip_rate >= bar]
         return [replace(c, target=target) for c in standing] or [c for c in found if not c.probe]
 
 
@@ -127,13 +119,7 @@ class BlendProbes:
 
     def tuned_beside(self, inv: InversionResult, target: int) -> list[Candidate]:
         """The blends a found backdoor aimed at `target` is also tuned against, aimed there."""
-        pulls = [c.over_alignment for c in inv.masks() if c.search is Search.RESTART and c.target == target]
-        pull = max((p for p in pulls if p is not None), default=None)
-        return [
-            replace(c, target=target)
-            for c in inv.blends()
-            if c.target == target and (pull is None or (c.over_alignment is not None and c.over_alignment >= pull))
-        ]
+        return [replace(c, target=target) for c in inv.pulling(inv.blends(), target)]
 
 
 @dataclass(frozen=True)
@@ -235,6 +221,19 @@ class InversionResult:
     def restarts(self) -> list[Candidate]:
         """Every candidate but the probes."""
         return [c for c in self.candidates if c.search is Search.RESTART]
+
+    def pulling(self, probes: list[Candidate], target: int) -> list[Candidate]:
+        """Of `probes`, those that reach `target` and over-align toward it at least as far as every
+        per-pixel mask restart pointing there (all that reach it, where none does): the poisoned
+        model's own pull, the condition a compact mask stands in under and a blend joins the
+        tuning under (docs/method.md#compact-probes, docs/method.md#blend-probes)."""
+        pulls = [c.over_alignment for c in self.masks() if not c.probe and c.target == target]
+        pull = max((p for p in pulls if p is not None), default=None)
+        return [
+            c
+            for c in probes
+            if c.target == target and (pull is None or (c.over_alignment is not None and c.over_alignment >= pull))
+        ]
 
 
 @dataclass
