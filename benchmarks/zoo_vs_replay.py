@@ -3,7 +3,8 @@ the replayed rule kept over the checkpoints recorded before (docs/results.md#the
 
     python benchmarks/zoo_vs_replay.py zoo-out/runs docs/bench/served-reading/replay-served-fit.md --part fit
 
-Reads the zoo's per-model JSON (`testbed zoo` writes one under runs/) and the replay's markdown
+Reads the zoo's records (`testbed.zoo.stored_records`: a runs/ folder, a zoo folder, or a committed
+results.json standing for a run whose folder is gone) and the replay's markdown
 table (`selection_replay.py replay` writes one row per run, one column per rule); prints one row
 per model: CA / ASR before, the rule's CA / ASR (rung), this run's, and how many blend probes
 the plan tuned against.
@@ -12,8 +13,9 @@ the plan tuned against.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from testbed.zoo import stored_records
 
 
 def replay_column(path: Path, rule: str) -> dict[str, str]:
@@ -44,16 +46,15 @@ def row(r: dict, replayed: dict[str, str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", type=Path, help="the zoo's runs/ folder")
+    ap.add_argument("runs", type=Path, help="the zoo's runs/ folder, its work folder or a results.json")
     ap.add_argument("replay", type=Path, help="a selection_replay.py replay table (markdown)")
     ap.add_argument("--rule", default="today")
     ap.add_argument("--part", choices=("fit", "report"), default=None)
     args = ap.parse_args()
     replayed = replay_column(args.replay, args.rule)
-    records = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*.json"))]
     print(f"| model | CA / ASR before | {args.rule} (replayed) | this run (rung) | blends tuned against |")
     print("|---|---|---|---|---|")
-    for r in records:
+    for r in stored_records(args.runs):
         if args.part is None or r["part"] == args.part:
             print(row(r, replayed))
 
