@@ -227,7 +227,7 @@ class InversionResult:
         per-pixel mask restart pointing there (all that reach it, where none does): the poisoned
         model's own pull, the condition a compact mask stands in under and a blend joins the
         tuning under (docs/method.md#compact-probes, docs/method.md#blend-probes)."""
-        pulls = [c.over_alignment for c in self.masks() if not c.probe and c.target == target]
+        pulls = [c.over_alignment for c in self.restarts() if c.kind is TriggerKind.MASK and c.target == target]
         pull = max((p for p in pulls if p is not None), default=None)
         return [
             c
@@ -407,6 +407,10 @@ def invert(
     )
 
 
+# each probe search's random stream, offset from the restarts' seed
+_STREAMS = {Search.WARP: 1, Search.COMPACT: 2, Search.BLEND: 3}
+
+
 def _probe(
     encoder: ImageEncoder,
     pixels: torch.Tensor,
@@ -430,9 +434,6 @@ def _probe(
     runs = [_one_restart(encoder, pixels, clean, cfg, gen, tick, init) for _ in range(n)]
     probes = [_describe(r, clean, labels, class_weights, search) for r in runs]
     return replace(result, candidates=result.candidates + probes, seconds=result.seconds + time.perf_counter() - t0)
-
-
-_STREAMS = {Search.WARP: 1, Search.COMPACT: 2, Search.BLEND: 3}
 
 
 def probe(
