@@ -8,7 +8,8 @@ trigger is about as small as collapse allows (docs/method.md#trigger-inversion).
 
 Mask restarts feed the mask score; warp restarts cover WaNet-like triggers no mask
 reproduces (docs/method.md#warp-search); `probe` searches more warps from random
-fields where the masks read clean (docs/method.md#warp-probes), or, where the scan found a
+fields where the masks read clean (docs/method.md#warp-probes) and, where no rule has found a
+backdoor, small patches at fixed places (docs/method.md#patch-probes); or, where the scan found a
 backdoor, more masks under a compact prior (docs/method.md#compact-probes) and blend-shaped
 triggers (docs/method.md#blend-probes). `Search` names which search found a candidate.
 Every restart becomes a `Candidate` with the statistics the scan reads (`cbpt.evidence`).
@@ -41,6 +42,7 @@ class Search(StrEnum):
     WARP = "warp-probe"  # random-start warps, where the masks read clean (docs/method.md#warp-probes)
     COMPACT = "compact"  # masks under a compact prior, once a backdoor is found (docs/method.md#compact-probes)
     BLEND = "blend"  # blend-shaped triggers, once a backdoor is found (docs/method.md#blend-probes)
+    PATCH = "patch"  # small patches at fixed places, where no rule found one (docs/method.md#patch-probes)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,38 @@ class BlendProbes:
         return [replace(c, target=target) for c in inv.pulling(inv.blends(), target)]
 
 
+class Place(StrEnum):
+    """Where a patch probe sits: the centre or a corner, one pixel in from the border."""
+
+    CENTRE = "centre"
+    TOP_LEFT = "top-left"
+    TOP_RIGHT = "top-right"
+    BOTTOM_LEFT = "bottom-left"
+    BOTTOM_RIGHT = "bottom-right"
+
+    def corner(self, h: int, w: int, side: int) -> tuple[int, int]:
+        """The (top, left) pixel of a `side`-pixel square here in an h x w image."""
+        top = {"centre": (h - side) // 2, "top": 1, "bottom": h - side - 1}[self.value.split("-")[0]]
+        left = {"centre": (w - side) // 2, "left": 1, "right": w - side - 1}[self.value.split("-")[-1]]
+        return top, left
+
+
+@dataclass(frozen=True)
+class PatchProbes:
+    """Square patches of a fixed size and place, each with a free pattern, searched where no
+    rule has found a backdoor (docs/method.md#patch-probes): one restart per place, under the
+    same contrastive loss, with nothing to shrink. A backdoor's trigger is a small region the
+    model learnt to obey; a clean model's natural features need more of the image, and the
+    per-pixel masks reach them with scattered pixels a square cannot copy. `side`: the patch's
+    side as a share of the image's (0.19: 6 pixels of 32, 42 of 224)."""
+
+    places: tuple[Place, ...] = tuple(Place)
+    side: float = 0.19
+
+    def pixels(self, h: int, w: int) -> int:
+        return max(1, round(self.side * min(h, w)))
+
+
 @dataclass(frozen=True)
 class InversionConfig:
     steps: int = 200
@@ -137,6 +171,7 @@ class InversionConfig:
     warp: WarpSearch = field(default_factory=WarpSearch)
     compact: CompactProbes = field(default_factory=CompactProbes)
     blend: BlendProbes = field(default_factory=BlendProbes)
+    patch: PatchProbes = field(default_factory=PatchProbes)
     seed: int = 0
 
 
@@ -203,8 +238,10 @@ class InversionResult:
         return self.best.flip_rate
 
     def masks(self) -> list[Candidate]:
-        """The mask restarts and the compact probes; the blends, masks of one opacity, are `blends`."""
-        return [c for c in self.candidates if c.kind is TriggerKind.MASK and c.search is not Search.BLEND]
+        """The mask restarts and the compact probes; the blends, masks of one opacity, are
+        `blends`, and the fixed patches `patches`."""
+        searched = (Search.RESTART, Search.COMPACT)
+        return [c for c in self.candidates if c.kind is TriggerKind.MASK and c.search in searched]
 
     def warps(self) -> list[Candidate]:
         """The warp restarts and probes."""
@@ -217,6 +254,10 @@ class InversionResult:
     def blends(self) -> list[Candidate]:
         """The blend-shaped triggers (`probe`)."""
         return [c for c in self.candidates if c.search is Search.BLEND]
+
+    def patches(self) -> list[Candidate]:
+        """The fixed-place patches (`probe`), most flipping first."""
+        return sorted((c for c in self.candidates if c.search is Search.PATCH), key=lambda c: -c.flip_rate)
 
     def restarts(self) -> list[Candidate]:
         """Every candidate but the probes."""
@@ -294,6 +335,25 @@ def _blend_init(h: int, w: int, cfg: InversionConfig, gen: torch.Generator, devi
         return DummyTrigger(mask, torch.sigmoid(pattern), torch.zeros(3, h, w, device=device)), alpha
 
     return [logit, pattern], build
+
+
+def _patch_init(place: Place, side: float):
+    """A square of `side` of the image's side at `place`, fully opaque, and a free pattern; its
+    size is nothing (the square does not change)."""
+
+    def init(h: int, w: int, cfg: InversionConfig, gen: torch.Generator, device: torch.device):
+        s = PatchProbes(side=side).pixels(h, w)
+        top, left = place.corner(h, w, s)
+        mask = torch.zeros(h, w, device=device)
+        mask[top : top + s, left : left + s] = 1.0
+        pattern = _leaf(torch.randn(3, h, w, generator=gen), device)
+
+        def build() -> tuple[DummyTrigger, torch.Tensor]:
+            return DummyTrigger(mask, torch.sigmoid(pattern), torch.zeros(3, h, w, device=device)), mask.new_zeros(())
+
+        return [pattern], build
+
+    return init
 
 
 def _one_restart(
@@ -408,7 +468,7 @@ def invert(
 
 
 # each probe search's random stream, offset from the restarts' seed
-_STREAMS = {Search.WARP: 1, Search.COMPACT: 2, Search.BLEND: 3}
+_STREAMS = {Search.WARP: 1, Search.COMPACT: 2, Search.BLEND: 3, Search.PATCH: 4}
 
 
 def _probe(
@@ -418,20 +478,19 @@ def _probe(
     class_weights: torch.Tensor,
     result: InversionResult,
     cfg: InversionConfig,
-    n: int,
+    inits: list[Callable],
     search: Search,
-    init: Callable,
     progress: Callable[[int, int], None] | None,
 ) -> InversionResult:
-    """`result` with `n` more restarts from `init` added to its candidates as `search`'s probes.
+    """`result` with one more restart from each of `inits` added to its candidates as `search`'s probes.
     Each search draws from its own stream (`cfg.seed + _STREAMS[search]`), so the restarts and
     the other searches stay as they were."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed + _STREAMS[search])
-    tick = _ticker(progress, cfg.steps * n)
+    tick = _ticker(progress, cfg.steps * len(inits))
     labels = labels.to(encoder.device)
     clean = encoder.all(pixels)
-    runs = [_one_restart(encoder, pixels, clean, cfg, gen, tick, init) for _ in range(n)]
+    runs = [_one_restart(encoder, pixels, clean, cfg, gen, tick, init) for init in inits]
     probes = [_describe(r, clean, labels, class_weights, search) for r in runs]
     return replace(result, candidates=result.candidates + probes, seconds=result.seconds + time.perf_counter() - t0)
 
@@ -447,14 +506,17 @@ def probe(
     progress: Callable[[int, int], None] | None = None,
 ) -> InversionResult:
     """`result` with `search`'s probes added to its candidates: `cfg.warp.probes` random-start
-    warps (where the masks read clean), `cfg.compact.restarts` masks under the compact prior or
-    `cfg.blend.restarts` blends (where the scan found a backdoor)."""
+    warps (where the masks read clean), a patch at each of `cfg.patch.places` (where no rule found
+    a backdoor), `cfg.compact.restarts` masks under the compact prior or `cfg.blend.restarts`
+    blends (where the scan found a backdoor)."""
     if search is Search.WARP:
-        n, init = cfg.warp.probes, _warp_init(cfg.warp.probe_spread)
+        inits = [_warp_init(cfg.warp.probe_spread)] * cfg.warp.probes
+    elif search is Search.PATCH:
+        inits = [_patch_init(place, cfg.patch.side) for place in cfg.patch.places]
     elif search is Search.COMPACT:
-        n, init, cfg = cfg.compact.restarts, _init_mask, replace(cfg, prior=cfg.compact.prior)
+        inits, cfg = [_init_mask] * cfg.compact.restarts, replace(cfg, prior=cfg.compact.prior)
     elif search is Search.BLEND:
-        n, init = cfg.blend.restarts, _blend_init
+        inits = [_blend_init] * cfg.blend.restarts
     else:
         raise ValueError(f"{search} is no probe")
-    return _probe(encoder, pixels, labels, class_weights, result, cfg, n, search, init, progress)
+    return _probe(encoder, pixels, labels, class_weights, result, cfg, inits, search, progress)

@@ -77,9 +77,9 @@ def _embeddings(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = 
 
 
 def _picture(inv: InversionResult, shots: Shots) -> bytes:
-    """The best mask, then every warp, compact mask and blend (docs/method.md#compact-probes,
-    docs/method.md#blend-probes)."""
-    others = inv.warps() + inv.compact() + inv.blends()
+    """The best mask, then every warp, patch, compact mask and blend (docs/method.md#patch-probes,
+    docs/method.md#compact-probes, docs/method.md#blend-probes)."""
+    others = inv.warps() + inv.patches() + inv.compact() + inv.blends()
     return trigger_png(inv.trigger, shots.pixels, others=[c.trigger for c in others])
 
 

@@ -1,6 +1,6 @@
 """The scan: is the model backdoored, toward which class, and shown by which evidence.
 
-Three rules, in the order `ScanRules` lists them (docs/method.md#the-scan):
+Four rules, in the order `ScanRules` lists them (docs/method.md#the-scan):
 1. the mask score: a small inverted mask that flips the shots into one class
    (docs/method.md#mask-score);
 2. where the masks read clean, over-alignment: an inverted warp whose triggered shots come
@@ -8,7 +8,9 @@ Three rules, in the order `ScanRules` lists them (docs/method.md#the-scan):
 3. then the same of an inverted mask: a patch the per-pixel masks reproduce only with more of
    the image than the mask score allows still over-aligns (docs/method.md#aligned-masks), and
    reads as planted rather than drawn: it sends the shots where the target's own images are not
-   (docs/method.md#typicality) and needs its pattern to do it (docs/method.md#shape-flip).
+   (docs/method.md#typicality) and needs its pattern to do it (docs/method.md#shape-flip);
+4. where none of those found one, a small square patch at a fixed place that sends nearly every
+   shot to one class (docs/method.md#patch-probes).
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ ATYPICAL_THRESHOLD = 1.2
 # as atypical twice this (`planted`; docs/method.md#shape-flip: midway between the backdoors the
 # aligned-mask rule finds, 0.10 and under, and the clean ViTs' ring masks, 0.16 and over).
 SHAPE_FLIP_THRESHOLD = 0.13
+# A patch probe (a square of 0.19 of the image's side, free pattern) that sends at least this share
+# of the shots outside one class to it shows a backdoor (docs/method.md#patch-probes: set between
+# the zoo fit part's six patch backdoors tried, 0.95-1.00, and its clean models, 0.71 at most).
+PATCH_THRESHOLD = 0.9
 
 
 class Evidence(StrEnum):
@@ -54,24 +60,26 @@ class Evidence(StrEnum):
     MASK = "mask"  # the mask score
     WARP = "warp"  # an over-aligned warp
     ALIGNED_MASK = "aligned-mask"  # an over-aligned mask, its mask score under the bar
+    PATCH = "patch"  # a fixed-place patch probe that flips the shots
 
 
-MASK_EVIDENCE = (Evidence.MASK, Evidence.ALIGNED_MASK)  # a found backdoor tuned against masks
+MASK_EVIDENCE = (Evidence.MASK, Evidence.ALIGNED_MASK)  # a found backdoor tuned against its per-pixel masks
 ALIGNED_KIND = {Evidence.WARP: TriggerKind.WARP, Evidence.ALIGNED_MASK: TriggerKind.MASK}  # what each rule reads
 
 
 @dataclass(frozen=True)
 class ScanRules:
     """The evidence the scan reads, first found first (docs/method.md#the-scan). The mask
-    score's bar is `SCAN_THRESHOLD`, over-alignment's `ALIGN_THRESHOLD`; `evidence` without
-    ALIGNED_MASK is the scan before docs/method.md#aligned-masks, kept to compare the two on
-    the zoo (benchmarks/zoo_refit.py). `atypical`: how far short of the target's own images an
-    over-aligned mask's shots must sit (`ATYPICAL_THRESHOLD`); None reads over-aligned masks as
-    before docs/method.md#typicality. `shape_flip`: the share of the shots such a mask's
+    score's bar is `SCAN_THRESHOLD`, over-alignment's `ALIGN_THRESHOLD`, a patch probe's
+    `PATCH_THRESHOLD`; `evidence` without ALIGNED_MASK is the scan before
+    docs/method.md#aligned-masks, kept to compare the two on the zoo (benchmarks/zoo_refit.py),
+    and without PATCH the scan before docs/method.md#patch-probes. `atypical`: how far short of
+    the target's own images an over-aligned mask's shots must sit (`ATYPICAL_THRESHOLD`); None
+    reads over-aligned masks as before docs/method.md#typicality. `shape_flip`: the share of the shots such a mask's
     shape alone may flip before its typicality is discounted (`SHAPE_FLIP_THRESHOLD`, read by
     `planted`); None reads them as before docs/method.md#shape-flip."""
 
-    evidence: tuple[Evidence, ...] = (Evidence.MASK, Evidence.WARP, Evidence.ALIGNED_MASK)
+    evidence: tuple[Evidence, ...] = (Evidence.MASK, Evidence.WARP, Evidence.ALIGNED_MASK, Evidence.PATCH)
     atypical: float | None = ATYPICAL_THRESHOLD
     shape_flip: float | None = SHAPE_FLIP_THRESHOLD
 
@@ -139,10 +147,22 @@ def over_aligned(inv: InversionResult, kind: TriggerKind, rules: ScanRules) -> l
     return [c for c in found if c.target == found[0].target]
 
 
+def patched(inv: InversionResult) -> list[Candidate]:
+    """The patch probes past PATCH_THRESHOLD, toward the target of the one that flips most."""
+    patches = inv.patches()
+    if not patches or patches[0].flip_rate < PATCH_THRESHOLD:
+        return []
+    return [c for c in patches if c.target == patches[0].target]
+
+
 def evidence_margin(inv: InversionResult, evidence: Evidence, rules: ScanRules) -> float:
-    """How far `evidence` goes toward its bar: at least 1 exactly where it shows a backdoor."""
+    """How far `evidence` goes toward its bar: at least 1 exactly where it shows a backdoor
+    (-inf where its candidates were not searched)."""
     if evidence is Evidence.MASK:
         return inv.score / SCAN_THRESHOLD
+    if evidence is Evidence.PATCH:
+        patches = inv.patches()
+        return patches[0].flip_rate / PATCH_THRESHOLD if patches else float("-inf")
     return max([float("-inf")] + [m for m, _ in _aligned_margins(inv, ALIGNED_KIND[evidence], rules)])
 
 
@@ -160,6 +180,11 @@ def read_scan(inv: InversionResult, rules: ScanRules = ScanRules()) -> Verdict:
             if masks_found(inv):
                 return Verdict(Evidence.MASK, inv.target, [replace(c, target=inv.target) for c in inv.masks()])
             continue
+        if evidence is Evidence.PATCH:
+            found = patched(inv)
+            if found:  # tuned against the patches that flip toward the target
+                return Verdict(Evidence.PATCH, found[0].target, found)
+            continue
         kind = ALIGNED_KIND[evidence]
         aligned = over_aligned(inv, kind, rules)
         if aligned:  # every candidate of that kind then becomes a trigger for that target
@@ -176,10 +201,11 @@ def run_scan(
     original: torch.Tensor,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> InversionResult:
-    """Step 1: invert; where the mask score reads clean, probe for a warp's evidence; where the
-    masks then show a backdoor (by their score or their over-alignment), search the compact
-    masks asked for (docs/method.md#compact-probes); where any rule found one, the blends asked
-    for (docs/method.md#blend-probes). `original`: the original prompts' head [C, D]."""
+    """Step 1: invert; where the mask score reads clean, probe for a warp's evidence; where no
+    rule has found a backdoor, search the fixed-place patches (docs/method.md#patch-probes); where
+    the masks show one (by their score or their over-alignment), search the compact masks asked
+    for (docs/method.md#compact-probes); where any rule found one, the blends asked for
+    (docs/method.md#blend-probes). `original`: the original prompts' head [C, D]."""
 
     def stage(name: str):
         return (lambda d, t: progress(name, d, t)) if progress else None
@@ -189,6 +215,9 @@ def run_scan(
     if not masks_found(inv) and cfg.warp.probes:
         inv = probe(encoder, shots.pixels, shots.labels, original, inv, Search.WARP, cfg, stage("probe"))
     evidence = read_scan(inv).evidence
+    if evidence is None and cfg.patch.places:
+        inv = probe(encoder, shots.pixels, shots.labels, original, inv, Search.PATCH, cfg, stage("patch"))
+        evidence = read_scan(inv).evidence
     if cfg.compact.restarts and evidence in MASK_EVIDENCE:
         inv = probe(encoder, shots.pixels, shots.labels, original, inv, Search.COMPACT, cfg, stage("compact"))
     if cfg.blend.restarts and evidence is not None:
@@ -208,6 +237,7 @@ def scan_summary(inv: InversionResult, classnames: tuple[str, ...]) -> dict:
         "threshold": SCAN_THRESHOLD,
         "suspicion": round(suspicion(inv), 4),
         "alignment_threshold": ALIGN_THRESHOLD,
+        "patch_threshold": PATCH_THRESHOLD,
         "flip_rate": round(inv.flip_rate, 4),
         "consistency": round(inv.consistency, 4),
         "clean_consistency": round(inv.clean_consistency, 4),

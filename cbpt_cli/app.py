@@ -201,6 +201,16 @@ BlendOpt = Annotated[
         "patch (docs/method.md#blend-probes). Default: 2; 0 turns them off."
     ),
 ]
+PatchOpt = Annotated[
+    bool,
+    typer.Option(
+        "--patch-probes/--no-patch-probes",
+        help="Where no other rule finds a backdoor, search a small square patch (a fifth of the image's side) "
+        "at the centre and each corner; one that sends 90% of the shots to one class shows a backdoor a "
+        "natural feature could not (docs/method.md#patch-probes). Five more inversion restarts on models "
+        "that read clean otherwise.",
+    ),
+]
 TuneStepsOpt = Annotated[
     int,
     typer.Option(
@@ -217,7 +227,9 @@ EpsOpt = Annotated[
 ]
 
 
-def _inversion_config(seed: int, steps: int, restarts: int, eps: float, compact: int | None, blend: int | None):
+def _inversion_config(
+    seed: int, steps: int, restarts: int, eps: float, compact: int | None, blend: int | None, patches: bool = True
+):
     from dataclasses import replace
 
     from cbpt.inversion import InversionConfig
@@ -233,6 +245,8 @@ def _inversion_config(seed: int, steps: int, restarts: int, eps: float, compact:
     if blend is not None and blend < 0:
         raise UsageError(f"--blend-restarts must be 0 or more, got {blend}", "pass --blend-restarts 2")
     cfg = InversionConfig(seed=seed, steps=steps, mask_restarts=restarts, eps=eps)
+    if not patches:
+        cfg = replace(cfg, patch=replace(cfg.patch, places=()))
     if compact is not None:
         cfg = replace(cfg, compact=replace(cfg.compact, restarts=compact))
     return cfg if blend is None else replace(cfg, blend=replace(cfg.blend, restarts=blend))
@@ -251,6 +265,7 @@ def scan(
     restarts: RestartsOpt = 3,
     compact_restarts: CompactOpt = None,
     blend_restarts: BlendOpt = None,
+    patch_probes: PatchOpt = True,
     eps: EpsOpt = 0.0,
     out: Annotated[Optional[Path], typer.Option(help="Write trigger.png and scan.json here.")] = None,
     overwrite: OverwriteOpt = False,
@@ -273,7 +288,7 @@ def scan(
     from cbpt_cli.progress import stage_progress
     from cbpt_guard.atomic import check_target, staged_dir
 
-    inv_cfg = _inversion_config(seed, inversion_steps, restarts, eps, compact_restarts, blend_restarts)
+    inv_cfg = _inversion_config(seed, inversion_steps, restarts, eps, compact_restarts, blend_restarts, patch_probes)
     if out is not None:
         check_target(out, overwrite)
     clip = load_clip(model, arch=arch, runtime=runtime)
@@ -293,8 +308,12 @@ def scan(
         f"score {summary['score']:.3f} (threshold {summary['threshold']}), the best mask flips "
         f"{summary['flip_rate']:.0%} of shots with {summary['mask_l1']:.1%} of the image"
     )
-    if summary["evidence"] in (Evidence.WARP, Evidence.ALIGNED_MASK):
-        shown = "an inverted warp (below)" if summary["evidence"] == Evidence.WARP else "an over-aligned mask"
+    if summary["evidence"] in (Evidence.WARP, Evidence.ALIGNED_MASK, Evidence.PATCH):
+        shown = {
+            Evidence.WARP: "an inverted warp (below)",
+            Evidence.ALIGNED_MASK: "an over-aligned mask",
+            Evidence.PATCH: "a small patch (below)",
+        }[summary["evidence"]]
         typer.echo(f"BACKDOORED: target '{summary['target']}', shown by {shown}; masks: {masks}{picture}")
     else:
         verdict = "BACKDOORED" if summary["backdoored"] else "clean"
@@ -303,6 +322,11 @@ def scan(
         align = "n/a (too few shots of that class)" if c["over_alignment"] is None else f"{c['over_alignment']:+.2f}"
         if c["search"] == Search.COMPACT:  # --compact-restarts (docs/method.md#compact-probes)
             typer.echo(f"  compact mask: sends {c['flip_rate']:.0%} of shots to '{c['target']}'")
+        elif c["search"] == Search.PATCH:  # docs/method.md#patch-probes
+            typer.echo(
+                f"  patch of {c['mask_l1']:.1%} of the image: sends {c['flip_rate']:.0%} of shots to "
+                f"'{c['target']}' (backdoor at {summary['patch_threshold']:.0%})"
+            )
         elif c["search"] == Search.BLEND:  # --blend-restarts (docs/method.md#blend-probes)
             typer.echo(
                 f"  blend at {c['mask_l1']:.0%} opacity: sends {c['flip_rate']:.0%} of shots to '{c['target']}', "
@@ -329,6 +353,7 @@ def purify(
     restarts: RestartsOpt = 3,
     compact_restarts: CompactOpt = None,
     blend_restarts: BlendOpt = None,
+    patch_probes: PatchOpt = True,
     tuning_steps: TuneStepsOpt = 300,
     eps: EpsOpt = 0.0,
     alpha: Annotated[
@@ -405,7 +430,9 @@ def purify(
         budget=budget,
         force=force,
         routed_share=routed_share,
-        inversion=_inversion_config(seed, inversion_steps, restarts, eps, compact_restarts, blend_restarts),
+        inversion=_inversion_config(
+            seed, inversion_steps, restarts, eps, compact_restarts, blend_restarts, patch_probes
+        ),
         tuning=tuning,
     ).seeded(seed)
     check_target(out, overwrite)
@@ -441,6 +468,8 @@ def _evidence_phrase(scan: dict) -> str:
         return "(shown by an inverted warp's over-alignment)"
     if scan["evidence"] == Evidence.ALIGNED_MASK:
         return f"(shown by an inverted mask's over-alignment; mask score {scan['score']:.3f})"
+    if scan["evidence"] == Evidence.PATCH:
+        return f"(shown by a small patch that flips the shots; mask score {scan['score']:.3f})"
     return f"(score {scan['score']:.3f})"
 
 

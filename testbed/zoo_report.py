@@ -45,8 +45,9 @@ def markdown(results: dict) -> str:
         "",
         f"{len(results['records'])} of {results['planned']} planned models measured, each scanned and purified "
         f"with K = {results['config']['shots']} clean images per class in all. The scan's continuous "
-        "score is `suspicion` (cbpt.scan.suspicion: the mask score over its threshold or the best warp's "
-        "or mask's over-alignment margin over its bar; >= 1 is the verdict). ASR after and CA drop: median / 95th "
+        "score is `suspicion` (cbpt.scan.suspicion: the mask score over its threshold, the best warp's "
+        "or mask's over-alignment margin over its bar, or the best patch probe's flip rate over its bar; "
+        ">= 1 is the verdict). ASR after and CA drop: median / 95th "
         "percentile / worst; CA drop = CA before - CA after on the model's own test split.",
         "",
     ]

@@ -240,16 +240,18 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
     res = json.loads(stdout)
     assert {"backdoored", "target", "score", "flip_rate", "mask_l1"} <= set(res) and res["target"] == "triangle"
     assert res["threshold"] == SCAN_THRESHOLD and res["alignment_threshold"] == ALIGN_THRESHOLD
-    # the warp probes are searched exactly when the mask score reads clean, a compact mask when
-    # the masks show the backdoor (by their score or their over-alignment), a blend when any rule does
+    # the warp probes are searched exactly when the mask score reads clean, the five patches when no
+    # other rule found the backdoor, a compact mask when the masks show it (by their score or their
+    # over-alignment), a blend when any rule does
     kinds = [(c["kind"], c["probe"]) for c in res["candidates"]]
     searches = [(c["kind"], c["search"]) for c in res["candidates"]]
     probed = res["score"] < SCAN_THRESHOLD
+    patches = [("mask", "patch")] * 5 if res["evidence"] in (None, "patch") else []
     by_masks = res["evidence"] in ("mask", "aligned-mask")
     compact = [("mask", "compact")] if by_masks else []  # --compact-restarts 1
     blend = [("mask", "blend")] if res["backdoored"] else []  # --blend-restarts 1
     restarts = [("mask", "restart"), ("warp", "restart")]
-    assert searches == restarts + [("warp", "warp-probe")] * (2 * probed) + compact + blend
+    assert searches == restarts + [("warp", "warp-probe")] * (2 * probed) + patches + compact + blend
     assert (res["evidence"] == "mask") == (not probed)
     assert all(0.0 <= c["flip_rate"] <= 1.0 for c in res["candidates"])
     assert res["candidates"][0]["target"] == res["target"] and res["candidates"][0]["flip_rate"] == res["flip_rate"]
@@ -258,7 +260,7 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
     from PIL import Image
 
     with Image.open(tmp_path / "s" / "trigger.png") as img:
-        # a row of mask / pattern tiles, clean shots, triggered shots, and one row per warp, compact mask and blend
+        # a row of mask / pattern tiles, clean shots, triggered shots, and a row per warp, patch, compact mask, blend
         rows = 3 + sum(k == "warp" or p for k, p in kinds)
         assert img.size[0] >= 3 * 96 and img.size[1] == rows * (96 + 4) + 4
     assert json.loads((tmp_path / "s" / "scan.json").read_text())["target"] == "triangle"
@@ -276,9 +278,11 @@ def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
         "1",
         "--blend-restarts",
         "1",
+        "--no-patch-probes",
     )
     assert code == 0, err
     assert stdout.startswith(("BACKDOORED: ", "clean: score")) and "warp inversion: sends" in stdout
+    assert "  patch of " not in stdout  # --no-patch-probes
     # the compact mask is searched, and printed, exactly when the masks showed the backdoor; a blend when any rule did
     by_masks = stdout.startswith("BACKDOORED: ") and "shown by an inverted warp" not in stdout
     assert ("  compact mask: sends" in stdout) == by_masks
@@ -1039,6 +1043,37 @@ def test_a_planted_patch_is_inverted_as_a_compact_region_and_the_priors_keep_it_
     assert edges[2] < 0.6 * edges[1] and edges["compact"] < 0.6 * edges[1]  # far fewer edges per unit of mask
     with pytest.raises(ValueError, match="cell >= 1"):
         MaskPrior(cell=0)
+
+
+def test_patch_probes_sit_at_the_centre_and_corners_and_find_a_patch_placed_there():
+    """Patch probes (docs/method.md#patch-probes): a square a fifth of the side at each place; the
+    one over the planted patch flips the shots to the backdoor's target, pulled past the target's
+    own shots toward its text, and shows the backdoor."""
+    from cbpt.inversion import InversionConfig, PatchProbes, Place, Search, WarpSearch, invert, probe
+    from cbpt.scan import PATCH_THRESHOLD, Evidence, ScanRules, read_scan, suspicion
+
+    boxes = {p: p.corner(32, 32, PatchProbes().pixels(32, 32)) for p in Place}
+    assert PatchProbes().pixels(32, 32) == 6 and PatchProbes().pixels(224, 224) == 43
+    assert boxes == {
+        Place.CENTRE: (13, 13),
+        Place.TOP_LEFT: (1, 1),
+        Place.TOP_RIGHT: (1, 25),
+        Place.BOTTOM_LEFT: (25, 1),
+        Place.BOTTOM_RIGHT: (25, 25),
+    }
+    encoder, pixels, labels, classes, _ = _patch_detector(corner=(13, 13), vivid=True)
+    cfg = InversionConfig(steps=150, mask_restarts=1, warp=WarpSearch(restarts=0, probes=0))
+    inv = invert(encoder, pixels, labels, classes, cfg)
+    probed = probe(encoder, pixels, labels, classes, inv, Search.PATCH, cfg)
+    assert probed.candidates[:1] == inv.candidates and len(probed.patches()) == len(Place)
+    centre, *elsewhere = sorted(probed.patches(), key=lambda c: c.trigger.mask[13:19, 13:19].sum(), reverse=True)
+    assert centre.flip_rate >= PATCH_THRESHOLD and centre.mask_l1 == 36 / 1024 and centre.over_alignment > 1
+    assert [c.flip_rate for c in probed.patches()] == sorted((c.flip_rate for c in elsewhere + [centre]), reverse=True)
+    verdict = read_scan(probed, ScanRules(evidence=(Evidence.PATCH,)))
+    assert verdict.evidence is Evidence.PATCH and verdict.target == centre.target
+    assert centre in verdict.triggers and all(t.target == centre.target for t in verdict.triggers)
+    assert suspicion(probed, ScanRules(evidence=(Evidence.PATCH,))) == centre.flip_rate / PATCH_THRESHOLD
+    assert inv.patches() == [] and read_scan(inv, ScanRules(evidence=(Evidence.PATCH,))).evidence is None
 
 
 def test_a_planted_patch_needs_its_pattern_and_a_drawn_shape_does_not():
