@@ -32,11 +32,13 @@ from cbpt_guard import atomic
 from cbpt_guard.artifacts import CLASSES
 from testbed.zoo import stored_records, summarise
 
+ALIGNED = (Evidence.MASK, Evidence.WARP, Evidence.ALIGNED_MASK)  # the rules before patch probes
 RULES = {
     "mask score, warps (as the zoo ran)": ScanRules((Evidence.MASK, Evidence.WARP), atypical=None, shape_flip=None),
-    "with over-aligned masks (as the zoo ran)": ScanRules(atypical=None, shape_flip=None),
-    "over-aligned masks only where atypical": ScanRules(shape_flip=None),
-    "... discounted by the shape flip (today)": ScanRules(),
+    "with over-aligned masks (as the zoo ran)": ScanRules(ALIGNED, atypical=None, shape_flip=None),
+    "over-aligned masks only where atypical": ScanRules(ALIGNED, shape_flip=None),
+    "... discounted by the shape flip": ScanRules(ALIGNED),
+    "... and patch probes, where searched (today)": ScanRules(),
 }
 
 
