@@ -140,7 +140,7 @@ def test_inverted_trigger_finds_the_planted_target_only_in_the_backdoored_model(
     clip, inv, shots = scans["blended"]
     assert inv.target == planted
     # every restart names the class its own trigger points to; the best mask names the target
-    assert inv.candidates[0].target == planted and [c.kind for c in inv.candidates] == ["mask", "warp"]
+    assert inv.candidates[0].target == planted and [c.kind for c in inv.restarts()] == ["mask", "warp"]
     assert _sent_to(clip, inv.trigger, shots, planted) >= 0.8
     # the clean model's best mask, whatever class it points to, does not send the shots to the planted one
     clip, clean_inv, clean_shots = scans["none"]
