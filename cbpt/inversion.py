@@ -147,12 +147,13 @@ class PatchProbes:
     same contrastive loss, with nothing to shrink. A backdoor's trigger is a small region the
     model learnt to obey; a clean model's natural features need more of the image, and the
     per-pixel masks reach them with scattered pixels a square cannot copy. `side`: the patch's
-    side as a share of the image's (0.19: 6 pixels of 32, 42 of 224)."""
+    side as a share of the image's (0.19: 6 pixels of 32, 43 of 224)."""
 
     places: tuple[Place, ...] = tuple(Place)
     side: float = 0.19
 
     def pixels(self, h: int, w: int) -> int:
+        """The patch's side in pixels in an h x w image."""
         return max(1, round(self.side * min(h, w)))
 
 
@@ -337,12 +338,12 @@ def _blend_init(h: int, w: int, cfg: InversionConfig, gen: torch.Generator, devi
     return [logit, pattern], build
 
 
-def _patch_init(place: Place, side: float):
-    """A square of `side` of the image's side at `place`, fully opaque, and a free pattern; its
-    size is nothing (the square does not change)."""
+def _patch_init(place: Place, probes: PatchProbes):
+    """A square of `probes.side` of the image's side at `place`, fully opaque, and a free
+    pattern; its size is nothing (the square does not change)."""
 
     def init(h: int, w: int, cfg: InversionConfig, gen: torch.Generator, device: torch.device):
-        s = PatchProbes(side=side).pixels(h, w)
+        s = probes.pixels(h, w)
         top, left = place.corner(h, w, s)
         mask = torch.zeros(h, w, device=device)
         mask[top : top + s, left : left + s] = 1.0
@@ -512,7 +513,7 @@ def probe(
     if search is Search.WARP:
         inits = [_warp_init(cfg.warp.probe_spread)] * cfg.warp.probes
     elif search is Search.PATCH:
-        inits = [_patch_init(place, cfg.patch.side) for place in cfg.patch.places]
+        inits = [_patch_init(place, cfg.patch) for place in cfg.patch.places]
     elif search is Search.COMPACT:
         inits, cfg = [_init_mask] * cfg.compact.restarts, replace(cfg, prior=cfg.compact.prior)
     elif search is Search.BLEND:
