@@ -32,7 +32,7 @@ from cbpt_guard import atomic
 from cbpt_guard.artifacts import CLASSES
 from cbpt_guard.routing import Route
 from testbed.bench import defend_on_testbed
-from testbed.evaluate import testbed_classes
+from testbed.evaluate import head_predictions, testbed_classes
 
 QUANTILES = (0.0, 0.1, 0.25)
 
@@ -69,16 +69,16 @@ def measure(tb: Path) -> dict:
         return row | {"skipped": "no route gated on a found target"}
     found = int(route.targets[0])
     p0 = (clean @ route.original.T).argmax(1)
-    p1 = route.cosines(clean, head).argmax(1)
-    near = (clean @ route.centroids.T > route.thresholds[None, :]).any(1)
-    how = np.where(near, "near", np.where(np.isin(p0, route.targets), "gate", "out"))
+    p1 = head_predictions(feats.clean, on.head, route)
+    near = route.ungated().routed(clean)  # the cosines alone; the gate reaches the rest of the routed
+    how = np.where(near, "near", np.where(route.routed(clean), "gate", "out"))
     keep = labels != target
     trig = feats.triggered.float().cpu().numpy()
     row |= {
         "found_is_target": found == target,
         "ca_before": round(float((p0 == labels).mean()), 4),
         "ca_after": round(float((p1 == labels).mean()), 4),
-        "asr_after": round(float((route.cosines(trig, head).argmax(1)[keep] == target).mean()), 4),
+        "asr_after": round(float((head_predictions(feats.triggered, on.head, route)[keep] == target).mean()), 4),
         "own_images": int((labels == target).sum()),
         "lost": lost_by_route(p0, p1, labels, target, how),
     }

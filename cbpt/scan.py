@@ -75,9 +75,10 @@ class ScanRules:
     docs/method.md#aligned-masks, kept to compare the two on the zoo (benchmarks/zoo_refit.py),
     and without PATCH the scan before docs/method.md#patch-probes. `atypical`: how far short of
     the target's own images an over-aligned mask's shots must sit (`ATYPICAL_THRESHOLD`); None
-    reads over-aligned masks as before docs/method.md#typicality. `shape_flip`: the share of the shots such a mask's
-    shape alone may flip before its typicality is discounted (`SHAPE_FLIP_THRESHOLD`, read by
-    `planted`); None reads them as before docs/method.md#shape-flip."""
+    reads over-aligned masks as before docs/method.md#typicality. `shape_flip`: the share of the
+    shots such a mask's shape alone may flip before its typicality is discounted
+    (`SHAPE_FLIP_THRESHOLD`, read by `planted`); None reads them as before
+    docs/method.md#shape-flip."""
 
     evidence: tuple[Evidence, ...] = (Evidence.MASK, Evidence.WARP, Evidence.ALIGNED_MASK, Evidence.PATCH)
     atypical: float | None = ATYPICAL_THRESHOLD

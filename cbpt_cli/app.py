@@ -308,12 +308,12 @@ def scan(
         f"score {summary['score']:.3f} (threshold {summary['threshold']}), the best mask flips "
         f"{summary['flip_rate']:.0%} of shots with {summary['mask_l1']:.1%} of the image"
     )
-    if summary["evidence"] in (Evidence.WARP, Evidence.ALIGNED_MASK, Evidence.PATCH):
-        shown = {
-            Evidence.WARP: "an inverted warp (below)",
-            Evidence.ALIGNED_MASK: "an over-aligned mask",
-            Evidence.PATCH: "a small patch (below)",
-        }[summary["evidence"]]
+    shown = {
+        Evidence.WARP: "an inverted warp (below)",
+        Evidence.ALIGNED_MASK: "an over-aligned mask",
+        Evidence.PATCH: "a small patch (below)",
+    }.get(summary["evidence"])
+    if shown:  # evidence other than the mask score, whose figures follow
         typer.echo(f"BACKDOORED: target '{summary['target']}', shown by {shown}; masks: {masks}{picture}")
     else:
         verdict = "BACKDOORED" if summary["backdoored"] else "clean"
