@@ -87,6 +87,7 @@ def cache_features(
     shifts: int,
     seed: int,
     strengths: tuple[float, ...] = (1.0,),
+    own: torch.Tensor | None = None,
 ) -> FeatureCache:
     """The shots and `views` augmented views of them; each trigger applied to all of those at
     `shifts` places (the first where it was found), skipping the shots of its own target
@@ -94,12 +95,16 @@ def cache_features(
     feature moves s times as far from its clean one as the trigger moved it
     (`extrapolate`, docs/method.md#trigger-strength); the centroids are the found triggers'.
     Pixels go through the encoder a batch at a time: memory holds the features, never every
-    view's pixels (docs/scale.md#memory)."""
+    view's pixels (docs/scale.md#memory); `own`, the shots' features as they are (the
+    inversion's), saves that pass."""
     gen = torch.Generator().manual_seed(seed + 1)
     n, _, h, w = pixels.shape
     looks = [_identity] + [Augment.draw(n, h, gen) for _ in range(views)]
     everyone = torch.arange(n)
-    clean = torch.cat([encoder.all(pixels, everyone, look) for look in looks])
+    if own is not None and own.shape[0] != n:
+        raise ValueError(f"own features for {own.shape[0]} shots, not the {n} given")
+    as_is = encoder.all(pixels) if own is None else own
+    clean = torch.cat([as_is] + [encoder.all(pixels, everyone, look) for look in looks[1:]])
     trig_feats, trig_labels, trig_targets, centroids, encoded = [], [], [], [], 0
     trig_strengths = []
     for cand in triggers:
@@ -135,6 +140,6 @@ def cache_features(
         triggered_labels=(torch.cat(trig_labels) if trig_labels else empty).to(device),
         triggered_targets=(torch.cat(trig_targets) if trig_targets else empty).to(device),
         centroids=torch.stack(centroids) if centroids else clean.new_zeros((0, clean.shape[1])),
-        encoder_passes=clean.shape[0] + encoded,  # extrapolated copies take no pass
+        encoder_passes=clean.shape[0] - (0 if own is None else n) + encoded,  # extrapolated copies take no pass
         triggered_strengths=(torch.cat(trig_strengths) if trig_strengths else torch.zeros(0)).to(device),
     )

@@ -187,7 +187,7 @@ class Candidate:
     search: Search = Search.RESTART  # which search found it: the restarts, or one of `probe`'s
     typicality: float | None = None  # `evidence.typicality` (None: too few shots of `target`, or not measured)
     # the share of those shots its mask sends to `target` filled with grey (`DummyTrigger.greyed`;
-    # None: a warp, or not measured)
+    # measured on the mask restarts, the only masks a rule reads it on; None elsewhere)
     shape_flip: float | None = None
 
     @property
@@ -196,7 +196,7 @@ class Candidate:
 
     @property
     def probe(self) -> bool:
-        """Searched after the restarts by `probe`: never read by the verdict."""
+        """Searched after the restarts by `probe`: read by no rule but the patch probes' own."""
         return self.search is not Search.RESTART
 
     @property
@@ -220,6 +220,9 @@ class InversionResult:
     score: float  # the mask score (`evidence.backdoor_score`)
     losses: list[float] = field(default_factory=list)  # the best mask's loss curve
     seconds: float = 0.0
+    # the clean shots' features the candidates were read against, kept so that `probe` on the
+    # same shots does not encode them again (one pass over K x C shots; docs/scale.md#memory)
+    clean: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def best(self) -> Candidate:
@@ -284,7 +287,7 @@ class _Restart:
     loss: float  # final contrastive loss plus the initial lambda times the size
     history: list[float]
     feats: torch.Tensor  # the triggered shots' features
-    greyed: torch.Tensor | None  # a mask's, its pattern greyed (`DummyTrigger.greyed`); None for a warp
+    greyed: torch.Tensor | None  # a restart mask's, its pattern greyed (`DummyTrigger.greyed`); else None
 
 
 def _leaf(x: torch.Tensor, device: torch.device, grad: bool = True) -> torch.Tensor:
@@ -365,11 +368,12 @@ def _one_restart(
     gen: torch.Generator,
     tick: Tick,
     init: Callable = _init_mask,
+    grey: bool = True,
 ) -> _Restart:
     """One inversion from a random start; `clean`: the shots' clean features. The penalty is
     the trigger's size: the mask's mean, or a warp's mean displacement over the image side.
     Each step sees `cfg.batch_size` shots; the final figures are taken over all of them, a
-    batch at a time."""
+    batch at a time, and with `grey` a mask's greyed shape too (one more pass)."""
     _, _, h, w = pixels.shape
     params, build = init(h, w, cfg, gen, encoder.device)
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -397,7 +401,7 @@ def _one_restart(
         feats = encoder.all(pixels, view=lambda x, _rows: trigger.apply(x))
         final = float(contrastive_inversion_loss(feats, clean, cfg.tau)) + cfg.lam * float(size)
         greyed = None
-        if trigger.kind is TriggerKind.MASK:  # a warp has no shape to grey
+        if grey and trigger.kind is TriggerKind.MASK:  # a warp has no shape to grey
             grey = trigger.greyed()
             greyed = encoder.all(pixels, view=lambda x, _rows: grey.apply(x))
     return _Restart(trigger, final, history, feats, greyed)
@@ -464,6 +468,7 @@ def invert(
         mask_l1=best.mask_l1,
         score=best.mask_score,
         losses=masks[0].history,
+        clean=clean,
         seconds=time.perf_counter() - t0,
     )
 
@@ -490,8 +495,11 @@ def _probe(
     gen = torch.Generator().manual_seed(cfg.seed + _STREAMS[search])
     tick = _ticker(progress, cfg.steps * len(inits))
     labels = labels.to(encoder.device)
-    clean = encoder.all(pixels)
-    runs = [_one_restart(encoder, pixels, clean, cfg, gen, tick, init) for init in inits]
+    if result.clean is not None and result.clean.shape[0] != pixels.shape[0]:
+        raise ValueError(f"probe the shots {result.clean.shape[0]} inverted on, not {pixels.shape[0]} others")
+    clean = result.clean if result.clean is not None else encoder.all(pixels)
+    # the shape flip is read on the mask restarts alone (cbpt/scan.py: planted): no greyed pass here
+    runs = [_one_restart(encoder, pixels, clean, cfg, gen, tick, init, grey=False) for init in inits]
     probes = [_describe(r, clean, labels, class_weights, search) for r in runs]
     return replace(result, candidates=result.candidates + probes, seconds=result.seconds + time.perf_counter() - t0)
 
@@ -509,7 +517,8 @@ def probe(
     """`result` with `search`'s probes added to its candidates: `cfg.warp.probes` random-start
     warps (where the masks read clean), a patch at each of `cfg.patch.places` (where no rule found
     a backdoor), `cfg.compact.restarts` masks under the compact prior or `cfg.blend.restarts`
-    blends (where the scan found a backdoor)."""
+    blends (where the scan found a backdoor). `pixels`: the shots `result` was inverted on, whose
+    clean features it carries."""
     if search is Search.WARP:
         inits = [_warp_init(cfg.warp.probe_spread)] * cfg.warp.probes
     elif search is Search.PATCH:

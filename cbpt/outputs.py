@@ -17,7 +17,16 @@ from cbpt.purify import Purified, PurifyConfig, original_head
 from cbpt.scan import scan_summary
 from cbpt.tuning import TuningResult
 from cbpt_guard import TOOL
-from cbpt_guard.artifacts import CLASSES, EMBEDDINGS, REPORT, SCAN, TRIGGER_PNG, classes_text, sha256_bytes
+from cbpt_guard.artifacts import (
+    CLASSES,
+    EMBEDDINGS,
+    REPORT,
+    SCAN,
+    TRIGGER_PNG,
+    canonical_safetensors,
+    classes_text,
+    sha256_bytes,
+)
 
 
 def tuning_report(result: Purified, history: bool = True) -> dict:
@@ -73,7 +82,9 @@ def report(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, result: Purified) 
 def _embeddings(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> bytes:
     from safetensors.torch import save
 
-    return save({k: v.detach().cpu().contiguous().float() for k, v in tensors.items()}, metadata=meta)
+    return canonical_safetensors(
+        save({k: v.detach().cpu().contiguous().float() for k, v in tensors.items()}, metadata=meta)
+    )
 
 
 def _picture(inv: InversionResult, shots: Shots) -> bytes:

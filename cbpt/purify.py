@@ -114,12 +114,18 @@ def original_head(clip: LoadedClip, classnames: tuple[str, ...]) -> torch.Tensor
 
 
 def tuning_data(
-    clip: LoadedClip, shots: Shots, triggers: list[Candidate], tuning: TuningConfig, original: torch.Tensor
+    clip: LoadedClip,
+    shots: Shots,
+    triggers: list[Candidate],
+    tuning: TuningConfig,
+    original: torch.Tensor,
+    own: torch.Tensor | None = None,
 ) -> TuningData:
-    """The feature caches of the tuning shots (with augmented views) and of the held-out ones."""
+    """The feature caches of the tuning shots (with augmented views) and of the held-out ones;
+    `own`: the tuning shots' features, where the inversion has them already."""
     encoder = clip.encoder()
     cache = cache_features(
-        encoder, shots.pixels, shots.labels, triggers, tuning.views, tuning.shifts, tuning.seed, tuning.strengths
+        encoder, shots.pixels, shots.labels, triggers, tuning.views, tuning.shifts, tuning.seed, tuning.strengths, own
     )
     held = None
     if shots.held_pixels is not None:
@@ -213,7 +219,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
         classnames=shots.classnames, original=original, logit_scale=clip.logit_scale, inversion=inversion, plan=plan
     )
     if plan.mode is TuningMode.SKIPPED:
-        clean = clip.encoder().all(shots.pixels)
+        clean = inversion.clean if inversion.clean is not None else clip.encoder().all(shots.pixels)
         centres = alarm_centres(inversion, verdict, None)
         return Purified(
             **done,
@@ -228,7 +234,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
             alarm=alarm_threshold(clean, centres),
             alarm_centres=centres,
         )
-    data = tuning_data(clip, shots, plan.triggers, plan.tuning, original)
+    data = tuning_data(clip, shots, plan.triggers, plan.tuning, original, inversion.clean)
     calibration = calibration_features(data)
     route = route_for(data, calibration, cfg.routed_share, plan)
     data = served_by(data, route)

@@ -5,6 +5,8 @@ are named, read, hashed and opened. One home, so a writer and its readers cannot
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 from pathlib import Path
 
 from cbpt_guard.errors import UsageError, UserError
@@ -51,6 +53,21 @@ def is_int8(graph: str) -> bool:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """`blob` with its header's metadata in key order: safetensors keeps the metadata in a hash
+    map whose order changes from process to process, so the same tensors and metadata would
+    otherwise hash differently on every run (and so would the heads that record the hash). The
+    tensors' bytes and offsets are untouched; the header is padded with spaces to 8 bytes, as
+    safetensors itself pads it."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + n :]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

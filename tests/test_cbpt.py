@@ -823,6 +823,13 @@ def test_each_triggers_target_shots_get_no_triggered_copies(tmp_path):
     with torch.no_grad():
         direct = clip.encode_pixels(patch.apply(x[y != 1]))
     assert torch.allclose(cache.triggered[:4], direct, atol=1e-5)
+    # the shots' own features handed in (the inversion's) give the same cache for one pass less
+    own = clip.encoder().all(x)
+    again = cache_features(clip.encoder(), x, y, [Candidate(patch, 1, 1.0, None)], views=1, shifts=1, seed=0, own=own)
+    assert torch.equal(again.clean, cache.clean) and torch.equal(again.triggered, cache.triggered[:8])
+    assert again.encoder_passes == 6 + 8  # the 6 views and the 8 triggered copies, not the shots again
+    with pytest.raises(ValueError, match="own features for 5 shots"):
+        cache_features(clip.encoder(), x, y, [], views=1, shifts=1, seed=0, own=own[:5])
 
 
 def test_stronger_copies_take_each_triggered_feature_further_from_its_clean_one(tmp_path):
@@ -1074,6 +1081,39 @@ def test_patch_probes_sit_at_the_centre_and_corners_and_find_a_patch_placed_ther
     assert centre in verdict.triggers and all(t.target == centre.target for t in verdict.triggers)
     assert suspicion(probed, ScanRules(evidence=(Evidence.PATCH,))) == centre.flip_rate / PATCH_THRESHOLD
     assert inv.patches() == [] and read_scan(inv, ScanRules(evidence=(Evidence.PATCH,))).evidence is None
+
+
+def test_probes_reuse_the_clean_features_and_grey_only_the_restart_masks():
+    """A pass over the shots is the scan's cost at many classes (docs/scale.md#memory): probes
+    read the clean features the inversion kept, and only the mask restarts, the one place a rule
+    reads the shape flip, pay for a greyed pass. The figures are those of a fresh encoding."""
+    from dataclasses import replace
+
+    from cbpt.encoding import ImageEncoder
+    from cbpt.inversion import InversionConfig, PatchProbes, Place, Search, WarpSearch, invert, probe
+
+    toy, pixels, labels, classes, _ = _patch_detector(corner=(13, 13), vivid=True)
+    passed = [0]  # images encoded outside the gradient steps: whole passes over the shots
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        passed[0] += 0 if torch.is_grad_enabled() else x.shape[0]
+        return toy.encode(x)
+
+    encoder, n = ImageEncoder(counting, batch=16), pixels.shape[0]
+    cfg = InversionConfig(steps=20, mask_restarts=2, warp=WarpSearch(restarts=1, probes=0))
+    inv = invert(encoder, pixels, labels, classes, cfg)
+    assert passed[0] == n * (1 + 2 * 2 + 1)  # clean; each mask and its greyed shape; the warp
+    assert inv.clean is not None and inv.clean.shape[0] == n
+    passed[0] = 0
+    probed = probe(encoder, pixels, labels, classes, inv, Search.PATCH, cfg)
+    assert passed[0] == n * len(PatchProbes().places)  # each patch's triggered shots, nothing more
+    assert [c.shape_flip is None for c in probed.candidates] == [False, False, True] + [True] * len(Place)
+    fresh = probe(encoder, pixels, labels, classes, replace(inv, clean=None), Search.PATCH, cfg)
+    assert [(c.target, c.flip_rate, c.over_alignment, c.typicality) for c in fresh.patches()] == [
+        (c.target, c.flip_rate, c.over_alignment, c.typicality) for c in probed.patches()
+    ]
+    with pytest.raises(ValueError, match="probe the shots"):
+        probe(encoder, pixels[:-1], labels[:-1], classes, inv, Search.PATCH, cfg)
 
 
 def test_a_planted_patch_needs_its_pattern_and_a_drawn_shape_does_not():

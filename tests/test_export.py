@@ -303,3 +303,38 @@ def test_int8_classifier_is_calibrated_checked_and_served(mini_testbeds, purifie
         "--int8",
     )
     assert code == 2 and "calibrates on the defender's shots" in err
+
+
+def test_the_embeddings_file_is_the_same_bytes_whatever_order_safetensors_keeps_its_metadata_in(tmp_path):
+    """safetensors keeps metadata in a hash map whose order changes from process to process, so
+    the same purify gave a different embeddings_sha256 (and different heads) on every run. Written
+    canonically, any order of the same metadata gives one file, which reads back the same."""
+    import struct
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    from cbpt.outputs import _embeddings
+    from cbpt_guard.artifacts import canonical_safetensors
+
+    tensors = {"purified": torch.arange(12.0).reshape(3, 4), "original": torch.ones(3, 4)}
+    meta = {"tool": "t", "classes": '["ä", "b"]', "architecture": "x", "checkpoint_sha256": "0" * 64}
+    blob = _embeddings(tensors, meta)
+
+    def reordered(b: bytes, keys: list[str]) -> bytes:  # the same file with its metadata in `keys` order
+        (n,) = struct.unpack("<Q", b[:8])
+        header = json.loads(b[8 : 8 + n])
+        header["__metadata__"] = {k: header["__metadata__"][k] for k in keys}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        return struct.pack("<Q", len(text)) + text + b[8 + n :]
+
+    orders = [sorted(meta), sorted(meta, reverse=True), list(meta)]
+    assert len({reordered(blob, keys) for keys in orders}) == 3  # the orders are different files...
+    assert {canonical_safetensors(reordered(blob, keys)) for keys in orders} == {blob}  # ...one written
+    back = load(blob)
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    path = tmp_path / "e.safetensors"
+    path.write_bytes(blob)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == meta
