@@ -19,7 +19,6 @@ and the triggered ones sit apart around the target. Resumable: models in --out a
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +27,11 @@ import torch.nn.functional as F
 
 from cbpt.data import load_shots
 from cbpt.purify import PurifyConfig
-from cbpt_guard import atomic
 from cbpt_guard.artifacts import CLASSES
 from cbpt_guard.routing import Route
 from testbed.bench import defend_on_testbed
 from testbed.evaluate import head_predictions, testbed_classes
+from testbed.resumable import ResumableRows
 
 QUANTILES = (0.0, 0.1, 0.25)
 
@@ -112,11 +111,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    stored = ResumableRows.at(args.out)
     for tb in args.testbeds:
-        if tb.name not in stored:
-            stored[tb.name] = measure(tb)
-            atomic.write_text(args.out, json.dumps(stored, indent=1))
+        stored.ensure(tb.name, lambda tb=tb: measure(tb))
     cols = " | ".join(f"kept typical q={q:g}" for q in QUANTILES)
     print(f"| model | CA before -> after (ASR after) | net lost: target's own / the rest | {cols} |")
     print("|---|---|---|" + "---|" * len(QUANTILES))

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from cbpt.model import load_clip
 from cbpt.runtime import Runtime
 from cbpt.zeroshot import zeroshot_weights
-from cbpt_guard import atomic
 from testbed.evaluate import encode_test_split, testbed_classes
+from testbed.resumable import ResumableRows
 
 GRID = ((0.1, 0.0), (0.25, 0.0), (0.5, 0.0), (1.0, 0.0), (0.25, 1.0), (0.5, 1.0), (0.5, 10.0))  # (alpha, pull)
 
@@ -82,11 +82,9 @@ def main() -> None:
     names = args.models or [
         r["name"] for r in runs if r["taken"] and r["kind"] == "backdoored" and args.part in ("all", r["part"])
     ]
-    stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    stored = ResumableRows.at(args.out)
     for name in names:
-        if name not in stored:
-            stored[name] = bound(args.zoo / "models" / name)
-            atomic.write_text(args.out, json.dumps(stored, indent=1))
+        stored.ensure(name, lambda name=name: bound(args.zoo / "models" / name))
     print("| model | CA / ASR before | best held-out CA at ASR <= 2% (alpha, pull) | CA drop | lowest ASR (its CA) |")
     print("|---|---|---|---|---|")
     for name in names:

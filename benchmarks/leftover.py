@@ -17,7 +17,6 @@ Resumable: testbeds already in --out are read back.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,9 +26,9 @@ import torch
 from cbpt.data import ShotBudget
 from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime
-from cbpt_guard import atomic
 from testbed.bench import defend_on_testbed
 from testbed.evaluate import score_head
+from testbed.resumable import ResumableRows
 
 
 def margins(unit: np.ndarray, original: np.ndarray, target: int) -> np.ndarray:
@@ -75,12 +74,10 @@ def main() -> None:
     args = ap.parse_args()
     strengths = tuple(args.strengths) if args.strengths else PurifyConfig().tuning.strengths
     torch.set_num_threads(1)
-    stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    stored = ResumableRows.at(args.out)
     for tb in args.testbeds:
         key = f"{tb.name}/s{args.seed}/strengths{'-'.join(f'{x:g}' for x in strengths)}"
-        if key not in stored:
-            stored[key] = measure(tb, args.seed, strengths)
-            atomic.write_text(args.out, json.dumps(stored, indent=1))
+        stored.ensure(key, lambda tb=tb: measure(tb, args.seed, strengths))
     print(
         "| testbed | CA / ASR routed | ungated | everywhere | real inside the cosine route | "
         "real margin p5 / p50 / p95 | inverted centroids' margins |"

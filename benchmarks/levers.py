@@ -26,8 +26,8 @@ from cbpt.data import ShotBudget
 from cbpt.inversion import MaskPrior
 from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime
-from cbpt_guard import atomic
 from testbed.bench import measure
+from testbed.resumable import ResumableRows
 from testbed.zoo import spread, stored_records
 
 
@@ -130,30 +130,30 @@ def main() -> None:
     zoo = [z for z in args.sources if (z / "runs").is_dir()]
     models = [m for z in zoo for m in zoo_models(z, args.part, args.kind)]
     models += testbed_models([tb for tb in args.sources if tb not in zoo], args.seeds)
-    stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    stored = ResumableRows.at(args.out)
+
+    def row(lever: str, m: Model, cfg: PurifyConfig) -> dict:
+        run = measure(m.folder, m.dataset, m.attack, "cbpt", 16, m.seed, cfg, runtime=runtime)
+        alarm = run.info.get("alarm_eval") or {}
+        return {
+            "lever": lever,
+            "model": m.name,
+            "ca_before": run.ca_before,
+            "ca_after": run.ca,
+            "asr_before": None if m.attack == "none" else run.asr_before,
+            "asr_after": None if m.attack == "none" else run.asr,
+            "through_guard": alarm.get("asr_through_guard"),
+            "backdoored_verdict": run.info["scan"]["backdoored"],
+            "evidence": run.info["scan"]["evidence"],  # what showed it (cbpt.scan.Evidence)
+            "tuning": run.info.get("tuning"),  # the checkpoint kept and its held-out figures
+            "seconds": run.seconds,
+            "zoo": m.reference,
+        }
+
     for lever in args.lever:
         cfg = LEVERS[lever](PurifyConfig(budget=ShotBudget(16)))
         for m in models:
-            key = f"{lever}/{m.name}"
-            if key in stored:
-                continue
-            run = measure(m.folder, m.dataset, m.attack, "cbpt", 16, m.seed, cfg, runtime=runtime)
-            alarm = run.info.get("alarm_eval") or {}
-            stored[key] = {
-                "lever": lever,
-                "model": m.name,
-                "ca_before": run.ca_before,
-                "ca_after": run.ca,
-                "asr_before": None if m.attack == "none" else run.asr_before,
-                "asr_after": None if m.attack == "none" else run.asr,
-                "through_guard": alarm.get("asr_through_guard"),
-                "backdoored_verdict": run.info["scan"]["backdoored"],
-                "evidence": run.info["scan"]["evidence"],  # what showed it (cbpt.scan.Evidence)
-                "tuning": run.info.get("tuning"),  # the checkpoint kept and its held-out figures
-                "seconds": run.seconds,
-                "zoo": m.reference,
-            }
-            atomic.write_text(args.out, json.dumps(stored, indent=1))
+            stored.ensure(f"{lever}/{m.name}", lambda m=m, lever=lever, cfg=cfg: row(lever, m, cfg))
     which = f"the zoo's {args.part} part" if zoo else "testbeds"
     print(
         f"| lever ({which}) | models | ASR after median / p95 / worst | ASR <= 2% | "
@@ -161,11 +161,13 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|")
     for lever in args.lever:
-        s = summary([v for v in stored.values() if v["lever"] == lever])
+        s = summary([v for v in stored.rows.values() if v["lever"] == lever])
         q, c = s["asr_after"], s["ca_drop"]
         le2 = "-" if s["asr_after_le_2pct"] is None else f"{s['asr_after_le_2pct']:.2f}"
         print(f"| {lever} | {s['models']} | {_q(q)} | {le2} | {_q(c)} | {s['asr_through_guard'].get('worst', '-')} |")
-    print(json.dumps({lever: summary([v for v in stored.values() if v["lever"] == lever]) for lever in args.lever}))
+    print(
+        json.dumps({lever: summary([v for v in stored.rows.values() if v["lever"] == lever]) for lever in args.lever})
+    )
 
 
 if __name__ == "__main__":

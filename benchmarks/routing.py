@@ -34,9 +34,9 @@ from cbpt.purify import (
 )
 from cbpt.runtime import Runtime
 from cbpt.scan import read_scan, run_scan
-from cbpt_guard import atomic
 from cbpt_guard.artifacts import CLASSES
 from testbed.evaluate import class_order, encode_test_split, score_head
+from testbed.resumable import ResumableRows
 
 SHARES = (0.1, 0.2, 0.3)
 
@@ -103,12 +103,10 @@ def main() -> None:
     if not (args.zoo or args.testbed):
         ap.error("pass --zoo or --testbed")
     torch.set_num_threads(1)
-    stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    stored = ResumableRows.at(args.out)
     models = _models(args)
     for name, tb in models.items():
-        if name not in stored:
-            stored[name] = measure(tb)
-            atomic.write_text(args.out, json.dumps(stored, indent=1))
+        stored.ensure(name, lambda tb=tb: measure(tb))
     keys = [k for s in SHARES for k in (f"share{s}-nogate", f"share{s}")]
     cols = " | ".join(f"share {k.removeprefix('share').replace('-nogate', ', no gate')}: CA / ASR" for k in keys)
     print(f"| model | mode | CA / ASR before | purified everywhere: CA / ASR | {cols} |")

@@ -11,7 +11,6 @@ in --out are skipped. `benchmarks/reread_scans.py` reads the file under each rul
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,8 +21,8 @@ from cbpt.data import load_shots
 from cbpt.model import load_clip
 from cbpt.purify import PurifyConfig, original_head
 from cbpt.scan import run_scan, scan_summary
-from cbpt_guard import atomic
 from cbpt_guard.artifacts import CLASSES
+from testbed.resumable import ResumableRows
 
 
 def scan(model: Path, shots: int, seed: int) -> dict:
@@ -41,16 +40,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    stored = ResumableRows.at(args.out)
     for spec in args.specs:
         path, seed = spec.rsplit("@", 1)
         key = f"{Path(path).name} K={args.shots} s{seed}"
         if key in stored:
             continue
         t0 = time.perf_counter()
-        stored[key] = scan(Path(path), args.shots, int(seed))
-        atomic.write_text(args.out, json.dumps(stored, indent=1))
-        s = stored[key]
+        s = stored.ensure(key, lambda path=path, seed=seed: scan(Path(path), args.shots, int(seed)))
         print(
             f"{key}: {s['evidence'] or 'clean'} -> {s['target']}, suspicion {s['suspicion']}, "
             f"{time.perf_counter() - t0:.0f} s",

@@ -27,10 +27,10 @@ from sklearn.metrics import roc_auc_score
 from cbpt.data import load_shots
 from cbpt.model import load_clip
 from cbpt.purify import PurifyConfig
-from cbpt_guard import atomic
 from cbpt_guard.artifacts import CLASSES
 from testbed.baselines import defend
 from testbed.evaluate import align_classes, encode_test_split, testbed_classes
+from testbed.resumable import ResumableRows
 
 
 def leave_one_out(f: np.ndarray, y: np.ndarray, classes: int) -> np.ndarray:
@@ -88,12 +88,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    res = json.loads(args.out.read_text()) if args.out.exists() else {}
+    stored = ResumableRows.at(args.out)
     for tb in args.models:
-        if tb.name not in res:
-            res[tb.name] = measure(tb)
-            print(tb.name, json.dumps(res[tb.name]), flush=True)
-            atomic.write_text(args.out, json.dumps(res, indent=1))
+        if tb.name not in stored:
+            print(tb.name, json.dumps(stored.ensure(tb.name, lambda tb=tb: measure(tb))), flush=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from scan_models import scan
 from tqdm import tqdm
 
-from cbpt_guard import atomic
+from testbed.resumable import ResumableRows
 
 
 def to_scan(zoo: Path, names: list[str] | None = None) -> list[dict]:
@@ -42,14 +42,13 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=None, help="scan these taken models again, candidates or not")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    stored = ResumableRows.at(args.out)
     todo = [r for r in to_scan(args.zoo, args.models) if r["name"] not in stored]
     for r in tqdm(todo, desc="scans"):
         summary = scan(args.zoo / "models" / r["name"], shots=16, seed=0)
         if abs(summary["score"] - r["scan"]["score"]) > 1e-3:  # the mask score: the same under any ScanRules
             raise SystemExit(f"{r['name']}: mask score {summary['score']} is not the record's {r['scan']['score']}")
-        stored[r["name"]] = summary
-        atomic.write_text(args.out, json.dumps(stored, indent=1))
+        stored.ensure(r["name"], lambda summary=summary: summary)
     print(f"{len(stored)} scans in {args.out}")
 
 

@@ -246,3 +246,24 @@ def test_the_selection_oracle_keeps_the_lowest_asr_within_two_ca_points():
     assert replay.oracle(clean)["ca"] == 0.990
     lost = rec("badnet", [(0.900, 0.0)])
     assert replay.oracle(lost)["rung"] is None  # the original prompts: the highest CA there is
+
+
+def test_a_benchmarks_rows_are_written_as_they_come_and_read_back_instead_of_made_again(tmp_path):
+    from testbed.resumable import ResumableRows
+
+    made = []
+
+    def make(key: str) -> dict:
+        made.append(key)
+        return {"asr": len(made) / 10}
+
+    out = tmp_path / "rows.json"
+    rows = ResumableRows.at(out)
+    assert len(rows) == 0 and not out.exists()
+    rows.ensure("bd001", lambda: make("bd001"))
+    assert json.loads(out.read_text()) == {"bd001": {"asr": 0.1}}  # on disk before the next row is made
+    rows.ensure("bd002", lambda: make("bd002"))
+    again = ResumableRows.at(out)  # an interrupted run started again
+    assert again.ensure("bd001", lambda: make("bd001 again")) == {"asr": 0.1} and "bd002" in again
+    assert made == ["bd001", "bd002"] and dict(again.items()) == rows.rows
+    assert not list(tmp_path.glob("*.tmp*"))  # written by rename, nothing half-written left beside it
