@@ -18,10 +18,12 @@ fresh process so its peak resident memory is its own. What is measured:
 - tuning step and evaluation: real steps of `cbpt.tuning` on the cache (all C classes);
 - export: `export.package.build_heads` with its parity check, timed whole.
 
-The projection of a full default run is: original head + 200 steps x 4 restarts + 5 passes
-over the shots (the clean features, then one per restart) + the cache + 300 tuning steps and
-30 evaluations (one rung; escalation can add two more) + export. Warp probes (2 x 200 steps
-more) run only where the masks read clean and are not counted.
+The projection of a full default run (`project`) is: original head + the scan's 200-step
+restarts and its passes over the shots, as the scan runs them on a model that reads clean
+(`SCANS`: the inversion's 4 restarts and 8 passes, then 2 warp probes and 5 patch probes) +
+the cache less the shots' own features + 300 tuning steps and 30 evaluations (one rung;
+escalation can add two more) + export. The projections are arithmetic over the stored
+measurements, so a stored state prints with today's scan (`--state FILE` with every case done).
 
 Results are appended to --state (resumable: finished cases are not re-run) and printed as a
 markdown table. The numbers are this machine's; run it idle.
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,16 +210,42 @@ def run_case(classes: int, shots: int, arch: str, model_dir: Path, threads: int)
         build_heads(source, clip, 0.5)
         out["export_s"] = round(time.perf_counter() - t, 2)
     out["peak_rss_mb"] = peak_rss_mb()
-    passes = 5 * (n)  # the clean features and one pass per restart (3 masks + 1 warp)
-    out["projected"] = {
-        "original_head_s": out["original_head_s"],
-        "inversion_s": round(200 * 4 * out["inversion_step_s"] + passes * out["encode_s_per_image"], 1),
-        "cache_s": round(out["cache_images"] * out["encode_s_per_image"], 1),
-        "tuning_s": round(300 * out["tuning_step_s"] + 30 * out["evaluation_s"] + out["tuning_setup_s"], 1),
-        "export_s": out["export_s"],
-    }
-    out["projected"]["total_s"] = round(sum(out["projected"].values()), 1)
+    out["projected"] = project(out, SCANS[0])
     return out
+
+
+@dataclass(frozen=True)
+class ScanShape:
+    """What a default scan runs on one kind of model: its 200-step restarts and its passes over
+    the inversion shots, each pass K x C images through the tower (docs/scale.md#memory)."""
+
+    name: str
+    restarts: int
+    passes: int
+
+
+# the inversion: its clean features, 3 mask restarts each with a greyed pass, 1 warp restart
+_INVERSION = ScanShape("the inversion alone", 4, 1 + 3 * 2 + 1)
+SCANS = (
+    ScanShape("reads clean (2 warp probes, 5 patch probes)", _INVERSION.restarts + 7, _INVERSION.passes + 7),
+    ScanShape("found by its masks (3 compact masks, 2 blends)", _INVERSION.restarts + 5, _INVERSION.passes + 5),
+)
+
+
+def project(r: dict, scan: ScanShape) -> dict:
+    """A full default purify of case `r` (its measured step and per-image costs) running
+    `scan`: original head + the scan's restarts x 200 steps and its passes + the feature cache
+    less the shots' own features (the inversion's) + 300 tuning steps and 30 evaluations (one
+    rung; escalation can add two more) + export."""
+    n, per_image = r["classes"] * r["shots"], r["encode_s_per_image"]
+    out = {
+        "original_head_s": r["original_head_s"],
+        "inversion_s": round(200 * scan.restarts * r["inversion_step_s"] + scan.passes * n * per_image, 1),
+        "cache_s": round((r["cache_images"] - n) * per_image, 1),
+        "tuning_s": round(300 * r["tuning_step_s"] + 30 * r["evaluation_s"] + r["tuning_setup_s"], 1),
+        "export_s": r["export_s"],
+    }
+    return out | {"total_s": round(sum(out.values()), 1)}
 
 
 COMPARE_ARGS = ["--inversion-steps", "5", "--restarts", "1", "--tuning-steps", "20", "--threads", "1"]
@@ -328,13 +357,15 @@ def _fmt_s(s: float) -> str:
 
 
 def table(results: list[dict]) -> str:
+    """The measured costs of each case, and a full default purify projected from them for a
+    model that reads clean (the scan's costliest common course)."""
     rows = [
         "| C | k | classes per tuning step | original head | inversion step | encoder s/image | cache images "
-        "| tuning step | evaluation | export | peak RSS | projected default run |",
+        "| tuning step | evaluation | export | peak RSS | projected default run, model read clean |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r["shots"] != 16, r["classes"])):
-        p = r["projected"]
+        p = project(r, SCANS[0])
         rows.append(
             f"| {r['classes']} | {r['shots']} | {r['classes_per_step']} | {_fmt_s(r['original_head_s'])} | "
             f"{r['inversion_step_s']:.2f} s | {r['encode_s_per_image']:.3f} | {r['cache_images']:,} | "
@@ -342,6 +373,20 @@ def table(results: list[dict]) -> str:
             f"{r['peak_rss_mb'] / 1024:.2f} GB | {_fmt_s(p['total_s'])} (inversion {_fmt_s(p['inversion_s'])}, "
             f"cache {_fmt_s(p['cache_s'])}, tuning {_fmt_s(p['tuning_s'])}) |"
         )
+    return "\n".join(rows)
+
+
+def scan_table(results: list[dict]) -> str:
+    """The scan alone, projected per kind of model from each case's costs: restarts and passes."""
+    rows = ["| C | k | " + " | ".join(s.name for s in (_INVERSION, *SCANS)) + " |", "|---|---|" + "---|" * 3]
+    for r in sorted(results, key=lambda r: (r["shots"] != 16, r["classes"])):
+        n, steps = r["classes"] * r["shots"], 200 * r["inversion_step_s"]
+        cells = [
+            f"{_fmt_s(s.restarts * steps + s.passes * n * r['encode_s_per_image'])} "
+            f"({s.restarts} x {_fmt_s(steps)} + {s.passes} x {_fmt_s(n * r['encode_s_per_image'])})"
+            for s in (_INVERSION, *SCANS)
+        ]
+        rows.append(f"| {r['classes']} | {r['shots']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -403,7 +448,8 @@ def main() -> None:
         tmp = args.state.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(args.state)
-    print(table([r for r in state if r["arch"] == args.arch]))
+    ours = [r for r in state if r["arch"] == args.arch]
+    print(table(ours) + "\n\n" + scan_table(ours))
 
 
 if __name__ == "__main__":

@@ -210,3 +210,36 @@ def test_shots_past_the_spill_size_live_in_a_file_and_read_back_the_same(tmp_pat
     # the encoder's passes read it a batch at a time and give the same features
     small = tiny.encoder().__class__(tiny.encode_pixels, tiny.device, 4)
     assert torch.allclose(small.all(spilled.held_pixels), small.all(in_memory.held_pixels), atol=0)
+
+
+def test_the_cpu_projection_counts_the_scans_probes_and_passes_as_the_scan_runs_them(monkeypatch):
+    """benchmarks/scale.py's projection (docs/scale.md): a clean-reading scan is 11 restarts of
+    200 steps and 15 passes over the k x C shots, a backdoor its masks found 9 and 13; the cache
+    no longer encodes the shots themselves (the inversion's features)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("scale", Path(__file__).parents[1] / "benchmarks" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "scale", scale)  # its dataclasses look their module up there
+    spec.loader.exec_module(scale)
+    case = {
+        "classes": 10,
+        "shots": 2,
+        "inversion_step_s": 1.0,
+        "encode_s_per_image": 0.5,
+        "cache_images": 100,
+        "original_head_s": 3.0,
+        "tuning_step_s": 0.1,
+        "evaluation_s": 0.2,
+        "tuning_setup_s": 1.0,
+        "export_s": 4.0,
+    }
+    clean, found = scale.SCANS
+    assert (clean.restarts, clean.passes, found.restarts, found.passes) == (11, 15, 9, 13)
+    p = scale.project(case, clean)
+    assert p["inversion_s"] == 11 * 200 * 1.0 + 15 * 20 * 0.5 and p["cache_s"] == (100 - 20) * 0.5
+    assert p["tuning_s"] == 300 * 0.1 + 30 * 0.2 + 1.0 and p["total_s"] == pytest.approx(
+        sum(v for k, v in p.items() if k != "total_s")
+    )
