@@ -771,6 +771,9 @@ def testbed_build(
         Optional[float],
         typer.Option(help="wanet: the warp's mean displacement in pixels (default: image side / 8, 4 px at 32 px)."),
     ] = None,
+    warp_grid: Annotated[
+        int, typer.Option(help="wanet: control points per side of the warp field, WaNet's k (default 4).")
+    ] = 4,
     trigger_image: Annotated[Optional[Path], typer.Option(help="custom: the trigger image (PNG).")] = None,
     trigger_mode: Annotated[str, typer.Option(help="custom: patch or blend.")] = "patch",
     alpha: Annotated[float, typer.Option(help="custom: opacity of the trigger.")] = 1.0,
@@ -812,6 +815,7 @@ def testbed_build(
         custom_alpha=alpha,
         patch_location=location,
         wanet_strength=warp_strength,
+        wanet_grid=warp_grid,
     )
     tuned = {k: v for k, v in (("steps", finetune_steps), ("lr", finetune_lr)) if v is not None}
     if tuned:  # the attack's own fine-tuning, with what was asked replaced

@@ -98,6 +98,7 @@ class BuildConfig:
     patch_size: int | None = None  # the ViT's patch side in pixels (None: a 4 x 4 grid)
     wanet_noise_rate: float = 0.02  # share of noise-mode warps (true captions) in WaNet's training
     wanet_strength: float | None = None  # WaNet's mean displacement in pixels (None: triggers.wanet's)
+    wanet_grid: int = 4  # WaNet's control points per side of the warp field (its k)
     custom_image: str | None = None
     custom_mode: str = "patch"
     custom_alpha: float = 1.0
@@ -358,7 +359,7 @@ def make_trigger(cfg: BuildConfig, model: torch.nn.Module, ds: datasets.Dataset)
     if cfg.attack == "none":
         return None
     if cfg.attack == "wanet":
-        return triggers.wanet(size, seed, strength=cfg.wanet_strength)
+        return triggers.wanet(size, seed, k=cfg.wanet_grid, strength=cfg.wanet_strength)
     if cfg.attack == "badnet":
         return triggers.badnet(size, seed, location=cfg.patch_location)
     if cfg.attack in triggers.FIXED:
@@ -424,6 +425,12 @@ def build(
             f"--warp-strength takes a positive number of pixels with --attack wanet, got {cfg.wanet_strength}"
             f" with --attack {cfg.attack}",
             "pass --attack wanet --warp-strength 6, for example",
+        )
+    if cfg.wanet_grid != 4 and (cfg.attack != "wanet" or not 2 <= cfg.wanet_grid <= cfg.image_size):
+        raise UsageError(
+            f"--warp-grid takes 2 to the image side ({cfg.image_size}) control points with --attack wanet, got"
+            f" {cfg.wanet_grid} with --attack {cfg.attack}",
+            "pass --attack wanet --warp-grid 8, for example",
         )
     if cfg.poison_rate is not None and not 0 < cfg.poison_rate < 1:
         raise UsageError(

@@ -287,6 +287,10 @@ def test_the_target_and_the_image_size_are_checked_against_the_dataset_and_the_m
         capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "wanet", "--warp-strength", "-1"
     )
     assert code == 2 and "got -1.0 with --attack wanet" in err
+    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--warp-grid", "8")
+    assert code == 2 and "--warp-grid takes 2 to the image side (32) control points with --attack wanet" in err
+    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "wanet", "--warp-grid", "1")
+    assert code == 2 and "got 1 with --attack wanet" in err
     code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--patch-size", "8")
     assert code == 2 and "--patch-size takes a ViT tower's patch side" in err and "--tower resnet" in err
     code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--tower", "vit", "--patch-size", "5")
@@ -389,6 +393,14 @@ def test_a_wanet_testbed_warps_by_the_strength_asked():
     # the same field, taken 1.5 times as far
     ident = np.stack(np.meshgrid(np.arange(32), np.arange(32), indexing="ij"), -1)
     np.testing.assert_allclose(stronger.arrays["grid"] - ident, 1.5 * (default.arrays["grid"] - ident))
+    # a finer control grid (WaNet's k): the same mean displacement, changing over shorter distances
+    finer = make_trigger(BuildConfig(attack="wanet", wanet_grid=8), None, None)
+    assert finer.params["k"] == 8 and default.params["k"] == 4
+
+    def roughness(t) -> float:  # mean change of the displacement from one pixel to the next
+        return float(np.abs(np.diff(t.arrays["grid"] - ident, axis=1)).mean())
+
+    assert roughness(finer) > 1.5 * roughness(default)
 
 
 def test_a_vit_testbed_learns_the_resnets_image_features_and_keeps_its_text_tower(tmp_path):
