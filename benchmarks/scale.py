@@ -20,7 +20,7 @@ fresh process so its peak resident memory is its own. What is measured:
 
 The projection of a full default run (`project`) is: original head + the scan's 200-step
 restarts and its passes over the shots, as the scan runs them on a model that reads clean
-(`SCANS`: the inversion's 4 restarts and 8 passes, then 2 warp probes and 5 patch probes) +
+(`scan_shapes`: the inversion's 4 restarts and 8 passes, then 2 warp probes and 5 patch probes) +
 the cache less the shots' own features + 300 tuning steps and 30 evaluations (one rung;
 escalation can add two more) + export. The projections are arithmetic over the stored
 measurements, so a stored state prints with today's scan (`--state FILE` with every case done).
@@ -210,8 +210,7 @@ def run_case(classes: int, shots: int, arch: str, model_dir: Path, threads: int)
         build_heads(source, clip, 0.5)
         out["export_s"] = round(time.perf_counter() - t, 2)
     out["peak_rss_mb"] = peak_rss_mb()
-    out["projected"] = project(out, SCANS[0])
-    return out
+    return out  # the projection is derived from these figures when printed (`project`)
 
 
 @dataclass(frozen=True)
@@ -224,12 +223,28 @@ class ScanShape:
     passes: int
 
 
-# the inversion: its clean features, 3 mask restarts each with a greyed pass, 1 warp restart
-_INVERSION = ScanShape("the inversion alone", 4, 1 + 3 * 2 + 1)
-SCANS = (
-    ScanShape("reads clean (2 warp probes, 5 patch probes)", _INVERSION.restarts + 7, _INVERSION.passes + 7),
-    ScanShape("found by its masks (3 compact masks, 2 blends)", _INVERSION.restarts + 5, _INVERSION.passes + 5),
-)
+def scan_shapes() -> tuple[ScanShape, ScanShape, ScanShape]:
+    """The inversion alone, a model read clean, a backdoor found by its masks, counted from the
+    default `InversionConfig`: the inversion's clean features, a greyed pass per mask restart and
+    one pass per restart and probe (cbpt/inversion.py)."""
+    from cbpt.inversion import InversionConfig
+
+    cfg = InversionConfig()
+    restarts = cfg.mask_restarts + cfg.warp.restarts
+    inversion = ScanShape("the inversion alone", restarts, 1 + 2 * cfg.mask_restarts + cfg.warp.restarts)
+
+    def more(name: str, probes: int) -> ScanShape:
+        return ScanShape(name, inversion.restarts + probes, inversion.passes + probes)
+
+    clean = more(
+        f"reads clean ({cfg.warp.probes} warp probes, {len(cfg.patch.places)} patch probes)",
+        cfg.warp.probes + len(cfg.patch.places),
+    )
+    found = more(
+        f"found by its masks ({cfg.compact.restarts} compact masks, {cfg.blend.restarts} blends)",
+        cfg.compact.restarts + cfg.blend.restarts,
+    )
+    return inversion, clean, found
 
 
 def project(r: dict, scan: ScanShape) -> dict:
@@ -364,8 +379,9 @@ def table(results: list[dict]) -> str:
         "| tuning step | evaluation | export | peak RSS | projected default run, model read clean |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    read_clean = scan_shapes()[1]
     for r in sorted(results, key=lambda r: (r["shots"] != 16, r["classes"])):
-        p = project(r, SCANS[0])
+        p = project(r, read_clean)
         rows.append(
             f"| {r['classes']} | {r['shots']} | {r['classes_per_step']} | {_fmt_s(r['original_head_s'])} | "
             f"{r['inversion_step_s']:.2f} s | {r['encode_s_per_image']:.3f} | {r['cache_images']:,} | "
@@ -378,13 +394,14 @@ def table(results: list[dict]) -> str:
 
 def scan_table(results: list[dict]) -> str:
     """The scan alone, projected per kind of model from each case's costs: restarts and passes."""
-    rows = ["| C | k | " + " | ".join(s.name for s in (_INVERSION, *SCANS)) + " |", "|---|---|" + "---|" * 3]
+    shapes = scan_shapes()
+    rows = ["| C | k | " + " | ".join(s.name for s in shapes) + " |", "|---|---|" + "---|" * len(shapes)]
     for r in sorted(results, key=lambda r: (r["shots"] != 16, r["classes"])):
         n, steps = r["classes"] * r["shots"], 200 * r["inversion_step_s"]
         cells = [
             f"{_fmt_s(s.restarts * steps + s.passes * n * r['encode_s_per_image'])} "
             f"({s.restarts} x {_fmt_s(steps)} + {s.passes} x {_fmt_s(n * r['encode_s_per_image'])})"
-            for s in (_INVERSION, *SCANS)
+            for s in shapes
         ]
         rows.append(f"| {r['classes']} | {r['shots']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

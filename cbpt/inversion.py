@@ -224,6 +224,15 @@ class InversionResult:
     # same shots does not encode them again (one pass over K x C shots; docs/scale.md#memory)
     clean: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
+    def clean_features(self, encoder: ImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
+        """The clean features of `pixels`, the shots this result was inverted on: those kept,
+        or encoded where it carries none (a result built without them)."""
+        if self.clean is None:
+            return encoder.all(pixels)
+        if self.clean.shape[0] != pixels.shape[0]:
+            raise ValueError(f"probe the shots {self.clean.shape[0]} inverted on, not {pixels.shape[0]} others")
+        return self.clean
+
     @property
     def best(self) -> Candidate:
         """The lowest-loss mask restart: the scan's own figures are its."""
@@ -402,8 +411,8 @@ def _one_restart(
         final = float(contrastive_inversion_loss(feats, clean, cfg.tau)) + cfg.lam * float(size)
         greyed = None
         if grey and trigger.kind is TriggerKind.MASK:  # a warp has no shape to grey
-            grey = trigger.greyed()
-            greyed = encoder.all(pixels, view=lambda x, _rows: grey.apply(x))
+            shape = trigger.greyed()
+            greyed = encoder.all(pixels, view=lambda x, _rows: shape.apply(x))
     return _Restart(trigger, final, history, feats, greyed)
 
 
@@ -495,9 +504,7 @@ def _probe(
     gen = torch.Generator().manual_seed(cfg.seed + _STREAMS[search])
     tick = _ticker(progress, cfg.steps * len(inits))
     labels = labels.to(encoder.device)
-    if result.clean is not None and result.clean.shape[0] != pixels.shape[0]:
-        raise ValueError(f"probe the shots {result.clean.shape[0]} inverted on, not {pixels.shape[0]} others")
-    clean = result.clean if result.clean is not None else encoder.all(pixels)
+    clean = result.clean_features(encoder, pixels)
     # the shape flip is read on the mask restarts alone (cbpt/scan.py: planted): no greyed pass here
     runs = [_one_restart(encoder, pixels, clean, cfg, gen, tick, init, grey=False) for init in inits]
     probes = [_describe(r, clean, labels, class_weights, search) for r in runs]

@@ -219,7 +219,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
         classnames=shots.classnames, original=original, logit_scale=clip.logit_scale, inversion=inversion, plan=plan
     )
     if plan.mode is TuningMode.SKIPPED:
-        clean = inversion.clean if inversion.clean is not None else clip.encoder().all(shots.pixels)
+        clean = inversion.clean_features(clip.encoder(), shots.pixels)
         centres = alarm_centres(inversion, verdict, None)
         return Purified(
             **done,

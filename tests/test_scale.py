@@ -236,7 +236,7 @@ def test_the_cpu_projection_counts_the_scans_probes_and_passes_as_the_scan_runs_
         "tuning_setup_s": 1.0,
         "export_s": 4.0,
     }
-    clean, found = scale.SCANS
+    _, clean, found = scale.scan_shapes()
     assert (clean.restarts, clean.passes, found.restarts, found.passes) == (11, 15, 9, 13)
     p = scale.project(case, clean)
     assert p["inversion_s"] == 11 * 200 * 1.0 + 15 * 20 * 0.5 and p["cache_s"] == (100 - 20) * 0.5
