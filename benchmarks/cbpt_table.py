@@ -5,7 +5,9 @@
 `--shots K` is the whole budget per class (cbpt.data.ShotBudget: from K = 8 a quarter held out;
 `--held-out N` to choose).
 
-With --out the runs are stored as they finish and an interrupted table resumes.
+With --out the runs are stored as they finish (`testbed.resumable.ResumableRows`, by testbed,
+K, held-out shots and shot set) and an interrupted table resumes; files written before the runs
+were keyed (a list of runs) are read too.
 
 Each testbed is purified from its own `fewshot/` with each seed (a different shot set) and
 scored on its `test/` split with its own trigger: one `testbed.bench.measure` run per pair,
@@ -18,12 +20,39 @@ import argparse
 import json
 import statistics
 from dataclasses import asdict
+from functools import partial
+from itertools import product
 from pathlib import Path
 
 from cbpt.data import ShotBudget
 from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime
 from testbed.bench import Run, measure
+from testbed.resumable import ResumableRows
+
+
+def run_key(testbed: str, budget: ShotBudget, seed: int) -> str:
+    return f"{testbed}/k{budget.shots}-h{budget.held()}-s{seed}"
+
+
+def stored_runs(path: Path | None) -> ResumableRows:
+    """The runs already in `path`, by `run_key`. A list of runs (how the table stored them
+    before) is read as measured with the default held-out share; the file is rewritten keyed
+    only when a new run is added."""
+    if path is None or not path.is_file() or not isinstance(stored := json.loads(path.read_text()), list):
+        return ResumableRows.at(path)
+    return ResumableRows(path, {run_key(d["testbed"], ShotBudget(d["shots"]), d["seed"]): d for d in stored})
+
+
+def _measured(tb: Path, seed: int, purify: PurifyConfig, runtime: Runtime) -> dict:
+    """One purify of `tb`'s shot set `seed`, scored on its test split: a stored row."""
+    meta = json.loads((tb / "metrics.json").read_text())
+    run = measure(tb, meta["dataset"], meta["attack"], "cbpt", purify.budget.shots, seed, purify, runtime=runtime)
+    return {"testbed": tb.name, **asdict(run)}
+
+
+def _run(row: dict) -> Run:
+    return Run(**{k: v for k, v in row.items() if k != "testbed"})
 
 
 def _mean(xs: list[float]) -> float:
@@ -47,27 +76,11 @@ def main() -> None:
     args = ap.parse_args()
     runtime = Runtime.of(args.device, args.precision)
     purify = PurifyConfig(budget=ShotBudget(args.shots, args.held_out))
-    # resumable: runs already in --out are read back, not re-measured; --out is rewritten after each run
-    stored = json.loads(args.out.read_text()) if args.out and args.out.is_file() else []
-    runs = [(d.pop("testbed"), Run(**d)) for d in stored]
-    for tb in args.testbeds:
-        meta = json.loads((tb / "metrics.json").read_text())
-        for seed in args.seeds:
-            if any(name == tb.name and r.seed == seed and r.shots == args.shots for name, r in runs):
-                continue
-            runs.append(
-                (
-                    tb.name,
-                    measure(tb, meta["dataset"], meta["attack"], "cbpt", args.shots, seed, purify, runtime=runtime),
-                )
-            )
-            print(json.dumps({"testbed": tb.name, **asdict(runs[-1][1])}), flush=True)
-            if args.out:
-                tmp = args.out.with_suffix(".tmp")
-                tmp.write_text(json.dumps([{"testbed": n, **asdict(r)} for n, r in runs], indent=2))
-                tmp.replace(args.out)
-    runs = [(n, r) for n, r in runs if n in {tb.name for tb in args.testbeds} and r.shots == args.shots]
     budget = purify.budget
+    runs = stored_runs(args.out)
+    for tb, seed in product(args.testbeds, args.seeds):
+        if (key := run_key(tb.name, budget, seed)) not in runs:
+            print(json.dumps(runs.ensure(key, partial(_measured, tb, seed, purify, runtime))), flush=True)
     print(
         f"\n| testbed (K={args.shots}: {budget.tuning()} tune + {budget.held()} held out, "
         f"{len(args.seeds)} shot sets) | CA before | ASR before | CA after | "
@@ -75,7 +88,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for tb in args.testbeds:
-        r = [run for name, run in runs if name == tb.name]
+        r = [_run(runs[run_key(tb.name, budget, seed)]) for seed in args.seeds]
         asr = [x.asr for x in r if x.asr == x.asr]
         flagged = [x for x in r if x.info["scan"]["backdoored"]]
         planted = json.loads((tb / "metrics.json").read_text())

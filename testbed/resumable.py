@@ -14,13 +14,13 @@ from cbpt_guard import atomic
 
 @dataclass
 class ResumableRows:
-    path: Path
+    path: Path | None  # None: rows kept in memory only, nothing written
     rows: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def at(cls, path: Path) -> ResumableRows:
-        """The rows already in `path` (none where it does not exist yet)."""
-        return cls(path, json.loads(path.read_text()) if path.is_file() else {})
+    def at(cls, path: Path | None) -> ResumableRows:
+        """The rows already in `path` (none where it does not exist yet, or where `path` is None)."""
+        return cls(path, json.loads(path.read_text()) if path is not None and path.is_file() else {})
 
     def __contains__(self, key: str) -> bool:
         return key in self.rows
@@ -38,5 +38,6 @@ class ResumableRows:
         """The row under `key`, made and written to the file first if it is not there yet."""
         if key not in self.rows:
             self.rows[key] = make()
-            atomic.write_text(self.path, json.dumps(self.rows, indent=1))
+            if self.path is not None:
+                atomic.write_text(self.path, json.dumps(self.rows, indent=1))
         return self.rows[key]

@@ -267,3 +267,35 @@ def test_a_benchmarks_rows_are_written_as_they_come_and_read_back_instead_of_mad
     assert again.ensure("bd001", lambda: make("bd001 again")) == {"asr": 0.1} and "bd002" in again
     assert made == ["bd001", "bd002"] and dict(again.items()) == rows.rows
     assert not list(tmp_path.glob("*.tmp*"))  # written by rename, nothing half-written left beside it
+    in_memory = ResumableRows.at(None)  # a run without --out: rows kept, nothing written
+    assert in_memory.ensure("bd003", lambda: make("bd003")) == {"asr": 0.3} and "bd003" in in_memory
+
+
+def test_the_cbpt_table_prints_from_its_stored_runs_list_shaped_ones_included(tmp_path, monkeypatch, capsys):
+    """benchmarks/cbpt_table.py: runs stored before they were keyed (a list) are read back by
+    testbed, K, held-out shots and shot set, and a finished table prints without a purify."""
+    table = load_benchmark("cbpt_table")
+    tb = tmp_path / "shapes-badnet"
+    tb.mkdir()
+    (tb / "metrics.json").write_text(json.dumps({"dataset": "shapes", "attack": "badnet", "target": 3}))
+
+    def run(seed: int, asr: float) -> dict:
+        scan = {"backdoored": True, "target_index": 3 if seed else 1}
+        return {
+            "testbed": tb.name, "dataset": "shapes", "attack": "badnet", "method": "cbpt", "shots": 16,
+            "seed": seed, "ca": 0.97, "asr": asr, "ra": 0.9, "ca_before": 0.98, "asr_before": 1.0,
+            "der": 0.9, "seconds": 100.0, "info": {"scan": scan},
+        }  # fmt: skip
+
+    out = tmp_path / "runs.json"
+    out.write_text(json.dumps([run(0, 0.010), run(1, 0.030)]))
+    runs = table.stored_runs(out)
+    assert sorted(runs.rows) == ["shapes-badnet/k16-h4-s0", "shapes-badnet/k16-h4-s1"]
+    monkeypatch.setattr(table, "measure", lambda *a, **k: pytest.fail("a stored run was measured again"))
+    monkeypatch.setattr("sys.argv", ["cbpt_table", str(tb), "--seeds", "0", "1", "--out", str(out)])
+    table.main()
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row == "| shapes-badnet | 0.980 | 1.000 | 0.970 | 0.020 (0.030) | 0.900 | 100 | " + (
+        "2/2 backdoored, target named 1 |"
+    )
+    assert isinstance(json.loads(out.read_text()), list)  # reading rewrites nothing
