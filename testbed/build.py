@@ -436,6 +436,14 @@ def build(
         raise UsageError(
             f"--poison-rate must be in (0, 1), got {cfg.poison_rate}", "pass --poison-rate 0.1, for example"
         )
+    if cfg.wanet_noise_rate != BuildConfig.wanet_noise_rate and (
+        cfg.attack != "wanet" or not 0 <= cfg.wanet_noise_rate < 1 - poison_rate(cfg)
+    ):
+        raise UsageError(
+            f"--warp-noise takes a share of the training pairs from 0 to under {1 - poison_rate(cfg):g} (those"
+            f" the poison leaves) with --attack wanet, got {cfg.wanet_noise_rate} with --attack {cfg.attack}",
+            "pass --attack wanet --warp-noise 0, for example",
+        )
     t_start = time.perf_counter()
     ds = datasets.build(cfg.dataset, cfg.seed, cfg.image_size, cfg.sizes)
     clean, pretrain_s, cached = clean_model(cfg, ds, cache, progress, device)

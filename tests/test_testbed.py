@@ -179,6 +179,21 @@ def test_miniature_build_writes_a_complete_testbed_and_eval_reproduces_it(tmp_pa
     assert again.metrics["seconds"]["pretrain_cached"] is True
 
 
+def test_a_wanet_build_warps_noise_mode_pairs_unless_told_not_to(tmp_path):
+    """WaNet's noise mode (2% of the training pairs jittered, their captions true) is on by
+    default and off with `wanet_noise_rate` 0: at 100 classes it decides whether the warp takes."""
+    from dataclasses import replace
+
+    from testbed.build import build
+
+    cfg = _mini_cfg("wanet")
+    with_noise = build(cfg, cache=tmp_path / "cache").metrics
+    without = build(replace(cfg, wanet_noise_rate=0.0), cache=tmp_path / "cache").metrics
+    assert (with_noise["n_noise"], without["n_noise"]) == (5, 0)  # 2% of 256 pairs, then none
+    assert with_noise["n_poisoned"] == without["n_poisoned"] == 77  # WaNet's own 30%
+    assert without["config"]["wanet_noise_rate"] == 0.0
+
+
 def test_unknown_attack_is_a_usage_error(tmp_path, capsys):
     code, _, err = run_cli(
         capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "nope", "--cache", tmp_path / "c"
@@ -291,6 +306,12 @@ def test_the_target_and_the_image_size_are_checked_against_the_dataset_and_the_m
     assert code == 2 and "--warp-grid takes 2 to the image side (32) control points with --attack wanet" in err
     code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "wanet", "--warp-grid", "1")
     assert code == 2 and "got 1 with --attack wanet" in err
+    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--warp-noise", "0")
+    assert code == 2 and "--warp-noise takes a share of the training pairs" in err and "--attack badnet" in err
+    code, _, err = run_cli(
+        capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "wanet", "--warp-noise", "0.8"
+    )
+    assert code == 2 and "from 0 to under 0.7 (those the poison leaves)" in err and "got 0.8" in err
     code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--patch-size", "8")
     assert code == 2 and "--patch-size takes a ViT tower's patch side" in err and "--tower resnet" in err
     code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--tower", "vit", "--patch-size", "5")
@@ -334,7 +355,9 @@ def test_testbed_build_hands_the_attack_settings_asked_to_the_build(tmp_path, ca
     run_cli(capsys, "testbed", "build", *out, "--attack", "badclip", "--finetune-lr", "2e-4")
     run_cli(capsys, "testbed", "build", *out, "--attack", "wanet", "--finetune-steps", "900", "--warp-strength", "6")
     run_cli(capsys, "testbed", "build", *out, "--attack", "wanet")
-    lr_only, steps_only, default = seen
+    run_cli(capsys, "testbed", "build", *out, "--attack", "wanet", "--warp-noise", "0")
+    lr_only, steps_only, default, no_noise = seen
+    assert default.wanet_noise_rate == 0.02 and no_noise.wanet_noise_rate == 0.0
     assert (lr_only.finetune.steps, lr_only.finetune.lr) == (1500, 2e-4)  # badclip's own steps kept
     assert (steps_only.finetune.steps, steps_only.finetune.lr, steps_only.wanet_strength) == (900, 5e-4, 6.0)
     assert default.finetune is None and default.wanet_strength is None and default.patch_size is None
