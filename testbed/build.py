@@ -96,7 +96,9 @@ class BuildConfig:
     sizes: tuple[int, int, int] | None = None  # (train, fewshot/class, test/class); None = full
     model_cfg: dict | None = None  # None: default_model_cfg(image_size, tower, patch_size)
     patch_size: int | None = None  # the ViT's patch side in pixels (None: a 4 x 4 grid)
-    wanet_noise_rate: float = 0.02  # share of noise-mode warps (true captions) in WaNet's training
+    # share of noise-mode warps (true captions) in WaNet's training; 0: none, which WaNet needs to take
+    # at 100 classes (docs/results.md#wanet-at-100-classes-without-its-noise-mode-taken)
+    wanet_noise_rate: float = 0.02
     wanet_strength: float | None = None  # WaNet's mean displacement in pixels (None: triggers.wanet's)
     wanet_grid: int = 4  # WaNet's control points per side of the warp field (its k)
     custom_image: str | None = None
