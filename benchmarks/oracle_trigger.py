@@ -16,8 +16,9 @@ is the optimiser's (docs/results.md#step-2-levers-beside-the-oracle).
 
 `--levers` also takes coverage levers (COVERAGE_LEVERS), which change what the head is tuned
 against rather than how: the plan without its blend-shaped triggers (purify before
-docs/method.md#blend-probes) or with every blend, pulling or not, or a second round against a
-mask inverted through the first round's head. They run against the inverted
+docs/method.md#blend-probes) or with every blend, pulling or not, a second round against a
+mask inverted through the first round's head, or every compact mask that flips the shots once
+one stands in (docs/results.md#compact-masks-standing-in-together-not-kept). They run against the inverted
 triggers only (the real trigger is what they try to stand in for;
 docs/results.md#coverage-levers).
 
@@ -104,7 +105,7 @@ class Round1:
     inversion: InversionResult
     plan: TuningPlan
     original: torch.Tensor
-    head: torch.Tensor  # [C, D] round 1's tuned class features
+    head: torch.Tensor | None  # [C, D] round 1's tuned class features; None where the lever does not read it
     target: int  # the scan's target
 
 
@@ -138,6 +139,7 @@ def reinverted(r: Round1, steps: int = 200, goal: float = 0.9, seed: int = 100) 
     a = (torch.full((h, w), -3.0) + torch.randn(h, w, generator=gen) * 0.5).to(enc.device).requires_grad_()
     b = torch.randn(3, h, w, generator=gen).to(enc.device).requires_grad_()
     opt = torch.optim.Adam([a, b], lr=0.1)
+    assert r.head is not None, "reinvert reads round 1's head (READS_ROUND1)"
     lam, head = 1.0, r.head.to(enc.device)
 
     def build() -> DummyTrigger:
@@ -162,18 +164,37 @@ def reinverted(r: Round1, steps: int = 200, goal: float = 0.9, seed: int = 100) 
     return r.plan.triggers + [Candidate(trigger, r.target, flips, None)]
 
 
+def compact_family(r: Round1, stand_in: float = 0.9) -> list[Candidate]:
+    """Where a compact mask stands in, every compact mask aimed at the target that flips as many
+    shots (`CompactProbes.stand_in` of the best per-pixel mask's flips) stands in with it, pulling
+    as hard as the per-pixel masks or not: the pull tells a compact backdoor from one spread over
+    the image, and once it has, several compact masks cover more of the trigger than the one that
+    pulled hardest (docs/method.md#compact-probes). Elsewhere the plan's triggers as they are."""
+    if not any(c.search is Search.COMPACT for c in r.plan.triggers):
+        return r.plan.triggers
+    bar = stand_in * r.inversion.flip_rate
+    family = [replace(c, target=r.target) for c in r.inversion.compact() if c.target == r.target and c.flip_rate >= bar]
+    return family + [c for c in r.plan.triggers if c.search is not Search.COMPACT]
+
+
 COVERAGE_LEVERS: dict[str, Callable[[Round1], list[Candidate]]] = {
     "no-blends": without_blends,  # purify before its blends (docs/method.md#blend-probes)
     "blends2": every_blend,  # both blends beside the plan's other triggers, pulling or not
     "reinvert": reinverted,  # a second round against what still reaches the target through round 1's head
+    "compact-family": compact_family,  # every flipping compact mask stands in once one does
 }
+# the coverage levers that read round 1's head (the others are planned from the scan alone)
+READS_ROUND1 = ("reinvert",)
 
 
 # the plan's triggers tuned against, its blends left out of the held-out check: they widen what the
 # head is tuned against without deciding the escalation or the checkpoint
 UNCHECKED_BLENDS = "unchecked-blends"
+# the plan's triggers tuned against, the held-out check reading the whole compact family: a rung is
+# settled only when none of the compact masks that flip the shots still reaches the target
+CHECKED_FAMILY = "checked-family"
 # levers that change the plan's inverted triggers: never run against the real trigger
-PLAN_LEVERS = (*COVERAGE_LEVERS, UNCHECKED_BLENDS)
+PLAN_LEVERS = (*COVERAGE_LEVERS, UNCHECKED_BLENDS, CHECKED_FAMILY)
 
 
 def _key(triggers: str, tol: float, lever: str) -> str:
@@ -243,9 +264,13 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict, se
         if lever == UNCHECKED_BLENDS:
             out[key] = step2(plan.triggers, plan.tuning, tol, _no_blends(plan.triggers))[1]
             continue
-        if tol not in round1:
+        if lever == CHECKED_FAMILY:
+            family = compact_family(Round1(clip, shots, inv, plan, original, None, verdict.target))
+            out[key] = step2(plan.triggers, plan.tuning, tol, family)[1] | {"checked": len(family)}
+            continue
+        if lever in READS_ROUND1 and tol not in round1:
             round1[tol] = step2(plan.triggers, plan.tuning, tol)[0]
-        r1 = Round1(clip, shots, inv, plan, original, round1[tol], verdict.target)
+        r1 = Round1(clip, shots, inv, plan, original, round1.get(tol), verdict.target)
         more = COVERAGE_LEVERS[lever](r1)
         out[key] = step2(more, plan.tuning, tol)[1] | {
             "added": [

@@ -299,3 +299,34 @@ def test_the_cbpt_table_prints_from_its_stored_runs_list_shaped_ones_included(tm
         "2/2 backdoored, target named 1 |"
     )
     assert isinstance(json.loads(out.read_text()), list)  # reading rewrites nothing
+
+
+def test_the_compact_family_lever_tunes_against_every_flipping_compact_mask_once_one_stands_in():
+    """benchmarks/oracle_trigger.py `compact-family` (docs/results.md#compact-masks-standing-in-together-not-kept):
+    where one compact mask stands in (it pulls as hard as the per-pixel masks), the others at the
+    target that flip as many shots join it, pulling less or not; one that flips too few or aims
+    elsewhere does not; and where none stands in, the plan is left as it is."""
+    from cbpt.inversion import Search
+    from cbpt.purify import PurifyConfig, plan_tuning
+    from cbpt.scan import read_scan
+    from tests.helpers import fake_inversion
+
+    oracle = load_benchmark("oracle_trigger")
+
+    def levered(*probes: tuple) -> tuple[list, list]:
+        inv = fake_inversion([("mask", 5, 1.0, 0.3), ("mask", 5, 0.9, 0.2), ("warp", 4, 0.7, -0.2), *probes], 0.9)
+        plan = plan_tuning(read_scan(inv), inv, PurifyConfig(), held_out=True)
+        r1 = oracle.Round1(None, None, inv, plan, None, None, 5)
+
+        def read(triggers: list) -> list:
+            return [(c.search, c.flip_rate) for c in triggers]
+
+        return read(plan.triggers), read(oracle.compact_family(r1))
+
+    pulls, flips_less_pull = ("mask", 5, 0.95, 0.4, True), ("mask", 5, 0.93, 0.1, True)
+    weak, elsewhere = ("mask", 5, 0.85, 0.4, True), ("mask", 3, 1.0, 0.4, True)
+    plan, family = levered(pulls, flips_less_pull, weak, elsewhere)
+    assert plan == [(Search.COMPACT, 0.95)]
+    assert family == [(Search.COMPACT, 0.95), (Search.COMPACT, 0.93)]
+    plan, family = levered(flips_less_pull, weak)  # none stands in: the per-pixel masks, as planned
+    assert family == plan == [(Search.RESTART, 1.0), (Search.RESTART, 0.9)]
