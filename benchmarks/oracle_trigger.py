@@ -18,8 +18,8 @@ is the optimiser's (docs/results.md#step-2-levers-beside-the-oracle).
 against rather than how: the plan without its blend-shaped triggers (purify before
 docs/method.md#blend-probes) or with every blend, pulling or not, a second round against a
 mask inverted through the first round's head, or every compact mask that flips the shots once
-one stands in (docs/results.md#compact-masks-standing-in-together-not-kept). They run against the inverted
-triggers only (the real trigger is what they try to stand in for;
+one stands in (docs/results.md#compact-masks-standing-in-together-not-kept). They run against
+the inverted triggers only (the real trigger is what they try to stand in for;
 docs/results.md#coverage-levers).
 
 Where the real trigger on the shots leaves as much ASR as the inverted one at the same CA, the
@@ -164,15 +164,17 @@ def reinverted(r: Round1, steps: int = 200, goal: float = 0.9, seed: int = 100) 
     return r.plan.triggers + [Candidate(trigger, r.target, flips, None)]
 
 
-def compact_family(r: Round1, stand_in: float = 0.9) -> list[Candidate]:
+def compact_family(r: Round1) -> list[Candidate]:
     """Where a compact mask stands in, every compact mask aimed at the target that flips as many
-    shots (`CompactProbes.stand_in` of the best per-pixel mask's flips) stands in with it, pulling
-    as hard as the per-pixel masks or not: the pull tells a compact backdoor from one spread over
-    the image, and once it has, several compact masks cover more of the trigger than the one that
-    pulled hardest (docs/method.md#compact-probes). Elsewhere the plan's triggers as they are."""
-    if not any(c.search is Search.COMPACT for c in r.plan.triggers):
+    shots (purify's `CompactProbes.stand_in` share of the best per-pixel mask's flips) stands in
+    with it, pulling as hard as the per-pixel masks or not: the pull tells a compact backdoor from
+    one spread over the image, and once it has, several compact masks cover more of the trigger
+    than the one that pulled hardest (docs/method.md#compact-probes). Elsewhere the plan's
+    triggers as they are."""
+    share = PurifyConfig().inversion.compact.stand_in
+    if share is None or not any(c.search is Search.COMPACT for c in r.plan.triggers):
         return r.plan.triggers
-    bar = stand_in * r.inversion.flip_rate
+    bar = share * r.inversion.flip_rate
     family = [replace(c, target=r.target) for c in r.inversion.compact() if c.target == r.target and c.flip_rate >= bar]
     return family + [c for c in r.plan.triggers if c.search is not Search.COMPACT]
 
