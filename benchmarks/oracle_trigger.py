@@ -89,6 +89,7 @@ STEP2_LEVERS: dict[str, Callable[[TuningConfig], TuningConfig]] = {
     "strength2": _tuning(strengths=(1.0, 2.0)),
     "views6": _tuning(views=6),  # six augmented views of each shot instead of two
     # one fixed rung, no ladder: does a stronger trigger loss reach what the held-out check calls settled?
+    "rung0": _tuning(ladder=Ladder.off()),  # the ladder's first rung alone: what climbing cost or bought
     "rung0.5-3": _tuning(margin=3.0, ladder=Ladder.off()),
     "rung1-3": _tuning(alpha=1.0, margin=3.0, ladder=Ladder.off()),
     "rung2-3": _tuning(alpha=2.0, margin=3.0, ladder=Ladder.off()),
