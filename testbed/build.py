@@ -428,7 +428,9 @@ def build(
             f" with --attack {cfg.attack}",
             "pass --attack wanet --warp-strength 6, for example",
         )
-    if cfg.wanet_grid != 4 and (cfg.attack != "wanet" or not 2 <= cfg.wanet_grid <= cfg.image_size):
+    if cfg.wanet_grid != BuildConfig.wanet_grid and (
+        cfg.attack != "wanet" or not 2 <= cfg.wanet_grid <= cfg.image_size
+    ):
         raise UsageError(
             f"--warp-grid takes 2 to the image side ({cfg.image_size}) control points with --attack wanet, got"
             f" {cfg.wanet_grid} with --attack {cfg.attack}",
