@@ -745,6 +745,13 @@ def testbed_build(
     attack: Annotated[str, typer.Option(help=f"none, {', '.join(ATTACKS)} or custom.")] = "badnet",
     target: Annotated[int, typer.Option(help="Index of the attacker's target class.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for data, model and trigger.")] = 0,
+    poison_seed: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Seed of the poisoned fine-tune alone: which pairs carry the trigger, the batch order (default: "
+            "--seed picks the pairs). Data, clean model and trigger stay --seed's: a repeat backdoor in minutes."
+        ),
+    ] = None,
     tower: Annotated[
         str,
         typer.Option(
@@ -813,6 +820,7 @@ def testbed_build(
         attack=attack,
         target=target,
         seed=seed,
+        poison_seed=poison_seed,
         tower=Tower(tower),
         image_size=image_size,
         patch_size=patch_size,

@@ -87,6 +87,10 @@ class BuildConfig:
     target: int = 0
     poison_rate: float | None = None  # None: the attack's own default (ATTACK_POISON_RATE)
     seed: int = 0
+    # The poisoned fine-tune's own seed: which pairs carry the trigger and the batch order. None: `seed`
+    # picks the pairs and the order is the fine-tune's default, as before the option. Data, clean model
+    # and trigger stay `seed`'s, so repeat backdoors of one cached clean model take minutes.
+    poison_seed: int | None = None
     image_size: int = 32
     tower: Tower = Tower.RESNET
     pretrain: TrainConfig = TrainConfig(steps=1200, lr=1e-3)
@@ -291,9 +295,13 @@ def clean_model(
 
 
 def finetune_config(cfg: BuildConfig) -> TrainConfig:
-    if cfg.finetune is not None:
-        return cfg.finetune
-    return replace(DEFAULT_FINETUNE, steps=ATTACK_FINETUNE_STEPS.get(cfg.attack, DEFAULT_FINETUNE.steps))
+    ft = cfg.finetune or replace(DEFAULT_FINETUNE, steps=ATTACK_FINETUNE_STEPS.get(cfg.attack, DEFAULT_FINETUNE.steps))
+    return ft if cfg.poison_seed is None else replace(ft, seed=cfg.poison_seed)
+
+
+def pairs_seed(cfg: BuildConfig) -> int:
+    """The seed that picks which training pairs the attack poisons."""
+    return cfg.seed if cfg.poison_seed is None else cfg.poison_seed
 
 
 def poison_rate(cfg: BuildConfig) -> float:
@@ -436,6 +444,11 @@ def build(
             f" {cfg.wanet_grid} with --attack {cfg.attack}",
             "pass --attack wanet --warp-grid 8, for example",
         )
+    if cfg.poison_seed is not None and (cfg.attack == "none" or cfg.poison_seed < 0):
+        raise UsageError(
+            f"--poison-seed takes a seed from 0 with an attack, got {cfg.poison_seed} with --attack {cfg.attack}",
+            "pass --attack badnet --poison-seed 1, for example",
+        )
     if cfg.poison_rate is not None and not 0 < cfg.poison_rate < 1:
         raise UsageError(
             f"--poison-rate must be in (0, 1), got {cfg.poison_rate}", "pass --poison-rate 0.1, for example"
@@ -481,7 +494,7 @@ def backdoor(
             poison_rate(cfg),
             ds.classnames[cfg.target],
             ds.templates,
-            cfg.seed,
+            pairs_seed(cfg),
             noise_rate=noise_rate,
         )
         model = copy.deepcopy(clean)

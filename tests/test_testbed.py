@@ -194,6 +194,33 @@ def test_a_wanet_build_warps_noise_mode_pairs_unless_told_not_to(tmp_path):
     assert without["config"]["wanet_noise_rate"] == 0.0
 
 
+def test_a_poison_seed_backdoors_the_same_clean_model_again_with_other_pairs(tmp_path, monkeypatch):
+    """`poison_seed` redraws the poisoned pairs and the fine-tune's order alone: the clean model
+    comes from the cache, the trigger is the same, and without it a build repeats exactly."""
+    from dataclasses import replace
+
+    import torch
+
+    import testbed.build
+    from testbed.build import build
+
+    drawn = []
+    real_poison = testbed.build.poison
+    monkeypatch.setattr(testbed.build, "poison", lambda *a, **k: drawn.append(real_poison(*a, **k)) or drawn[-1])
+    cfg = _mini_cfg()
+    first = build(cfg, cache=tmp_path / "cache")
+    again = build(cfg, cache=tmp_path / "cache")
+    other = build(replace(cfg, poison_seed=1), cache=tmp_path / "cache")
+    assert other.metrics["seconds"]["pretrain_cached"] and other.metrics["clean_model"] == first.metrics["clean_model"]
+    assert other.trigger.params == first.trigger.params
+    assert np.array_equal(drawn[0].poisoned, drawn[1].poisoned)
+    assert drawn[2].poisoned.size == drawn[0].poisoned.size and not np.array_equal(drawn[2].poisoned, drawn[0].poisoned)
+    state = {k: v for k, v in first.model.state_dict().items()}
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in state.items())
+    assert not all(torch.equal(v, other.model.state_dict()[k]) for k, v in state.items())
+    assert other.metrics["config"]["poison_seed"] == 1 and first.metrics["config"]["poison_seed"] is None
+
+
 def test_unknown_attack_is_a_usage_error(tmp_path, capsys):
     code, _, err = run_cli(
         capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "nope", "--cache", tmp_path / "c"
@@ -322,6 +349,12 @@ def test_the_target_and_the_image_size_are_checked_against_the_dataset_and_the_m
     assert code == 2 and "--location takes random, center, corner with --attack badnet, badclip, custom" in err
     code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--location", "top")
     assert code == 2 and "got 'top' with --attack badnet" in err
+    code, _, err = run_cli(
+        capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "none", "--poison-seed", "1"
+    )
+    assert code == 2 and "--poison-seed takes a seed from 0 with an attack, got 1 with --attack none" in err
+    code, _, err = run_cli(capsys, "testbed", "build", "--out", tmp_path / "x", "--poison-seed", "-1")
+    assert code == 2 and "got -1 with --attack badnet" in err
     assert not (tmp_path / "x").exists()
 
 
@@ -363,6 +396,8 @@ def test_testbed_build_hands_the_attack_settings_asked_to_the_build(tmp_path, ca
     assert default.finetune is None and default.wanet_strength is None and default.patch_size is None
     run_cli(capsys, "testbed", "build", *out, "--tower", "vit", "--image-size", "64", "--patch-size", "8")
     assert seen[-1].patch_size == 8 and seen[-1].model()["vision_cfg"]["patch_size"] == 8
+    run_cli(capsys, "testbed", "build", *out, "--poison-seed", "3")
+    assert seen[-1].poison_seed == 3 and seen[-1].seed == 0
 
 
 def test_a_badnet_testbed_puts_its_patch_where_asked(images):
