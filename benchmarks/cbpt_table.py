@@ -2,6 +2,10 @@
 
     python benchmarks/cbpt_table.py bench-out/testbed/shapes-* --seeds 0 1 2 --shots 16 --out runs.json
 
+`--pooled` adds a line over every testbed named, read as builds of one row (`testbed build
+--poison-seed`): one build's three shot sets cannot settle a 2-point target
+(docs/results.md#one-row-several-builds).
+
 `--shots K` is the whole budget per class (cbpt.data.ShotBudget: from K = 8 a quarter held out;
 `--held-out N` to choose).
 
@@ -64,6 +68,23 @@ def _f(v: float) -> str:
     return "-" if v != v else f"{v:.3f}"
 
 
+def pooled_line(builds: list[list[Run]]) -> str:
+    """One row's figures over several builds of it (each a list of shot-set runs): ASR after over
+    every purify and per build, the CA each purify cost, against issue 19's targets (a build's
+    mean ASR <= 2%, every purify <= 5%, CA within 2 points)."""
+    runs = [x for b in builds for x in b]
+    asr = [x.asr for x in runs if x.asr == x.asr]
+    per_build = [_mean([x.asr for x in b]) for b in builds]
+    cost = [100 * (x.ca_before - x.ca) for x in runs]
+    return (
+        f"| {len(builds)} builds x {len(runs) // len(builds)} shot sets | ASR after mean {_f(_mean(asr))}, "
+        f"worst {_f(max(asr, default=float('nan')))}; <= 5% on {sum(a <= 0.05 for a in asr)} of {len(asr)} | "
+        f"builds' mean ASR <= 2% on {sum(a <= 0.02 for a in per_build)} of {len(builds)} | "
+        f"CA cost mean {_mean(cost):.1f}, worst {max(cost):.1f} points; within 2 on "
+        f"{sum(c <= 2.0 + 1e-9 for c in cost)} of {len(cost)} |"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("testbeds", nargs="+", type=Path)
@@ -73,6 +94,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", help="the frozen encoders' precision (cbpt.runtime.Precision)")
+    ap.add_argument("--pooled", action="store_true", help="a last line over the testbeds as builds of one row")
     args = ap.parse_args()
     runtime = Runtime.of(args.device, args.precision)
     purify = PurifyConfig(budget=ShotBudget(args.shots, args.held_out))
@@ -104,6 +126,8 @@ def main() -> None:
             f"{_f(_mean([x.ra for x in r]))} | {_mean([x.seconds for x in r]):.0f} | "
             f"{len(flagged)}/{len(r)} backdoored{named} |"
         )
+    if args.pooled:
+        print(pooled_line([[_run(runs[run_key(tb.name, budget, s)]) for s in args.seeds] for tb in args.testbeds]))
 
 
 if __name__ == "__main__":

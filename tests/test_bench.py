@@ -301,6 +301,25 @@ def test_the_cbpt_table_prints_from_its_stored_runs_list_shaped_ones_included(tm
     assert isinstance(json.loads(out.read_text()), list)  # reading rewrites nothing
 
 
+def test_the_cbpt_tables_pooled_line_reads_builds_of_one_row_against_the_targets():
+    """benchmarks/cbpt_table.py --pooled: several builds of one row, each with its shot sets, read
+    against issue 19's targets (a build's mean ASR <= 2%, every purify <= 5%, CA within 2 points)."""
+    table = load_benchmark("cbpt_table")
+
+    def run(ca: float, asr: float) -> object:
+        return table._run(
+            {"testbed": "x", "dataset": "shapes", "attack": "sig", "method": "cbpt", "shots": 16, "seed": 0,
+             "ca": ca, "asr": asr, "ra": 0.5, "ca_before": 0.98, "asr_before": 1.0, "der": 0.9, "seconds": 1.0,
+             "info": {}}
+        )  # fmt: skip
+
+    builds = [[run(0.97, 0.000), run(0.955, 0.020)], [run(0.975, 0.000), run(0.96, 0.060)]]
+    assert table.pooled_line(builds) == (
+        "| 2 builds x 2 shot sets | ASR after mean 0.020, worst 0.060; <= 5% on 3 of 4 | "
+        "builds' mean ASR <= 2% on 1 of 2 | CA cost mean 1.5, worst 2.5 points; within 2 on 3 of 4 |"
+    )
+
+
 def test_the_compact_family_lever_tunes_against_every_flipping_compact_mask_once_one_stands_in():
     """benchmarks/oracle_trigger.py `compact-family` (docs/results.md#compact-masks-standing-in-together-not-kept):
     where one compact mask stands in (it pulls as hard as the per-pixel masks), the others at the
