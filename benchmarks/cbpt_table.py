@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from dataclasses import asdict
 from functools import partial
@@ -95,7 +96,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", help="the frozen encoders' precision (cbpt.runtime.Precision)")
     ap.add_argument("--pooled", action="store_true", help="a last line over the testbeds as builds of one row")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores, as the CLI)")
     args = ap.parse_args()
+    import torch
+
+    # torch's own default takes every core: two tables side by side then run 5x slower (docs/security.md#threads)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
     runtime = Runtime.of(args.device, args.precision)
     purify = PurifyConfig(budget=ShotBudget(args.shots, args.held_out))
     budget = purify.budget
