@@ -139,6 +139,10 @@ RULES: dict[str, Rule] = {
     "today-beyond2": Rule(TuningConfig(judging=Judging(beyond=(2.0,)))),
     "today-settle-at-0": Rule(TuningConfig(ladder=Ladder(target_rate=0.0))),
     "today-allowance1.5": Rule(TuningConfig(ladder=Ladder(allowance=0.015))),
+    # today's reading with no allowance, or the first rung alone: what the climbs bought and cost
+    # (docs/results.md#one-row-several-builds)
+    "today-allowance0": Rule(TuningConfig(ladder=Ladder(allowance=0.0))),
+    "today-rung0": Rule(TuningConfig(ladder=Ladder.off())),
     "no-spare-image": Rule(EVERYWHERE, whole_images=False),
     # the held-out clean accuracy's tolerance as the one image K = 16 allows (2.5 points), at any K
     "tolerance2.5": _read(clean_tolerance=0.025),
