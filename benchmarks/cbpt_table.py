@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from dataclasses import asdict
 from functools import partial
@@ -31,9 +30,10 @@ from pathlib import Path
 
 from cbpt.data import ShotBudget
 from cbpt.purify import PurifyConfig
-from cbpt.runtime import Runtime
+from cbpt.runtime import Runtime, set_torch_threads
 from testbed.bench import Run, measure
 from testbed.resumable import ResumableRows
+from testbed.zoo import ASR_BAR, CA_BAR, at_most
 
 
 def run_key(testbed: str, budget: ShotBudget, seed: int) -> str:
@@ -72,17 +72,17 @@ def _f(v: float) -> str:
 def pooled_line(builds: list[list[Run]]) -> str:
     """One row's figures over several builds of it (each a list of shot-set runs): ASR after over
     every purify and per build, the CA each purify cost, against issue 19's targets (a build's
-    mean ASR <= 2%, every purify <= 5%, CA within 2 points)."""
+    mean ASR <= 2%, every purify <= 5%, CA within 2 points: the zoo's bars, testbed.zoo)."""
     runs = [x for b in builds for x in b]
     asr = [x.asr for x in runs if x.asr == x.asr]
     per_build = [_mean([x.asr for x in b]) for b in builds]
-    cost = [100 * (x.ca_before - x.ca) for x in runs]
+    drop = [x.ca_before - x.ca for x in runs]
     return (
         f"| {len(builds)} builds x {len(runs) // len(builds)} shot sets | ASR after mean {_f(_mean(asr))}, "
-        f"worst {_f(max(asr, default=float('nan')))}; <= 5% on {sum(a <= 0.05 for a in asr)} of {len(asr)} | "
-        f"builds' mean ASR <= 2% on {sum(a <= 0.02 for a in per_build)} of {len(builds)} | "
-        f"CA cost mean {_mean(cost):.1f}, worst {max(cost):.1f} points; within 2 on "
-        f"{sum(c <= 2.0 + 1e-9 for c in cost)} of {len(cost)} |"
+        f"worst {_f(max(asr, default=float('nan')))}; <= 5% on {sum(at_most(a, 0.05) for a in asr)} of {len(asr)} | "
+        f"builds' mean ASR <= 2% on {sum(at_most(a, ASR_BAR) for a in per_build)} of {len(builds)} | "
+        f"CA cost mean {100 * _mean(drop):.1f}, worst {100 * max(drop):.1f} points; within 2 on "
+        f"{sum(at_most(d, CA_BAR) for d in drop)} of {len(drop)} |"
     )
 
 
@@ -98,10 +98,7 @@ def main() -> None:
     ap.add_argument("--pooled", action="store_true", help="a last line over the testbeds as builds of one row")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores, as the CLI)")
     args = ap.parse_args()
-    import torch
-
-    # torch's own default takes every core: two tables side by side then run 5x slower (docs/security.md#threads)
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
+    set_torch_threads(args.threads)
     runtime = Runtime.of(args.device, args.precision)
     purify = PurifyConfig(budget=ShotBudget(args.shots, args.held_out))
     budget = purify.budget

@@ -6,6 +6,7 @@ only precision and results are those of the code before devices existed (docs/sc
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -50,6 +51,14 @@ def resolve_device(spec: str = "auto") -> torch.device:
             raise UsageError(f"--device {spec}: this machine has {count} GPU(s)", f"pass --device cuda:0..{count - 1}")
         return torch.device(spec)
     raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}", "pass --device auto")
+
+
+def set_torch_threads(threads: int | None = None) -> None:
+    """torch's CPU threads: `threads`, or half the cores. torch's own default takes every core, and
+    two jobs side by side then run several times slower (docs/security.md#threads)."""
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}", "pass --threads 1")
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
 
 
 @dataclass(frozen=True)

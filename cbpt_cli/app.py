@@ -75,18 +75,11 @@ EncodeBatchOpt = Annotated[
 ]
 
 
-def _torch_threads(threads: int | None) -> None:
-    import torch
-
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}", "pass --threads 1")
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
-
-
 def _runtime(threads: int | None, device: str, precision: str = "fp32", batch_size: int = 128):
     """torch's threads, then where and how this command runs (cbpt.runtime.Runtime)."""
-    _torch_threads(threads)
-    from cbpt.runtime import Runtime
+    from cbpt.runtime import Runtime, set_torch_threads
+
+    set_torch_threads(threads)
 
     runtime = Runtime.of(device, precision, batch_size)
     runtime.start()

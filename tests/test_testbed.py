@@ -215,7 +215,7 @@ def test_a_poison_seed_backdoors_the_same_clean_model_again_with_other_pairs(tmp
     assert other.trigger.params == first.trigger.params
     assert np.array_equal(drawn[0].poisoned, drawn[1].poisoned)
     assert drawn[2].poisoned.size == drawn[0].poisoned.size and not np.array_equal(drawn[2].poisoned, drawn[0].poisoned)
-    state = {k: v for k, v in first.model.state_dict().items()}
+    state = first.model.state_dict()
     assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in state.items())
     assert not all(torch.equal(v, other.model.state_dict()[k]) for k, v in state.items())
     assert other.metrics["config"]["poison_seed"] == 1 and first.metrics["config"]["poison_seed"] is None
