@@ -30,7 +30,7 @@ from cbpt.tuning import (
     tune,
 )
 from cbpt.zeroshot import zeroshot_weights
-from cbpt_guard.routing import Route, calibrate_route
+from cbpt_guard.routing import Route, TargetGate, TriggerSide, calibrate_route
 
 Progress = Callable[[str, int, int], None]
 
@@ -43,6 +43,7 @@ class PurifyConfig:
     # share of the clean shots routed to the purified embeddings; 1: they answer for every
     # image, as in the paper (cbpt_guard/routing.py, docs/method.md#routing)
     routed_share: float = 0.2
+    target_gate: TargetGate = TargetGate.TRIGGER_SIDE  # which images given a found target are routed
     inversion: InversionConfig = field(default_factory=InversionConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
 
@@ -155,16 +156,44 @@ def calibration_features(data: TuningData) -> torch.Tensor:
     return data.cache.clean if data.held_out is None else torch.cat([data.cache.clean, data.held_out.clean])
 
 
-def route_for(data: TuningData, calibration: torch.Tensor, share: float, plan: TuningPlan) -> Route | None:
+def calibration_labels(data: TuningData) -> torch.Tensor:
+    """The classes of `calibration_features(data)`, row for row."""
+    labels = data.cache.clean_labels
+    return labels if data.held_out is None else torch.cat([labels, data.held_out.clean_labels])
+
+
+def trigger_side(data: TuningData, targets: list[int]) -> TriggerSide:
+    """The gate's `TriggerSide`, a row per target in `targets`: from the target's own clean
+    calibration shots and the triggered copies aimed at it, as found (`TuningConfig.strengths`
+    aside)."""
+    c = data.cache
+    labels, clean = calibration_labels(data).cpu(), calibration_features(data).float().cpu().numpy()
+    aimed, copies = c.triggered_targets.cpu(), c.triggered.float().cpu().numpy()
+    as_found = torch.ones_like(aimed, dtype=torch.bool)
+    if c.triggered_strengths is not None and len(c.triggered_strengths):
+        as_found = c.triggered_strengths.cpu() == 1.0
+    return TriggerSide.calibrate(
+        [clean[(labels == t).numpy()] for t in targets], [copies[((aimed == t) & as_found).numpy()] for t in targets]
+    )
+
+
+def route_for(
+    data: TuningData,
+    calibration: torch.Tensor,
+    share: float,
+    plan: TuningPlan,
+    gate: TargetGate = TargetGate.TRIGGER_SIDE,
+) -> Route | None:
     """Where the tuned embeddings answer: `share` of the clean `calibration` features
     (`calibration_features(data)`) around the triggers tuned against, and, for a found
-    backdoor (FULL mode), every image the original embeddings give its target (None at share
-    1: everywhere)."""
+    backdoor (FULL mode), the images the original embeddings give its target that `gate`
+    takes (None at share 1: everywhere)."""
     if share >= 1 or not len(data.cache.centroids):
         return None
     clean, centroids, original = (t.float().cpu().numpy() for t in (calibration, data.cache.centroids, data.original))
     targets = sorted({c.target for c in plan.triggers}) if plan.mode is TuningMode.FULL else []
-    return calibrate_route(clean, centroids, share, original, targets)
+    side = trigger_side(data, targets) if targets and gate is TargetGate.TRIGGER_SIDE else None
+    return calibrate_route(clean, centroids, share, original, targets, side)
 
 
 def served_by(data: TuningData, route: Route | None) -> TuningData:
@@ -236,7 +265,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
         )
     data = tuning_data(clip, shots, plan.triggers, plan.tuning, original, inversion.clean)
     calibration = calibration_features(data)
-    route = route_for(data, calibration, cfg.routed_share, plan)
+    route = route_for(data, calibration, cfg.routed_share, plan, cfg.target_gate)
     data = served_by(data, route)
     t2 = time.perf_counter()
     result = tune_prompts(

@@ -17,6 +17,7 @@ import typer
 from cbpt_guard import __version__
 from cbpt_guard.artifacts import CLASSIFIER, EMBEDDINGS, TRIGGER_PNG, int8_name, is_fp16, is_int8
 from cbpt_guard.errors import UsageError, UserError
+from cbpt_guard.routing import TargetGate
 from guard.batch import Engine
 from guard.classify import OnAlarm
 from guard.results import ROWS_PER_PART
@@ -385,6 +386,14 @@ def purify(
             "1: the purified embeddings answer for every image, as in the paper.",
         ),
     ] = 0.2,
+    target_gate: Annotated[
+        TargetGate,
+        typer.Option(
+            help="Which images the original embeddings give a found target the purified ones answer for: "
+            "those on the triggers' side of the target's own clean shots, or every one "
+            "(docs/method.md#trigger-side).",
+        ),
+    ] = TargetGate.TRIGGER_SIDE,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
     int8: Int8ExportOpt = False,
     overwrite: OverwriteOpt = False,
@@ -423,6 +432,7 @@ def purify(
         budget=budget,
         force=force,
         routed_share=routed_share,
+        target_gate=target_gate,
         inversion=_inversion_config(
             seed, inversion_steps, restarts, eps, compact_restarts, blend_restarts, patch_probes
         ),

@@ -9,8 +9,10 @@ feature above a threshold), and the original embeddings everywhere else. The thr
 calibrated on the clean shots: `share` of them are routed (docs/method.md#routing).
 
 A found backdoor's target gates the route too: an image the original embeddings assign to it
-is routed whatever its cosines. A trigger wins only where the original embeddings answer its
-target, and the real trigger's images are not all near the inverted triggers' (docs/method.md#target-gate).
+is routed whatever its cosines, where it lies on the triggers' side of the target's own clean
+shots (`TriggerSide`). A trigger wins only where the original embeddings answer its target, and
+the real trigger's images are not all near the inverted triggers' (docs/method.md#target-gate);
+the target's own images are the CA the tuned embeddings spend (docs/method.md#trigger-side).
 
 Numpy only: cbpt computes the route, export bakes it into the ONNX head, testbed scores it.
 """
@@ -19,24 +21,76 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 import numpy as np
 
 # the tensors of embeddings.safetensors that hold a route
 CENTROIDS, THRESHOLDS, SHARE, TARGETS = "route_centroids", "route_thresholds", "route_share", "route_targets"
+SIDE_DIRECTIONS, SIDE_THRESHOLDS = "route_side_directions", "route_side_thresholds"
+
+
+class TargetGate(StrEnum):
+    """Which of the images the original embeddings assign to a found target are routed."""
+
+    EVERY = "every"  # all of them
+    TRIGGER_SIDE = "trigger-side"  # those on the triggers' side of the target's own clean shots (`TriggerSide`)
+
+
+@dataclass(frozen=True)
+class TriggerSide:
+    """How far an image lies along each found target's trigger direction: the mean feature of
+    the triggered copies aimed at the target less the mean of the target's own clean shots (row
+    t for target t of the route). A backdoor's triggered images share the region around the
+    target with the target's own images, but sit apart from them along the trigger's shift
+    (docs/method.md#trigger-side). An image the original embeddings give target t is on the
+    triggers' side unless it lies below row t's threshold: within the reach of the target's own
+    shots, and out of the reach of triggered images (`calibrate`)."""
+
+    directions: np.ndarray  # [T, D]
+    thresholds: np.ndarray  # [T]
+
+    def margins(self, unit: np.ndarray) -> np.ndarray:
+        """[N, T] how far past each target's threshold unit image features [N, D] lie."""
+        return unit @ self.directions.T - self.thresholds[None, :]
+
+    @classmethod
+    def calibrate(cls, own: Sequence[np.ndarray], copies: Sequence[np.ndarray], reach: float = 4.0) -> TriggerSide:
+        """Row t from target t's own clean unit features `own[t]` [M, D] and the triggered copies
+        aimed at it `copies[t]` [P, D]. The threshold is the furthest own shot's projection, or,
+        where lower, the copies' mean less `reach` spreads (the larger of the copies' and the own
+        shots' standard deviation along the direction): the real trigger's images spread wider
+        than the inverted triggers' copies, and where the copies stand less than `reach` spreads
+        from the own shots, the gate takes every image given the target, as `TargetGate.EVERY`
+        (docs/method.md#trigger-side)."""
+        directions, thresholds = [], []
+        for o, c in zip(own, copies, strict=True):
+            if not len(o) or not len(c):
+                raise ValueError("the trigger side needs each target's own shots and copies aimed at it")
+            w = c.mean(axis=0) - o.mean(axis=0)
+            po, pc = o @ w, c @ w
+            directions.append(w)
+            thresholds.append(min(po.max(), pc.mean() - reach * max(pc.std(), po.std())))
+        return cls(np.asarray(directions, dtype=np.float32), np.asarray(thresholds, dtype=np.float32))
 
 
 @dataclass(frozen=True)
 class Route:
     """Images whose unit feature has cosine > `thresholds[k]` to `centroids[k]` for some k, or
-    that `original` assigns to one of `targets`, are routed to the purified embeddings; the
-    others are scored by `original`."""
+    that `original` assigns to one of `targets` (and, with a `side`, lie on that target's
+    triggers' side), are routed to the purified embeddings; the others are scored by `original`.
+    With a `side`, an image assigned to a target is routed by that test alone, its cosines aside."""
 
     centroids: np.ndarray  # [K, D] unit: each tuned trigger's mean triggered feature
     thresholds: np.ndarray  # [K]
     share: float  # of the clean calibration shots routed by their cosines
     original: np.ndarray  # [C, D] the embeddings that answer outside the route
     targets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [T] a found backdoor's
+    side: TriggerSide | None = None  # row t for targets[t]; None: every image assigned to a target is routed
+
+    def __post_init__(self):
+        if self.side is not None and len(self.side.thresholds) != len(self.targets):
+            raise ValueError(f"the trigger side has {len(self.side.thresholds)} rows for {len(self.targets)} targets")
 
     def routed(self, unit: np.ndarray) -> np.ndarray:
         """[N] bool for unit image features [N, D]."""
@@ -46,7 +100,11 @@ class Route:
         near = (unit @ self.centroids.T > self.thresholds[None, :]).any(axis=1)
         if not len(self.targets):
             return near
-        return near | np.isin(original_cos.argmax(axis=1), self.targets)
+        given = original_cos.argmax(axis=1)[:, None] == self.targets[None, :]  # [N, T]
+        assigned = given.any(axis=1)
+        if self.side is None:
+            return near | assigned
+        return np.where(assigned, (given & (self.side.margins(unit) > 0)).any(axis=1), near)
 
     def cosines(self, unit: np.ndarray, purified: np.ndarray) -> np.ndarray:
         """[N, C] cosines to the class embeddings that answer for each image."""
@@ -55,22 +113,34 @@ class Route:
 
     def ungated(self) -> Route:
         """The same route without the target gate: the cosines alone decide."""
-        return replace(self, targets=np.zeros(0, dtype=np.int64))
+        return replace(self, targets=np.zeros(0, dtype=np.int64), side=None)
+
+    def every_assigned(self) -> Route:
+        """The same route gating every image assigned to a target (`TargetGate.EVERY`)."""
+        return replace(self, side=None)
 
     def reordered(self, rows: list[int]) -> Route:
         """The same route with the original embeddings' rows (and the targets) in another class
         order: row i of the result is row `rows[i]` of this one."""
         where = {old: new for new, old in enumerate(rows)}
         targets = np.array([where[int(t)] for t in self.targets], dtype=np.int64)
-        return Route(self.centroids, self.thresholds, self.share, self.original[rows], targets)
+        return replace(self, original=self.original[rows], targets=targets)
 
     def tensors(self) -> dict[str, np.ndarray]:
+        side = (
+            {}
+            if self.side is None
+            else {
+                SIDE_DIRECTIONS: self.side.directions.astype(np.float32),
+                SIDE_THRESHOLDS: self.side.thresholds.astype(np.float32),
+            }
+        )
         return {
             CENTROIDS: self.centroids.astype(np.float32),
             THRESHOLDS: self.thresholds.astype(np.float32),
             SHARE: np.array([self.share], dtype=np.float32),
             TARGETS: self.targets.astype(np.int64),
-        }
+        } | side
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, np.ndarray], original: np.ndarray) -> Route | None:
@@ -84,6 +154,13 @@ class Route:
             np.asarray(original, dtype=np.float32),
             # heads written before the target gate have none
             np.asarray(tensors.get(TARGETS, np.zeros(0)), dtype=np.int64).ravel(),
+            # heads written before the trigger side gate every image assigned to a target
+            None
+            if SIDE_DIRECTIONS not in tensors
+            else TriggerSide(
+                np.asarray(tensors[SIDE_DIRECTIONS], dtype=np.float32),
+                np.asarray(tensors[SIDE_THRESHOLDS], dtype=np.float32).ravel(),
+            ),
         )
 
     def describe(self) -> dict:
@@ -92,16 +169,23 @@ class Route:
             "triggers": int(self.centroids.shape[0]),
             "thresholds": self.thresholds.tolist(),
             "targets": self.targets.tolist(),
+            "target_gate": str(TargetGate.EVERY if self.side is None else TargetGate.TRIGGER_SIDE),
         }
 
 
 def calibrate_route(
-    clean: np.ndarray, centroids: np.ndarray, share: float, original: np.ndarray, targets: Sequence[int] = ()
+    clean: np.ndarray,
+    centroids: np.ndarray,
+    share: float,
+    original: np.ndarray,
+    targets: Sequence[int] = (),
+    side: TriggerSide | None = None,
 ) -> Route:
     """The route that sends `share` of the clean unit features `clean` [N, D] to the purified
     embeddings by their cosines: each centroid's threshold is the same upper quantile of its
     clean cosines, the level found by bisection so that their union routes `share` of `clean`.
-    Images `original` assigns to one of `targets` are routed besides."""
+    Images `original` assigns to one of `targets` are routed besides (with a `side`, row t for
+    the t-th of the sorted targets, those on the triggers' side only)."""
     if not 0 < share < 1:
         raise ValueError(f"the routed share of clean shots must be in (0, 1), got {share}")
     scores = clean @ centroids.T  # [N, K]
@@ -124,4 +208,5 @@ def calibrate_route(
         share,
         original.astype(np.float32),
         np.array(sorted(set(targets)), dtype=np.int64),
+        side if len(targets) else None,
     )

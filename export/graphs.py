@@ -43,6 +43,11 @@ def _const(name: str, value) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
 
 
+def _node(prefix: str, op: str, inputs: list[str], output: str, **attrs) -> onnx.NodeProto:
+    """A node whose inputs and output are named within `prefix`."""
+    return helper.make_node(op, [f"{prefix}{i}" for i in inputs], [f"{prefix}{output}"], **attrs)
+
+
 def head_nodes(prefix: str, features: str, head: HeadSpec) -> tuple[list, list, list[str]]:
     """Nodes normalising `features` [N, D] and scoring them: -> logits, probs[, trigger_score]."""
     d = head.weights.shape[1]
@@ -82,8 +87,26 @@ def head_nodes(prefix: str, features: str, head: HeadSpec) -> tuple[list, list, 
                 helper.make_node("Cast", [f"{prefix}is_target"], [f"{prefix}is_target_f"], to=TensorProto.FLOAT),
                 helper.make_node("ReduceMax", [f"{prefix}is_target_f"], [f"{prefix}gate"], axes=[1], keepdims=1),
                 helper.make_node("Greater", [f"{prefix}gate", f"{prefix}zero"], [f"{prefix}route_gate"]),
-                helper.make_node("Or", [routed, f"{prefix}route_gate"], [f"{prefix}routed"]),
             ]
+            if r.side is None:
+                nodes.append(helper.make_node("Or", [routed, f"{prefix}route_gate"], [f"{prefix}routed"]))
+            else:  # an image given target t is routed where it is on t's triggers' side, its cosines aside
+                inits += [
+                    _const(f"{prefix}side_directions_T", r.side.directions.T),  # [D, T]
+                    _const(f"{prefix}side_thresholds", r.side.thresholds),  # [T]
+                ]
+                nodes += [
+                    _node(prefix, "MatMul", ["unit", "side_directions_T"], "side_proj"),
+                    _node(prefix, "Sub", ["side_proj", "side_thresholds"], "side_margin"),
+                    _node(prefix, "Greater", ["side_margin", "zero"], "side_past"),  # [N, T]
+                    _node(prefix, "And", ["is_target", "side_past"], "side_each"),
+                    _node(prefix, "Cast", ["side_each"], "side_each_f", to=TensorProto.FLOAT),
+                    _node(prefix, "ReduceMax", ["side_each_f"], "side_any", axes=[1], keepdims=1),
+                    _node(prefix, "Greater", ["side_any", "zero"], "gated_side"),  # [N, 1]
+                    _node(prefix, "Not", ["route_gate"], "not_gated"),
+                    _node(prefix, "And", ["not_gated", "route_near"], "near_elsewhere"),
+                    _node(prefix, "Or", ["gated_side", "near_elsewhere"], "routed"),
+                ]
             routed = f"{prefix}routed"
         nodes.append(helper.make_node("Where", [routed, cos, f"{prefix}cos_original"], [f"{prefix}cos_routed"]))
         cos = f"{prefix}cos_routed"

@@ -228,6 +228,9 @@ def measure(
     if attacked and d.alarm_centres is not None:  # the second line: the runtime alarm on the real trigger
         alarm = evaluate_alarm(feats, on.head, d.alarm_centres, d.info["alarm"]["threshold"], on.route)
         info = {**info, "alarm_eval": None if alarm is None else asdict(alarm)}
+    if on.route is not None and on.route.side is not None:  # the same head gating every image given the target
+        every = score_head(feats, on.head, on.route.every_assigned())
+        info = {**info, "gate_every": {"ca": every.ca, "asr": every.asr if attacked else None}}
     return Run(
         dataset=dataset,
         attack=attack,

@@ -106,6 +106,10 @@ def test_cbpt_runs_measure_the_runtime_alarm_on_the_real_trigger(bench_results):
     assert tuning["mode"] in ("full", "cautious", "skipped") and tuning["history"] == []
     if not tuning["kept_original"]:
         assert tuning["chosen_held_out"]["clean_acc"] >= 0 and tuning["best_step"] == run["info"]["best_step"]
+    route = run["info"].get("route") or {}
+    if route.get("target_gate") == "trigger-side":  # beside it, the same head gating every image given the target
+        # that gate routes a superset of the images, so no more triggered ones keep the target
+        assert run["info"]["gate_every"]["asr"] <= run["asr"] + 1e-9
     clean = json.loads((cfg.work / "runs" / "shapes-none" / "cbpt-k8-s0.json").read_text())
     assert "alarm_eval" not in clean["info"]  # no trigger to flag
 

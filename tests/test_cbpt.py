@@ -1180,6 +1180,37 @@ def test_the_served_reading_lets_the_tuned_embeddings_lose_at_most_its_slack_mor
     assert ServedReading().read(mild, CleanFigures(0.92, 0.2, 0.005)).acc == 0.92  # within the slack
 
 
+def test_a_found_targets_gate_is_calibrated_on_its_own_shots_and_the_copies_aimed_at_it():
+    """`route_for` in FULL mode: the trigger side's row for the target comes from the target's
+    own clean calibration shots (tuning and held-out) and the copies aimed at it; `every` and a
+    cautious plan carry none."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from cbpt.features import FeatureCache
+    from cbpt.purify import TuningMode, TuningPlan, calibration_features, route_for, trigger_side
+    from cbpt.tuning import TuningData
+    from cbpt_guard.routing import TargetGate, TriggerSide
+
+    g = torch.Generator().manual_seed(0)
+    unit = lambda n: F.normalize(torch.randn(n, 8, generator=g), dim=-1)  # noqa: E731
+    copies, aimed = unit(30), torch.tensor([1] * 20 + [2] * 10)
+    cache = FeatureCache(unit(40), torch.arange(40) % 4, copies, torch.zeros(30), aimed, unit(2), 0)
+    held = FeatureCache(unit(20), torch.arange(20) % 4, torch.zeros(0, 8), torch.zeros(0), torch.zeros(0), unit(2), 0)
+    data = TuningData(cache, held, unit(4), 10.0)
+    side = trigger_side(data, [1])
+    clean = calibration_features(data)
+    own = torch.cat([cache.clean[cache.clean_labels == 1], held.clean[held.clean_labels == 1]])
+    expected = TriggerSide.calibrate([own.numpy()], [copies[:20].numpy()])
+    assert np.allclose(side.directions, expected.directions) and np.allclose(side.thresholds, expected.thresholds)
+    plan = lambda mode: TuningPlan(mode, [SimpleNamespace(target=1)], None, None)  # noqa: E731
+    route = route_for(data, clean, 0.2, plan(TuningMode.FULL))
+    assert route.targets.tolist() == [1] and np.allclose(route.side.thresholds, side.thresholds)
+    assert route_for(data, clean, 0.2, plan(TuningMode.FULL), TargetGate.EVERY).side is None
+    assert route_for(data, clean, 0.2, plan(TuningMode.CAUTIOUS)).side is None
+
+
 def test_purify_judges_held_out_shots_through_the_route_it_ships():
     """`served_by` marks exactly the held-out clean shots the shipped route sends to the tuned
     embeddings; with no route, or nothing held out, the data is left as it is."""

@@ -1,5 +1,6 @@
 """The route (cbpt_guard/routing.py): calibrated on clean shots, gated by a found backdoor's
-target, the same in numpy, in the ONNX head and in a purify output, and off when asked."""
+target on the triggers' side of its own shots, the same in numpy, in the ONNX head and in a
+purify output, and off when asked."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from cbpt_guard.routing import Route, calibrate_route
+from cbpt_guard.routing import Route, TriggerSide, calibrate_route
 from tests.helpers import run_cli
 
 
@@ -77,6 +78,97 @@ def test_what_the_original_embeddings_give_a_found_target_is_routed_wherever_it_
     assert moved.targets.tolist() == [1] and np.array_equal(moved.routed(clean), gated.routed(clean))
 
 
+@pytest.fixture(scope="module")
+def side_case():
+    """A target class's own clean shots and a backdoor's triggered images around the same point,
+    spread widely across, the triggered ones shifted a little along one trigger direction: the
+    cosine to the triggered centroid does not tell them apart, the shift does."""
+    rng = np.random.default_rng(1)
+    d = 16
+    target_dir = _unit(rng.normal(size=d))
+    shift = rng.normal(size=d)
+    shift = _unit(shift - (shift @ target_dir) * target_dir)
+
+    def cloud(n, along):
+        noise = 0.1 * rng.normal(size=(n, d))
+        noise -= np.outer(noise @ shift, shift)  # wide across the shift, narrow along it
+        return _unit(target_dir + noise + np.outer(along + 0.02 * rng.normal(size=n), shift))
+
+    own = cloud(40, 0.0)
+    copies = cloud(300, 0.3)
+    centroid = _unit(copies.mean(0))[None]
+    test_own, test_triggered = cloud(400, 0.0), cloud(400, 0.3)
+    return own, copies, centroid, test_own, test_triggered
+
+
+def test_the_trigger_side_tells_the_targets_own_images_from_triggered_ones(side_case):
+    own, copies, centroid, test_own, test_triggered = side_case
+    cos_own, cos_trig = test_own @ centroid[0], test_triggered @ centroid[0]
+    assert (cos_own > np.quantile(cos_trig, 0.05)).mean() > 0.3  # the cosine alone mixes them up
+    side = TriggerSide.calibrate([own], [copies])
+    on = lambda x, s=None: ((s or side).margins(x) > 0).any(1)  # noqa: E731
+    assert side.directions.shape == (1, 16) and side.thresholds.shape == (1,)
+    assert not on(own).any()  # every own shot is on the target's side: the furthest sets the bar
+    assert on(copies).mean() >= 0.99
+    assert on(test_own).mean() <= 0.06 and on(test_triggered).mean() >= 0.99
+    # copies standing within `reach` spreads of the own shots: the gate takes (nearly) every image given the target
+    rng = np.random.default_rng(5)
+    near = own[rng.integers(0, len(own), 300)] + 0.15 * (copies.mean(0) - own.mean(0))
+    low = TriggerSide.calibrate([own], [near + 1e-3 * rng.normal(size=near.shape)])
+    assert on(own, low).mean() >= 0.95 and on(test_own, low).mean() >= 0.9
+    with pytest.raises(ValueError, match="own shots and copies"):
+        TriggerSide.calibrate([own[:0]], [copies])
+
+
+def test_a_target_gate_with_a_trigger_side_routes_the_targets_images_by_it_alone(route_case, side_case):
+    own, copies, centroid, test_own, test_triggered = side_case
+    rng = np.random.default_rng(2)
+    d, target = own.shape[1], 3
+    original = _unit(rng.normal(size=(5, d)))
+    original[target] = _unit(own.mean(0))  # the original embeddings give the target its own images and the triggered
+    clean = _unit(rng.normal(size=(500, d)))
+    side = TriggerSide.calibrate([own], [copies])
+    every = calibrate_route(clean, centroid, 0.2, original, [target])
+    sided = calibrate_route(clean, centroid, 0.2, original, [target], side)
+    x = np.concatenate([test_own, test_triggered])
+    assigned = (x @ original.T).argmax(1) == target
+    assert assigned.mean() > 0.9
+    assert every.routed(x)[assigned].all()  # every image given the target
+    assert np.array_equal(sided.routed(x)[assigned], (side.margins(x)[:, 0] > 0)[assigned])  # the cosines aside
+    assert sided.routed(test_own).mean() <= 0.06 and sided.routed(test_triggered).mean() >= 0.97
+    # images given another class: the cosines decide, as without the side
+    elsewhere = (clean @ original.T).argmax(1) != target
+    assert np.array_equal(sided.routed(clean)[elsewhere], every.ungated().routed(clean)[elsewhere])
+    assert sided.every_assigned().routed(x).tolist() == every.routed(x).tolist()
+    # stored and read back; a head written before the side gates every image given the target
+    back = Route.from_tensors(sided.tensors(), original)
+    assert np.array_equal(back.routed(x), sided.routed(x)) and back.describe()["target_gate"] == "trigger-side"
+    old = {k: v for k, v in sided.tensors().items() if not k.startswith("route_side")}
+    assert Route.from_tensors(old, original).describe()["target_gate"] == "every"
+    assert np.array_equal(sided.reordered([4, 3, 2, 1, 0]).routed(x), sided.routed(x))
+    # without a target there is nothing to gate, and no side is kept
+    assert calibrate_route(clean, centroid, 0.2, original, [], side).side is None
+
+
+def test_the_onnx_head_routes_on_the_trigger_side_as_the_reference_does(side_case):
+    import onnxruntime as ort
+
+    from export.graphs import HeadSpec, build_head
+
+    own, copies, centroid, test_own, test_triggered = side_case
+    rng = np.random.default_rng(3)
+    original, purified = _unit(rng.normal(size=(5, own.shape[1]))), _unit(rng.normal(size=(5, own.shape[1])))
+    original[1] = _unit(own.mean(0))
+    route = calibrate_route(own, centroid, 0.2, original, [1], TriggerSide.calibrate([own], [copies]))
+    head = HeadSpec(purified, 50.0, centroid, route)
+    x = np.concatenate([test_own[:100], test_triggered[:100], _unit(rng.normal(size=(100, own.shape[1])))])
+    sess = ort.InferenceSession(build_head(head).SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = sess.run(["logits"], {"image_features": 2.0 * x})[0]
+    routed = route.routed(x)
+    assert routed[100:200].all() and routed[:100].mean() < 0.1  # both sides of the gate are exercised
+    assert np.abs(logits - head.logits(x)).max() < 1e-4
+
+
 @pytest.mark.parametrize("targets", [(), (2,), (0, 4)])
 def test_the_onnx_head_routes_as_the_reference_does(route_case, targets):
     import onnxruntime as ort
@@ -112,18 +204,25 @@ def test_a_purify_output_routes_in_torch_and_in_its_exported_heads_alike(purifie
     aimed = sorted({names.index(t["target"]) for t in rep["tuning"]["triggers"]})
     assert rep["route"]["targets"] == ([rep["scan"]["target_index"]] if rep["scan"]["backdoored"] else aimed)
     assert emb["route_targets"].tolist() == rep["route"]["targets"]
+    # the gate reads the trigger side, a row per gated target (docs/method.md#trigger-side)
+    assert rep["settings"]["target_gate"] == "trigger-side" and rep["route"]["target_gate"] == "trigger-side"
+    assert emb["route_side_directions"].shape == (len(rep["route"]["targets"]), 32)
+    assert emb["route_side_thresholds"].shape == (len(rep["route"]["targets"]),)
     tb = mini_testbeds["blended"]
     torch_side, onnx_side = evaluate_purified(purified, tb), evaluate_heads(purified, tb)
     assert torch_side.ca == pytest.approx(onnx_side.ca, abs=0.021)  # 50 images: one may sit on a threshold
     assert torch_side.asr == pytest.approx(onnx_side.asr, abs=0.021)
 
 
-def test_routed_share_out_of_range_is_refused_before_any_work(mini_testbeds, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "option, message",
+    [(("--routed-share", "0"), "--routed-share must be in (0, 1]"), (("--target-gate", "sideways"), "'every'")],
+)
+def test_route_options_out_of_range_are_refused_before_any_work(mini_testbeds, tmp_path, capsys, option, message):
     tb = mini_testbeds["blended"]
-    code, _, err = run_cli(
-        capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--out", tmp_path / "p", "--routed-share", "0"
-    )
-    assert code == 2 and "--routed-share must be in (0, 1]" in err and not (tmp_path / "p").exists()
+    out = tmp_path / "p"
+    code, _, err = run_cli(capsys, "purify", tb / "model.pt", "--data", tb / "fewshot", "--out", out, *option)
+    assert code == 2 and message in err and not out.exists()
 
 
 def test_the_fp16_head_routes_too(route_case):
