@@ -225,13 +225,21 @@ def test_route_options_out_of_range_are_refused_before_any_work(mini_testbeds, t
     assert code == 2 and message in err and not out.exists()
 
 
-def test_the_fp16_head_routes_too(route_case):
+@pytest.mark.parametrize("sided", [False, True])
+def test_the_fp16_head_routes_too(route_case, side_case, sided):
     from cbpt_guard.artifacts import ort_session
     from export.fp16 import to_fp16
     from export.graphs import HeadSpec, build_head
 
     clean, centroids, purified, original = route_case
-    head = HeadSpec(purified, 50.0, centroids[0], calibrate_route(clean, centroids, 0.3, original, [2]))
+    side = None
+    if sided:  # the target's own images and triggered ones around class 2
+        own, copies, _, test_own, test_triggered = side_case
+        original = original.copy()
+        original[2] = _unit(own.mean(0))
+        side = TriggerSide.calibrate([own], [copies])
+        clean = np.concatenate([clean[:200], test_own[:100], test_triggered[:100]])
+    head = HeadSpec(purified, 50.0, centroids[0], calibrate_route(clean, centroids, 0.3, original, [2], side))
     sess = ort_session(to_fp16(build_head(head)).SerializeToString(), fp16=True)
     logits = sess.run(["logits"], {"image_features": clean})[0]
     assert logits.dtype == np.float32  # the fp32 interface is kept
