@@ -34,11 +34,11 @@ from cbpt.purify import (
     PurifyConfig,
     TuningMode,
     calibration_features,
-    calibration_labels,
     original_head,
     plan_tuning,
     route_for,
     served_by,
+    side_evidence,
     tune_prompts,
     tuning_data,
 )
@@ -94,9 +94,8 @@ def measure(tb: Path, gate: TargetGate) -> dict:
     result = tune_prompts(clip, shots.classnames, served_by(data, shipped), plan.tuning, plan.acceptance)
     head = result.text_features[rows]
     found = sorted({c.target for c in plan.triggers})
-    c = data.cache
-    own = calibration[calibration_labels(data) == found[0]].float().numpy()
-    copies = c.triggered[torch.isin(c.triggered_targets, torch.tensor(found))].float().numpy()
+    owns, aimed = side_evidence(data, found)
+    own, copies = owns[0], aimed[0]  # the found backdoor's one target
     w = copies.mean(0) - own.mean(0)
     w_real = real.mean(0) - own_test.mean(0)
     po, pc, pr = own @ w, copies @ w, real @ w
@@ -114,7 +113,7 @@ def measure(tb: Path, gate: TargetGate) -> dict:
     every = shipped.every_assigned().reordered(rows)
     out["every"] = _score(feats, head, every)
     for reach in REACHES:
-        side = TriggerSide.calibrate([own], [copies], reach)
+        side = TriggerSide.calibrate(owns, aimed, reach)
         out[f"reach{reach:g}"] = _score(feats, head, replace(every, side=side)) | {
             "own_test_routed": round(float((side.margins(own_test) > 0).mean()), 3)
         }

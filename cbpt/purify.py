@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+import numpy as np
 import torch
 
 from cbpt.data import ShotBudget, Shots
@@ -162,19 +163,20 @@ def calibration_labels(data: TuningData) -> torch.Tensor:
     return labels if data.held_out is None else torch.cat([labels, data.held_out.clean_labels])
 
 
-def trigger_side(data: TuningData, targets: list[int]) -> TriggerSide:
-    """The gate's `TriggerSide`, a row per target in `targets`: from the target's own clean
-    calibration shots and the triggered copies aimed at it, as found (`TuningConfig.strengths`
-    aside)."""
+def side_evidence(data: TuningData, targets: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per target in `targets`: its own clean calibration features and the triggered copies aimed
+    at it, as found (`TuningConfig.strengths` aside): what `TriggerSide.calibrate` reads."""
     c = data.cache
     labels, clean = calibration_labels(data).cpu(), calibration_features(data).float().cpu().numpy()
     aimed, copies = c.triggered_targets.cpu(), c.triggered.float().cpu().numpy()
-    as_found = torch.ones_like(aimed, dtype=torch.bool)
     if c.triggered_strengths is not None and len(c.triggered_strengths):
-        as_found = c.triggered_strengths.cpu() == 1.0
-    return TriggerSide.calibrate(
-        [clean[(labels == t).numpy()] for t in targets], [copies[((aimed == t) & as_found).numpy()] for t in targets]
-    )
+        aimed = torch.where(c.triggered_strengths.cpu() == 1.0, aimed, -1)  # copies taken further aim nowhere
+    return [clean[(labels == t).numpy()] for t in targets], [copies[(aimed == t).numpy()] for t in targets]
+
+
+def trigger_side(data: TuningData, targets: list[int]) -> TriggerSide:
+    """The gate's `TriggerSide`, a row per target in `targets` (`side_evidence`)."""
+    return TriggerSide.calibrate(*side_evidence(data, targets))
 
 
 def route_for(
