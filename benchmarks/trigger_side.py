@@ -7,7 +7,8 @@ Per backdoored testbed or zoo model, K = 16, shot set 0:
   with the attacker's trigger), as AUROC: the cosine to the mean of the target's own test images,
   and the difference of the two means fitted on half of each and read on the other half (an
   oracle: no defender has the real trigger), and the defender's direction (the inverted copies'
-  mean less the target's own shots') read on every test image.
+  mean less the target's own shots', whitened by the clean shots' within-class scatter) read on
+  every test image.
 - How far the inverted copies stand from the own shots along the defender's direction (in the
   own shots' spreads), and how much wider the real trigger's images spread than the copies.
 - One purify tuned with `--target-gate every` (or `--gate`), its head then served through the
@@ -94,9 +95,9 @@ def measure(tb: Path, gate: TargetGate) -> dict:
     result = tune_prompts(clip, shots.classnames, served_by(data, shipped), plan.tuning, plan.acceptance)
     head = result.text_features[rows]
     found = sorted({c.target for c in plan.triggers})
-    owns, aimed = side_evidence(data, found)
+    owns, aimed, scatter = side_evidence(data, found)
     own, copies = owns[0], aimed[0]  # the found backdoor's one target
-    w = copies.mean(0) - own.mean(0)
+    w = TriggerSide.calibrate(owns[:1], aimed[:1], scatter).directions[0]
     w_real = real.mean(0) - own_test.mean(0)
     po, pc, pr = own @ w, copies @ w, real @ w
     out |= {
@@ -113,7 +114,7 @@ def measure(tb: Path, gate: TargetGate) -> dict:
     every = shipped.every_assigned().reordered(rows)
     out["every"] = _score(feats, head, every)
     for reach in REACHES:
-        side = TriggerSide.calibrate(owns, aimed, reach)
+        side = TriggerSide.calibrate(owns, aimed, scatter, reach)
         out[f"reach{reach:g}"] = _score(feats, head, replace(every, side=side)) | {
             "own_test_routed": round(float((side.margins(own_test) > 0).mean()), 3)
         }

@@ -31,7 +31,7 @@ from cbpt.tuning import (
     tune,
 )
 from cbpt.zeroshot import zeroshot_weights
-from cbpt_guard.routing import Route, TargetGate, TriggerSide, calibrate_route
+from cbpt_guard.routing import Route, TargetGate, TriggerSide, calibrate_route, within_class_scatter
 
 Progress = Callable[[str, int, int], None]
 
@@ -163,15 +163,17 @@ def calibration_labels(data: TuningData) -> torch.Tensor:
     return labels if data.held_out is None else torch.cat([labels, data.held_out.clean_labels])
 
 
-def side_evidence(data: TuningData, targets: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def side_evidence(data: TuningData, targets: list[int]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """Per target in `targets`: its own clean calibration features and the triggered copies aimed
-    at it, as found (`TuningConfig.strengths` aside): what `TriggerSide.calibrate` reads."""
+    at it, as found (`TuningConfig.strengths` aside); and the within-class scatter of every clean
+    calibration feature: what `TriggerSide.calibrate` reads."""
     c = data.cache
     labels, clean = calibration_labels(data).cpu(), calibration_features(data).float().cpu().numpy()
     aimed, copies = c.triggered_targets.cpu(), c.triggered.float().cpu().numpy()
     if c.triggered_strengths is not None and len(c.triggered_strengths):
         aimed = torch.where(c.triggered_strengths.cpu() == 1.0, aimed, -1)  # copies taken further aim nowhere
-    return [clean[(labels == t).numpy()] for t in targets], [copies[(aimed == t).numpy()] for t in targets]
+    own = [clean[(labels == t).numpy()] for t in targets]
+    return own, [copies[(aimed == t).numpy()] for t in targets], within_class_scatter(clean, labels.numpy())
 
 
 def trigger_side(data: TuningData, targets: list[int]) -> TriggerSide:

@@ -40,14 +40,15 @@ class TargetGate(StrEnum):
 @dataclass(frozen=True)
 class TriggerSide:
     """How far an image lies along each found target's trigger direction: the mean feature of
-    the triggered copies aimed at the target less the mean of the target's own clean shots (row
-    t for target t of the route). A backdoor's triggered images share the region around the
-    target with the target's own images, but sit apart from them along the trigger's shift
-    (docs/method.md#trigger-side). An image the original embeddings give target t is on the
-    triggers' side unless it lies below row t's threshold: within the reach of the target's own
-    shots, and out of the reach of triggered images (`calibrate`)."""
+    the triggered copies aimed at the target less the mean of the target's own clean shots,
+    whitened by how clean images of one class already vary (row t for target t of the route).
+    A backdoor's triggered images share the region around the target with the target's own
+    images, but sit apart from them along the trigger's shift (docs/method.md#trigger-side). An
+    image the original embeddings give target t is on the triggers' side unless it lies below row
+    t's threshold: within the reach of the target's own shots, and out of the reach of triggered
+    images (`calibrate`)."""
 
-    directions: np.ndarray  # [T, D]
+    directions: np.ndarray  # [T, D] unit
     thresholds: np.ndarray  # [T]
 
     def margins(self, unit: np.ndarray) -> np.ndarray:
@@ -55,23 +56,46 @@ class TriggerSide:
         return unit @ self.directions.T - self.thresholds[None, :]
 
     @classmethod
-    def calibrate(cls, own: Sequence[np.ndarray], copies: Sequence[np.ndarray], reach: float = 4.0) -> TriggerSide:
+    def calibrate(
+        cls,
+        own: Sequence[np.ndarray],
+        copies: Sequence[np.ndarray],
+        scatter: np.ndarray | None = None,
+        reach: float = 4.0,
+        shrink: float = 1.0,
+    ) -> TriggerSide:
         """Row t from target t's own clean unit features `own[t]` [M, D] and the triggered copies
-        aimed at it `copies[t]` [P, D]. The threshold is the furthest own shot's projection, or,
-        where lower, the copies' mean less `reach` spreads (the larger of the copies' and the own
-        shots' standard deviation along the direction): the real trigger's images spread wider
-        than the inverted triggers' copies, and where the copies stand less than `reach` spreads
-        from the own shots, the gate takes every image given the target, as `TargetGate.EVERY`
-        (docs/method.md#trigger-side)."""
+        aimed at it `copies[t]` [P, D]. The direction is the difference of their means through
+        the inverse of `scatter` [D, D] (`within_class_scatter` of the clean shots; None: the
+        identity) shrunk toward its mean variance by `shrink`: a shift along which one class's
+        clean images already vary tells less (Fisher's discriminant; docs/method.md#trigger-side).
+        The threshold is the furthest own shot's projection, or, where lower, the copies' mean
+        less `reach` spreads (the larger of the copies' and the own shots' standard deviation
+        along the direction): the real trigger's images spread wider than the inverted
+        triggers' copies, and where the copies stand less than `reach` spreads from the own
+        shots, the gate takes every image given the target, as `TargetGate.EVERY`."""
+        d = own[0].shape[1] if len(own) else 0
+        s = np.eye(d) if scatter is None else np.asarray(scatter, dtype=np.float64)
+        whiten = s + shrink * np.trace(s) / max(d, 1) * np.eye(d)
         directions, thresholds = [], []
         for o, c in zip(own, copies, strict=True):
             if not len(o) or not len(c):
                 raise ValueError("the trigger side needs each target's own shots and copies aimed at it")
-            w = c.mean(axis=0) - o.mean(axis=0)
-            po, pc = o @ w, c @ w
+            w = np.linalg.solve(whiten, c.mean(axis=0) - o.mean(axis=0))
+            w = (w / np.linalg.norm(w)).astype(np.float32)  # unit: projections within [-1, 1], as fp16 heads need
+            po, pc = o @ w, c @ w  # with the stored direction, so the furthest own shot sits on the bar
             directions.append(w)
             thresholds.append(min(po.max(), pc.mean() - reach * max(pc.std(), po.std())))
         return cls(np.asarray(directions, dtype=np.float32), np.asarray(thresholds, dtype=np.float32))
+
+
+def within_class_scatter(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[D, D] the covariance of `features` [N, D] about their own class's mean (`labels` [N])."""
+    centred = np.asarray(features, dtype=np.float64).copy()
+    for k in np.unique(labels):
+        rows = labels == k
+        centred[rows] -= centred[rows].mean(axis=0)
+    return centred.T @ centred / max(len(centred), 1)
 
 
 @dataclass(frozen=True)

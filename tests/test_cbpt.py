@@ -1191,7 +1191,7 @@ def test_a_found_targets_gate_is_calibrated_on_its_own_shots_and_the_copies_aime
     from cbpt.features import FeatureCache
     from cbpt.purify import TuningMode, TuningPlan, calibration_features, route_for, trigger_side
     from cbpt.tuning import TuningData
-    from cbpt_guard.routing import TargetGate, TriggerSide
+    from cbpt_guard.routing import TargetGate, TriggerSide, within_class_scatter
 
     g = torch.Generator().manual_seed(0)
     unit = lambda n: F.normalize(torch.randn(n, 8, generator=g), dim=-1)  # noqa: E731
@@ -1202,7 +1202,8 @@ def test_a_found_targets_gate_is_calibrated_on_its_own_shots_and_the_copies_aime
     side = trigger_side(data, [1])
     clean = calibration_features(data)
     own = torch.cat([cache.clean[cache.clean_labels == 1], held.clean[held.clean_labels == 1]])
-    expected = TriggerSide.calibrate([own.numpy()], [copies[:20].numpy()])
+    labels = torch.cat([cache.clean_labels, held.clean_labels]).numpy()
+    expected = TriggerSide.calibrate([own.numpy()], [copies[:20].numpy()], within_class_scatter(clean.numpy(), labels))
     assert np.allclose(side.directions, expected.directions) and np.allclose(side.thresholds, expected.thresholds)
     plan = lambda mode: TuningPlan(mode, [SimpleNamespace(target=1)], None, None)  # noqa: E731
     route = route_for(data, clean, 0.2, plan(TuningMode.FULL))

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from cbpt_guard.routing import Route, TriggerSide, calibrate_route
+from cbpt_guard.routing import Route, TriggerSide, calibrate_route, within_class_scatter
 from tests.helpers import run_cli
 
 
@@ -118,6 +118,31 @@ def test_the_trigger_side_tells_the_targets_own_images_from_triggered_ones(side_
     assert on(own, low).mean() >= 0.95 and on(test_own, low).mean() >= 0.9
     with pytest.raises(ValueError, match="own shots and copies"):
         TriggerSide.calibrate([own[:0]], [copies])
+
+
+def test_the_trigger_side_discounts_what_a_class_already_varies_along():
+    """The copies' shift leans on an axis along which every class's clean images vary widely:
+    the plain difference of means reads the own shots as near the copies and gates them all;
+    whitened by the clean shots' within-class scatter it follows the narrow trigger axis and
+    spares the target's own images, the triggered ones still caught."""
+    rng = np.random.default_rng(3)
+    d, trigger, nuisance = 12, np.eye(12)[0], np.eye(12)[1]
+
+    def clean(n, centre):
+        return centre + 0.02 * rng.normal(size=(n, d)) + np.outer(0.3 * rng.normal(size=n), nuisance)
+
+    centre, other = np.full(d, 0.1), np.full(d, -0.1)
+    shift = 0.3 * trigger + 0.3 * nuisance
+    own, others = clean(40, centre), clean(40, other)
+    copies, triggered, own_test = clean(300, centre + shift), clean(400, centre + shift), clean(400, centre)
+    scatter = within_class_scatter(np.concatenate([own, others]), np.r_[np.zeros(40), np.ones(40)])
+    assert scatter.shape == (d, d)
+    assert np.isclose(scatter[1, 1], 0.09, rtol=0.3) and np.isclose(scatter[0, 0], 4e-4, rtol=0.3)
+    spared = lambda side, x: float((side.margins(x)[:, 0] <= 0).mean())  # noqa: E731
+    plain, whitened = TriggerSide.calibrate([own], [copies]), TriggerSide.calibrate([own], [copies], scatter)
+    assert spared(plain, own_test) <= 0.1 and spared(whitened, own_test) >= 0.9
+    assert spared(plain, triggered) <= 0.01 and spared(whitened, triggered) <= 0.01
+    assert abs(whitened.directions[0] @ trigger) > 0.95 and np.isclose(np.linalg.norm(whitened.directions[0]), 1)
 
 
 def test_a_target_gate_with_a_trigger_side_routes_the_targets_images_by_it_alone(route_case, side_case):
