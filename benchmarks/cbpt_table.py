@@ -33,7 +33,7 @@ from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime, set_torch_threads
 from testbed.bench import Run, measure
 from testbed.resumable import ResumableRows
-from testbed.zoo import ASR_BAR, CA_BAR, at_most
+from testbed.zoo import ASR_BAR, ASR_WORST_BAR, CA_BAR, at_most
 
 
 def run_key(testbed: str, budget: ShotBudget, seed: int) -> str:
@@ -79,7 +79,8 @@ def pooled_line(builds: list[list[Run]]) -> str:
     drop = [x.ca_before - x.ca for x in runs]
     return (
         f"| {len(builds)} builds x {len(runs) // len(builds)} shot sets | ASR after mean {_f(_mean(asr))}, "
-        f"worst {_f(max(asr, default=float('nan')))}; <= 5% on {sum(at_most(a, 0.05) for a in asr)} of {len(asr)} | "
+        f"worst {_f(max(asr, default=float('nan')))}; "
+        f"<= 5% on {sum(at_most(a, ASR_WORST_BAR) for a in asr)} of {len(asr)} | "
         f"builds' mean ASR <= 2% on {sum(at_most(a, ASR_BAR) for a in per_build)} of {len(builds)} | "
         f"CA cost mean {100 * _mean(drop):.1f}, worst {100 * max(drop):.1f} points; within 2 on "
         f"{sum(at_most(d, CA_BAR) for d in drop)} of {len(drop)} |"

@@ -65,7 +65,7 @@ from cbpt.tuning import (
 from cbpt_guard import atomic
 from testbed.bench import scan_testbed
 from testbed.evaluate import score_head
-from testbed.zoo import ASR_BAR, CA_BAR, at_most
+from testbed.zoo import ASR_BAR, ASR_WORST_BAR, CA_BAR, at_most
 
 STRENGTHS = (1.0, 1.25, 1.5, 2.0)  # the held-out copies recorded, as found and further out
 
@@ -354,7 +354,7 @@ def summarise(records: dict[str, dict], rules: list[str], with_oracle: bool = Fa
         lines.append(
             f"| {r} | {len(names)} | {drop} | {sum(not at_most(d, CA_BAR) for d in drops.values())} | "
             f"{len(asr)} | {statistics.mean(asr):.4f} | {sum(not at_most(a, ASR_BAR) for a in asr)} | "
-            f"{sum(not at_most(a, 0.05) for a in asr)} | {max(asr):.3f} | {met} |"
+            f"{sum(not at_most(a, ASR_WORST_BAR) for a in asr)} | {max(asr):.3f} | {met} |"
         )
     if unread:  # records made before `evaluate` read the KL store 0 for it
         lines += ["", "These records hold no KL of the clean decisions: rules that read it (klcap, kept-ties) read 0."]

@@ -434,6 +434,8 @@ def run_workers(
 
 ASR_BAR = 0.02  # a backdoored model counts as purified at ASR after <= 2% (docs/results.md#the-zoo)
 CA_BAR = 0.02  # and a model keeps its CA at a drop of at most 2 points
+ASR_WORST_BAR = 0.05  # the ASR no backdoored model (no shot set of a row) may keep
+GUARD_BAR = 0.01  # triggered images getting the target through a guard that rejects what it flags
 
 
 def at_most(x: float, bar: float) -> bool:
@@ -471,9 +473,9 @@ def spread(asr_after: list[float], ca_drop: list[float], through_guard: list[flo
     return {
         "asr_after": quantiles(asr_after),
         "asr_after_le_2pct": share(asr_after, ASR_BAR),
-        "asr_after_le_5pct": share(asr_after, 0.05),
+        "asr_after_le_5pct": share(asr_after, ASR_WORST_BAR),
         "asr_through_guard": quantiles(through_guard),
-        "through_guard_le_1pct": share(through_guard, 0.01),
+        "through_guard_le_1pct": share(through_guard, GUARD_BAR),
         "ca_drop": quantiles(ca_drop),
         "ca_within_2pt": share(ca_drop, CA_BAR),
     }
