@@ -91,11 +91,12 @@ class TriggerSide:
 
 def within_class_scatter(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """[D, D] the covariance of `features` [N, D] about their own class's mean (`labels` [N])."""
-    centred = np.asarray(features, dtype=np.float64).copy()
-    for k in np.unique(labels):
-        rows = labels == k
-        centred[rows] -= centred[rows].mean(axis=0)
-    return centred.T @ centred / max(len(centred), 1)
+    x = np.asarray(features, dtype=np.float64)
+    _, row_class = np.unique(labels, return_inverse=True)
+    means = np.zeros((row_class.max(initial=-1) + 1, x.shape[1]))
+    np.add.at(means, row_class, x)
+    centred = x - (means / np.maximum(np.bincount(row_class), 1)[:, None])[row_class]
+    return centred.T @ centred / max(len(x), 1)
 
 
 @dataclass(frozen=True)
