@@ -29,6 +29,7 @@ from cbpt.purify import PurifyConfig
 from cbpt.runtime import Runtime
 from cbpt.tuning import Ladder
 from cbpt_guard import TOOL, atomic, locks
+from cbpt_guard.artifacts import sha256_file
 from testbed.datasets import DEFAULT_SIZES, TEN_CLASS
 from testbed.train import TrainConfig
 
@@ -324,6 +325,9 @@ class Zoo:
             "attack": None if entry.attack is None else asdict(entry.attack),
             "testbed": {k: built[k] for k in ("ca", "asr", "ra", "poison_rate")},
             "build_s": built["seconds"]["total"],
+            # which builds the figures rest on: a zoo rebuilt elsewhere need not reproduce them
+            # (docs/results.md#a-whitened-trigger-side)
+            "sha256": {"base": sha256_file(self.base_path(entry.base)), "model": sha256_file(tb / "model.pt")},
         }
         taken = entry.attack is None or built["asr"] >= self.cfg.min_asr
         record["taken"] = taken

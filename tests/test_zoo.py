@@ -141,6 +141,13 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
     stats = {"target", "flip_rate", "mask_l1", "over_alignment", "typicality", "shape_flip"}
     assert stats <= set(rec["scan"]["candidates"][0])
     assert (cfg.work / "bases" / "shapes-s0-10.pt").is_file() and (cfg.work / "runs" / f"{rec['name']}.json").is_file()
+    # the record names the builds its figures rest on
+    from cbpt_guard.artifacts import sha256_file
+
+    assert rec["sha256"] == {
+        "base": sha256_file(cfg.work / "bases" / "shapes-s0-10.pt"),
+        "model": sha256_file(cfg.work / "models" / rec["name"] / "model.pt"),
+    }
     stored = (cfg.work / "runs" / f"{rec['name']}.json").read_text()
 
     # another worker holding the backdoored model's claim: this one leaves it to them
