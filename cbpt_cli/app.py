@@ -918,7 +918,8 @@ def testbed_zoo(
         int,
         typer.Option(
             help="Processes filling the folder together, one torch thread each unless --threads says "
-            "(the same command may also run on other machines sharing the folder)."
+            "(the same command may also run on other machines sharing the folder; a build repeats "
+            "exactly only at the same thread count)."
         ),
     ] = 1,
     device: TorchDeviceOpt = "auto",
@@ -929,7 +930,9 @@ def testbed_zoo(
     Prints the scan's AUROC and CBPT's spread (docs/results.md#the-zoo)."""
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}", "pass --workers 1, or one per core")
-    runtime = _runtime(threads if threads or workers == 1 else 1, device)
+    # one thread a process whatever the cores: a build's weights depend on the thread count
+    # (docs/results.md#what-a-build-rests-on), and a zoo's figures should not depend on the machine's size
+    runtime = _runtime(threads or 1, device)
     from cbpt_cli.progress import stage_progress
     from testbed.zoo import Part, Scope, ZooConfig, check_shots, run_workers
 

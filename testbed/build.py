@@ -26,7 +26,14 @@ from cbpt_guard.artifacts import CLASSES, classes_text
 from cbpt_guard.errors import UsageError
 from testbed import datasets, triggers
 from testbed.poison import poison
-from testbed.train import Augment, TrainConfig, distil_image_tower, to_model_input, train_contrastive
+from testbed.train import (
+    Augment,
+    TrainConfig,
+    distil_image_tower,
+    to_model_input,
+    train_contrastive,
+    trained_with,
+)
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's defaults: the testbed needs no override
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -267,9 +274,21 @@ def train_clean(
     """A clean model trained by `cfg`'s recipe, not cached; a DISTIL recipe's teacher comes
     from `clean_model` (cached, built first when missing, with `progress`)."""
     if cfg.clean_recipe() is Recipe.DISTIL:
-        teacher, _, _ = clean_model(cfg.teacher(), ds, cache, progress, device)
+        teacher = clean_model(cfg.teacher(), ds, cache, progress, device).model
         return distil(cfg.model(), cfg.seed, ds, teacher, cfg.distil, device, each_step)
     return pretrain(cfg.model(), cfg.seed, ds, cfg.pretrain, device, each_step)
+
+
+@dataclass
+class CleanModel:
+    """The clean pretrained model, how long it took here (0 from the cache), and what its
+    weights rest on (`train.trained_with` of the run that trained it; None for a model cached
+    before that was recorded)."""
+
+    model: torch.nn.Module
+    seconds: float
+    cached: bool
+    trained_with: dict | None
 
 
 def clean_model(
@@ -278,20 +297,25 @@ def clean_model(
     cache: Path | None,
     progress: Callable[[str, int, int], None] | None = None,
     device: torch.device = torch.device("cpu"),
-) -> tuple[torch.nn.Module, float, bool]:
+) -> CleanModel:
     """The clean pretrained model, on `device`: from the cache when this configuration was built
-    before (on any device: the cache is keyed by configuration)."""
+    before (on any device: the cache is keyed by configuration, and its sidecar says where and
+    how it was trained)."""
     path = cache / f"clean-{cfg.dataset}-{cfg.clean_key()}.pt" if cache else None
     if path is not None and path.is_file():
-        return load_state(cfg.model(), cfg.seed, path, device), 0.0, True
+        side = path.with_suffix(".json")
+        made = json.loads(side.read_text())["trained_with"] if side.is_file() else None
+        return CleanModel(load_state(cfg.model(), cfg.seed, path, device), 0.0, True, made)
     t0 = time.perf_counter()
     stage, train = ("distil", cfg.distil) if cfg.clean_recipe() is Recipe.DISTIL else ("pretrain", cfg.pretrain)
     tick = (lambda done, _m: progress(stage, done, train.steps)) if progress else None
+    made = trained_with(device)
     model = train_clean(cfg, ds, cache, device, tick, progress)
     seconds = time.perf_counter() - t0  # a teacher pretrained on the way included
     if path is not None:
         atomic.write_bytes(path, state_bytes(model))
-    return model, seconds, False
+        atomic.write_text(path.with_suffix(".json"), json.dumps({"trained_with": made}, indent=2) + "\n")
+    return CleanModel(model, seconds, False, made)
 
 
 def finetune_config(cfg: BuildConfig) -> TrainConfig:
@@ -463,11 +487,12 @@ def build(
         )
     t_start = time.perf_counter()
     ds = datasets.build(cfg.dataset, cfg.seed, cfg.image_size, cfg.sizes)
-    clean, pretrain_s, cached = clean_model(cfg, ds, cache, progress, device)
-    built = backdoor(cfg, clean, ds, make_trigger(cfg, clean, ds), progress)
+    clean = clean_model(cfg, ds, cache, progress, device)
+    built = backdoor(cfg, clean.model, ds, make_trigger(cfg, clean.model, ds), progress)
+    built.metrics["clean_model"]["trained_with"] = clean.trained_with
     built.metrics["seconds"] |= {
-        "pretrain": round(pretrain_s, 1),
-        "pretrain_cached": cached,
+        "pretrain": round(clean.seconds, 1),
+        "pretrain_cached": clean.cached,
         "total": round(time.perf_counter() - t_start, 1),
     }
     return built
@@ -527,6 +552,7 @@ def backdoor(
             "total": round(time.perf_counter() - t_start, 1),
         },
         "eval_seed": EVAL_SEED,
+        "trained_with": trained_with(next(clean.parameters()).device) if trigger is not None else None,
         **info,
         "config": config_dict(cfg),
     }

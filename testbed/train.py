@@ -4,6 +4,7 @@ run the same loop, as an attacker fine-tuning a real CLIP on scraped pairs would
 from __future__ import annotations
 
 import math
+import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,27 @@ class TrainConfig:
     warmup: int = 50
     seed: int = 0
     augment: Augment = Augment.NONE
+
+
+def processor_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else what the platform says)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def trained_with(device: torch.device) -> dict:
+    """What a training run's weights depend on beyond its configuration and seeds. The same
+    run repeats bit for bit with these unchanged; at another torch thread count it does not, and
+    the model it ends at differs by up to a point or more of CA (docs/results.md#what-a-build-rests-on)."""
+    made = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads()}
+    made["cpu"] = processor_name()
+    if device.type == "cuda":
+        made["gpu"] = torch.cuda.get_device_name(device)
+    return made
 
 
 def random_shift(x: torch.Tensor, max_px: int, gen: torch.Generator) -> torch.Tensor:

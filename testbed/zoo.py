@@ -247,17 +247,27 @@ class Zoo:
         return datasets.build(base.dataset, base.seed, 32, self.cfg.sizes)
 
     def pretrain(self, base: Base, ds) -> None:
-        """One pretraining run, every snapshot of it saved (atomically) as it passes."""
+        """One pretraining run, every snapshot of it saved (atomically) as it passes, beside it
+        what its weights rest on (`train.trained_with`)."""
         from testbed.build import pretrain, state_bytes
+        from testbed.train import trained_with
 
         cfg, keep = self.cfg, set(self.cfg.snapshots)
+        made = json.dumps({"trained_with": trained_with(cfg.runtime.device)}, indent=2) + "\n"
 
         def snapshot(done: int, model) -> None:
             self.progress(f"pretrain {base.dataset} seed {base.seed}", done, cfg.pretrain_steps)
             if done in keep:
-                atomic.write_bytes(self.base_path(replace(base, steps=done)), state_bytes(model))
+                path = self.base_path(replace(base, steps=done))
+                atomic.write_bytes(path, state_bytes(model))
+                atomic.write_text(path.with_suffix(".json"), made)
 
         pretrain(self.model_cfg, base.seed, ds, cfg.base_steps(), cfg.runtime.device, snapshot)
+
+    def base_trained_with(self, base: Base) -> dict | None:
+        """What a base snapshot's weights rest on; None for one pretrained before that was recorded."""
+        side = self.base_path(base).with_suffix(".json")
+        return json.loads(side.read_text())["trained_with"] if side.is_file() else None
 
     def run_lock(self, base: Base) -> Path:
         return self.cfg.work / "bases" / f"{base.dataset}-s{base.seed}.lock"  # one per pretraining run
@@ -325,9 +335,10 @@ class Zoo:
             "attack": None if entry.attack is None else asdict(entry.attack),
             "testbed": {k: built[k] for k in ("ca", "asr", "ra", "poison_rate")},
             "build_s": built["seconds"]["total"],
-            # which builds the figures rest on: a zoo rebuilt elsewhere need not reproduce them
-            # (docs/results.md#a-whitened-trigger-side)
+            # which builds the figures rest on, and what those rest on: a zoo rebuilt at another
+            # thread count or on another processor does not reproduce them (docs/results.md#what-a-build-rests-on)
             "sha256": {"base": sha256_file(self.base_path(entry.base)), "model": sha256_file(tb / "model.pt")},
+            "trained_with": {"base": self.base_trained_with(entry.base), "model": built.get("trained_with")},
         }
         taken = entry.attack is None or built["asr"] >= self.cfg.min_asr
         record["taken"] = taken

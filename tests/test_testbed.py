@@ -221,6 +221,32 @@ def test_a_poison_seed_backdoors_the_same_clean_model_again_with_other_pairs(tmp
     assert other.metrics["config"]["poison_seed"] == 1 and first.metrics["config"]["poison_seed"] is None
 
 
+def test_a_build_states_what_its_weights_rest_on(tmp_path):
+    """A build's weights depend on torch's thread count and version and the processor, not on
+    its configuration alone (docs/results.md#what-a-build-rests-on): the metrics name them for
+    the fine-tune, and for the clean model those of the run that trained it, even from the cache."""
+    from dataclasses import replace
+
+    import torch
+
+    from testbed.build import build
+    from testbed.train import processor_name
+
+    cfg, threads = _mini_cfg(), torch.get_num_threads()
+    first = build(cfg, cache=tmp_path / "cache").metrics
+    assert first["trained_with"] == first["clean_model"]["trained_with"]
+    made = {"torch": torch.__version__, "device": "cpu", "threads": threads, "cpu": processor_name()}
+    assert first["trained_with"] == made
+    torch.set_num_threads(threads + 1)
+    try:
+        other = build(replace(cfg, poison_seed=1), cache=tmp_path / "cache").metrics
+    finally:
+        torch.set_num_threads(threads)
+    assert other["seconds"]["pretrain_cached"] and other["clean_model"]["trained_with"]["threads"] == threads
+    assert other["trained_with"]["threads"] == threads + 1
+    assert build(replace(cfg, attack="none"), cache=tmp_path / "cache").metrics["trained_with"] is None
+
+
 def test_unknown_attack_is_a_usage_error(tmp_path, capsys):
     code, _, err = run_cli(
         capsys, "testbed", "build", "--out", tmp_path / "x", "--attack", "nope", "--cache", tmp_path / "c"
@@ -484,10 +510,11 @@ def test_a_vit_testbed_learns_the_resnets_image_features_and_keeps_its_text_towe
     )
     assert cfg.clean_recipe() is Recipe.DISTIL and cfg.teacher().clean_recipe() is Recipe.CONTRASTIVE
     ds = datasets.build("shapes", 0, 32, cfg.sizes)
-    student, _, cached = clean_model(cfg, ds, tmp_path)
-    assert not cached and len(list(tmp_path.glob("clean-shapes-*.pt"))) == 2  # the teacher is cached too
-    teacher, _, cached = clean_model(cfg.teacher(), ds, tmp_path)
-    assert cached
+    made = clean_model(cfg, ds, tmp_path)
+    assert not made.cached and len(list(tmp_path.glob("clean-shapes-*.pt"))) == 2  # the teacher is cached too
+    again = clean_model(cfg.teacher(), ds, tmp_path)
+    assert again.cached and again.trained_with["threads"] == made.trained_with["threads"]
+    student, teacher = made.model, again.model
     s_state, t_state = student.state_dict(), teacher.state_dict()
     text = [k for k in t_state if not k.startswith("visual.")]
     assert text and all(torch.equal(s_state[k], t_state[k]) for k in text)

@@ -148,6 +148,10 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
         "base": sha256_file(cfg.work / "bases" / "shapes-s0-10.pt"),
         "model": sha256_file(cfg.work / "models" / rec["name"] / "model.pt"),
     }
+    import torch
+
+    assert rec["trained_with"]["base"]["threads"] == torch.get_num_threads()  # a clean model: the base alone
+    assert rec["trained_with"]["model"] is None
     stored = (cfg.work / "runs" / f"{rec['name']}.json").read_text()
 
     # another worker holding the backdoored model's claim: this one leaves it to them
@@ -165,6 +169,7 @@ def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tm
     meta = json.loads((cfg.work / "models" / bd["name"] / "metrics.json").read_text())
     assert meta["zoo"]["attack"] == bd["attack"] and meta["poison_rate"] == bd["attack"]["poison_rate"]
     assert bd["taken"] == (meta["asr"] >= cfg.min_asr)
+    assert bd["trained_with"]["model"]["threads"] == 1 and bd["trained_with"]["model"] == meta["trained_with"]
     assert (cfg.work / "runs" / f"{rec['name']}.json").read_text() == stored  # not measured again
 
     # a third run measures nothing: every step is read back
