@@ -49,6 +49,7 @@ LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
     "shifts4": lambda c: replace(c, tuning=replace(c.tuning, shifts=4)),
     # triggered copies whose feature shift is also taken 2 (1.5) times as far (docs/method.md#trigger-strength)
     "strength2": lambda c: replace(c, tuning=replace(c.tuning, strengths=(1.0, 2.0))),
+    "reach3.5": lambda c: replace(c, side_reach=3.5),
     "strength1.5": lambda c: replace(c, tuning=replace(c.tuning, strengths=(1.0, 1.5))),
     # the compact probes (docs/method.md#compact-probes): 1 or 3 tuned against beside the per-pixel
     # masks; 3 standing in for them where they flip and pull the shots too, which is today's default

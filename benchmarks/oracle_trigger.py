@@ -246,7 +246,7 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict, se
         data = tuning_data(clip, shots, p.triggers, p.tuning, original)
         if checked is not None:
             data = replace(data, held_out=tuning_data(clip, shots, checked, p.tuning, original).held_out)
-        route = route_for(data, calibration_features(data), cfg.routed_share, p, cfg.target_gate)
+        route = route_for(data, calibration_features(data), cfg.routed_share, p, cfg.target_gate, cfg.side_reach)
         result = tune_prompts(clip, shots.classnames, served_by(data, route), p.tuning, p.acceptance)
         route = None if result.kept_original else route
         chosen = result.chosen

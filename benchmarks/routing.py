@@ -57,7 +57,8 @@ def measure(tb: Path) -> dict:
         return {**out, "kept_original": True, "seconds": round(time.perf_counter() - t0, 1)}
     data = tuning_data(clip, shots, plan.triggers, plan.tuning, original)
     calibration = calibration_features(data)
-    served = served_by(data, route_for(data, calibration, cfg.routed_share, plan, cfg.target_gate))  # as purify tunes
+    shipped = route_for(data, calibration, cfg.routed_share, plan, cfg.target_gate, cfg.side_reach)
+    served = served_by(data, shipped)  # as purify tunes
     result = tune_prompts(clip, shots.classnames, served, plan.tuning, plan.acceptance)
     head = result.text_features[rows]
     plain = score_head(feats, head)
@@ -65,7 +66,7 @@ def measure(tb: Path) -> dict:
     clean = feats.clean.float().numpy()
     triggered = None if feats.triggered is None else feats.triggered.float().numpy()
     for share in SHARES:
-        gated = route_for(data, calibration, share, plan, cfg.target_gate)
+        gated = route_for(data, calibration, share, plan, cfg.target_gate, cfg.side_reach)
         # the same route without the target gate (docs/method.md#target-gate), side by side
         for key, route in ((f"share{share}", gated), (f"share{share}-nogate", gated.ungated())):
             routed = score_head(feats, head, None if result.kept_original else route.reordered(rows))

@@ -205,7 +205,7 @@ def record(tb: Path, seed: int, held_out: int | None = None, shots: int = 16) ->
     plan = plan_tuning(read_scan(inv), inv, cfg, held_out=True)
     tc = plan.tuning
     data = tuning_data(clip, shots, plan.triggers, tc, original)
-    route = route_for(data, calibration_features(data), cfg.routed_share, plan, cfg.target_gate)
+    route = route_for(data, calibration_features(data), cfg.routed_share, plan, cfg.target_gate, cfg.side_reach)
     data = served_by(data, route)  # as purify tunes; recorded in every mode, a rule may read it
     prompts = ClassPrompts(
         clip.model, clip.tokenizer(), shots.classnames, n_ctx=tc.n_ctx, seed=tc.seed, autocast=clip.runtime.autocast

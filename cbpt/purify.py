@@ -31,7 +31,14 @@ from cbpt.tuning import (
     tune,
 )
 from cbpt.zeroshot import zeroshot_weights
-from cbpt_guard.routing import Route, TargetGate, TriggerSide, calibrate_route, within_class_scatter
+from cbpt_guard.routing import (
+    SIDE_REACH,
+    Route,
+    TargetGate,
+    TriggerSide,
+    calibrate_route,
+    within_class_scatter,
+)
 
 Progress = Callable[[str, int, int], None]
 
@@ -45,6 +52,7 @@ class PurifyConfig:
     # image, as in the paper (cbpt_guard/routing.py, docs/method.md#routing)
     routed_share: float = 0.2
     target_gate: TargetGate = TargetGate.TRIGGER_SIDE  # which images given a found target are routed
+    side_reach: float = SIDE_REACH  # the trigger side's reach, in spreads (`TriggerSide.calibrate`)
     inversion: InversionConfig = field(default_factory=InversionConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
 
@@ -176,9 +184,9 @@ def side_evidence(data: TuningData, targets: list[int]) -> tuple[list[np.ndarray
     return own, [copies[(aimed == t).numpy()] for t in targets], within_class_scatter(clean, labels.numpy())
 
 
-def trigger_side(data: TuningData, targets: list[int]) -> TriggerSide:
+def trigger_side(data: TuningData, targets: list[int], reach: float = SIDE_REACH) -> TriggerSide:
     """The gate's `TriggerSide`, a row per target in `targets` (`side_evidence`)."""
-    return TriggerSide.calibrate(*side_evidence(data, targets))
+    return TriggerSide.calibrate(*side_evidence(data, targets), reach=reach)
 
 
 def route_for(
@@ -187,16 +195,17 @@ def route_for(
     share: float,
     plan: TuningPlan,
     gate: TargetGate = TargetGate.TRIGGER_SIDE,
+    reach: float = SIDE_REACH,
 ) -> Route | None:
     """Where the tuned embeddings answer: `share` of the clean `calibration` features
     (`calibration_features(data)`) around the triggers tuned against, and, for a found
     backdoor (FULL mode), the images the original embeddings give its target that `gate`
-    takes (None at share 1: everywhere)."""
+    takes, its trigger side calibrated with `reach` (None at share 1: everywhere)."""
     if share >= 1 or not len(data.cache.centroids):
         return None
     clean, centroids, original = (t.float().cpu().numpy() for t in (calibration, data.cache.centroids, data.original))
     targets = sorted({c.target for c in plan.triggers}) if plan.mode is TuningMode.FULL else []
-    side = trigger_side(data, targets) if targets and gate is TargetGate.TRIGGER_SIDE else None
+    side = trigger_side(data, targets, reach) if targets and gate is TargetGate.TRIGGER_SIDE else None
     return calibrate_route(clean, centroids, share, original, targets, side)
 
 
@@ -269,7 +278,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
         )
     data = tuning_data(clip, shots, plan.triggers, plan.tuning, original, inversion.clean)
     calibration = calibration_features(data)
-    route = route_for(data, calibration, cfg.routed_share, plan, cfg.target_gate)
+    route = route_for(data, calibration, cfg.routed_share, plan, cfg.target_gate, cfg.side_reach)
     data = served_by(data, route)
     t2 = time.perf_counter()
     result = tune_prompts(

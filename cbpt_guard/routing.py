@@ -28,6 +28,9 @@ import numpy as np
 # the tensors of embeddings.safetensors that hold a route
 CENTROIDS, THRESHOLDS, SHARE, TARGETS = "route_centroids", "route_thresholds", "route_share", "route_targets"
 SIDE_DIRECTIONS, SIDE_THRESHOLDS = "route_side_directions", "route_side_thresholds"
+# how many spreads short of the copies' mean the trigger side's bar may fall (`TriggerSide.calibrate`);
+# chosen on the zoo's fit part (docs/results.md#the-trigger-side)
+SIDE_REACH = 4.0
 
 
 class TargetGate(StrEnum):
@@ -61,7 +64,7 @@ class TriggerSide:
         own: Sequence[np.ndarray],
         copies: Sequence[np.ndarray],
         scatter: np.ndarray | None = None,
-        reach: float = 4.0,
+        reach: float = SIDE_REACH,
         shrink: float = 1.0,
     ) -> TriggerSide:
         """Row t from target t's own clean unit features `own[t]` [M, D] and the triggered copies

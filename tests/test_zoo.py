@@ -229,3 +229,34 @@ def test_zoo_refuses_bad_counts_before_any_work(tmp_path, capsys):
         code, _, err = run_cli(capsys, "testbed", "zoo", "--work", tmp_path / "zoo", *args)
         assert code == 2 and says in err
     assert not (tmp_path / "zoo").exists()
+
+
+def test_build_repeat_pretrains_a_zoo_base_bit_for_bit(tmp_path):
+    """benchmarks/build_repeat.py: its snapshot is the zoo's own base (the same weights, hashed),
+    and two runs at one thread count repeat (docs/results.md#what-a-build-rests-on)."""
+    from cbpt_guard.artifacts import sha256_file
+    from testbed.zoo import Base, Zoo
+    from tests.helpers import load_benchmark, mini_build_config
+
+    cfg = ZooConfig(
+        work=tmp_path / "zoo",
+        datasets=("shapes",),
+        pretrain_seeds=(0,),
+        pretrain_steps=6,
+        snapshots=(4, 6),
+        sizes=(128, 16, 4),
+        model_cfg=mini_build_config("none").model_cfg,
+        batch_size=32,
+    )
+    zoo = Zoo(cfg)
+    base = Base("shapes", 0, 6)
+    zoo.pretrain(base, zoo.dataset(base))
+    repeat = load_benchmark("build_repeat")
+    first = repeat.snapshot_at(cfg, "shapes", 0, 4, 1)
+    assert first["sha256"] == sha256_file(tmp_path / "zoo" / "bases" / "shapes-s0-4.pt")
+    assert repeat.snapshot_at(cfg, "shapes", 0, 4, 1)["sha256"] == first["sha256"]
+    assert first["trained_with"]["threads"] == 1 and 0 <= first["ca"] <= 1
+    side = json.loads((tmp_path / "zoo" / "bases" / "shapes-s0-4.json").read_text())
+    assert side["trained_with"] == first["trained_with"]
+    with pytest.raises(ValueError, match="--steps must be 1..6"):
+        repeat.snapshot_at(cfg, "shapes", 0, 7, 1)
