@@ -1,4 +1,5 @@
-"""Which checkpoint a selection rule keeps, measured without re-tuning (docs/results.md#judging).
+"""Which checkpoint a selection rule keeps, measured without re-tuning
+(docs/results.md#judging-checkpoints-beyond-the-inverted-trigger).
 
 Step 2 trains each rung from the same start with no randomness, so a rung's trajectory does not
 depend on where an earlier rung stopped or on which rung was kept. `record` trains every rung of

@@ -35,7 +35,8 @@ def text_features(
 
 def _encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's `encode_text`, cut at the longest caption's end token where the tower is
-    open_clip's causal transformer pooling there (the same features, docs/scale.md#text-length)."""
+    open_clip's causal transformer pooling there (the same features; docs/scale.md#class-bounded-tuning,
+    "Text length")."""
     from cbpt.prompts import encode_embedded, is_standard_text_tower
 
     if is_standard_text_tower(model) and getattr(model, "text_pool_type", "argmax") == "argmax":

@@ -4,7 +4,7 @@ alarm's region stays resolved), checked against the fp32 graph on other images.
 
 Only the matrix products and convolutions are quantised (int8 weights per channel, uint8
 activations); LayerNorm, softmax, the feature normalisation and the zero-shot head itself stay
-in float. A graph under `AGREEMENT_BAR` top-1 agreement with fp32 is refused (docs/export.md#int8).
+in float. A graph under `AGREEMENT_BAR` top-1 agreement with fp32 is refused (docs/export.md#int8---int8).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def check(fp32: bytes, int8: bytes, inputs: Int8Inputs) -> Int8Check:
 def int8_twin(fp32: bytes, inputs: Int8Inputs) -> tuple[bytes, dict]:
     """The quantised classifier and its check. The convolutions (a ResNet's whole tower, a
     ViT's patch embedding) are quantised only where that keeps the bar; otherwise they stay in
-    float (docs/export.md#int8). Refused, nothing written, when neither keeps it."""
+    float (docs/export.md#int8---int8). Refused, nothing written, when neither keeps it."""
     tried = []
     for ops in OP_SETS:
         int8 = quantise(fp32, inputs.calibration, ops)

@@ -498,7 +498,8 @@ def spread(asr_after: list[float], ca_drop: list[float], through_guard: list[flo
 
 class Leftover(StrEnum):
     """Where a backdoored model's ASR above `ASR_BAR` after CBPT was decided, read from its
-    record's scan verdict and the checkpoint step 2 kept (docs/results.md#where-the-asr-left-is-decided)."""
+    record's scan verdict and the checkpoint step 2 kept (docs/results.md#the-record-the-whole-zoo-before-judging,
+    "Where the ASR left is decided")."""
 
     MISSED = "missed"  # the scan read clean: tuned cautiously, or not at all
     # the kept checkpoint cleared the held-out shots carrying the inverted triggers (at most the
