@@ -190,6 +190,20 @@ def state_bytes(model: torch.nn.Module) -> bytes:
     return buf.getvalue()
 
 
+def save_weights(path: Path, model: torch.nn.Module, made: dict) -> None:
+    """`model`'s weights at `path` (`state_bytes`), and beside them in a sidecar JSON what they rest
+    on (`made`: `train.trained_with` of the run that trained them); each written atomically."""
+    atomic.write_bytes(path, state_bytes(model))
+    atomic.write_text(path.with_suffix(".json"), json.dumps({"trained_with": made}, indent=2) + "\n")
+
+
+def weights_trained_with(path: Path) -> dict | None:
+    """What the weights at `path` rest on, from their sidecar (`save_weights`); None for weights
+    saved before it was written."""
+    side = path.with_suffix(".json")
+    return json.loads(side.read_text())["trained_with"] if side.is_file() else None
+
+
 def load_state(model_cfg: dict, seed: int, path: Path, device: torch.device) -> torch.nn.Module:
     """A model saved by `state_bytes`, frozen for evaluation, on `device`."""
     model = _new_model(model_cfg, seed)
@@ -303,9 +317,7 @@ def clean_model(
     how it was trained)."""
     path = cache / f"clean-{cfg.dataset}-{cfg.clean_key()}.pt" if cache else None
     if path is not None and path.is_file():
-        side = path.with_suffix(".json")
-        made = json.loads(side.read_text())["trained_with"] if side.is_file() else None
-        return CleanModel(load_state(cfg.model(), cfg.seed, path, device), 0.0, True, made)
+        return CleanModel(load_state(cfg.model(), cfg.seed, path, device), 0.0, True, weights_trained_with(path))
     t0 = time.perf_counter()
     stage, train = ("distil", cfg.distil) if cfg.clean_recipe() is Recipe.DISTIL else ("pretrain", cfg.pretrain)
     tick = (lambda done, _m: progress(stage, done, train.steps)) if progress else None
@@ -313,8 +325,7 @@ def clean_model(
     model = train_clean(cfg, ds, cache, device, tick, progress)
     seconds = time.perf_counter() - t0  # a teacher pretrained on the way included
     if path is not None:
-        atomic.write_bytes(path, state_bytes(model))
-        atomic.write_text(path.with_suffix(".json"), json.dumps({"trained_with": made}, indent=2) + "\n")
+        save_weights(path, model, made)
     return CleanModel(model, seconds, False, made)
 
 

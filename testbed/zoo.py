@@ -249,25 +249,24 @@ class Zoo:
     def pretrain(self, base: Base, ds) -> None:
         """One pretraining run, every snapshot of it saved (atomically) as it passes, beside it
         what its weights rest on (`train.trained_with`)."""
-        from testbed.build import pretrain, state_bytes
+        from testbed.build import pretrain, save_weights
         from testbed.train import trained_with
 
         cfg, keep = self.cfg, set(self.cfg.snapshots)
-        made = json.dumps({"trained_with": trained_with(cfg.runtime.device)}, indent=2) + "\n"
+        made = trained_with(cfg.runtime.device)
 
         def snapshot(done: int, model) -> None:
             self.progress(f"pretrain {base.dataset} seed {base.seed}", done, cfg.pretrain_steps)
             if done in keep:
-                path = self.base_path(replace(base, steps=done))
-                atomic.write_bytes(path, state_bytes(model))
-                atomic.write_text(path.with_suffix(".json"), made)
+                save_weights(self.base_path(replace(base, steps=done)), model, made)
 
         pretrain(self.model_cfg, base.seed, ds, cfg.base_steps(), cfg.runtime.device, snapshot)
 
     def base_trained_with(self, base: Base) -> dict | None:
         """What a base snapshot's weights rest on; None for one pretrained before that was recorded."""
-        side = self.base_path(base).with_suffix(".json")
-        return json.loads(side.read_text())["trained_with"] if side.is_file() else None
+        from testbed.build import weights_trained_with
+
+        return weights_trained_with(self.base_path(base))
 
     def run_lock(self, base: Base) -> Path:
         return self.cfg.work / "bases" / f"{base.dataset}-s{base.seed}.lock"  # one per pretraining run
