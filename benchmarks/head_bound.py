@@ -2,8 +2,9 @@
 prompt-only purification, which can only change the class embeddings (docs/results.md#routing).
 
     python benchmarks/head_bound.py ZOO --part fit --out bound.json
+    python benchmarks/head_bound.py --testbeds TB/vit32-sig-p2 TB/digits-badnet --out bound.json
 
-For each backdoored zoo model, free class embeddings (started at the original prompts' head)
+For each backdoored zoo model (or testbed), free class embeddings (started at the original prompts' head)
 are fitted by cross-entropy to half of its clean test images and half of their triggered
 copies with the attacker's REAL trigger, true labels, under a grid of trigger weights and
 pulls toward the original head; the other half measures CA and ASR. A defender has far less
@@ -72,19 +73,27 @@ def bound(tb: Path, seed: int = 0) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("zoo", type=Path, help="a `cbpt-guard testbed zoo` work folder")
+    ap.add_argument("zoo", type=Path, nargs="?", help="a `cbpt-guard testbed zoo` work folder")
     ap.add_argument("--part", choices=("fit", "report", "all"), default="fit")
     ap.add_argument("--models", nargs="*", default=None, help="model names (default: every taken backdoored one)")
+    ap.add_argument("--testbeds", nargs="*", type=Path, default=[], help="backdoored testbed folders")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if args.zoo is None and not args.testbeds:
+        ap.error("give a zoo folder, --testbeds, or both")
     torch.set_num_threads(1)
-    runs = [json.loads(p.read_text()) for p in sorted((args.zoo / "runs").glob("*.json"))]
-    names = args.models or [
-        r["name"] for r in runs if r["taken"] and r["kind"] == "backdoored" and args.part in ("all", r["part"])
-    ]
+    folders: dict[str, Path] = {}
+    if args.zoo is not None:
+        runs = [json.loads(p.read_text()) for p in sorted((args.zoo / "runs").glob("*.json"))]
+        names = args.models or [
+            r["name"] for r in runs if r["taken"] and r["kind"] == "backdoored" and args.part in ("all", r["part"])
+        ]
+        folders |= {name: args.zoo / "models" / name for name in names}
+    folders |= {tb.name: tb for tb in args.testbeds}
+    names = list(folders)
     stored = ResumableRows.at(args.out)
     for name in names:
-        stored.ensure(name, lambda name=name: bound(args.zoo / "models" / name))
+        stored.ensure(name, lambda name=name: bound(folders[name]))
     print("| model | CA / ASR before | best held-out CA at ASR <= 2% (alpha, pull) | CA drop | lowest ASR (its CA) |")
     print("|---|---|---|---|---|")
     for name in names:

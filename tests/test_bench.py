@@ -176,8 +176,9 @@ def test_the_testbed_table_reuses_a_folder_built_before_a_setting_was_added_only
 
 def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
     """benchmarks/selection_replay.py: full trajectories of every rung, replayed through the real
-    selection, keep the checkpoint `tune` keeps, under the rule before judging, today's and one
-    defined by the benchmark (ties to the checkpoint that kept the clean decisions), and where
+    selection, keep the checkpoint `tune` keeps, under the rule before judging, today's and two
+    defined by the benchmark (ties, or shares within a band, to the checkpoint that kept the
+    clean decisions), and where
     the route serves only some held-out shots."""
     import torch
 
@@ -206,7 +207,8 @@ def test_a_replayed_selection_keeps_the_checkpoint_tuning_keeps(tmp_path):
     routed = torch.tensor([True, False] * 3)  # the route serves half the held-out clean shots
     data = TuningData(backdoored_features(g0, 4, 0), held, g0, clip.logit_scale, routed)
     ladder = Ladder(rungs=((1.0, 3.0),), target_rate=0.0)  # always climbs: both rungs are weighed
-    for judging in (Judging(beyond=(), by_reach=False), Judging(beyond=(1.5,)), replay.KeptTies()):
+    banded = replay.BandedJudging(band=0.5)
+    for judging in (Judging(beyond=(), by_reach=False), Judging(beyond=(1.5,)), replay.KeptTies(), banded):
         cfg = TuningConfig(steps=30, eval_every=10, patience=1, alpha=0.0, ladder=ladder, judging=judging)
         kept = tune(ClassPrompts(clip.model, clip.tokenizer(), names), data, cfg, FullAcceptance())
         rec = {"attack": "badnet", "mode": "full", "rungs": [(cfg.alpha, cfg.margin), *ladder.rungs]}
