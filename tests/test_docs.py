@@ -8,6 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CITED = re.compile(r"(\w+)\.md#([\w\-]+)")
+# a bare #anchor in a document's prose points into that document (code and inline code left out)
+IN_PAGE = re.compile(r"(?<![\w/.`\]])#([a-z][a-z0-9\-]*[a-z0-9])")
 
 
 def anchor(heading: str) -> str:
@@ -36,10 +38,27 @@ def test_every_cited_section_of_the_docs_exists():
     assert not broken, "cited sections that do not exist:\n" + "\n".join(broken)
 
 
+def in_page_references(doc: Path) -> list[str]:
+    """The bare #anchors of a Markdown file's prose (fenced and inline code dropped)."""
+    prose = re.sub(r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.S)
+    return IN_PAGE.findall(re.sub(r"`[^`\n]*`", "", prose))
+
+
+def test_every_section_a_document_points_to_in_itself_exists():
+    docs = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    assert len(in_page_references(ROOT / "docs" / "results.md")) > 100
+    broken = [
+        f"{doc.relative_to(ROOT)}: #{tag}" for doc in docs for tag in in_page_references(doc) if tag not in anchors(doc)
+    ]
+    assert not broken, "sections pointed to in the same document that do not exist:\n" + "\n".join(broken)
+
+
 def test_a_missing_section_is_reported(tmp_path):
     doc = tmp_path / "guide.md"
     doc.write_text("# Guide\n## Half precision (`--fp16`)\n")
     assert anchors(doc) == {"guide", "half-precision---fp16"}
+    doc.write_text("# Guide\n## Half precision\nAs (#half-precision, #int8) say; `#no-link`.\n```\n# a-comment\n```\n")
+    assert in_page_references(doc) == ["half-precision", "int8"]
     assert CITED.findall("see docs/guide.md#half-precision and guide.md#guide") == [
         ("guide", "half-precision"),
         ("guide", "guide"),
