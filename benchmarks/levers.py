@@ -60,6 +60,12 @@ LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
     # held-out decisions may move at most this far (the CA losses of the first zoo models)
     "klcap": lambda c: replace(c, tuning=replace(c.tuning, max_clean_kl=0.02)),
     "lr2e-3": lambda c: replace(c, tuning=replace(c.tuning, lr=2e-3)),  # gentler steps on the context vectors
+    # the triggered copies pushed off their target (cbpt.losses.away_loss) beside being sent home, or
+    # instead of it (docs/results.md#pushed-off-the-target)
+    "away1": lambda c: replace(c, tuning=replace(c.tuning, away=1.0)),
+    "away2": lambda c: replace(c, tuning=replace(c.tuning, away=2.0)),
+    "away-only": lambda c: replace(c, tuning=replace(c.tuning, home=0.0, away=1.0)),
+    "away-only2": lambda c: replace(c, tuning=replace(c.tuning, home=0.0, away=2.0)),
 }
 
 

@@ -88,6 +88,11 @@ STEP2_LEVERS: dict[str, Callable[[TuningConfig], TuningConfig]] = {
     # triggered copies whose feature shift is also taken 2 times as far (docs/method.md#trigger-strength)
     "strength2": _tuning(strengths=(1.0, 2.0)),
     "views6": _tuning(views=6),  # six augmented views of each shot instead of two
+    # the triggered copies also pushed off their target (losses.away_loss), or only that
+    "away1": _tuning(away=1.0),
+    "away2": _tuning(away=2.0),
+    "away-only": _tuning(home=0.0, away=1.0),
+    "away-only2": _tuning(home=0.0, away=2.0),
     # one fixed rung, no ladder: does a stronger trigger loss reach what the held-out check calls settled?
     "rung0": _tuning(ladder=Ladder.off()),  # the ladder's first rung alone: what climbing cost or bought
     "rung0.5-3": _tuning(margin=3.0, ladder=Ladder.off()),

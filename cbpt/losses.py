@@ -27,6 +27,19 @@ def trigger_loss(triggered_features, text_features, labels, scale: float, margin
     return F.cross_entropy(logits, labels)
 
 
+def away_loss(triggered_features, text_features, targets, scale: float, margin: float = 0.0) -> torch.Tensor:
+    """L_away: -log(1 - p_target) of the triggered shots, the target's logit raised by `margin`:
+    the copies pushed off their trigger's target, to whichever other class. A backdoor collapses
+    every triggered image to one region of feature space, so sending each copy to its own class
+    asks the head to separate classes by what is left of the image there; keeping the target
+    from winning anywhere near that region asks one thing of one class (docs/method.md#prompt-tuning)."""
+    logits = class_logits(triggered_features, text_features, scale)
+    own = F.one_hot(targets, logits.shape[1]).bool()
+    target = logits.gather(1, targets[:, None])[:, 0]
+    others = logits.masked_fill(own, float("-inf")).logsumexp(1)
+    return F.softplus(target + margin - others).mean()
+
+
 def keep_loss(text_features: torch.Tensor, original_features: torch.Tensor) -> torch.Tensor:
     """L_keep: mean over classes of 1 - cos(g_c, g_c^0): stay near the hand-crafted prompts."""
     return (1 - (F.normalize(text_features, dim=-1) * F.normalize(original_features, dim=-1)).sum(-1)).mean()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from cbpt.features import FeatureCache
-from cbpt.losses import class_logits, clean_loss, decision_kl, keep_kl_loss, keep_loss, trigger_loss
+from cbpt.losses import away_loss, class_logits, clean_loss, decision_kl, keep_kl_loss, keep_loss, trigger_loss
 from cbpt.prompts import ClassPrompts
 
 EVAL_ROWS = 8192  # image features per matrix product while evaluating a head
@@ -309,6 +309,10 @@ class TuningConfig:
     steps: int = 300
     lr: float = 5e-3
     alpha: float = 0.5  # weight of L_trig at the first rung
+    # L_trig's two parts, each times the rung's alpha: the copies sent home (cross-entropy to their
+    # true class), and pushed off their target (`losses.away_loss`; 0: off)
+    home: float = 1.0
+    away: float = 0.0
     margin: float = 0.0  # L_trig's margin (logits) at the first rung
     beta: float = 2.0  # weight of L_keep
     keep: KeepLoss = KeepLoss.BOTH
@@ -539,11 +543,13 @@ class Tuner:
         trig_rows = _rows_of(c.triggered_labels, classes, every)
         triggered = _take(c.triggered, trig_rows)
         # no triggered features: prompt tuning without the dummy trigger (a baseline)
-        l_trig = (
-            trigger_loss(triggered, g, _take(c.triggered_labels, trig_rows), scale, rung.margin)
-            if len(triggered)
-            else g.new_zeros(())
-        )
+        l_trig = g.new_zeros(())
+        if len(triggered) and cfg.home:
+            labels = _take(c.triggered_labels, trig_rows)
+            l_trig = l_trig + cfg.home * trigger_loss(triggered, g, labels, scale, rung.margin)
+        if len(triggered) and cfg.away:
+            targets = _take(c.triggered_targets, trig_rows).to(g.device)
+            l_trig = l_trig + cfg.away * away_loss(triggered, g, targets, scale, rung.margin)
         on = classes.to(g.device)
         g_on = g if every else g[on]
         original_on = self.data.original if every else self.data.original[on]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cbpt.evidence import backdoor_score, over_alignment, typicality
-from cbpt.losses import clean_loss, contrastive_inversion_loss, keep_loss, trigger_loss
+from cbpt.losses import away_loss, clean_loss, contrastive_inversion_loss, keep_loss, trigger_loss
 from cbpt.scan import ALIGN_THRESHOLD, ALIGNED_MAX_AREA, SCAN_THRESHOLD, Evidence, read_scan
 from cbpt.trigger import TriggerKind
 from tests.helpers import backdoored_features, fake_inversion, run_cli, save_tiny_model
@@ -38,6 +38,23 @@ def test_trigger_loss_margin_is_taken_off_the_true_class_logit():
     # margin keeps e^3 ~ 20 times more of it
     ratio = trigger_loss(f, g, y, 10.0, margin=3.0) / trigger_loss(f, g, y, 10.0)
     assert 15 < ratio.item() < 25
+
+
+def test_the_away_loss_is_minus_log_of_one_less_the_targets_probability():
+    f = F.normalize(torch.tensor([[1.0, 0.2, 0.0], [0.1, 0.0, 1.0]]), dim=-1)
+    g = torch.eye(3)
+    targets = torch.tensor([0, 2])
+    p = torch.softmax(10.0 * f @ g.T, dim=1)[torch.arange(2), targets]
+    assert away_loss(f, g, targets, 10.0).item() == pytest.approx(-torch.log1p(-p).mean().item(), rel=1e-5)
+    # only the target's share counts, not which other class takes the copy
+    swapped = torch.eye(3)[[0, 2, 1]]
+    one = torch.tensor([0])
+    assert away_loss(f[:1], swapped, one, 10.0).item() == pytest.approx(away_loss(f[:1], g, one, 10.0).item())
+    # a copy already ~3 logits off its target pays e^-3 or so; with a margin that size, log 2
+    off = torch.tensor([[0.0, 0.3, 0.0]])  # logits 0, 3, 0 at scale 10
+    lse = float(torch.logsumexp(torch.tensor([3.0, 0.0]), 0))
+    assert away_loss(off, g, one, 10.0).item() == pytest.approx(math.log1p(math.exp(-lse)), rel=1e-5)
+    assert away_loss(off, g, one, 10.0, margin=lse).item() == pytest.approx(math.log(2), rel=1e-5)
 
 
 def test_keep_loss_is_one_minus_cosine():
@@ -905,6 +922,35 @@ def test_the_trigger_loss_is_escalated_only_while_held_out_shots_reach_the_targe
     assert {h["rung"] for h in stayed.history} == {0} and stayed.chosen.rung.index == 0
     # the progress bar counts every rung and ends full when the later ones are not needed
     assert ticks[-1] == (40, 40) and max(d for d, _ in ticks[:-1]) == 20
+
+
+def test_copies_pushed_off_their_target_leave_it_without_being_sent_home(tmp_path):
+    """TuningConfig.away (losses.away_loss): the triggered copies are pushed off their target,
+    with (home 1) or without (home 0) the cross-entropy that sends them to their own class."""
+    from cbpt.model import load_clip
+    from cbpt.prompts import ClassPrompts
+    from cbpt.tuning import FullAcceptance, Ladder, TuningConfig, TuningData, tune
+
+    clip = load_clip(save_tiny_model(tmp_path / "m"))
+    names = ("cat", "dog", "bird")
+    with torch.no_grad():
+        g0 = ClassPrompts(clip.model, clip.tokenizer(), names)()
+    data = TuningData(backdoored_features(g0, 4, 0), backdoored_features(g0, 2, 1), g0, clip.logit_scale)
+
+    def run(home: float, away: float):
+        cfg = TuningConfig(steps=30, eval_every=10, alpha=1.0, ladder=Ladder.off(), home=home, away=away)
+        return tune(ClassPrompts(clip.model, clip.tokenizer(), names), data, cfg, FullAcceptance(1.0))
+
+    neither = run(0.0, 0.0)  # no trigger term at all: the held-out copies keep reaching bird
+    assert all(h["trig"] == 0.0 for h in neither.history)
+    assert neither.chosen.held_out.to_target >= 0.5
+    pushed = run(0.0, 1.0)
+    assert pushed.original_held_out.to_target == 1.0
+    assert pushed.chosen.held_out.to_target == 0.0  # none reaches the target any more
+    trig = [h["trig"] for h in pushed.history]
+    assert trig[-1] < trig[0] / 1.5  # the away term itself is what falls
+    both = run(1.0, 1.0)
+    assert both.chosen.held_out.to_target == 0.0
 
 
 def test_a_stronger_rung_is_weighed_by_held_out_evidence():
