@@ -32,7 +32,8 @@ def away_loss(triggered_features, text_features, targets, scale: float, margin: 
     the copies pushed off their trigger's target, to whichever other class. A backdoor collapses
     every triggered image to one region of feature space, so sending each copy to its own class
     asks the head to separate classes by what is left of the image there; keeping the target
-    from winning anywhere near that region asks one thing of one class (docs/method.md#prompt-tuning)."""
+    from winning anywhere near that region asks one thing of one class (docs/method.md#prompt-tuning).
+    Off by default: it settles the held-out check early (docs/results.md#pushed-off-the-target)."""
     logits = class_logits(triggered_features, text_features, scale)
     own = F.one_hot(targets, logits.shape[1]).bool()
     target = logits.gather(1, targets[:, None])[:, 0]
