@@ -39,6 +39,10 @@ def _compact(**kw) -> Callable[[PurifyConfig], PurifyConfig]:
     return lambda c: replace(c, inversion=replace(c.inversion, compact=replace(c.inversion.compact, **kw)))
 
 
+def _tuning(**kw) -> Callable[[PurifyConfig], PurifyConfig]:
+    return lambda c: replace(c, tuning=replace(c.tuning, **kw))
+
+
 LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
     "base": lambda c: c,  # today's settings: checks that a re-run reproduces the zoo's record
     "cell2": _prior(cell=2),  # the mask drawn in 2 x 2 px cells
@@ -46,11 +50,11 @@ LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
     "tv": _prior(tv=1.0),  # total variation weighed like the mask's size
     "cell2-tv": _prior(cell=2, tv=1.0),
     # each inverted trigger also tuned against at 3 random places: patches that fire anywhere
-    "shifts4": lambda c: replace(c, tuning=replace(c.tuning, shifts=4)),
+    "shifts4": _tuning(shifts=4),
     # triggered copies whose feature shift is also taken 2 (1.5) times as far (docs/method.md#trigger-strength)
-    "strength2": lambda c: replace(c, tuning=replace(c.tuning, strengths=(1.0, 2.0))),
+    "strength2": _tuning(strengths=(1.0, 2.0)),
     "reach3.5": lambda c: replace(c, side_reach=3.5),
-    "strength1.5": lambda c: replace(c, tuning=replace(c.tuning, strengths=(1.0, 1.5))),
+    "strength1.5": _tuning(strengths=(1.0, 1.5)),
     # the compact probes (docs/method.md#compact-probes): 1 or 3 tuned against beside the per-pixel
     # masks; 3 standing in for them where they flip and pull the shots too, which is today's default
     "compact1": _compact(restarts=1, stand_in=None),
@@ -58,14 +62,14 @@ LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
     "compact3-instead": _compact(restarts=3, stand_in=0.9),
     "restarts6": lambda c: replace(c, inversion=replace(c.inversion, mask_restarts=6)),  # more dummy triggers
     # held-out decisions may move at most this far (the CA losses of the first zoo models)
-    "klcap": lambda c: replace(c, tuning=replace(c.tuning, max_clean_kl=0.02)),
-    "lr2e-3": lambda c: replace(c, tuning=replace(c.tuning, lr=2e-3)),  # gentler steps on the context vectors
+    "klcap": _tuning(max_clean_kl=0.02),
+    "lr2e-3": _tuning(lr=2e-3),  # gentler steps on the context vectors
     # the triggered copies pushed off their target (cbpt.losses.away_loss) beside being sent home, or
     # instead of it (docs/results.md#pushed-off-the-target)
-    "away1": lambda c: replace(c, tuning=replace(c.tuning, away=1.0)),
-    "away2": lambda c: replace(c, tuning=replace(c.tuning, away=2.0)),
-    "away-only": lambda c: replace(c, tuning=replace(c.tuning, home=0.0, away=1.0)),
-    "away-only2": lambda c: replace(c, tuning=replace(c.tuning, home=0.0, away=2.0)),
+    "away1": _tuning(away=1.0),
+    "away2": _tuning(away=2.0),
+    "away-only": _tuning(home=0.0, away=1.0),
+    "away-only2": _tuning(home=0.0, away=2.0),
 }
 
 

@@ -92,10 +92,10 @@ STEP2_LEVERS: dict[str, Callable[[TuningConfig], TuningConfig]] = {
     "away1": _tuning(away=1.0),
     "away2": _tuning(away=2.0),
     "away-only": _tuning(home=0.0, away=1.0),
+    "away-only2": _tuning(home=0.0, away=2.0),
     # ... with the held-out copies judged at twice their shift, so pushing them aside does not settle the ladder
     "away1-beyond2": lambda t: replace(t, away=1.0, judging=replace(t.judging, beyond=(2.0,))),
     "away2-beyond2": lambda t: replace(t, away=2.0, judging=replace(t.judging, beyond=(2.0,))),
-    "away-only2": _tuning(home=0.0, away=2.0),
     # one fixed rung, no ladder: does a stronger trigger loss reach what the held-out check calls settled?
     "rung0": _tuning(ladder=Ladder.off()),  # the ladder's first rung alone: what climbing cost or bought
     "rung0.5-3": _tuning(margin=3.0, ladder=Ladder.off()),

@@ -544,12 +544,13 @@ class Tuner:
         triggered = _take(c.triggered, trig_rows)
         # no triggered features: prompt tuning without the dummy trigger (a baseline)
         l_trig = g.new_zeros(())
-        if len(triggered) and cfg.home:
-            labels = _take(c.triggered_labels, trig_rows)
-            l_trig = l_trig + cfg.home * trigger_loss(triggered, g, labels, scale, rung.margin)
-        if len(triggered) and cfg.away:
-            targets = _take(c.triggered_targets, trig_rows).to(g.device)
-            l_trig = l_trig + cfg.away * away_loss(triggered, g, targets, scale, rung.margin)
+        if len(triggered):
+            if cfg.home:
+                labels = _take(c.triggered_labels, trig_rows)
+                l_trig = l_trig + cfg.home * trigger_loss(triggered, g, labels, scale, rung.margin)
+            if cfg.away:
+                targets = _take(c.triggered_targets, trig_rows).to(g.device)
+                l_trig = l_trig + cfg.away * away_loss(triggered, g, targets, scale, rung.margin)
         on = classes.to(g.device)
         g_on = g if every else g[on]
         original_on = self.data.original if every else self.data.original[on]
