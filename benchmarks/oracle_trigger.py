@@ -47,6 +47,7 @@ from cbpt.model import LoadedClip
 from cbpt.purify import (
     PurifyConfig,
     TuningPlan,
+    apart,
     calibration_features,
     plan_tuning,
     route_for,
@@ -213,13 +214,22 @@ def _key(triggers: str, tol: float, lever: str) -> str:
     return f"{triggers}/tol{tol:g}" + ("" if lever == "base" else f"/{lever}")
 
 
-def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict, seed: int = 0) -> dict:
+TRIGGERS = ("inverted", "real")
+
+
+def _apart(clip: LoadedClip, shots: Shots, plan: TuningPlan, original: torch.Tensor) -> list[float]:
+    return [round(float(a), 2) for a in apart(tuning_data(clip, shots, plan.triggers, plan.tuning, original), plan)]
+
+
+def measure(
+    tb: Path, tolerances: list[float], levers: list[str], done: dict, seed: int = 0, against: tuple[str, ...] = TRIGGERS
+) -> dict:
     keys = [
         _key(t, tol, lever)
-        for t, tol, lever in product(("inverted", "real"), tolerances, levers)
+        for t, tol, lever in product(against, tolerances, levers)
         if not (t == "real" and lever in PLAN_LEVERS)
     ]
-    if "before" in done and all(k in done for k in keys):
+    if "before" in done and "apart" in done and all(k in done for k in keys):
         return done  # nothing to measure: no scan
     cfg = PurifyConfig(budget=ShotBudget(16)).seeded(seed)
     sc = scan_testbed(tb, cfg)
@@ -239,6 +249,8 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict, se
         **done,
         "scan": {"backdoored": verdict.backdoored, "target_named": verdict.target == target},
         "before": scored(original, None),
+        # the found targets' copies from their own shots, in spreads (purify.apart; docs/method.md#push-off)
+        "apart": _apart(clip, shots, plan, original),
     }
 
     def step2(
@@ -263,9 +275,8 @@ def measure(tb: Path, tolerances: list[float], levers: list[str], done: dict, se
 
     round1: dict[float, torch.Tensor] = {}  # purify's own step 2 at each tolerance, for the coverage levers
 
-    for (triggers_name, triggers), tol, lever in product(
-        (("inverted", plan.triggers), ("real", real)), tolerances, levers
-    ):
+    candidates = {"inverted": plan.triggers, "real": real}
+    for (triggers_name, triggers), tol, lever in product(((t, candidates[t]) for t in against), tolerances, levers):
         key = _key(triggers_name, tol, lever)
         if key in out or (triggers_name == "real" and lever in PLAN_LEVERS):
             continue
@@ -305,13 +316,16 @@ def main() -> None:
         help="step-2 changes",
     )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="shot sets (purify's --seed)")
+    ap.add_argument(
+        "--against", nargs="+", default=list(TRIGGERS), choices=TRIGGERS, help="what step 2 is tuned against"
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
     stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for tb, seed in product(args.testbeds, args.seeds):
         name = tb.name if seed == 0 else f"{tb.name}@{seed}"  # rows stored before --seeds read back
-        stored[name] = measure(tb, args.tolerances, args.levers, stored.get(name, {}), seed)
+        stored[name] = measure(tb, args.tolerances, args.levers, stored.get(name, {}), seed, tuple(args.against))
         atomic.write_text(args.out, json.dumps(stored, indent=1))
     print(
         "| model | CA / ASR before | triggers tuned against | clean tolerance | lever | CA / ASR after (routed) | "

@@ -37,6 +37,7 @@ from cbpt_guard.routing import (
     TargetGate,
     TriggerSide,
     calibrate_route,
+    copies_apart,
     within_class_scatter,
 )
 
@@ -189,6 +190,18 @@ def trigger_side(data: TuningData, targets: list[int], reach: float = SIDE_REACH
     return TriggerSide.calibrate(*side_evidence(data, targets), reach=reach)
 
 
+def found_targets(plan: TuningPlan) -> list[int]:
+    """The targets of a found backdoor's triggers (FULL mode); none for a model read clean."""
+    return sorted({c.target for c in plan.triggers}) if plan.mode is TuningMode.FULL else []
+
+
+def apart(data: TuningData, plan: TuningPlan) -> np.ndarray:
+    """[T] how far the copies aimed at each found target stand from its own clean calibration
+    shots, in spreads (`copies_apart`, `found_targets`; empty for a model read clean)."""
+    targets = found_targets(plan)
+    return copies_apart(*side_evidence(data, targets)) if targets else np.zeros(0)
+
+
 def route_for(
     data: TuningData,
     calibration: torch.Tensor,
@@ -204,7 +217,7 @@ def route_for(
     if share >= 1 or not len(data.cache.centroids):
         return None
     clean, centroids, original = (t.float().cpu().numpy() for t in (calibration, data.cache.centroids, data.original))
-    targets = sorted({c.target for c in plan.triggers}) if plan.mode is TuningMode.FULL else []
+    targets = found_targets(plan)
     side = trigger_side(data, targets, reach) if targets and gate is TargetGate.TRIGGER_SIDE else None
     return calibrate_route(clean, centroids, share, original, targets, side)
 

@@ -77,19 +77,45 @@ class TriggerSide:
         along the direction): the real trigger's images spread wider than the inverted
         triggers' copies, and where the copies stand less than `reach` spreads from the own
         shots, the gate takes every image given the target, as `TargetGate.EVERY`."""
-        d = own[0].shape[1] if len(own) else 0
-        s = np.eye(d) if scatter is None else np.asarray(scatter, dtype=np.float64)
-        whiten = s + shrink * np.trace(s) / max(d, 1) * np.eye(d)
         directions, thresholds = [], []
-        for o, c in zip(own, copies, strict=True):
-            if not len(o) or not len(c):
-                raise ValueError("the trigger side needs each target's own shots and copies aimed at it")
-            w = np.linalg.solve(whiten, c.mean(axis=0) - o.mean(axis=0))
-            w = (w / np.linalg.norm(w)).astype(np.float32)  # unit: projections within [-1, 1], as fp16 heads need
-            po, pc = o @ w, c @ w  # with the stored direction, so the furthest own shot sits on the bar
+        for w, po, pc in _projections(own, copies, scatter, shrink):
             directions.append(w)
-            thresholds.append(min(po.max(), pc.mean() - reach * max(pc.std(), po.std())))
+            thresholds.append(min(po.max(), pc.mean() - reach * _spread(po, pc)))
         return cls(np.asarray(directions, dtype=np.float32), np.asarray(thresholds, dtype=np.float32))
+
+
+def copies_apart(
+    own: Sequence[np.ndarray], copies: Sequence[np.ndarray], scatter: np.ndarray | None = None, shrink: float = 1.0
+) -> np.ndarray:
+    """[T] how far the copies aimed at each target stand from its own clean shots along
+    `TriggerSide.calibrate`'s direction: the difference of their mean projections, in the spreads
+    its reach is counted in. Large where a backdoor sends its triggered images to a region of the
+    target's that its own images do not reach (docs/method.md#push-off)."""
+    rows = _projections(own, copies, scatter, shrink)
+    return np.asarray([(pc.mean() - po.mean()) / max(_spread(po, pc), 1e-12) for _, po, pc in rows], dtype=np.float64)
+
+
+def _spread(po: np.ndarray, pc: np.ndarray) -> np.floating:
+    """The larger of the own shots' and the copies' standard deviation along a side's direction."""
+    return max(pc.std(), po.std())
+
+
+def _projections(
+    own: Sequence[np.ndarray], copies: Sequence[np.ndarray], scatter: np.ndarray | None, shrink: float
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per target: the unit whitened direction from its own shots' mean to its copies' mean, and
+    the own shots' and the copies' projections on it (`TriggerSide.calibrate`)."""
+    d = own[0].shape[1] if len(own) else 0
+    s = np.eye(d) if scatter is None else np.asarray(scatter, dtype=np.float64)
+    whiten = s + shrink * np.trace(s) / max(d, 1) * np.eye(d)
+    rows = []
+    for o, c in zip(own, copies, strict=True):
+        if not len(o) or not len(c):
+            raise ValueError("the trigger side needs each target's own shots and copies aimed at it")
+        w = np.linalg.solve(whiten, c.mean(axis=0) - o.mean(axis=0))
+        w = (w / np.linalg.norm(w)).astype(np.float32)  # unit: projections within [-1, 1], as fp16 heads need
+        rows.append((w, o @ w, c @ w))  # with the stored direction, so the furthest own shot sits on the bar
+    return rows
 
 
 def within_class_scatter(features: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from cbpt_guard.routing import Route, TriggerSide, calibrate_route, within_class_scatter
+from cbpt_guard.routing import SIDE_REACH, Route, TriggerSide, calibrate_route, copies_apart, within_class_scatter
 from tests.helpers import run_cli
 
 
@@ -118,6 +118,21 @@ def test_the_trigger_side_tells_the_targets_own_images_from_triggered_ones(side_
     assert on(own, low).mean() >= 0.95 and on(test_own, low).mean() >= 0.9
     with pytest.raises(ValueError, match="own shots and copies"):
         TriggerSide.calibrate([own[:0]], [copies])
+
+
+def test_copies_apart_reads_in_the_spreads_the_side_reaches_in(side_case):
+    """Copies far along the trigger's shift stand many spreads from the own shots, copies mixed
+    among them under one; and a side whose reach equals that distance puts its bar at the own
+    shots' mean, the units being the same."""
+    own, copies, *_ = side_case
+    rng = np.random.default_rng(5)
+    near = own[rng.integers(0, len(own), 300)] + 0.05 * (copies.mean(0) - own.mean(0))
+    far, mixed = copies_apart([own, own], [copies, near + 1e-3 * rng.normal(size=near.shape)])
+    assert far > SIDE_REACH and 0 < mixed < 1
+    side = TriggerSide.calibrate([own], [copies], reach=far)
+    assert np.isclose(side.thresholds[0], (own @ side.directions[0]).mean(), atol=1e-5)
+    with pytest.raises(ValueError, match="own shots and copies"):
+        copies_apart([own], [copies[:0]])
 
 
 def test_the_trigger_side_discounts_what_a_class_already_varies_along():
