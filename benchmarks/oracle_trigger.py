@@ -46,13 +46,11 @@ from cbpt.losses import class_logits
 from cbpt.model import LoadedClip
 from cbpt.purify import (
     PurifyConfig,
+    PushOff,
     TuningPlan,
     apart,
-    calibration_features,
     plan_tuning,
-    route_for,
-    served_by,
-    tune_prompts,
+    tune_routed,
     tuning_data,
 )
 from cbpt.scan import read_scan
@@ -222,7 +220,13 @@ def _apart(clip: LoadedClip, shots: Shots, plan: TuningPlan, original: torch.Ten
 
 
 def measure(
-    tb: Path, tolerances: list[float], levers: list[str], done: dict, seed: int = 0, against: tuple[str, ...] = TRIGGERS
+    tb: Path,
+    tolerances: list[float],
+    levers: list[str],
+    done: dict,
+    seed: int = 0,
+    against: tuple[str, ...] = TRIGGERS,
+    push_off: PushOff | None = None,
 ) -> dict:
     keys = [
         _key(t, tol, lever)
@@ -231,7 +235,7 @@ def measure(
     ]
     if "before" in done and "apart" in done and all(k in done for k in keys):
         return done  # nothing to measure: no scan
-    cfg = PurifyConfig(budget=ShotBudget(16)).seeded(seed)
+    cfg = replace(PurifyConfig(budget=ShotBudget(16)), push_off=push_off).seeded(seed)
     sc = scan_testbed(tb, cfg)
     clip, shots, feats, rows, original, inv = sc.clip, sc.shots, sc.feats, sc.rows, sc.original, sc.inversion
     verdict = read_scan(inv)
@@ -266,11 +270,10 @@ def measure(
         data = tuning_data(clip, shots, p.triggers, p.tuning, original)
         if checked is not None:
             data = replace(data, held_out=tuning_data(clip, shots, checked, p.tuning, original).held_out)
-        route = route_for(data, calibration_features(data), cfg.routed_share, p, cfg.target_gate, cfg.side_reach)
-        result = tune_prompts(clip, shots.classnames, served_by(data, route), p.tuning, p.acceptance)
-        route = None if result.kept_original else route
-        chosen = result.chosen
-        row = scored(result.text_features, route) | {"rung": chosen.rung.index, "step": chosen.step}
+        # as purify runs it: a lever that pushes the copies off their target keeps its own weight
+        s2 = tune_routed(clip, shots.classnames, data, p, cfg)
+        result, chosen = s2.result, s2.result.chosen
+        row = scored(result.text_features, s2.shipped_route) | {"rung": chosen.rung.index, "step": chosen.step}
         return result.text_features, row | {"triggers": len(triggers)}
 
     round1: dict[float, torch.Tensor] = {}  # purify's own step 2 at each tolerance, for the coverage levers
@@ -320,12 +323,18 @@ def main() -> None:
         "--against", nargs="+", default=list(TRIGGERS), choices=TRIGGERS, help="what step 2 is tuned against"
     )
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument(
+        "--push-off", action="store_true", help="step 2 pushes the copies off their target where purify --push-off does"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
+    push_off = PushOff() if args.push_off else None
     stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for tb, seed in product(args.testbeds, args.seeds):
         name = tb.name if seed == 0 else f"{tb.name}@{seed}"  # rows stored before --seeds read back
-        stored[name] = measure(tb, args.tolerances, args.levers, stored.get(name, {}), seed, tuple(args.against))
+        stored[name] = measure(
+            tb, args.tolerances, args.levers, stored.get(name, {}), seed, tuple(args.against), push_off
+        )
         atomic.write_text(args.out, json.dumps(stored, indent=1))
     print(
         "| model | CA / ASR before | triggers tuned against | clean tolerance | lever | CA / ASR after (routed) | "

@@ -28,8 +28,7 @@ from cbpt.purify import (
     original_head,
     plan_tuning,
     route_for,
-    served_by,
-    tune_prompts,
+    tune_routed,
     tuning_data,
 )
 from cbpt.runtime import Runtime
@@ -57,9 +56,7 @@ def measure(tb: Path) -> dict:
         return {**out, "kept_original": True, "seconds": round(time.perf_counter() - t0, 1)}
     data = tuning_data(clip, shots, plan.triggers, plan.tuning, original)
     calibration = calibration_features(data)
-    shipped = route_for(data, calibration, cfg.routed_share, plan, cfg.target_gate, cfg.side_reach)
-    served = served_by(data, shipped)  # as purify tunes
-    result = tune_prompts(clip, shots.classnames, served, plan.tuning, plan.acceptance)
+    result = tune_routed(clip, shots.classnames, data, plan, cfg).result  # as purify tunes
     head = result.text_features[rows]
     plain = score_head(feats, head)
     out |= {"kept_original": result.kept_original, "ca_plain": plain.ca, "asr_plain": _asr(feats, plain.asr)}

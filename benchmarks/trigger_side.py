@@ -34,13 +34,10 @@ from cbpt.model import load_clip
 from cbpt.purify import (
     PurifyConfig,
     TuningMode,
-    calibration_features,
     original_head,
     plan_tuning,
-    route_for,
-    served_by,
     side_evidence,
-    tune_prompts,
+    tune_routed,
     tuning_data,
 )
 from cbpt.runtime import Runtime
@@ -90,9 +87,8 @@ def measure(tb: Path, gate: TargetGate) -> dict:
     if plan.mode is not TuningMode.FULL:
         return out | {"seconds": round(time.perf_counter() - t0, 1)}
     data = tuning_data(clip, shots, plan.triggers, plan.tuning, original)
-    calibration = calibration_features(data)
-    shipped = route_for(data, calibration, cfg.routed_share, plan, gate)
-    result = tune_prompts(clip, shots.classnames, served_by(data, shipped), plan.tuning, plan.acceptance)
+    step2 = tune_routed(clip, shots.classnames, data, plan, cfg)  # as purify tunes
+    shipped, result = step2.route, step2.result
     head = result.text_features[rows]
     found = sorted({c.target for c in plan.triggers})
     owns, aimed, scatter = side_evidence(data, found)

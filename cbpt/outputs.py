@@ -37,6 +37,10 @@ def tuning_report(result: Purified, history: bool = True) -> dict:
         "mode": result.plan.mode,
         "steps": result.plan.tuning.steps,  # a rung's schedule; fewer with no held-out shots (FixedSchedule)
         "kept_original": t is None or t.kept_original,
+        # the copies pushed off their target (0: sent home only); where: the found targets' copies
+        # stand `apart` spreads from their own shots (docs/method.md#push-off)
+        "away": result.plan.tuning.away,
+        "apart": list(result.apart),
         "triggers": [
             {"kind": c.kind, "target": result.classnames[c.target], "probe": c.probe, "search": c.search}
             for c in result.plan.triggers

@@ -45,6 +45,27 @@ Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
+class PushOff:
+    """Step 2 also pushes the triggered copies off their target (`losses.away_loss`, weighed by
+    `TuningConfig.away`) where, on every found target, the copies stand at least `apart` spreads
+    from the target's own clean shots (`copies_apart`). There the backdoor has collapsed its
+    triggered images onto a region of the target's that its own images do not reach: a head that
+    only sends the copies' remnants home need not hold a few degrees off, where the real trigger's
+    images land, and the trigger side keeps the target's own images on the original embeddings,
+    so pushing the target off that region costs them little. Nearer, the push takes the target's
+    own images with it (docs/method.md#push-off)."""
+
+    weight: float = 2.0
+    apart: float = 6.5
+
+    def tuning(self, tuning: TuningConfig, apart: np.ndarray) -> TuningConfig:
+        """`tuning` with the push where the copies stand apart (a tuning that pushes already keeps its own weight)."""
+        if tuning.away or not len(apart) or float(np.min(apart)) < self.apart:
+            return tuning
+        return replace(tuning, away=self.weight)
+
+
+@dataclass(frozen=True)
 class PurifyConfig:
     budget: ShotBudget = field(default_factory=ShotBudget)  # K per class, held-out ones among them
     seed: int = 0
@@ -54,6 +75,8 @@ class PurifyConfig:
     routed_share: float = 0.2
     target_gate: TargetGate = TargetGate.TRIGGER_SIDE  # which images given a found target are routed
     side_reach: float = SIDE_REACH  # the trigger side's reach, in spreads (`TriggerSide.calibrate`)
+    # None: the copies are only sent home (the default until push-off is measured on every known attack)
+    push_off: PushOff | None = None
     inversion: InversionConfig = field(default_factory=InversionConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
 
@@ -118,6 +141,7 @@ class Purified:
     alarm: dict  # the runtime trigger alarm, calibrated on clean shots
     alarm_centres: torch.Tensor  # [K, D] unit: the regions the alarm measures closeness to (`alarm_centres`)
     route: Route | None = None  # None: the purified embeddings answer everywhere (or equal the original)
+    apart: tuple[float, ...] = ()  # the found targets' copies from their own shots, in spreads (`apart`)
 
 
 def original_head(clip: LoadedClip, classnames: tuple[str, ...]) -> torch.Tensor:
@@ -202,6 +226,12 @@ def apart(data: TuningData, plan: TuningPlan) -> np.ndarray:
     return copies_apart(*side_evidence(data, targets)) if targets else np.zeros(0)
 
 
+def pushed_off(plan: TuningPlan, spreads: np.ndarray, push: PushOff | None) -> TuningPlan:
+    """`plan` with step 2's push off the target where `push` says, the found targets' copies
+    standing `spreads` apart (`apart`; `PushOff`; None: as it is)."""
+    return plan if push is None else replace(plan, tuning=push.tuning(plan.tuning, spreads))
+
+
 def route_for(
     data: TuningData,
     calibration: torch.Tensor,
@@ -220,6 +250,38 @@ def route_for(
     targets = found_targets(plan)
     side = trigger_side(data, targets, reach) if targets and gate is TargetGate.TRIGGER_SIDE else None
     return calibrate_route(clean, centroids, share, original, targets, side)
+
+
+@dataclass
+class Step2:
+    """Step 2 as purify runs it on cached features (`tune_routed`)."""
+
+    plan: TuningPlan  # as tuned: with the push off the target where the copies stand apart (`PushOff`)
+    route: Route | None  # as calibrated for it; the head ships it unless the original prompts were kept
+    spreads: np.ndarray  # [T] the found targets' copies from their own shots (`apart`)
+    result: TuningResult
+
+    @property
+    def shipped_route(self) -> Route | None:
+        return None if self.result.kept_original else self.route
+
+
+def tune_routed(
+    clip: LoadedClip,
+    classnames: tuple[str, ...],
+    data: TuningData,
+    plan: TuningPlan,
+    cfg: PurifyConfig,
+    progress: Callable[[int, int], None] | None = None,
+) -> Step2:
+    """Step 2 of `plan` on `data`: the route calibrated (`route_for`), the checkpoints judged as
+    it will serve them (`served_by`), the copies pushed off their target where `cfg.push_off`
+    says."""
+    route = route_for(data, calibration_features(data), cfg.routed_share, plan, cfg.target_gate, cfg.side_reach)
+    spreads = apart(data, plan)
+    plan = pushed_off(plan, spreads, cfg.push_off)
+    result = tune_prompts(clip, classnames, served_by(data, route), plan.tuning, plan.acceptance, progress)
+    return Step2(plan, route, spreads, result)
 
 
 def served_by(data: TuningData, route: Route | None) -> TuningData:
@@ -290,22 +352,16 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
             alarm_centres=centres,
         )
     data = tuning_data(clip, shots, plan.triggers, plan.tuning, original, inversion.clean)
-    calibration = calibration_features(data)
-    route = route_for(data, calibration, cfg.routed_share, plan, cfg.target_gate, cfg.side_reach)
-    data = served_by(data, route)
     t2 = time.perf_counter()
-    result = tune_prompts(
-        clip,
-        shots.classnames,
-        data,
-        plan.tuning,
-        plan.acceptance,
-        (lambda d, t: progress("tune", d, t)) if progress else None,
+    step2 = tune_routed(
+        clip, shots.classnames, data, plan, cfg, (lambda d, t: progress("tune", d, t)) if progress else None
     )
+    result = step2.result
     t3 = time.perf_counter()
     centres = alarm_centres(inversion, verdict, data)
     return Purified(
-        **done,
+        **done | {"plan": step2.plan},
+        apart=tuple(round(float(a), 3) for a in step2.spreads),
         purified=result.text_features,
         tuning=result,
         timings={
@@ -317,7 +373,7 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
             # tune() is given cached features and no image model: zero by construction
             "image_encoder_passes_during_tuning": 0,
         },
-        alarm=alarm_threshold(calibration, centres),
+        alarm=alarm_threshold(calibration_features(data), centres),
         alarm_centres=centres,
-        route=None if result.kept_original else route,
+        route=step2.shipped_route,
     )

@@ -394,6 +394,15 @@ def purify(
             "(docs/method.md#trigger-side).",
         ),
     ] = TargetGate.TRIGGER_SIDE,
+    push_off: Annotated[
+        bool,
+        typer.Option(
+            "--push-off",
+            help="Also push the triggered copies off a found target where they stand far (6.5 spreads) from "
+            "its own clean shots, as a ViT's collapsed backdoor does; off by default until measured on every "
+            "known attack (docs/method.md#push-off).",
+        ),
+    ] = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
     int8: Int8ExportOpt = False,
     overwrite: OverwriteOpt = False,
@@ -409,7 +418,7 @@ def purify(
 
     from cbpt.data import ShotBudget, load_shots
     from cbpt.model import load_clip
-    from cbpt.purify import PurifyConfig
+    from cbpt.purify import PurifyConfig, PushOff
     from cbpt.tuning import ClassSchedule, Ladder, TuningConfig
     from cbpt_cli.pipeline import purify_to_folder
     from cbpt_cli.progress import stage_progress
@@ -433,6 +442,7 @@ def purify(
         force=force,
         routed_share=routed_share,
         target_gate=target_gate,
+        push_off=PushOff() if push_off else None,
         inversion=_inversion_config(
             seed, inversion_steps, restarts, eps, compact_restarts, blend_restarts, patch_probes
         ),

@@ -188,6 +188,10 @@ def test_purify_writes_complete_outputs_and_they_evaluate(purified, mini_testbed
     assert rep["scan"]["backdoored"] is False and len(rep["tuning"]["triggers"]) > 1
     assert emb["trigger_centroids"].shape == (1, 32) and rep["alarm"]["centres"] == 1
     assert rep["tuning"]["mode"] == "full" and rep["tuning"]["best_step"] > 0 and not rep["tuning"]["kept_original"]
+    # --push-off: the copies are pushed off their targets only where every target's stand 6.5 spreads apart
+    spreads, away = rep["tuning"]["apart"], rep["tuning"]["away"]
+    assert rep["settings"]["push_off"] == {"weight": 2.0, "apart": 6.5} and len(spreads) >= 1
+    assert away == (2.0 if min(spreads) >= 6.5 else 0.0)
     # a weight the user fixed is kept: no escalation
     assert rep["settings"]["tuning"]["ladder"]["rungs"] == [] and (rep["tuning"]["rung"], rep["tuning"]["alpha"]) == (
         0,
@@ -1256,6 +1260,42 @@ def test_a_found_targets_gate_is_calibrated_on_its_own_shots_and_the_copies_aime
     assert route.targets.tolist() == [1] and np.allclose(route.side.thresholds, side.thresholds)
     assert route_for(data, clean, 0.2, plan(TuningMode.FULL), TargetGate.EVERY).side is None
     assert route_for(data, clean, 0.2, plan(TuningMode.CAUTIOUS)).side is None
+
+
+def test_step2_pushes_the_copies_off_their_target_only_where_they_stand_apart_from_its_own_shots():
+    """`PushOff`: the push's weight goes into the tuning where every found target's copies stand
+    at least its distance from their own shots (`apart`, read as the trigger side reads them); a
+    tuning that already pushes keeps its weight, and a model read clean has no targets to push."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from cbpt.features import FeatureCache
+    from cbpt.purify import PushOff, TuningMode, TuningPlan, apart, pushed_off, side_evidence
+    from cbpt.tuning import TuningConfig, TuningData
+    from cbpt_guard.routing import copies_apart
+
+    g = torch.Generator().manual_seed(1)
+    near = lambda centres: F.normalize(centres + 0.1 * torch.randn(centres.shape, generator=g), dim=-1)  # noqa: E731
+    eye, labels = torch.eye(8), torch.arange(40) % 4
+    # the copies aimed at class 1 stand far from its own shots, those aimed at class 2 among its own
+    copies = torch.cat([near(eye[1].expand(20, -1) + eye[5]), near(eye[2].expand(10, -1) + 0.05 * eye[5])])
+    aimed = torch.tensor([1] * 20 + [2] * 10)
+    cache = FeatureCache(near(eye[labels]), labels, copies, torch.zeros(30), aimed, near(eye[:2]), 0)
+    data = TuningData(cache, None, near(eye[:4]), 10.0)
+    plan = lambda mode, *targets: TuningPlan(  # noqa: E731
+        mode, [SimpleNamespace(target=t) for t in targets], None, TuningConfig()
+    )
+    one, both = apart(data, plan(TuningMode.FULL, 1)), apart(data, plan(TuningMode.FULL, 1, 2))
+    assert np.allclose(one, copies_apart(*side_evidence(data, [1]))) and one[0] > 6.5 > both[1]
+    assert len(apart(data, plan(TuningMode.CAUTIOUS, 1))) == 0
+    push = PushOff(weight=2.0, apart=6.5)
+    assert pushed_off(plan(TuningMode.FULL, 1), one, push).tuning.away == 2.0
+    assert pushed_off(plan(TuningMode.FULL, 1, 2), both, push).tuning.away == 0.0  # one target too near
+    assert pushed_off(plan(TuningMode.CAUTIOUS, 1), np.zeros(0), push).tuning.away == 0.0
+    assert pushed_off(plan(TuningMode.FULL, 1), one, None).tuning.away == 0.0
+    pushing = replace(plan(TuningMode.FULL, 1), tuning=TuningConfig(away=1.0))
+    assert pushed_off(pushing, one, push).tuning.away == 1.0
 
 
 def test_purify_judges_held_out_shots_through_the_route_it_ships():

@@ -1,0 +1,67 @@
+"""Push-off's gate replayed over `oracle_trigger.py` runs (docs/results.md#push-off-where-the-copies-stand-apart).
+
+Each run of `oracle_trigger.py --levers base away2` (without `--push-off`) stores, per model and shot set,
+step 2 without the push (`base`), with it (`away2`), and how far the copies stand from the
+found target's own shots (`apart`). Step 2 is deterministic given the scan, so the gate's result
+is one of the two: `away2` where every found target's copies stand at least `--apart` spreads
+apart (`cbpt.purify.PushOff`), `base` elsewhere. The script prints each row and how many meet
+ASR <= 2%, <= 5%, CA within 2 points of the model's own, and both.
+
+    python benchmarks/push_off_replay.py docs/bench/push-off/report.json --apart 6.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from cbpt.purify import PushOff
+
+BASE, PUSHED = "inverted/tol0.015", "inverted/tol0.015/away2"
+
+
+def gated(row: dict, apart: float) -> tuple[str, dict]:
+    """Which run the gate keeps for `row`, and its figures."""
+    spreads = row.get("apart") or []
+    if spreads and min(spreads) >= apart:
+        return "pushed", row[PUSHED]
+    return "sent home", row[BASE]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+", type=Path, help="oracle_trigger.py outputs with base and away2")
+    ap.add_argument("--apart", type=float, default=PushOff().apart, help="the gate's distance, in spreads")
+    args = ap.parse_args()
+    rows = {name: row for path in args.runs for name, row in json.loads(path.read_text()).items()}
+    print("| model | apart (spreads) | CA / ASR before | sent home: CA / ASR | pushed: CA / ASR | gate keeps |")
+    print("|---|---|---|---|---|---|")
+    tallies = {"sent home": [], "gated": []}
+    for name, row in rows.items():
+        if BASE not in row or PUSHED not in row:
+            continue
+        before, base, pushed = row["before"], row[BASE], row[PUSHED]
+        which, kept = gated(row, args.apart)
+        spreads = ", ".join(f"{a:.1f}" for a in row.get("apart") or []) or "- (read clean)"
+        print(
+            f"| {name} | {spreads} | {before['ca']:.3f} / {before['asr']:.3f} | {base['ca']:.3f} / {base['asr']:.3f} | "
+            f"{pushed['ca']:.3f} / {pushed['asr']:.3f} | {which} |"
+        )
+        for key, r in (("sent home", base), ("gated", kept)):
+            tallies[key].append((before["ca"] - r["ca"], r["asr"]))
+    n = len(tallies["gated"])
+    print(f"\n| of {n} | ASR <= 2% | ASR <= 5% | CA within 2 points | both | mean ASR |")
+    print("|---|---|---|---|---|---|")
+    for key, runs in tallies.items():
+        low = sum(asr <= 0.02 for _, asr in runs)
+        five = sum(asr <= 0.05 for _, asr in runs)
+        ca = sum(cost <= 0.02 + 1e-9 for cost, _ in runs)
+        both = sum(asr <= 0.02 and cost <= 0.02 + 1e-9 for cost, asr in runs)
+        mean = statistics.fmean(asr for _, asr in runs) if runs else float("nan")
+        print(f"| {key} | {low} | {five} | {ca} | {both} | {mean:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
