@@ -207,7 +207,7 @@ CHECKED_FAMILY = "checked-family"
 PLAN_LEVERS = (*COVERAGE_LEVERS, UNCHECKED_BLENDS, CHECKED_FAMILY)
 
 
-def _key(triggers: str, tol: float, lever: str) -> str:
+def row_key(triggers: str, tol: float, lever: str) -> str:
     """A row's name; the base lever is left out, so rows stored before --levers read back."""
     return f"{triggers}/tol{tol:g}" + ("" if lever == "base" else f"/{lever}")
 
@@ -229,7 +229,7 @@ def measure(
     push_off: PushOff | None = None,
 ) -> dict:
     keys = [
-        _key(t, tol, lever)
+        row_key(t, tol, lever)
         for t, tol, lever in product(against, tolerances, levers)
         if not (t == "real" and lever in PLAN_LEVERS)
     ]
@@ -280,7 +280,7 @@ def measure(
 
     candidates = {"inverted": plan.triggers, "real": real}
     for (triggers_name, triggers), tol, lever in product(((t, candidates[t]) for t in against), tolerances, levers):
-        key = _key(triggers_name, tol, lever)
+        key = row_key(triggers_name, tol, lever)
         if key in out or (triggers_name == "real" and lever in PLAN_LEVERS):
             continue
         if lever in STEP2_LEVERS:

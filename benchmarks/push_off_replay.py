@@ -17,9 +17,13 @@ import json
 import statistics
 from pathlib import Path
 
-from cbpt.purify import PushOff
+from oracle_trigger import row_key
 
-BASE, PUSHED = "inverted/tol0.015", "inverted/tol0.015/away2"
+from cbpt.purify import PushOff
+from cbpt.tuning import TuningConfig
+
+# the rows oracle_trigger.py stores for step 2 against the inverted triggers at purify's tolerance
+BASE, PUSHED = (row_key("inverted", TuningConfig.clean_tolerance, lever) for lever in ("base", "away2"))
 
 
 def gated(row: dict, apart: float) -> tuple[str, dict]:

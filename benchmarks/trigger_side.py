@@ -34,6 +34,7 @@ from cbpt.model import load_clip
 from cbpt.purify import (
     PurifyConfig,
     TuningMode,
+    found_targets,
     original_head,
     plan_tuning,
     side_evidence,
@@ -90,7 +91,7 @@ def measure(tb: Path, gate: TargetGate) -> dict:
     step2 = tune_routed(clip, shots.classnames, data, plan, cfg)  # as purify tunes
     shipped, result = step2.route, step2.result
     head = result.text_features[rows]
-    found = sorted({c.target for c in plan.triggers})
+    found = found_targets(plan)
     owns, aimed, scatter = side_evidence(data, found)
     own, copies = owns[0], aimed[0]  # the found backdoor's one target
     w = TriggerSide.calibrate(owns[:1], aimed[:1], scatter).directions[0]
