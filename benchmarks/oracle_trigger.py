@@ -81,7 +81,7 @@ def _tuning(**kw) -> Callable[[TuningConfig], TuningConfig]:
 
 
 STEP2_LEVERS: dict[str, Callable[[TuningConfig], TuningConfig]] = {
-    "base": lambda t: t,  # purify's settings
+    "base": lambda t: t,  # purify's settings (without push-off unless --push-off)
     "lr1e-2": _tuning(lr=1e-2),  # livelier steps on the context vectors (purify: 5e-3)
     "lr2e-2": _tuning(lr=2e-2),
     # triggered copies whose feature shift is also taken 2 times as far (docs/method.md#trigger-strength)
@@ -324,7 +324,10 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument(
-        "--push-off", action="store_true", help="step 2 pushes the copies off their target where purify --push-off does"
+        "--push-off",
+        action="store_true",
+        help="step 2 pushes the copies off their target where purify's gate does (its default); without it, "
+        "as purify --no-push-off, so `base` and `away2` are the gate's two branches (push_off_replay.py)",
     )
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -33,7 +33,7 @@ def away_loss(triggered_features, text_features, targets, scale: float, margin: 
     every triggered image to one region of feature space, so sending each copy to its own class
     asks the head to separate classes by what is left of the image there; keeping the target
     from winning anywhere near that region asks one thing of one class (docs/method.md#prompt-tuning).
-    Off unless opt-in push-off's gate opens (docs/method.md#push-off): elsewhere it settles the
+    Off unless push-off's gate opens (docs/method.md#push-off): elsewhere it settles the
     held-out check early (docs/results.md#pushed-off-the-target)."""
     logits = class_logits(triggered_features, text_features, scale)
     own = F.one_hot(targets, logits.shape[1]).bool()

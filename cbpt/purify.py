@@ -75,8 +75,8 @@ class PurifyConfig:
     routed_share: float = 0.2
     target_gate: TargetGate = TargetGate.TRIGGER_SIDE  # which images given a found target are routed
     side_reach: float = SIDE_REACH  # the trigger side's reach, in spreads (`TriggerSide.calibrate`)
-    # None: the copies are only sent home (the default until push-off is measured on every known attack)
-    push_off: PushOff | None = None
+    # None: the copies are only sent home, never pushed (purify --no-push-off)
+    push_off: PushOff | None = field(default_factory=PushOff)
     inversion: InversionConfig = field(default_factory=InversionConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
 

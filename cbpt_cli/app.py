@@ -397,12 +397,12 @@ def purify(
     push_off: Annotated[
         bool,
         typer.Option(
-            "--push-off",
+            "--push-off/--no-push-off",
             help="Also push the triggered copies off a found target where they stand far (6.5 spreads) from "
-            "its own clean shots, as a ViT's collapsed backdoor does; off by default until measured on every "
-            "known attack (docs/method.md#push-off).",
+            "its own clean shots, as a collapsed backdoor's do; --no-push-off only sends them home "
+            "(docs/method.md#push-off).",
         ),
-    ] = False,
+    ] = True,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
     int8: Int8ExportOpt = False,
     overwrite: OverwriteOpt = False,

@@ -99,7 +99,6 @@ def purified(mini_testbeds, tmp_path_factory):
         "--force",
         "--alpha",
         "0.7",
-        "--push-off",
     )
     assert code == 0, err
     return out

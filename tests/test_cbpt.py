@@ -188,7 +188,7 @@ def test_purify_writes_complete_outputs_and_they_evaluate(purified, mini_testbed
     assert rep["scan"]["backdoored"] is False and len(rep["tuning"]["triggers"]) > 1
     assert emb["trigger_centroids"].shape == (1, 32) and rep["alarm"]["centres"] == 1
     assert rep["tuning"]["mode"] == "full" and rep["tuning"]["best_step"] > 0 and not rep["tuning"]["kept_original"]
-    # --push-off: the copies are pushed off their targets only where every target's stand 6.5 spreads apart
+    # push-off (the default): the copies are pushed off their targets only where every target's stand 6.5 spreads apart
     spreads, away = rep["tuning"]["apart"], rep["tuning"]["away"]
     assert rep["settings"]["push_off"] == {"weight": 2.0, "apart": 6.5} and len(spreads) >= 1
     assert away == (2.0 if min(spreads) >= 6.5 else 0.0)
@@ -235,6 +235,24 @@ def test_purify_leaves_nothing_when_it_fails(mini_testbeds, tmp_path, capsys, mo
     )
     assert code == 130 and "no partial output" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_purify_pushes_off_unless_told_not_to(mini_testbeds, tmp_path, capsys, monkeypatch):
+    # push-off is the default (its gate still decides per model); --no-push-off only sends the copies home
+    import cbpt_cli.pipeline
+    from cbpt.purify import PushOff
+
+    seen = []
+
+    def stop(clip, shots, cfg, *a, **k):
+        seen.append(cfg.push_off)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cbpt_cli.pipeline, "purify_to_folder", stop)
+    tb = mini_testbeds["blended"]
+    assert _purify(capsys, tb, tmp_path / "p")[0] == 130
+    assert _purify(capsys, tb, tmp_path / "q", "--no-push-off")[0] == 130
+    assert seen == [PushOff(weight=2.0, apart=6.5), None]
 
 
 def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
