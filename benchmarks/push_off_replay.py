@@ -22,6 +22,7 @@ from oracle_trigger import row_key
 
 from cbpt.purify import PushOff
 from cbpt.tuning import TuningConfig
+from testbed.zoo import ASR_BAR, ASR_WORST_BAR, CA_BAR, at_most
 
 # the rows oracle_trigger.py stores for step 2 against the inverted triggers at purify's tolerance
 BASE, PUSHED = (row_key("inverted", TuningConfig.clean_tolerance, lever) for lever in ("base", "away2"))
@@ -80,10 +81,10 @@ def main() -> None:
     print(f"\n| of {n} | ASR <= 2% | ASR <= 5% | CA within 2 points | both | mean ASR |")
     print("|---|---|---|---|---|---|")
     for key, runs in tallies.items():
-        low = sum(asr <= 0.02 for _, asr in runs)
-        five = sum(asr <= 0.05 for _, asr in runs)
-        ca = sum(cost <= 0.02 + 1e-9 for cost, _ in runs)
-        both = sum(asr <= 0.02 and cost <= 0.02 + 1e-9 for cost, asr in runs)
+        low = sum(at_most(asr, ASR_BAR) for _, asr in runs)
+        five = sum(at_most(asr, ASR_WORST_BAR) for _, asr in runs)
+        ca = sum(at_most(cost, CA_BAR) for cost, _ in runs)
+        both = sum(at_most(asr, ASR_BAR) and at_most(cost, CA_BAR) for cost, asr in runs)
         mean = statistics.fmean(asr for _, asr in runs) if runs else float("nan")
         print(f"| {key} | {low} | {five} | {ca} | {both} | {mean:.3f} |")
     if args.by_model:
