@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from oracle_trigger import STEP2_LEVERS  # benchmarks/ is the script's folder
+
 from cbpt.data import ShotBudget
 from cbpt.inversion import MaskPrior
 from cbpt.purify import PurifyConfig
@@ -41,6 +43,11 @@ def _compact(**kw) -> Callable[[PurifyConfig], PurifyConfig]:
 
 def _tuning(**kw) -> Callable[[PurifyConfig], PurifyConfig]:
     return lambda c: replace(c, tuning=replace(c.tuning, **kw))
+
+
+def _step2(name: str) -> Callable[[PurifyConfig], PurifyConfig]:
+    """Step 2's lever `name` (`oracle_trigger.STEP2_LEVERS`) as a change of the whole purify."""
+    return lambda c: replace(c, tuning=STEP2_LEVERS[name](c.tuning))
 
 
 LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
@@ -64,12 +71,9 @@ LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
     # held-out decisions may move at most this far (the CA losses of the first zoo models)
     "klcap": _tuning(max_clean_kl=0.02),
     "lr2e-3": _tuning(lr=2e-3),  # gentler steps on the context vectors
-    # the triggered copies pushed off their target (cbpt.losses.away_loss) beside being sent home, or
-    # instead of it (docs/results.md#pushed-off-the-target)
-    "away1": _tuning(away=1.0),
-    "away2": _tuning(away=2.0),
-    "away-only": _tuning(home=0.0, away=1.0),
-    "away-only2": _tuning(home=0.0, away=2.0),
+    # the triggered copies pushed off their target beside being sent home, or instead of it: step 2's
+    # levers of the same names (oracle_trigger.STEP2_LEVERS; docs/results.md#pushed-off-the-target)
+    **{name: _step2(name) for name in ("away1", "away2", "away-only", "away-only2")},
 }
 
 
