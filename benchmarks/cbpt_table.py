@@ -6,6 +6,11 @@
 --poison-seed`): one build's three shot sets cannot settle a 2-point target
 (docs/results.md#one-row-several-builds).
 
+`--detail` prints the table the issue-19 rows are written up with
+(docs/results.md#issue-19s-rows-again-push-off-the-default): CA after with its lowest shot set,
+RA, attack success through a guard that rejects what the alarm flags, and the shot sets where
+push-off opened with how far the found target's copies stood from its own shots.
+
 `--shots K` is the whole budget per class (cbpt.data.ShotBudget: from K = 8 a quarter held out;
 `--held-out N` to choose).
 
@@ -69,6 +74,71 @@ def _f(v: float) -> str:
     return "-" if v != v else f"{v:.3f}"
 
 
+def _attacked(runs: list[Run]) -> bool:
+    return any(x.asr == x.asr for x in runs)
+
+
+def scan_cell(runs: list[Run], planted: dict) -> str:
+    """How many shot sets read backdoored, and on how many of those the scan named the planted
+    target (`metrics.json`'s; said only where a trigger was planted)."""
+    flagged = [x for x in runs if x.info["scan"]["backdoored"]]
+    cell = f"{len(flagged)}/{len(runs)} backdoored"
+    if planted["attack"] == "none":
+        return cell
+    return cell + f", target named {sum(x.info['scan']['target_index'] == planted['target'] for x in flagged)}"
+
+
+def table(shots: int, budget: ShotBudget, seeds: list[int]) -> list[str]:
+    return [
+        f"| testbed (K={shots}: {budget.tuning()} tune + {budget.held()} held out, {len(seeds)} shot sets) | "
+        "CA before | ASR before | CA after | ASR after (max) | RA after | purify s | scan |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+
+def table_line(name: str, runs: list[Run], planted: dict) -> str:
+    """A testbed's row over its shot sets: means, the worst ASR, the scan."""
+    asr = [x.asr for x in runs if x.asr == x.asr]
+    return (
+        f"| {name} | {_mean([x.ca_before for x in runs]):.3f} | {_f(_mean([x.asr_before for x in runs]))} | "
+        f"{_mean([x.ca for x in runs]):.3f} | {_f(_mean(asr))} ({_f(max(asr) if asr else float('nan'))}) | "
+        f"{_f(_mean([x.ra for x in runs]))} | {_mean([x.seconds for x in runs]):.0f} | {scan_cell(runs, planted)} |"
+    )
+
+
+def detail_table() -> list[str]:
+    return [
+        "| testbed | CA before -> after (lowest) | ASR before -> after (worst) | RA after | "
+        "through the guard (worst) | push-off opened (copies apart) | scan | purify s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+
+def detail_line(name: str, runs: list[Run], planted: dict) -> str:
+    """`--detail`'s row: CA after as a mean and its lowest shot set; ASR, RA and attack success
+    through a rejecting guard (`alarm_eval`; "-" where no trigger was planted or the run did not
+    score the alarm); the shot sets where push-off opened (`tuning.away`) and the range of the
+    found targets' copies' distance from their own shots (`tuning.apart`), purify's time range."""
+    ca, secs = [x.ca for x in runs], [x.seconds for x in runs]
+    asr, ra, guard = "–", "–", "–"
+    if _attacked(runs):
+        worst = max(x.asr for x in runs)
+        asr = f"{_mean([x.asr_before for x in runs]):.3f} -> {_mean([x.asr for x in runs]):.3f} ({worst:.3f})"
+        ra = _f(_mean([x.ra for x in runs]))
+        through = [x.info.get("alarm_eval", {}).get("asr_through_guard") for x in runs]
+        if all(t is not None for t in through):
+            guard = f"{_mean(through):.3f} ({max(through):.3f})"
+    tuning = [x.info.get("tuning") or {} for x in runs]
+    apart = [a for t in tuning for a in t.get("apart", [])]
+    opened = f"{sum(bool(t.get('away')) for t in tuning)} of {len(runs)}" + (
+        f" ({min(apart):.1f}-{max(apart):.1f})" if apart else ""
+    )
+    return (
+        f"| {name} | {_mean([x.ca_before for x in runs]):.3f} -> {_mean(ca):.3f} ({min(ca):.3f}) | {asr} | {ra} | "
+        f"{guard} | {opened} | {scan_cell(runs, planted)} | {min(secs):.0f}-{max(secs):.0f} |"
+    )
+
+
 def pooled_line(builds: list[list[Run]]) -> str:
     """One row's figures over several builds of it (each a list of shot-set runs): ASR after over
     every purify and per build, the CA each purify cost, against issue 19's targets (a build's
@@ -96,6 +166,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", help="the frozen encoders' precision (cbpt.runtime.Precision)")
+    ap.add_argument("--detail", action="store_true", help="lowest CA, through the guard, push-off (docs/results.md)")
     ap.add_argument("--pooled", action="store_true", help="a last line over the testbeds as builds of one row")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores, as the CLI)")
     args = ap.parse_args()
@@ -107,29 +178,11 @@ def main() -> None:
     for tb, seed in product(args.testbeds, args.seeds):
         if (key := run_key(tb.name, budget, seed)) not in runs:
             print(json.dumps(runs.ensure(key, partial(_measured, tb, seed, purify, runtime))), flush=True)
-    print(
-        f"\n| testbed (K={args.shots}: {budget.tuning()} tune + {budget.held()} held out, "
-        f"{len(args.seeds)} shot sets) | CA before | ASR before | CA after | "
-        "ASR after (max) | RA after | purify s | scan |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    lines, line = (detail_table(), detail_line) if args.detail else (table(args.shots, budget, args.seeds), table_line)
     for tb in args.testbeds:
         r = [_run(runs[run_key(tb.name, budget, seed)]) for seed in args.seeds]
-        asr = [x.asr for x in r if x.asr == x.asr]
-        flagged = [x for x in r if x.info["scan"]["backdoored"]]
-        planted = json.loads((tb / "metrics.json").read_text())
-        # the planted target only means something where a trigger was planted
-        named = (
-            ""
-            if planted["attack"] == "none"
-            else f", target named {sum(x.info['scan']['target_index'] == planted['target'] for x in flagged)}"
-        )
-        print(
-            f"| {tb.name} | {_mean([x.ca_before for x in r]):.3f} | {_f(_mean([x.asr_before for x in r]))} | "
-            f"{_mean([x.ca for x in r]):.3f} | {_f(_mean(asr))} ({_f(max(asr) if asr else float('nan'))}) | "
-            f"{_f(_mean([x.ra for x in r]))} | {_mean([x.seconds for x in r]):.0f} | "
-            f"{len(flagged)}/{len(r)} backdoored{named} |"
-        )
+        lines.append(line(tb.name, r, json.loads((tb / "metrics.json").read_text())))
+    print("\n" + "\n".join(lines))
     if args.pooled:
         print(pooled_line([[_run(runs[run_key(tb.name, budget, s)]) for s in args.seeds] for tb in args.testbeds]))
 

@@ -307,6 +307,45 @@ def test_the_cbpt_table_prints_from_its_stored_runs_list_shaped_ones_included(tm
     assert isinstance(json.loads(out.read_text()), list)  # reading rewrites nothing
 
 
+def test_the_cbpt_tables_detail_rows_read_the_guard_push_off_and_planted_target_from_stored_runs():
+    """benchmarks/cbpt_table.py --detail (the issue-19 write-up's table): the lowest CA, attack
+    success through a rejecting guard, the shot sets where push-off opened with the copies'
+    distance range, and the target named against `metrics.json`'s planted one, not class 0."""
+    table = load_benchmark("cbpt_table")
+
+    nan = float("nan")
+
+    def run(ca: float, asr: float, guard: float | None, away: float, apart: list, target: int, s: float) -> object:
+        flagged = asr == asr  # the clean model's runs (ASR nan) read clean
+        info = {"scan": {"backdoored": flagged, "target_index": target}, "tuning": {"away": away, "apart": apart}}
+        if guard is not None:
+            info["alarm_eval"] = {"asr_through_guard": guard}
+        return table._run(
+            {"testbed": "x", "dataset": "shapes", "attack": "sig", "method": "cbpt", "shots": 16, "seed": 0,
+             "ca": ca, "asr": asr, "ra": 0.5 if flagged else nan, "ca_before": 0.98,
+             "asr_before": 1.0 if flagged else nan, "der": 0.9, "seconds": s, "info": info}
+        )  # fmt: skip
+
+    runs = [
+        run(0.97, 0.0, 0.0, 2.0, [8.5], 3, 101.0),
+        run(0.95, 0.02, 0.004, 0.0, [3.4], 3, 120.4),
+        run(0.96, 0.01, 0.002, 2.0, [], 1, 99.6),
+    ]
+    planted = {"attack": "sig", "target": 3}
+    row = table.detail_line("vit-sig", runs, planted)
+    assert row == (
+        "| vit-sig | 0.980 -> 0.960 (0.950) | 1.000 -> 0.010 (0.020) | 0.500 | 0.002 (0.004) | 2 of 3 (3.4-8.5) | "
+        "3/3 backdoored, target named 2 | 100-120 |"
+    )
+    assert row.count("|") == table.detail_table()[0].count("|")
+    unscored = [run(0.97, 0.0, None, 0.0, [], 3, 100.0)]  # a run stored before the alarm was scored
+    assert "| 0.500 | – | 0 of 1 |" in table.detail_line("old", unscored, planted)
+    clean = [run(0.98, nan, None, 0.0, [], 3, 100.0), run(0.97, nan, None, 0.0, [], 3, 100.0)]
+    assert table.detail_line("vit-none", clean, {"attack": "none", "target": 0}) == (
+        "| vit-none | 0.980 -> 0.975 (0.970) | – | – | – | 0 of 2 | 0/2 backdoored | 100-100 |"
+    )
+
+
 def test_the_cbpt_tables_pooled_line_reads_builds_of_one_row_against_the_targets():
     """benchmarks/cbpt_table.py --pooled: several builds of one row, each with its shot sets, read
     against issue 19's targets (a build's mean ASR <= 2%, every purify <= 5%, CA within 2 points)."""
