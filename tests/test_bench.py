@@ -394,3 +394,30 @@ def test_the_compact_family_lever_tunes_against_every_flipping_compact_mask_once
     assert family == [(Search.COMPACT, 0.95), (Search.COMPACT, 0.93)]
     plan, family = levered(flips_less_pull, weak)  # none stands in: the per-pixel masks, as planned
     assert family == plan == [(Search.RESTART, 1.0), (Search.RESTART, 0.9)]
+
+
+def test_other_alarm_scores_read_what_a_rejecting_guard_lets_through_at_both_thresholds():
+    """benchmarks/alarm_scores.py (docs/results.md#other-alarm-scores-not-kept): "through" counts
+    the triggered images the head gives the target that score at or under the threshold, once as
+    calibrated on the clean calibration scores and once at the test's own 1% FPR; purify's
+    step-2 data is kept only inside `kept_step2`."""
+    import numpy as np
+
+    import cbpt.purify
+
+    scores = load_benchmark("alarm_scores")
+    clean = np.linspace(0.0, 0.5, 200)  # the test's 1% FPR threshold: its 198th value
+    triggered = np.array([0.2, 0.45, 0.6, 0.9])
+    hit = np.array([True, True, True, False])
+    read = scores.read_score(clean, triggered, hit, calibration=np.array([0.1, 0.3]))
+    assert read["fpr"] == pytest.approx(0.4, abs=0.01) and read["through"] == 0.25  # 0.2 lets by; 0.45, 0.6 flagged
+    assert read["through_at_1pct"] == 0.5 and read["tpr_at_1pct"] == 0.5  # 0.2 and 0.45 let by
+    assert scores.auroc(np.array([0.0, 1.0]), np.array([1.0, 2.0])) == 0.875  # one tie of four pairs
+    bank = scores.Bank(np.eye(3)[:1], np.eye(3)[1:2], np.eye(3)[2:])
+    x = np.array([[0.8, 0.6, 0.0], [0.0, 0.6, 0.8]])
+    assert np.allclose(scores.SCORES["copy-minus-shot"](bank, x), [0.6, -0.2])
+    assert np.allclose(scores.SCORES["centres"](bank, x), [0.8, 0.0])
+    tune = cbpt.purify.tune_routed
+    with scores.kept_step2() as kept:
+        assert cbpt.purify.tune_routed is not tune and kept == {}
+    assert cbpt.purify.tune_routed is tune
