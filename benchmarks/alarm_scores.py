@@ -27,7 +27,7 @@ import torch
 
 import cbpt.purify
 from cbpt.data import ShotBudget
-from cbpt.metrics import threshold_at_fpr
+from cbpt.metrics import alarm_evaluation, threshold_at_fpr
 from cbpt.purify import PurifyConfig, calibration_features
 from cbpt.runtime import set_torch_threads
 from cbpt.tuning import TuningData
@@ -59,22 +59,17 @@ SCORES: dict[str, Callable[[Bank, np.ndarray], np.ndarray]] = {
 SHOT_RELATIVE = {"copy-minus-shot", "centres-minus-shot"}  # calibrated on the held-out shots
 
 
-def auroc(negative: np.ndarray, positive: np.ndarray) -> float:
-    """P(a positive scores above a negative), ties counted half (Mann-Whitney)."""
-    diff = positive[:, None] - negative[None, :]
-    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
-
-
 def read_score(clean: np.ndarray, triggered: np.ndarray, hit: np.ndarray, calibration: np.ndarray) -> dict:
     """One score's figures: AUROC, the test FPR and the attack's success through the guard at the
     calibrated threshold, and TPR and success through the guard at the test's own 1% FPR."""
-    calibrated, oracle = threshold_at_fpr(calibration, 0.01), threshold_at_fpr(clean, 0.01)
+    calibrated = alarm_evaluation(clean, triggered, hit, threshold_at_fpr(calibration, 0.01))
+    oracle = alarm_evaluation(clean, triggered, hit, threshold_at_fpr(clean, 0.01))
     return {
-        "auroc": round(auroc(clean, triggered), 4),
-        "fpr": round(float((clean > calibrated).mean()), 4),
-        "through": round(float((hit & (triggered <= calibrated)).mean()), 4),
-        "tpr_at_1pct": round(float((triggered > oracle).mean()), 4),
-        "through_at_1pct": round(float((hit & (triggered <= oracle)).mean()), 4),
+        "auroc": calibrated.auroc,
+        "fpr": calibrated.fpr_at_threshold,
+        "through": calibrated.asr_through_guard,
+        "tpr_at_1pct": calibrated.tpr_at_1pct_fpr,
+        "through_at_1pct": oracle.asr_through_guard,
     }
 
 
@@ -107,14 +102,12 @@ def measure(tb: Path, seed: int) -> dict:
     if data is None or feats.triggered is None or not on.defended.info["scan"]["backdoored"]:
         return {"skipped": "no found backdoor to tune against, or no trigger planted"}
     c = data.cache
-    as_found = np.ones(len(c.triggered), bool)
-    if c.triggered_strengths is not None and len(c.triggered_strengths):
-        as_found = unit(c.triggered_strengths) == 1.0
-    bank = Bank(unit(on.defended.alarm_centres), unit(c.triggered)[as_found], unit(c.clean))
+    as_found = dict(c.strength_groups())[1.0]  # the copies as the triggers made them, not taken further
+    bank = Bank(unit(on.defended.alarm_centres), unit(c.triggered[as_found]), unit(c.clean))
     others = torch.as_tensor(feats.labels != feats.target, device=feats.triggered.device)
     hit = head_predictions(feats.triggered[others], on.head, on.route) == feats.target
     clean, triggered = unit(feats.clean), unit(feats.triggered[others])
-    row: dict = {"asr": round(float(hit.mean()), 4), "copies": int(as_found.sum())}
+    row: dict = {"asr": round(float(hit.mean()), 4), "copies": int(as_found.numel())}
     for name, score in SCORES.items():
         cal = unit(data.held_out.clean) if name in SHOT_RELATIVE else unit(calibration_features(data))
         row[name] = read_score(score(bank, clean), score(bank, triggered), hit, score(bank, cal))

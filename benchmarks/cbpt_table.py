@@ -74,10 +74,6 @@ def _f(v: float) -> str:
     return "-" if v != v else f"{v:.3f}"
 
 
-def _attacked(runs: list[Run]) -> bool:
-    return any(x.asr == x.asr for x in runs)
-
-
 def scan_cell(runs: list[Run], planted: dict) -> str:
     """How many shot sets read backdoored, and on how many of those the scan named the planted
     target (`metrics.json`'s; said only where a trigger was planted)."""
@@ -88,9 +84,9 @@ def scan_cell(runs: list[Run], planted: dict) -> str:
     return cell + f", target named {sum(x.info['scan']['target_index'] == planted['target'] for x in flagged)}"
 
 
-def table(shots: int, budget: ShotBudget, seeds: list[int]) -> list[str]:
+def table(budget: ShotBudget, seeds: list[int]) -> list[str]:
     return [
-        f"| testbed (K={shots}: {budget.tuning()} tune + {budget.held()} held out, {len(seeds)} shot sets) | "
+        f"| testbed (K={budget.shots}: {budget.tuning()} tune + {budget.held()} held out, {len(seeds)} shot sets) | "
         "CA before | ASR before | CA after | ASR after (max) | RA after | purify s | scan |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -121,7 +117,7 @@ def detail_line(name: str, runs: list[Run], planted: dict) -> str:
     found targets' copies' distance from their own shots (`tuning.apart`), purify's time range."""
     ca, secs = [x.ca for x in runs], [x.seconds for x in runs]
     asr, ra, guard = "–", "–", "–"
-    if _attacked(runs):
+    if any(x.asr == x.asr for x in runs):  # a trigger was planted
         worst = max(x.asr for x in runs)
         asr = f"{_mean([x.asr_before for x in runs]):.3f} -> {_mean([x.asr for x in runs]):.3f} ({worst:.3f})"
         ra = _f(_mean([x.ra for x in runs]))
@@ -178,7 +174,7 @@ def main() -> None:
     for tb, seed in product(args.testbeds, args.seeds):
         if (key := run_key(tb.name, budget, seed)) not in runs:
             print(json.dumps(runs.ensure(key, partial(_measured, tb, seed, purify, runtime))), flush=True)
-    lines, line = (detail_table(), detail_line) if args.detail else (table(args.shots, budget, args.seeds), table_line)
+    lines, line = (detail_table(), detail_line) if args.detail else (table(budget, args.seeds), table_line)
     for tb in args.testbeds:
         r = [_run(runs[run_key(tb.name, budget, seed)]) for seed in args.seeds]
         lines.append(line(tb.name, r, json.loads((tb / "metrics.json").read_text())))
