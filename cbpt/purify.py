@@ -196,7 +196,11 @@ def calibration_labels(data: TuningData) -> torch.Tensor:
     return labels if data.held_out is None else torch.cat([labels, data.held_out.clean_labels])
 
 
-def side_evidence(data: TuningData, targets: list[int]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+# per target: its own clean features, the copies aimed at it; and the clean within-class scatter
+SideEvidence = tuple[list[np.ndarray], list[np.ndarray], np.ndarray]
+
+
+def side_evidence(data: TuningData, targets: list[int]) -> SideEvidence:
     """Per target in `targets`: its own clean calibration features and the triggered copies aimed
     at it, as found (`TuningConfig.strengths` aside); and the within-class scatter of every clean
     calibration feature: what `TriggerSide.calibrate` reads."""
@@ -239,16 +243,20 @@ def route_for(
     plan: TuningPlan,
     gate: TargetGate = TargetGate.TRIGGER_SIDE,
     reach: float = SIDE_REACH,
+    evidence: SideEvidence | None = None,
 ) -> Route | None:
     """Where the tuned embeddings answer: `share` of the clean `calibration` features
     (`calibration_features(data)`) around the triggers tuned against, and, for a found
     backdoor (FULL mode), the images the original embeddings give its target that `gate`
-    takes, its trigger side calibrated with `reach` (None at share 1: everywhere)."""
+    takes, its trigger side calibrated with `reach` on `evidence` (`side_evidence` of the found
+    targets; None: read from `data`) (None at share 1: everywhere)."""
     if share >= 1 or not len(data.cache.centroids):
         return None
     clean, centroids, original = (t.float().cpu().numpy() for t in (calibration, data.cache.centroids, data.original))
     targets = found_targets(plan)
-    side = trigger_side(data, targets, reach) if targets and gate is TargetGate.TRIGGER_SIDE else None
+    side = None
+    if targets and gate is TargetGate.TRIGGER_SIDE:
+        side = TriggerSide.calibrate(*(evidence or side_evidence(data, targets)), reach=reach)
     return calibrate_route(clean, centroids, share, original, targets, side)
 
 
@@ -277,8 +285,12 @@ def tune_routed(
     """Step 2 of `plan` on `data`: the route calibrated (`route_for`), the checkpoints judged as
     it will serve them (`served_by`), the copies pushed off their target where `cfg.push_off`
     says."""
-    route = route_for(data, calibration_features(data), cfg.routed_share, plan, cfg.target_gate, cfg.side_reach)
-    spreads = apart(data, plan)
+    targets = found_targets(plan)
+    evidence = side_evidence(data, targets) if targets else None  # the gate and the push read the same
+    route = route_for(
+        data, calibration_features(data), cfg.routed_share, plan, cfg.target_gate, cfg.side_reach, evidence
+    )
+    spreads = copies_apart(*evidence) if evidence else np.zeros(0)
     plan = pushed_off(plan, spreads, cfg.push_off)
     result = tune_prompts(clip, classnames, served_by(data, route), plan.tuning, plan.acceptance, progress)
     return Step2(plan, route, spreads, result)
