@@ -213,9 +213,12 @@ def side_evidence(data: TuningData, targets: list[int]) -> SideEvidence:
     return own, [copies[(aimed == t).numpy()] for t in targets], within_class_scatter(clean, labels.numpy())
 
 
-def trigger_side(data: TuningData, targets: list[int], reach: float = SIDE_REACH) -> TriggerSide:
-    """The gate's `TriggerSide`, a row per target in `targets` (`side_evidence`)."""
-    return TriggerSide.calibrate(*side_evidence(data, targets), reach=reach)
+def trigger_side(
+    data: TuningData, targets: list[int], reach: float = SIDE_REACH, evidence: SideEvidence | None = None
+) -> TriggerSide:
+    """The gate's `TriggerSide`, a row per target in `targets`, calibrated on `evidence`
+    (`side_evidence(data, targets)`, read here where None)."""
+    return TriggerSide.calibrate(*(side_evidence(data, targets) if evidence is None else evidence), reach=reach)
 
 
 def found_targets(plan: TuningPlan) -> list[int]:
@@ -223,11 +226,14 @@ def found_targets(plan: TuningPlan) -> list[int]:
     return sorted({c.target for c in plan.triggers}) if plan.mode is TuningMode.FULL else []
 
 
-def apart(data: TuningData, plan: TuningPlan) -> np.ndarray:
+def apart(data: TuningData, plan: TuningPlan, evidence: SideEvidence | None = None) -> np.ndarray:
     """[T] how far the copies aimed at each found target stand from its own clean calibration
-    shots, in spreads (`copies_apart`, `found_targets`; empty for a model read clean)."""
+    shots, in spreads (`copies_apart`, `found_targets`; empty for a model read clean), read from
+    `evidence` (`side_evidence` of the found targets; read here where None)."""
     targets = found_targets(plan)
-    return copies_apart(*side_evidence(data, targets)) if targets else np.zeros(0)
+    if not targets:
+        return np.zeros(0)
+    return copies_apart(*(side_evidence(data, targets) if evidence is None else evidence))
 
 
 def pushed_off(plan: TuningPlan, spreads: np.ndarray, push: PushOff | None) -> TuningPlan:
@@ -254,9 +260,7 @@ def route_for(
         return None
     clean, centroids, original = (t.float().cpu().numpy() for t in (calibration, data.cache.centroids, data.original))
     targets = found_targets(plan)
-    side = None
-    if targets and gate is TargetGate.TRIGGER_SIDE:
-        side = TriggerSide.calibrate(*(evidence or side_evidence(data, targets)), reach=reach)
+    side = trigger_side(data, targets, reach, evidence) if targets and gate is TargetGate.TRIGGER_SIDE else None
     return calibrate_route(clean, centroids, share, original, targets, side)
 
 
@@ -290,7 +294,7 @@ def tune_routed(
     route = route_for(
         data, calibration_features(data), cfg.routed_share, plan, cfg.target_gate, cfg.side_reach, evidence
     )
-    spreads = copies_apart(*evidence) if evidence else np.zeros(0)
+    spreads = apart(data, plan, evidence)
     plan = pushed_off(plan, spreads, cfg.push_off)
     result = tune_prompts(clip, classnames, served_by(data, route), plan.tuning, plan.acceptance, progress)
     return Step2(plan, route, spreads, result)
