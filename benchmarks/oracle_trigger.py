@@ -33,12 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from itertools import product
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from head_bound import GRID, fit_head  # benchmarks/ is the script's folder
 
 from cbpt.data import ShotBudget, Shots
 from cbpt.inversion import Candidate, InversionResult, Search
@@ -47,16 +49,26 @@ from cbpt.model import LoadedClip
 from cbpt.purify import (
     PurifyConfig,
     PushOff,
+    Step2,
     TuningPlan,
     apart,
+    calibration_features,
+    found_targets,
     plan_tuning,
+    pushed_off,
+    route_for,
+    served_by,
+    side_evidence,
+    trigger_side,
+    tune_prompts,
     tune_routed,
     tuning_data,
 )
 from cbpt.scan import read_scan
 from cbpt.trigger import DummyTrigger, TriggerKind
-from cbpt.tuning import Ladder, TuningConfig
+from cbpt.tuning import Ladder, TuningConfig, TuningData
 from cbpt_guard import atomic
+from cbpt_guard.routing import TriggerSide
 from testbed.bench import scan_testbed
 from testbed.evaluate import score_head
 from testbed.triggers import Trigger
@@ -101,6 +113,70 @@ STEP2_LEVERS: dict[str, Callable[[TuningConfig], TuningConfig]] = {
     "rung1-3": _tuning(alpha=1.0, margin=3.0, ladder=Ladder.off()),
     "rung2-3": _tuning(alpha=2.0, margin=3.0, ladder=Ladder.off()),
 }
+
+
+# free class embeddings instead of prompts: head_bound's fit and (trigger weight, pull) settings on the tuning cache
+FREE = "free"
+
+
+def free_step2(data: TuningData, route, tol: float) -> tuple[torch.Tensor, dict]:
+    """Step 2 with the class embeddings themselves as the parameters, started at the original
+    prompts' and fitted by cross-entropy to the tuning shots (with their views) and their triggered
+    copies sent home, at each of head_bound's (trigger weight, pull toward the original) settings;
+    served through purify's own `route`. The held-out check picks as purify's does: the setting
+    (or the original embeddings) that sends fewest held-out copies to their trigger's target among
+    those whose served held-out clean accuracy is within `tol` (at least one image) of the
+    original's."""
+    held, c = data.held_out, data.cache
+
+    def read(w: torch.Tensor) -> tuple[float, float]:
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            if route is None:
+                return (x @ w.T).argmax(1)
+            return torch.from_numpy(route.cosines(x.float().cpu().numpy(), w.float().cpu().numpy()).argmax(1))
+
+        clean = float((predict(held.clean) == held.clean_labels.cpu()).float().mean())
+        reach = float((predict(held.triggered) == held.triggered_targets.cpu()).float().mean())
+        return clean, reach
+
+    w0 = data.original.float()
+    settings = [((0.0, 0.0), w0)] + [
+        ((a, pull), fit_head(w0, c.clean, c.clean_labels, c.triggered, c.triggered_labels, a, pull, data.scale))
+        for a, pull in GRID
+    ]
+    read_rows = [(setting, w, *read(w)) for setting, w in settings]
+    floor = read_rows[0][2] - max(tol, 1.0 / len(held.clean)) - 1e-9
+    setting, w, clean, reach = min((r for r in read_rows if r[2] >= floor), key=lambda r: (r[3], -r[2], r[0]))
+    picked = {"alpha": setting[0], "pull": setting[1], "held_clean": round(clean, 4), "held_reach": round(reach, 4)}
+    return w, picked
+
+
+# the trigger side read from the shots as they are (no augmented views) with its bar at the lowest copy
+SHOTS_SIDE = "shots-side"
+
+
+def shots_side(clip: LoadedClip, shots: Shots, plan: TuningPlan, original: torch.Tensor, reach: float) -> TriggerSide:
+    """The gate's side as `trigger_side` draws it, but from the tuning shots and their copies as they
+    are, without the augmented views that widen the target's own shots along it, and with each
+    target's bar at its lowest copy's projection instead of `reach` spreads below their mean
+    (docs/results.md#what-the-shipped-head-could-hold-this-version)."""
+    bare = tuning_data(clip, shots, plan.triggers, replace(plan.tuning, views=0), original)
+    targets = found_targets(plan)
+    evidence = side_evidence(bare, targets)
+    side = trigger_side(bare, targets, reach, evidence)
+    lowest = [float((copies @ w).min()) for copies, w in zip(evidence[1], side.directions, strict=True)]
+    return TriggerSide(side.directions, np.asarray(lowest, dtype=np.float32))
+
+
+def step2_sided(clip: LoadedClip, classnames, data: TuningData, plan: TuningPlan, cfg: PurifyConfig, side) -> Step2:
+    """`tune_routed` with the route's trigger side replaced by `side`."""
+    route = route_for(data, calibration_features(data), cfg.routed_share, plan, cfg.target_gate, cfg.side_reach)
+    route = route if route is None or route.side is None else replace(route, side=side)
+    spreads = apart(data, plan)
+    plan = pushed_off(plan, spreads, cfg.push_off)
+    return Step2(
+        plan, route, spreads, tune_prompts(clip, classnames, served_by(data, route), plan.tuning, plan.acceptance)
+    )
 
 
 @dataclass(frozen=True)
@@ -227,6 +303,7 @@ def measure(
     seed: int = 0,
     against: tuple[str, ...] = TRIGGERS,
     push_off: PushOff | None = None,
+    settings: dict[str, float] | None = None,
 ) -> dict:
     keys = [
         row_key(t, tol, lever)
@@ -235,7 +312,7 @@ def measure(
     ]
     if "before" in done and "apart" in done and all(k in done for k in keys):
         return done  # nothing to measure: no scan
-    cfg = replace(PurifyConfig(budget=ShotBudget(16)), push_off=push_off).seeded(seed)
+    cfg = replace(PurifyConfig(budget=ShotBudget(16)), push_off=push_off, **(settings or {})).seeded(seed)
     sc = scan_testbed(tb, cfg)
     clip, shots, feats, rows, original, inv = sc.clip, sc.shots, sc.feats, sc.rows, sc.original, sc.inversion
     verdict = read_scan(inv)
@@ -258,9 +335,14 @@ def measure(
     }
 
     def step2(
-        triggers: list[Candidate], tuning: TuningConfig, tol: float, checked: list[Candidate] | None = None
+        triggers: list[Candidate],
+        tuning: TuningConfig,
+        tol: float,
+        checked: list[Candidate] | None = None,
+        side: str | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """Step 2 against `triggers`; `checked`: the triggers the held-out check reads, if not those."""
+        """Step 2 against `triggers`; `checked`: the triggers the held-out check reads, if not those;
+        `side`: SHOTS_SIDE for the gate's side from the shots as they are (`shots_side`)."""
         p = replace(
             plan,
             triggers=triggers,
@@ -271,7 +353,10 @@ def measure(
         if checked is not None:
             data = replace(data, held_out=tuning_data(clip, shots, checked, p.tuning, original).held_out)
         # as purify runs it: a lever that pushes the copies off their target keeps its own weight
-        s2 = tune_routed(clip, shots.classnames, data, p, cfg)
+        if side is None or not found_targets(p):  # a model read clean has no gate, so no side to change
+            s2 = tune_routed(clip, shots.classnames, data, p, cfg)
+        else:
+            s2 = step2_sided(clip, shots.classnames, data, p, cfg, shots_side(clip, shots, p, original, cfg.side_reach))
         result, chosen = s2.result, s2.result.chosen
         row = scored(result.text_features, s2.shipped_route) | {"rung": chosen.rung.index, "step": chosen.step}
         return result.text_features, row | {"triggers": len(triggers)}
@@ -285,6 +370,15 @@ def measure(
             continue
         if lever in STEP2_LEVERS:
             out[key] = step2(triggers, STEP2_LEVERS[lever](plan.tuning), tol)[1]
+            continue
+        if lever == SHOTS_SIDE:
+            out[key] = step2(triggers, plan.tuning, tol, side=SHOTS_SIDE)[1]
+            continue
+        if lever == FREE:
+            data = tuning_data(clip, shots, triggers, plan.tuning, original)
+            route = route_for(data, calibration_features(data), cfg.routed_share, plan, cfg.target_gate, cfg.side_reach)
+            head, picked = free_step2(data, route, tol)
+            out[key] = scored(head, route) | picked | {"triggers": len(triggers)}
             continue
         if lever == UNCHECKED_BLENDS:
             out[key] = step2(plan.triggers, plan.tuning, tol, _no_blends(plan.triggers))[1]
@@ -307,6 +401,14 @@ def measure(
     return out
 
 
+def setting(text: str) -> tuple[str, float]:
+    """NAME=NUMBER for a numeric PurifyConfig field."""
+    name, _, value = text.partition("=")
+    if name not in {f.name for f in fields(PurifyConfig)}:
+        raise argparse.ArgumentTypeError(f"PurifyConfig has no field {name!r}")
+    return name, float(value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("testbeds", nargs="+", type=Path, help="backdoored testbed or zoo model folders")
@@ -315,7 +417,7 @@ def main() -> None:
         "--levers",
         nargs="+",
         default=["base"],
-        choices=[*STEP2_LEVERS, *PLAN_LEVERS],
+        choices=[*STEP2_LEVERS, *PLAN_LEVERS, FREE, SHOTS_SIDE],
         help="step-2 changes",
     )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="shot sets (purify's --seed)")
@@ -329,14 +431,24 @@ def main() -> None:
         help="step 2 pushes the copies off their target where purify's gate does (its default); without it, "
         "as purify --no-push-off, so `base` and `away2` are the gate's two branches (push_off_replay.py)",
     )
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        type=setting,
+        default=[],
+        metavar="NAME=NUMBER",
+        help="numeric PurifyConfig fields, e.g. side_reach=2.5 routed_share=0.01; rows are keyed without them: "
+        "use another --out",
+    )
     args = ap.parse_args()
+    args.set = dict(args.set)
     torch.set_num_threads(1)
     push_off = PushOff() if args.push_off else None
     stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for tb, seed in product(args.testbeds, args.seeds):
         name = tb.name if seed == 0 else f"{tb.name}@{seed}"  # rows stored before --seeds read back
         stored[name] = measure(
-            tb, args.tolerances, args.levers, stored.get(name, {}), seed, tuple(args.against), push_off
+            tb, args.tolerances, args.levers, stored.get(name, {}), seed, tuple(args.against), push_off, args.set
         )
         atomic.write_text(args.out, json.dumps(stored, indent=1))
     print(

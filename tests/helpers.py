@@ -160,8 +160,12 @@ def backdoored_features(g0, n: int, seed: int):
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """A script of benchmarks/ as a module (registered, so its dataclasses resolve their module)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    """A script of benchmarks/ as a module (registered, so its dataclasses resolve their module),
+    importing its neighbours as it does when run as a script (benchmarks/ on the path)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

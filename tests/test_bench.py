@@ -421,3 +421,29 @@ def test_other_alarm_scores_read_what_a_rejecting_guard_lets_through_at_both_thr
     with scores.kept_step2() as kept:
         assert cbpt.purify.tune_routed is not tune and kept == {}
     assert cbpt.purify.tune_routed is tune
+
+
+def test_the_head_bound_picks_a_setting_as_purifys_held_out_check_would():
+    """benchmarks/head_bound.py `--check-shots` (docs/results.md#what-the-shipped-head-could-hold-this-version):
+    of the settings that keep the check's clean accuracy within one image of the original's, the
+    one sending fewest check copies to the target, ties to the higher clean accuracy; none when
+    every setting loses more; both goals are ASR <= 2% with CA within 2 points."""
+    bound = load_benchmark("head_bound")
+
+    def row(alpha, check_ca, check_asr, ca=0.97, asr=0.01):
+        return {"alpha": alpha, "check_ca": check_ca, "check_asr": check_asr, "ca": ca, "asr": asr}
+
+    record = {"check_ca_before": 0.95, "check_images": 40, "ca_before": 0.98}
+    record["routed_grid"] = [
+        row(0.1, 0.95, 0.10),
+        row(0.5, 0.925, 0.02, asr=0.03),  # one image lost: allowed
+        row(1.0, 0.90, 0.00),  # two images lost: refused, though it reaches least
+        row(0.25, 0.95, 0.02),  # as few copies as 0.5, more clean accuracy: kept
+    ]
+    picked = bound.checked_pick(record)
+    assert picked["alpha"] == 0.25
+    assert bound.both_goals(record, picked)
+    assert not bound.both_goals(record, record["routed_grid"][1])  # ASR 3%
+    assert not bound.both_goals(record, row(0.1, 0.95, 0.0, ca=0.955))  # 2.5 CA points
+    record["routed_grid"] = [row(1.0, 0.90, 0.0)]
+    assert bound.checked_pick(record) is None
