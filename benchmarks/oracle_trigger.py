@@ -155,7 +155,7 @@ def free_step2(data: TuningData, route, tol: float) -> tuple[torch.Tensor, dict]
 SHOTS_SIDE = "shots-side"
 
 
-def shots_side(clip: LoadedClip, shots: Shots, plan: TuningPlan, original: torch.Tensor, reach: float) -> TriggerSide:
+def shots_side(clip: LoadedClip, shots: Shots, plan: TuningPlan, original: torch.Tensor) -> TriggerSide:
     """The gate's side as `trigger_side` draws it, but from the tuning shots and their copies as they
     are, without the augmented views that widen the target's own shots along it, and with each
     target's bar at its lowest copy's projection instead of `reach` spreads below their mean
@@ -163,7 +163,7 @@ def shots_side(clip: LoadedClip, shots: Shots, plan: TuningPlan, original: torch
     bare = tuning_data(clip, shots, plan.triggers, replace(plan.tuning, views=0), original)
     targets = found_targets(plan)
     evidence = side_evidence(bare, targets)
-    side = trigger_side(bare, targets, reach, evidence)
+    side = trigger_side(bare, targets, evidence=evidence)  # its direction; the bar is set below
     lowest = [float((copies @ w).min()) for copies, w in zip(evidence[1], side.directions, strict=True)]
     return TriggerSide(side.directions, np.asarray(lowest, dtype=np.float32))
 
@@ -356,7 +356,7 @@ def measure(
         if side is None or not found_targets(p):  # a model read clean has no gate, so no side to change
             s2 = tune_routed(clip, shots.classnames, data, p, cfg)
         else:
-            s2 = step2_sided(clip, shots.classnames, data, p, cfg, shots_side(clip, shots, p, original, cfg.side_reach))
+            s2 = step2_sided(clip, shots.classnames, data, p, cfg, shots_side(clip, shots, p, original))
         result, chosen = s2.result, s2.result.chosen
         row = scored(result.text_features, s2.shipped_route) | {"rung": chosen.rung.index, "step": chosen.step}
         return result.text_features, row | {"triggers": len(triggers)}
@@ -374,9 +374,10 @@ def measure(
         if lever == SHOTS_SIDE:
             out[key] = step2(triggers, plan.tuning, tol, side=SHOTS_SIDE)[1]
             continue
-        if lever == FREE:
-            data = tuning_data(clip, shots, triggers, plan.tuning, original)
-            route = route_for(data, calibration_features(data), cfg.routed_share, plan, cfg.target_gate, cfg.side_reach)
+        if lever == FREE:  # no push-off term: the free fit only sends the copies home
+            p = replace(plan, triggers=triggers)
+            data = tuning_data(clip, shots, triggers, p.tuning, original)
+            route = route_for(data, calibration_features(data), cfg.routed_share, p, cfg.target_gate, cfg.side_reach)
             head, picked = free_step2(data, route, tol)
             out[key] = scored(head, route) | picked | {"triggers": len(triggers)}
             continue
@@ -402,11 +403,14 @@ def measure(
 
 
 def setting(text: str) -> tuple[str, float]:
-    """NAME=NUMBER for a numeric PurifyConfig field."""
+    """NAME=NUMBER for a PurifyConfig field that holds a float."""
     name, _, value = text.partition("=")
-    if name not in {f.name for f in fields(PurifyConfig)}:
-        raise argparse.ArgumentTypeError(f"PurifyConfig has no field {name!r}")
-    return name, float(value)
+    if name not in {f.name for f in fields(PurifyConfig) if f.type in ("float", float)}:
+        raise argparse.ArgumentTypeError(f"PurifyConfig has no float field {name!r}")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} takes a number, not {value!r}") from None
 
 
 def main() -> None:
