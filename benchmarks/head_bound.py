@@ -156,7 +156,13 @@ def main() -> None:
     ap.add_argument("--routed", action="store_true", help="also bound the routed head (a route plus tuned embeddings)")
     ap.add_argument("--fit-shots", type=int, default=None, help="fit on this many clean images a class (default: half)")
     ap.add_argument("--check-shots", type=int, default=0, help="also score each setting on this many held-out a class")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="rows already here are read back as stored, whatever --routed, --fit-shots and --check-shots say: "
+        "give each reading its own file",
+    )
     args = ap.parse_args()
     if args.zoo is None and not args.testbeds:
         ap.error("give a zoo folder, --testbeds, or both")
