@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from cbpt.model import load_clip
 from cbpt.runtime import Runtime
 from cbpt.zeroshot import zeroshot_weights
+from cbpt_guard.routing import TriggerSide, within_class_scatter
 from testbed.evaluate import encode_test_split, testbed_classes
 from testbed.resumable import ResumableRows
 
@@ -55,15 +56,11 @@ def fit_head(
 
 
 def side_direction(clean: torch.Tensor, labels: torch.Tensor, own: torch.Tensor, trig: torch.Tensor) -> torch.Tensor:
-    """Fisher's direction from the target's own clean images to the triggered ones, the
-    within-class scatter shrunk halfway toward its mean variance (cbpt_guard/routing.py's rule)."""
-    x = clean.double()
-    means = torch.stack([x[labels == c].mean(0) for c in labels.unique()])
-    centred = x - means[torch.searchsorted(labels.unique(), labels)]
-    scatter = centred.T @ centred / len(x)
-    shrunk = scatter + scatter.trace() / x.shape[1] * torch.eye(x.shape[1], dtype=x.dtype)
-    w = torch.linalg.solve(shrunk, trig.double().mean(0) - own.double().mean(0))
-    return (w / w.norm()).float()
+    """The trigger side's direction (`TriggerSide.calibrate`, whitened by `within_class_scatter`
+    of `clean`) from the target's own clean images `own` to the triggered ones `trig`."""
+    scatter = within_class_scatter(clean.numpy(), labels.numpy())
+    side = TriggerSide.calibrate([own.numpy()], [trig.numpy()], scatter)
+    return torch.from_numpy(side.directions[0])
 
 
 def bound(tb: Path, seed: int = 0, routed: bool = False, fit_shots: int | None = None, check_shots: int = 0) -> dict:
