@@ -99,6 +99,8 @@ STEP2_LEVERS: dict[str, Callable[[TuningConfig], TuningConfig]] = {
     # triggered copies whose feature shift is also taken 2 times as far (docs/method.md#trigger-strength)
     "strength2": _tuning(strengths=(1.0, 2.0)),
     "views6": _tuning(views=6),  # six augmented views of each shot instead of two
+    # the trigger side's bar set by its reach alone, as before the partial copies (docs/method.md#partial-triggers)
+    "reach-alone": _tuning(partial=None),
     # the triggered copies also pushed off their target (losses.away_loss), or only that
     "away1": _tuning(away=1.0),
     "away2": _tuning(away=2.0),

@@ -13,7 +13,10 @@ Per backdoored testbed or zoo model, K = 16, shot set 0:
   own shots' spreads), and how much wider the real trigger's images spread than the copies.
 - One purify tuned with `--target-gate every` (or `--gate`), its head then served through the
   gate rules side by side: every image given the target, and the trigger side at several reaches
-  (`TriggerSide.calibrate`; reach 0: the bar at the copies' mean at most). CA / ASR on the test split.
+  (`TriggerSide.calibrate`; reach 0: the bar at the copies' mean at most), and purify's bar, the
+  reach of 4 raised to where the partial copies reach (docs/method.md#partial-triggers). CA / ASR on
+  the test split, the share of the target's own test images routed, and the share of the triggered
+  images given the target that the bar lets by.
 
 Resumable: models in --out are read back. About 2.5 minutes a model on one thread.
 """
@@ -92,7 +95,8 @@ def measure(tb: Path, gate: TargetGate) -> dict:
     shipped, result = step2.route, step2.result
     head = result.text_features[rows]
     found = found_targets(plan)
-    owns, aimed, scatter = side_evidence(data, found)
+    ev = side_evidence(data, found)
+    owns, aimed, scatter = ev.own, ev.copies, ev.scatter
     own, copies = owns[0], aimed[0]  # the found backdoor's one target
     w = TriggerSide.calibrate(owns[:1], aimed[:1], scatter).directions[0]
     w_real = real.mean(0) - own_test.mean(0)
@@ -110,17 +114,31 @@ def measure(tb: Path, gate: TargetGate) -> dict:
         return out | {"kept_original": True, "seconds": round(time.perf_counter() - t0, 1)}
     every = shipped.every_assigned().reordered(rows)
     out["every"] = _score(feats, head, every)
-    for reach in REACHES:
-        side = TriggerSide.calibrate(owns, aimed, scatter, reach)
-        out[f"reach{reach:g}"] = _score(feats, head, replace(every, side=side)) | {
-            "own_test_routed": round(float((side.margins(own_test) > 0).mean()), 3)
+    given = (real @ original[rows].float().numpy().T).argmax(1) == target  # the triggered images the gate reads
+
+    def gated(side: TriggerSide) -> dict:
+        return _score(feats, head, replace(every, side=side)) | {
+            "own_test_routed": round(float((side.margins(own_test)[:, 0] > 0).mean()), 3),
+            # of the triggered images, those given the target that the bar sends to the original embeddings
+            "real_let_by": round(float((given & (side.margins(real)[:, 0] <= 0)).mean()), 4),
         }
+
+    for reach in REACHES:
+        out[f"reach{reach:g}"] = gated(TriggerSide.calibrate(owns, aimed, scatter, reach))
+    if ev.partial is not None:  # purify's bar: the reach raised to where the partial copies reach
+        out["partial"] = gated(TriggerSide.calibrate(owns, aimed, scatter, partial=ev.partial))
     return out | {"seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _score(feats, head, route: Route | None) -> dict:
     s = score_head(feats, head, route)
     return {"ca": round(s.ca, 4), "asr": round(s.asr, 4)}
+
+
+def _cell(c: dict) -> str:
+    """CA / ASR (own test images routed, triggered images let by; rows stored before it: no let by)."""
+    let_by = f", {c['real_let_by']:.3f}" if "real_let_by" in c else ""
+    return f"{c['ca']:.3f} / {c['asr']:.3f} ({c['own_test_routed']:.2f}{let_by})"
 
 
 def main() -> None:
@@ -133,19 +151,19 @@ def main() -> None:
     stored = ResumableRows.at(args.out)
     for tb in args.testbeds:
         stored.ensure(tb.name, lambda tb=tb: measure(tb, args.gate))
-    cols = " | ".join(f"reach {r:g}" for r in REACHES)
+    cols = " | ".join([*(f"reach {r:g}" for r in REACHES), "partial triggers"])
     print(
         "| model | AUROC own vs triggered: cosine to own / difference of means (oracle) / defender's | "
         f"copies apart (spreads) | real spread / copies' | every | {cols} |"
     )
-    print("|---|---|---|---|---|" + "---|" * len(REACHES))
+    print("|---|---|---|---|---|" + "---|" * (len(REACHES) + 1))
     for name, r in stored.items():
         o = r["oracle"]
         if "every" not in r:
             print(f"| {name} | {o['cosine_to_own']:.3f} / {o['difference_of_means']:.3f} / - | {r['mode']} |")
             continue
-        cells = (r[f"reach{x:g}"] for x in REACHES)
-        reaches = " | ".join(f"{c['ca']:.3f} / {c['asr']:.3f} ({c['own_test_routed']:.2f})" for c in cells)
+        cells = [r[f"reach{x:g}"] for x in REACHES] + [r.get("partial")]
+        reaches = " | ".join("-" if c is None else _cell(c) for c in cells)
         print(
             f"| {name} | {o['cosine_to_own']:.3f} / {o['difference_of_means']:.3f} / {r['defender_direction']:.3f} | "
             f"{r['copies_apart']:.1f} | {r['real_spread_over_copies']:.2f} | "

@@ -143,3 +143,49 @@ def cache_features(
         encoder_passes=clean.shape[0] - (0 if own is None else n) + encoded,  # extrapolated copies take no pass
         triggered_strengths=(torch.cat(trig_strengths) if trig_strengths else torch.zeros(0)).to(device),
     )
+
+
+@dataclass(frozen=True)
+class PartialTriggers:
+    """Copies of the shots with each inverted trigger only partly applied, x + d (T(x) - x) at
+    each dose d. Those the original embeddings give the trigger's target show how low along the
+    trigger side a trigger that moves an image only part of the way still takes it there: the
+    side's bar need fall no lower (`TriggerSide.calibrate`, docs/method.md#partial-triggers).
+    Each trigger is applied to at most `most` shots of other classes, drawn by the seed."""
+
+    doses: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    most: int = 256
+
+
+@dataclass(frozen=True)
+class PartialCopies:
+    """The partial copies of `PartialTriggers`, a row each."""
+
+    features: torch.Tensor  # [R, D] unit
+    targets: torch.Tensor  # [R] the target of the trigger each row's copy carries
+    doses: torch.Tensor  # [R]
+
+
+def partial_copies(
+    encoder: ImageEncoder,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    triggers: Sequence[Candidate],
+    spec: PartialTriggers,
+    seed: int,
+) -> PartialCopies:
+    """Each trigger applied at each of `spec.doses` to the shots of classes other than its
+    target (at most `spec.most` of them, the same ones at every dose)."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    feats, targets, doses = [], [], []
+    for cand in triggers:
+        others = torch.nonzero(labels != cand.target).flatten()
+        keep = others[torch.randperm(others.numel(), generator=gen)[: spec.most].sort().values]
+        for d in spec.doses:
+            f = encoder.all(pixels, keep, lambda x, _rows, t=cand.trigger, d=d: x + d * (t.apply(x) - x))
+            feats.append(f)
+            targets.append(torch.full((f.shape[0],), cand.target, dtype=torch.long))
+            doses.append(torch.full((f.shape[0],), d))
+    if not feats:
+        return PartialCopies(torch.zeros((0, 0)), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    return PartialCopies(torch.cat(feats), torch.cat(targets).to(feats[0].device), torch.cat(doses).to(feats[0].device))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cbpt.data import ShotBudget, Shots
-from cbpt.features import cache_features
+from cbpt.features import cache_features, partial_copies
 from cbpt.inversion import Candidate, InversionConfig, InversionResult
 from cbpt.metrics import threshold_at_fpr
 from cbpt.model import LoadedClip
@@ -124,7 +124,7 @@ def plan_tuning(verdict: Verdict, inversion: InversionResult, cfg: PurifyConfig,
     if suspected:
         return TuningPlan(TuningMode.FULL, triggers, FullAcceptance(tol, kl), tuning)
     mode = TuningMode.CAUTIOUS if held_out else TuningMode.SKIPPED
-    cautious = replace(tuning, ladder=Ladder.off(), served=None)
+    cautious = replace(tuning, ladder=Ladder.off(), served=None, partial=None)  # no found target: no trigger side
     return TuningPlan(mode, triggers, CautiousAcceptance(tol, max_clean_kl=kl), cautious)
 
 
@@ -156,8 +156,9 @@ def tuning_data(
     original: torch.Tensor,
     own: torch.Tensor | None = None,
 ) -> TuningData:
-    """The feature caches of the tuning shots (with augmented views) and of the held-out ones;
-    `own`: the tuning shots' features, where the inversion has them already."""
+    """The feature caches of the tuning shots (with augmented views) and of the held-out ones,
+    and the tuning shots' partial copies (`TuningConfig.partial`); `own`: the tuning shots'
+    features, where the inversion has them already."""
     encoder = clip.encoder()
     cache = cache_features(
         encoder, shots.pixels, shots.labels, triggers, tuning.views, tuning.shifts, tuning.seed, tuning.strengths, own
@@ -167,7 +168,10 @@ def tuning_data(
         held = cache_features(
             encoder, shots.held_pixels, shots.held_labels, triggers, 0, 1, tuning.seed, tuning.held_out_strengths
         )
-    return TuningData(cache, held, original, clip.logit_scale)
+    partial = None
+    if tuning.partial is not None:
+        partial = partial_copies(encoder, shots.pixels, shots.labels, triggers, tuning.partial, tuning.seed)
+    return TuningData(cache, held, original, clip.logit_scale, partial=partial)
 
 
 def tune_prompts(
@@ -196,21 +200,41 @@ def calibration_labels(data: TuningData) -> torch.Tensor:
     return labels if data.held_out is None else torch.cat([labels, data.held_out.clean_labels])
 
 
-# per target: its own clean features, the copies aimed at it; and the clean within-class scatter
-SideEvidence = tuple[list[np.ndarray], list[np.ndarray], np.ndarray]
+@dataclass(frozen=True)
+class SideEvidence:
+    """What `TriggerSide.calibrate` reads, per found target (`side_evidence`)."""
+
+    own: list[np.ndarray]  # its own clean calibration features
+    copies: list[np.ndarray]  # the triggered copies aimed at it, as found
+    scatter: np.ndarray  # the within-class scatter of every clean calibration feature
+    partial: list[list[np.ndarray]] | None = None  # the partial copies given it, per dose (None: none made)
 
 
 def side_evidence(data: TuningData, targets: list[int]) -> SideEvidence:
-    """Per target in `targets`: its own clean calibration features and the triggered copies aimed
-    at it, as found (`TuningConfig.strengths` aside); and the within-class scatter of every clean
-    calibration feature: what `TriggerSide.calibrate` reads."""
+    """Per target in `targets`: its own clean calibration features, the triggered copies aimed
+    at it, as found (`TuningConfig.strengths` aside), and the partial copies the original
+    embeddings give it, per dose (`TuningConfig.partial`); and the within-class scatter of every
+    clean calibration feature."""
     c = data.cache
     labels, clean = calibration_labels(data).cpu(), calibration_features(data).float().cpu().numpy()
     aimed, copies = c.triggered_targets.cpu(), c.triggered.float().cpu().numpy()
     if c.triggered_strengths is not None and len(c.triggered_strengths):
         aimed = torch.where(c.triggered_strengths.cpu() == 1.0, aimed, -1)  # copies taken further aim nowhere
     own = [clean[(labels == t).numpy()] for t in targets]
-    return own, [copies[(aimed == t).numpy()] for t in targets], within_class_scatter(clean, labels.numpy())
+    scatter = within_class_scatter(clean, labels.numpy())
+    return SideEvidence(own, [copies[(aimed == t).numpy()] for t in targets], scatter, _given(data, targets))
+
+
+def _given(data: TuningData, targets: list[int]) -> list[list[np.ndarray]] | None:
+    """Per target, per dose: the partial copies carrying a trigger aimed at it that the original
+    embeddings give it."""
+    p = data.partial
+    if p is None or not len(p.targets):
+        return None
+    feats, aimed, doses = p.features.float().cpu(), p.targets.cpu(), p.doses.cpu()
+    given = (feats @ data.original.float().cpu().T).argmax(1)
+    at = [(aimed == t) & (given == t) for t in targets]
+    return [[feats[m & (doses == d)].numpy() for d in doses.unique().tolist()] for m in at]
 
 
 def trigger_side(
@@ -218,7 +242,8 @@ def trigger_side(
 ) -> TriggerSide:
     """The gate's `TriggerSide`, a row per target in `targets`, calibrated on `evidence`
     (`side_evidence(data, targets)`, read here where None)."""
-    return TriggerSide.calibrate(*(side_evidence(data, targets) if evidence is None else evidence), reach=reach)
+    e = side_evidence(data, targets) if evidence is None else evidence
+    return TriggerSide.calibrate(e.own, e.copies, e.scatter, reach=reach, partial=e.partial)
 
 
 def found_targets(plan: TuningPlan) -> list[int]:
@@ -233,7 +258,8 @@ def apart(data: TuningData, plan: TuningPlan, evidence: SideEvidence | None = No
     targets = found_targets(plan)
     if not targets:
         return np.zeros(0)
-    return copies_apart(*(side_evidence(data, targets) if evidence is None else evidence))
+    e = side_evidence(data, targets) if evidence is None else evidence
+    return copies_apart(e.own, e.copies, e.scatter)
 
 
 def pushed_off(plan: TuningPlan, spreads: np.ndarray, push: PushOff | None) -> TuningPlan:
@@ -386,6 +412,8 @@ def run_purify(clip: LoadedClip, shots: Shots, cfg: PurifyConfig, progress: Prog
             "tuning_s": round(t3 - t2, 2),
             "total_s": round(t3 - t0, 2),
             "image_encoder_passes_cached": data.cache.encoder_passes,
+            # the partial copies that bar the trigger side (`TuningConfig.partial`)
+            "image_encoder_passes_partial": 0 if data.partial is None else len(data.partial.targets),
             # tune() is given cached features and no image model: zero by construction
             "image_encoder_passes_during_tuning": 0,
         },

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from cbpt.features import FeatureCache
+from cbpt.features import FeatureCache, PartialCopies, PartialTriggers
 from cbpt.losses import away_loss, class_logits, clean_loss, decision_kl, keep_kl_loss, keep_loss, trigger_loss
 from cbpt.prompts import ClassPrompts
 
@@ -321,6 +321,8 @@ class TuningConfig:
     # how far each triggered copy's feature shift is taken: as the inverted trigger took it,
     # and optionally further (docs/method.md#trigger-strength: mixed results, off by default)
     strengths: tuple[float, ...] = (1.0,)
+    # the copies that set how low the route's trigger side may fall (None: its reach alone)
+    partial: PartialTriggers | None = field(default_factory=PartialTriggers)
     judging: Judging = field(default_factory=Judging)
     eval_every: int = 10
     patience: int = 10  # evaluations without held-out improvement before a rung stops
@@ -354,6 +356,7 @@ class TuningData:
     # [N] bool over `held_out.clean`: the shots the route sends to the tuned embeddings (None: no
     # route, they answer for every image; `cbpt.purify.route_for`)
     served: torch.Tensor | None = None
+    partial: PartialCopies | None = None  # the tuning shots' partial copies (`TuningConfig.partial`)
 
 
 @dataclass

@@ -403,6 +403,15 @@ def purify(
             "(docs/method.md#push-off).",
         ),
     ] = True,
+    partial_triggers: Annotated[
+        bool,
+        typer.Option(
+            "--partial-triggers/--no-partial-triggers",
+            help="Raise the trigger side's bar to where the inverted triggers, partly applied to other classes' "
+            "shots, still take them to a found target, sparing the target's own images below it; "
+            "--no-partial-triggers sets it by its reach alone (docs/method.md#partial-triggers).",
+        ),
+    ] = True,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("purified"),
     int8: Int8ExportOpt = False,
     overwrite: OverwriteOpt = False,
@@ -417,6 +426,7 @@ def purify(
     from dataclasses import replace
 
     from cbpt.data import ShotBudget, load_shots
+    from cbpt.features import PartialTriggers
     from cbpt.model import load_clip
     from cbpt.purify import PurifyConfig, PushOff
     from cbpt.tuning import ClassSchedule, Ladder, TuningConfig
@@ -432,7 +442,12 @@ def purify(
         raise UsageError("--classes-per-step must be at least 1", "pass --classes-per-step 12")
     if not 0 < routed_share <= 1:
         raise UsageError(f"--routed-share must be in (0, 1], got {routed_share}", "pass --routed-share 0.2, or 1")
-    tuning = TuningConfig(steps=tuning_steps, beta=beta, classes=ClassSchedule(max_classes=classes_per_step))
+    tuning = TuningConfig(
+        steps=tuning_steps,
+        beta=beta,
+        classes=ClassSchedule(max_classes=classes_per_step),
+        partial=PartialTriggers() if partial_triggers else None,
+    )
     if alpha is not None:  # a weight the user fixed is not escalated
         tuning = replace(tuning, alpha=alpha, ladder=Ladder.off())
     budget = ShotBudget(shots, held_out)

@@ -191,6 +191,7 @@ def test_purify_writes_complete_outputs_and_they_evaluate(purified, mini_testbed
     # push-off (the default): the copies are pushed off their targets only where every target's stand 6.5 spreads apart
     spreads, away = rep["tuning"]["apart"], rep["tuning"]["away"]
     assert rep["settings"]["push_off"] == {"weight": 2.0, "apart": 6.5} and len(spreads) >= 1
+    assert rep["settings"]["tuning"]["partial"] == {"doses": [0.5, 0.6, 0.7, 0.8, 0.9, 1.0], "most": 256}
     assert away == (2.0 if min(spreads) >= 6.5 else 0.0)
     # a weight the user fixed is kept: no escalation
     assert rep["settings"]["tuning"]["ladder"]["rungs"] == [] and (rep["tuning"]["rung"], rep["tuning"]["alpha"]) == (
@@ -237,22 +238,26 @@ def test_purify_leaves_nothing_when_it_fails(mini_testbeds, tmp_path, capsys, mo
     assert list(tmp_path.iterdir()) == []
 
 
-def test_purify_pushes_off_unless_told_not_to(mini_testbeds, tmp_path, capsys, monkeypatch):
-    # push-off is the default (its gate still decides per model); --no-push-off only sends the copies home
+def test_purify_pushes_off_and_reads_partial_triggers_unless_told_not_to(mini_testbeds, tmp_path, capsys, monkeypatch):
+    # push-off and the partial triggers are the default (push-off's gate still decides per model);
+    # --no-push-off only sends the copies home, --no-partial-triggers bars the side by its reach alone
     import cbpt_cli.pipeline
+    from cbpt.features import PartialTriggers
     from cbpt.purify import PushOff
 
     seen = []
 
     def stop(clip, shots, cfg, *a, **k):
-        seen.append(cfg.push_off)
+        seen.append((cfg.push_off, cfg.tuning.partial))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cbpt_cli.pipeline, "purify_to_folder", stop)
     tb = mini_testbeds["blended"]
     assert _purify(capsys, tb, tmp_path / "p")[0] == 130
     assert _purify(capsys, tb, tmp_path / "q", "--no-push-off")[0] == 130
-    assert seen == [PushOff(weight=2.0, apart=6.5), None]
+    assert _purify(capsys, tb, tmp_path / "r", "--no-partial-triggers")[0] == 130
+    push, partial = PushOff(weight=2.0, apart=6.5), PartialTriggers(doses=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0), most=256)
+    assert seen == [(push, partial), (None, partial), (push, None)]
 
 
 def test_scan_json_and_pictures(mini_testbeds, tmp_path, capsys):
@@ -430,6 +435,8 @@ def test_force_tunes_a_clean_reading_model_against_every_inverted_trigger(mini_t
     assert [(t["kind"], t["probe"]) for t in rep["tuning"]["triggers"]] == [("mask", False), ("warp", False)]
     n, k, views = 10 * 6, 6, 3  # tuning shots (8 per class, 2 held out), per class, the shot and its 2 views
     assert rep["timings"]["image_encoder_passes_cached"] == views * n + 2 * views * (n - k)
+    # and each trigger at 6 doses on the other classes' tuning shots, for the trigger side's bar
+    assert rep["timings"]["image_encoder_passes_partial"] == 2 * 6 * (n - k)
 
 
 def test_the_tuning_plan_follows_the_verdict():
@@ -871,6 +878,36 @@ def test_each_triggers_target_shots_get_no_triggered_copies(tmp_path):
         cache_features(clip.encoder(), x, y, [], views=1, shifts=1, seed=0, own=own[:5])
 
 
+def test_partial_copies_apply_each_trigger_part_way_to_the_same_other_class_shots(tmp_path):
+    """`partial_copies`: each trigger at each dose on at most `most` shots of classes other than
+    its target, the same shots at every dose; dose 1 is the trigger as found, and the model's own
+    features of x + d (T(x) - x)."""
+    from cbpt.features import PartialTriggers, partial_copies
+    from cbpt.inversion import Candidate
+    from cbpt.model import load_clip
+    from cbpt.trigger import DummyTrigger
+
+    clip = load_clip(save_tiny_model(tmp_path / "m"))
+    x, y = torch.rand(9, 3, 32, 32), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    patch = DummyTrigger(
+        torch.zeros(32, 32).index_fill_(0, torch.arange(4), 1.0), torch.ones(3, 32, 32), torch.zeros(3, 32, 32)
+    )
+    cands = [Candidate(patch, 1, 1.0, None), Candidate(patch, 2, 1.0, None)]
+    p = partial_copies(clip.encoder(), x, y, cands, PartialTriggers(doses=(0.5, 1.0), most=4), seed=0)
+    assert p.features.shape[0] == 2 * 2 * 4  # 2 triggers x 2 doses x 4 of their 6 other-class shots
+    assert p.targets.tolist() == [1] * 8 + [2] * 8 and p.doses.tolist() == ([0.5] * 4 + [1.0] * 4) * 2
+    with torch.no_grad():
+        # which 4 of trigger 1's other-class shots were drawn: the dose-1 copies are theirs
+        full = clip.encode_pixels(patch.apply(x))
+        rows = [int((full @ f).argmax()) for f in p.features[4:8]]
+        assert torch.allclose(full[rows], p.features[4:8], atol=1e-5)
+        assert all(y[r] != 1 for r in rows) and len(set(rows)) == 4
+        half = clip.encode_pixels(x[rows] + 0.5 * (patch.apply(x[rows]) - x[rows]))
+    assert torch.allclose(p.features[:4], half, atol=1e-5)
+    every = partial_copies(clip.encoder(), x, y, cands[:1], PartialTriggers(doses=(1.0,)), seed=0)
+    assert every.features.shape[0] == 6 and torch.allclose(every.features, full[y != 1], atol=1e-5)
+
+
 def test_stronger_copies_take_each_triggered_feature_further_from_its_clean_one(tmp_path):
     from cbpt.features import cache_features, extrapolate
     from cbpt.inversion import Candidate
@@ -1250,14 +1287,14 @@ def test_the_served_reading_lets_the_tuned_embeddings_lose_at_most_its_slack_mor
 
 def test_a_found_targets_gate_is_calibrated_on_its_own_shots_and_the_copies_aimed_at_it():
     """`route_for` in FULL mode: the trigger side's row for the target comes from the target's
-    own clean calibration shots (tuning and held-out) and the copies aimed at it; `every` and a
-    cautious plan carry none."""
+    own clean calibration shots (tuning and held-out), the copies aimed at it, and the partial
+    copies given it; `every` and a cautious plan carry none."""
     from types import SimpleNamespace
 
     import numpy as np
 
-    from cbpt.features import FeatureCache
-    from cbpt.purify import TuningMode, TuningPlan, calibration_features, route_for, trigger_side
+    from cbpt.features import FeatureCache, PartialCopies
+    from cbpt.purify import TuningMode, TuningPlan, calibration_features, route_for, side_evidence, trigger_side
     from cbpt.tuning import TuningData
     from cbpt_guard.routing import TargetGate, TriggerSide, within_class_scatter
 
@@ -1278,6 +1315,21 @@ def test_a_found_targets_gate_is_calibrated_on_its_own_shots_and_the_copies_aime
     assert route.targets.tolist() == [1] and np.allclose(route.side.thresholds, side.thresholds)
     assert route_for(data, clean, 0.2, plan(TuningMode.FULL), TargetGate.EVERY).side is None
     assert route_for(data, clean, 0.2, plan(TuningMode.CAUTIOUS)).side is None
+    # the partial copies: those carrying a trigger aimed at the target that the original embeddings
+    # give it, grouped by dose, raise the bar where they reach
+    partial = torch.cat([unit(12), data.original[1].expand(6, -1)])
+    aimed, doses = torch.tensor([1] * 12 + [1, 1, 1, 2, 2, 2]), torch.tensor([0.5, 1.0] * 6 + [0.5, 0.5, 1.0] * 2)
+    dosed = replace(data, partial=PartialCopies(partial, aimed, doses))
+    ev = side_evidence(dosed, [1])
+    given = (partial @ data.original.T).argmax(1) == 1
+    for got, dose in zip(ev.partial[0], (0.5, 1.0), strict=True):
+        assert torch.allclose(torch.from_numpy(got), partial[given & (aimed == 1) & (doses == dose)])
+    assert len(ev.partial[0][0]) >= 2  # the original embeddings give it the copies sitting on its own
+    raised = trigger_side(dosed, [1])
+    assert np.allclose(
+        raised.thresholds, TriggerSide.calibrate(ev.own, ev.copies, ev.scatter, partial=ev.partial).thresholds
+    )
+    assert side_evidence(data, [1]).partial is None
 
 
 def test_step2_pushes_the_copies_off_their_target_only_where_they_stand_apart_from_its_own_shots():
@@ -1305,7 +1357,8 @@ def test_step2_pushes_the_copies_off_their_target_only_where_they_stand_apart_fr
         mode, [SimpleNamespace(target=t) for t in targets], None, TuningConfig()
     )
     one, both = apart(data, plan(TuningMode.FULL, 1)), apart(data, plan(TuningMode.FULL, 1, 2))
-    assert np.allclose(one, copies_apart(*side_evidence(data, [1]))) and one[0] > 6.5 > both[1]
+    e = side_evidence(data, [1])
+    assert np.allclose(one, copies_apart(e.own, e.copies, e.scatter)) and one[0] > 6.5 > both[1]
     assert len(apart(data, plan(TuningMode.CAUTIOUS, 1))) == 0
     push = PushOff(weight=2.0, apart=6.5)
     assert pushed_off(plan(TuningMode.FULL, 1), one, push).tuning.away == 2.0

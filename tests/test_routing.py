@@ -9,7 +9,15 @@ import json
 import numpy as np
 import pytest
 
-from cbpt_guard.routing import SIDE_REACH, Route, TriggerSide, calibrate_route, copies_apart, within_class_scatter
+from cbpt_guard.routing import (
+    PARTIAL_QUANTILE,
+    SIDE_REACH,
+    Route,
+    TriggerSide,
+    calibrate_route,
+    copies_apart,
+    within_class_scatter,
+)
 from tests.helpers import run_cli
 
 
@@ -118,6 +126,31 @@ def test_the_trigger_side_tells_the_targets_own_images_from_triggered_ones(side_
     assert on(own, low).mean() >= 0.95 and on(test_own, low).mean() >= 0.9
     with pytest.raises(ValueError, match="own shots and copies"):
         TriggerSide.calibrate([own[:0]], [copies])
+
+
+def test_partial_triggers_keep_the_bar_from_falling_below_where_they_reach(side_case):
+    """Copies too near the own shots for the reach put the bar under every own shot. Partial
+    copies given the target only far along the shift raise it (never past the furthest own shot):
+    the target's own test images go back to the original embeddings, the triggered ones stay
+    routed. The lowest dose sets it: one dose reaching among the own images brings it down there."""
+    own, copies, _, test_own, test_triggered = side_case
+    rng = np.random.default_rng(5)
+    near = own[rng.integers(0, len(own), 300)] + 0.15 * (copies.mean(0) - own.mean(0))
+    near += 1e-3 * rng.normal(size=near.shape)
+    on = lambda x, s: (s.margins(x) > 0).any(1)  # noqa: E731
+    reach = TriggerSide.calibrate([own], [near])
+    assert on(own, reach).all() and on(test_own, reach).mean() >= 0.95
+    far = TriggerSide.calibrate([own], [near], partial=[[test_triggered[:100], test_triggered[100:200]]])
+    assert np.allclose(far.directions, reach.directions)
+    assert np.isclose(far.thresholds[0], (own @ far.directions[0]).max())
+    assert on(test_own, far).mean() <= 0.06 and on(test_triggered[200:], far).mean() >= 0.99
+    mixed = TriggerSide.calibrate([own], [near], partial=[[test_triggered[:100], test_own[:100]]])
+    assert np.isclose(mixed.thresholds[0], np.quantile(test_own[:100] @ mixed.directions[0], PARTIAL_QUANTILE))
+    assert on(test_own, mixed).mean() >= 0.85
+    # a dose none of whose copies the original embeddings give the target tells nothing
+    assert np.allclose(TriggerSide.calibrate([own], [near], partial=[[own[:0]]]).thresholds, reach.thresholds)
+    with pytest.raises(ValueError):
+        TriggerSide.calibrate([own], [near], partial=[[test_own], [test_own]])  # a row per target
 
 
 def test_copies_apart_reads_in_the_spreads_the_side_reaches_in(side_case):
