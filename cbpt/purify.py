@@ -207,14 +207,14 @@ class SideEvidence:
     own: list[np.ndarray]  # its own clean calibration features
     copies: list[np.ndarray]  # the triggered copies aimed at it, as found
     scatter: np.ndarray  # the within-class scatter of every clean calibration feature
-    partial: list[list[np.ndarray]] | None = None  # the partial copies given it, per dose (None: none made)
+    partial: list[np.ndarray] | None = None  # the partial copies given it (None: none made)
 
 
 def side_evidence(data: TuningData, targets: list[int]) -> SideEvidence:
     """Per target in `targets`: its own clean calibration features, the triggered copies aimed
     at it, as found (`TuningConfig.strengths` aside), and the partial copies the original
-    embeddings give it, per dose (`TuningConfig.partial`); and the within-class scatter of every
-    clean calibration feature."""
+    embeddings give it (`TuningConfig.partial`); and the within-class scatter of every clean
+    calibration feature."""
     c = data.cache
     labels, clean = calibration_labels(data).cpu(), calibration_features(data).float().cpu().numpy()
     aimed, copies = c.triggered_targets.cpu(), c.triggered.float().cpu().numpy()
@@ -225,16 +225,15 @@ def side_evidence(data: TuningData, targets: list[int]) -> SideEvidence:
     return SideEvidence(own, [copies[(aimed == t).numpy()] for t in targets], scatter, _given(data, targets))
 
 
-def _given(data: TuningData, targets: list[int]) -> list[list[np.ndarray]] | None:
-    """Per target, per dose: the partial copies carrying a trigger aimed at it that the original
-    embeddings give it."""
+def _given(data: TuningData, targets: list[int]) -> list[np.ndarray] | None:
+    """Per target: the partial copies carrying a trigger aimed at it that the original embeddings
+    give it, at every dose."""
     p = data.partial
     if p is None or not len(p.targets):
         return None
-    feats, aimed, doses = p.features.float().cpu(), p.targets.cpu(), p.doses.cpu()
+    feats, aimed = p.features.float().cpu(), p.targets.cpu()
     given = (feats @ data.original.float().cpu().T).argmax(1)
-    at = [(aimed == t) & (given == t) for t in targets]
-    return [[feats[m & (doses == d)].numpy() for d in doses.unique().tolist()] for m in at]
+    return [feats[(aimed == t) & (given == t)].numpy() for t in targets]
 
 
 def trigger_side(

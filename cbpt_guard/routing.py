@@ -31,9 +31,6 @@ SIDE_DIRECTIONS, SIDE_THRESHOLDS = "route_side_directions", "route_side_threshol
 # how many spreads short of the copies' mean the trigger side's bar may fall (`TriggerSide.calibrate`);
 # chosen on the zoo's fit part (docs/results.md#the-trigger-side)
 SIDE_REACH = 4.0
-# the share of the partial copies (`TriggerSide.calibrate`) the bar may leave below it at any one dose;
-# chosen on the zoo's fit part (docs/results.md#a-bar-read-from-partial-triggers)
-PARTIAL_QUANTILE = 0.05
 
 
 class TargetGate(StrEnum):
@@ -69,8 +66,7 @@ class TriggerSide:
         scatter: np.ndarray | None = None,
         reach: float = SIDE_REACH,
         shrink: float = 1.0,
-        partial: Sequence[Sequence[np.ndarray]] | None = None,
-        quantile: float = PARTIAL_QUANTILE,
+        partial: Sequence[np.ndarray] | None = None,
     ) -> TriggerSide:
         """Row t from target t's own clean unit features `own[t]` [M, D] and the triggered copies
         aimed at it `copies[t]` [P, D]. The direction is the difference of their means through
@@ -84,16 +80,16 @@ class TriggerSide:
         shots, the gate takes every image given the target, as `TargetGate.EVERY`.
 
         `partial[t]`, where given, holds the unit features of the partial copies the original
-        embeddings give target t, an array per dose (the inverted triggers partly applied to
-        other classes' shots): the reach is how low the bar may fall, and it falls only as low
-        as the lowest dose's `quantile` of them, never above the furthest own shot. A triggered
-        image the trigger only half moves still reaches the target from there, and no lower
+        embeddings give target t (the inverted triggers partly applied to other classes' shots):
+        the reach is how low the bar may fall, and it falls no lower than the lowest of them,
+        never above the furthest own shot. No triggered image the partial copies show reaching
+        the target is let by; below them the target's own images keep the original embeddings
         (docs/method.md#partial-triggers)."""
-        partial = [()] * len(own) if partial is None else partial
+        partial = [np.zeros((0, 0))] * len(own) if partial is None else partial
         directions, thresholds = [], []
-        for (w, po, pc), doses in zip(_projections(own, copies, scatter, shrink), partial, strict=True):
+        for (w, po, pc), reached in zip(_projections(own, copies, scatter, shrink), partial, strict=True):
             directions.append(w)
-            floor = _floor(doses, w, quantile)
+            floor = float((reached @ w).min()) if len(reached) else -np.inf  # none reached: the reach alone
             thresholds.append(min(po.max(), max(pc.mean() - reach * _spread(po, pc), floor)))
         return cls(np.asarray(directions, dtype=np.float32), np.asarray(thresholds, dtype=np.float32))
 
@@ -107,13 +103,6 @@ def copies_apart(
     target's that its own images do not reach (docs/method.md#push-off)."""
     rows = _projections(own, copies, scatter, shrink)
     return np.asarray([(pc.mean() - po.mean()) / max(_spread(po, pc), 1e-12) for _, po, pc in rows], dtype=np.float64)
-
-
-def _floor(doses: Sequence[np.ndarray], w: np.ndarray, quantile: float) -> float:
-    """The lowest, over the doses that reach the target at all, of the partial copies' low
-    `quantile` along `w` (-inf where none does: the reach alone sets the bar)."""
-    lows = [float(np.quantile(f @ w, quantile)) for f in doses if len(f)]
-    return min(lows, default=-np.inf)
 
 
 def _spread(po: np.ndarray, pc: np.ndarray) -> np.floating:
