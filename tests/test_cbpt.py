@@ -1316,15 +1316,14 @@ def test_a_found_targets_gate_is_calibrated_on_its_own_shots_and_the_copies_aime
     assert route_for(data, clean, 0.2, plan(TuningMode.FULL), TargetGate.EVERY).side is None
     assert route_for(data, clean, 0.2, plan(TuningMode.CAUTIOUS)).side is None
     # the partial copies: those carrying a trigger aimed at the target that the original embeddings
-    # give it, grouped by dose, raise the bar where they reach
+    # give it raise the bar where they all lie above the reach
     partial = torch.cat([unit(12), data.original[1].expand(6, -1)])
-    aimed, doses = torch.tensor([1] * 12 + [1, 1, 1, 2, 2, 2]), torch.tensor([0.5, 1.0] * 6 + [0.5, 0.5, 1.0] * 2)
+    aimed, doses = torch.tensor([1] * 12 + [1, 1, 1, 2, 2, 2]), torch.tensor([0.5, 1.0] * 9)
     dosed = replace(data, partial=PartialCopies(partial, aimed, doses))
     ev = side_evidence(dosed, [1])
     given = (partial @ data.original.T).argmax(1) == 1
-    for got, dose in zip(ev.partial[0], (0.5, 1.0), strict=True):
-        assert torch.allclose(torch.from_numpy(got), partial[given & (aimed == 1) & (doses == dose)])
-    assert len(ev.partial[0][0]) >= 2  # the original embeddings give it the copies sitting on its own
+    assert torch.allclose(torch.from_numpy(ev.partial[0]), partial[given & (aimed == 1)])
+    assert len(ev.partial[0]) >= 3  # the original embeddings give it the copies sitting on its own
     raised = trigger_side(dosed, [1])
     assert np.allclose(
         raised.thresholds, TriggerSide.calibrate(ev.own, ev.copies, ev.scatter, partial=ev.partial).thresholds

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from cbpt_guard.routing import (
-    PARTIAL_QUANTILE,
     SIDE_REACH,
     Route,
     TriggerSide,
@@ -132,7 +131,7 @@ def test_partial_triggers_keep_the_bar_from_falling_below_where_they_reach(side_
     """Copies too near the own shots for the reach put the bar under every own shot. Partial
     copies given the target only far along the shift raise it (never past the furthest own shot):
     the target's own test images go back to the original embeddings, the triggered ones stay
-    routed. The lowest dose sets it: one dose reaching among the own images brings it down there."""
+    routed. The lowest partial copy sets it: one reaching among the own images brings it down there."""
     own, copies, _, test_own, test_triggered = side_case
     rng = np.random.default_rng(5)
     near = own[rng.integers(0, len(own), 300)] + 0.15 * (copies.mean(0) - own.mean(0))
@@ -140,17 +139,18 @@ def test_partial_triggers_keep_the_bar_from_falling_below_where_they_reach(side_
     on = lambda x, s: (s.margins(x) > 0).any(1)  # noqa: E731
     reach = TriggerSide.calibrate([own], [near])
     assert on(own, reach).all() and on(test_own, reach).mean() >= 0.95
-    far = TriggerSide.calibrate([own], [near], partial=[[test_triggered[:100], test_triggered[100:200]]])
+    far = TriggerSide.calibrate([own], [near], partial=[test_triggered[:200]])
     assert np.allclose(far.directions, reach.directions)
     assert np.isclose(far.thresholds[0], (own @ far.directions[0]).max())
     assert on(test_own, far).mean() <= 0.06 and on(test_triggered[200:], far).mean() >= 0.99
-    mixed = TriggerSide.calibrate([own], [near], partial=[[test_triggered[:100], test_own[:100]]])
-    assert np.isclose(mixed.thresholds[0], np.quantile(test_own[:100] @ mixed.directions[0], PARTIAL_QUANTILE))
-    assert on(test_own, mixed).mean() >= 0.85
-    # a dose none of whose copies the original embeddings give the target tells nothing
-    assert np.allclose(TriggerSide.calibrate([own], [near], partial=[[own[:0]]]).thresholds, reach.thresholds)
+    one_low = np.r_[test_triggered[:200], test_own[:1]]
+    mixed = TriggerSide.calibrate([own], [near], partial=[one_low])
+    assert np.isclose(mixed.thresholds[0], test_own[0] @ mixed.directions[0])
+    assert on(test_own, far).mean() < on(test_own, mixed).mean() <= on(test_own, reach).mean()
+    # none of the partial copies given the target: the reach alone
+    assert np.allclose(TriggerSide.calibrate([own], [near], partial=[own[:0]]).thresholds, reach.thresholds)
     with pytest.raises(ValueError):
-        TriggerSide.calibrate([own], [near], partial=[[test_own], [test_own]])  # a row per target
+        TriggerSide.calibrate([own], [near], partial=[test_own, test_own])  # a row per target
 
 
 def test_copies_apart_reads_in_the_spreads_the_side_reaches_in(side_case):
