@@ -150,9 +150,9 @@ class PartialTriggers:
     """Copies of the shots with each inverted trigger only partly applied, x + d (T(x) - x) at
     each dose d. Those the original embeddings give the trigger's target show how low along the
     trigger side a trigger that moves an image only part of the way still takes it there: the
-    side's bar need fall no lower than the lowest (`TriggerSide.calibrate`,
-    docs/method.md#partial-triggers).
-    Each trigger is applied to at most `most` shots of other classes, drawn by the seed."""
+    side's bar need fall no lower than the lowest of them (`TriggerSide.calibrate`,
+    docs/method.md#partial-triggers). Each trigger is applied to at most `most` shots of other
+    classes, drawn by the seed, the same ones at every dose."""
 
     doses: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     most: int = 256
