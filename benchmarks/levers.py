@@ -61,8 +61,6 @@ LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
     # triggered copies whose feature shift is also taken 2 (1.5) times as far (docs/method.md#trigger-strength)
     "strength2": _tuning(strengths=(1.0, 2.0)),
     "reach3.5": lambda c: replace(c, side_reach=3.5),
-    # the trigger side's bar set by its reach alone, as before the partial copies (docs/method.md#partial-triggers)
-    "reach-alone": _tuning(partial=None),
     "strength1.5": _tuning(strengths=(1.0, 1.5)),
     # the compact probes (docs/method.md#compact-probes): 1 or 3 tuned against beside the per-pixel
     # masks; 3 standing in for them where they flip and pull the shots too, which is today's default
@@ -76,6 +74,8 @@ LEVERS: dict[str, Callable[[PurifyConfig], PurifyConfig]] = {
     # the triggered copies pushed off their target beside being sent home, or instead of it: step 2's
     # levers of the same names (oracle_trigger.STEP2_LEVERS; docs/results.md#pushed-off-the-target)
     **{name: _step2(name) for name in ("away1", "away2", "away-only", "away-only2")},
+    # the trigger side's bar set by its reach alone, as before the partial copies (docs/method.md#partial-triggers)
+    "reach-alone": _step2("reach-alone"),
 }
 
 

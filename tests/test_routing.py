@@ -9,14 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from cbpt_guard.routing import (
-    SIDE_REACH,
-    Route,
-    TriggerSide,
-    calibrate_route,
-    copies_apart,
-    within_class_scatter,
-)
+from cbpt_guard.routing import SIDE_REACH, Route, TriggerSide, calibrate_route, copies_apart, within_class_scatter
 from tests.helpers import run_cli
 
 
