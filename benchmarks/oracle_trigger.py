@@ -162,11 +162,11 @@ def shots_side(clip: LoadedClip, shots: Shots, plan: TuningPlan, original: torch
     are, without the augmented views that widen the target's own shots along it, and with each
     target's bar at its lowest copy's projection instead of `reach` spreads below their mean
     (docs/results.md#what-the-shipped-head-could-hold-this-version)."""
-    bare = tuning_data(clip, shots, plan.triggers, replace(plan.tuning, views=0), original)
+    bare = tuning_data(clip, shots, plan.triggers, replace(plan.tuning, views=0, partial=None), original)
     targets = found_targets(plan)
     evidence = side_evidence(bare, targets)
     side = trigger_side(bare, targets, evidence=evidence)  # its direction; the bar is set below
-    lowest = [float((copies @ w).min()) for copies, w in zip(evidence[1], side.directions, strict=True)]
+    lowest = [float((copies @ w).min()) for copies, w in zip(evidence.copies, side.directions, strict=True)]
     return TriggerSide(side.directions, np.asarray(lowest, dtype=np.float32))
 
 
@@ -294,7 +294,8 @@ TRIGGERS = ("inverted", "real")
 
 
 def _apart(clip: LoadedClip, shots: Shots, plan: TuningPlan, original: torch.Tensor) -> list[float]:
-    return [round(float(a), 2) for a in apart(tuning_data(clip, shots, plan.triggers, plan.tuning, original), plan)]
+    data = tuning_data(clip, shots, plan.triggers, replace(plan.tuning, partial=None), original)  # apart reads none
+    return [round(float(a), 2) for a in apart(data, plan)]
 
 
 def measure(
@@ -353,7 +354,8 @@ def measure(
         )
         data = tuning_data(clip, shots, p.triggers, p.tuning, original)
         if checked is not None:
-            data = replace(data, held_out=tuning_data(clip, shots, checked, p.tuning, original).held_out)
+            bare = replace(p.tuning, partial=None)  # only its held-out copies are read
+            data = replace(data, held_out=tuning_data(clip, shots, checked, bare, original).held_out)
         # as purify runs it: a lever that pushes the copies off their target keeps its own weight
         if side is None or not found_targets(p):  # a model read clean has no gate, so no side to change
             s2 = tune_routed(clip, shots.classnames, data, p, cfg)

@@ -102,6 +102,33 @@ def test_the_summary_gives_the_scans_roc_and_cbpts_spread():
     assert summarise(records, "fit")["leftover"] == {"missed": [], "settled": ["b6"], "still reaching": ["b7"]}
 
 
+def test_the_zoo_history_counts_each_part_and_tells_the_same_builds_from_rebuilt_ones(tmp_path):
+    """benchmarks/zoo_history.py (docs/results.md#the-zoos-history): rows of records that measured
+    the same builds share a fingerprint, a build that measured other figures changes it."""
+    from tests.helpers import load_benchmark
+
+    history = load_benchmark("zoo_history")
+
+    def built(r: dict, ca: float = 0.95) -> dict:
+        return r | {"testbed": {"ca": ca, "asr": None if r["kind"] == "clean" else 0.99}}
+
+    before = [built(_record("c0", "clean", 0.2)), built(_record("b0", "backdoored", 1.5, asr_after=0.1, drop=0.03))]
+    after = [built(_record("c0", "clean", 0.2)), built(_record("b0", "backdoored", 1.5, asr_after=0.01))]
+    rebuilt = [after[0], built(_record("b0", "backdoored", 1.5, asr_after=0.01), ca=0.96)]
+    paths = []
+    for i, records in enumerate((before, after, rebuilt)):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps({"records": records}))
+    rows = history.table([(f"r{i}", "", ("report",), p) for i, p in enumerate(paths)]).splitlines()[2:]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    assert [c[5:9] for c in cells] == [
+        ["0 of 1", "0 of 1", "1 of 2", "1 of 1"],  # ASR 0.1: neither bar; CA lost 3 points on b0
+        ["1 of 1", "1 of 1", "2 of 2", "1 of 1"],
+        ["1 of 1", "1 of 1", "2 of 2", "1 of 1"],
+    ]
+    assert cells[0][3] == cells[1][3] != cells[2][3]
+
+
 def test_a_miniature_zoo_builds_measures_and_resumes_without_redoing_anything(tmp_path, monkeypatch):
     from cbpt.inversion import InversionConfig, WarpSearch
     from cbpt.purify import PurifyConfig
