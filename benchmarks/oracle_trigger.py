@@ -55,12 +55,10 @@ from cbpt.purify import (
     calibration_features,
     found_targets,
     plan_tuning,
-    pushed_off,
     route_for,
-    served_by,
     side_evidence,
     trigger_side,
-    tune_prompts,
+    tune_on_route,
     tune_routed,
     tuning_data,
 )
@@ -174,11 +172,7 @@ def step2_sided(clip: LoadedClip, classnames, data: TuningData, plan: TuningPlan
     """`tune_routed` with the route's trigger side replaced by `side`."""
     route = route_for(data, calibration_features(data), cfg.routed_share, plan, cfg.target_gate, cfg.side_reach)
     route = route if route is None or route.side is None else replace(route, side=side)
-    spreads = apart(data, plan)
-    plan = pushed_off(plan, spreads, cfg.push_off)
-    return Step2(
-        plan, route, spreads, tune_prompts(clip, classnames, served_by(data, route), plan.tuning, plan.acceptance)
-    )
+    return tune_on_route(clip, classnames, data, plan, cfg, route)
 
 
 @dataclass(frozen=True)

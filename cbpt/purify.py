@@ -319,6 +319,22 @@ def tune_routed(
     route = route_for(
         data, calibration_features(data), cfg.routed_share, plan, cfg.target_gate, cfg.side_reach, evidence
     )
+    return tune_on_route(clip, classnames, data, plan, cfg, route, evidence, progress)
+
+
+def tune_on_route(
+    clip: LoadedClip,
+    classnames: tuple[str, ...],
+    data: TuningData,
+    plan: TuningPlan,
+    cfg: PurifyConfig,
+    route: Route | None,
+    evidence: SideEvidence | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Step2:
+    """Step 2 of `plan` on `data` to be served through `route`: the copies pushed off their target
+    where `cfg.push_off` says (read from `evidence`, or from `data` where None), the checkpoints
+    judged as `route` will serve them."""
     spreads = apart(data, plan, evidence)
     plan = pushed_off(plan, spreads, cfg.push_off)
     result = tune_prompts(clip, classnames, served_by(data, route), plan.tuning, plan.acceptance, progress)
