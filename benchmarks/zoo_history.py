@@ -45,6 +45,7 @@ HISTORY = (
     Record("zoo-s29/before-the-gate", "d5d9f0c, the rules before the target gate (fit part rebuilt here)", ("fit",)),
     Record("zoo-s29", "target gate, whitened side, push-off: this version's rules", ("fit",)),
     Record("partial-triggers/zoo-report", "partial triggers raise the trigger side's bar", ("report",)),
+    Record("partial-triggers/zoo-fit", "partial triggers, fit part", ("fit",)),
 )
 
 
