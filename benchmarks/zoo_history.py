@@ -79,9 +79,10 @@ def table(entries: list[tuple[str, str, tuple[str, ...], Path]]) -> str:
         "through a rejecting guard <= 1% | ASR after, median |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    loaded = [(label, added, parts, stored_records(path)) for label, added, parts, path in entries]
     for part in ("report", "fit"):
-        for label, added, parts, path in entries:
-            line = row(label, added, stored_records(path), part) if part in parts else None
+        for label, added, parts, records in loaded:
+            line = row(label, added, records, part) if part in parts else None
             if line:
                 lines.append(line)
     return "\n".join(lines)
